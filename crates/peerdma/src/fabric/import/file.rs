@@ -1,0 +1,212 @@
+//! The TOML topology file (docs/topology.md): one `[host]` table, `[[host_bridge]]`
+//! entries for the root buses and `[[function]]` entries whose parents follow from bus
+//! numbers as in the kernel: a function on bus N sits below the bridge whose secondary
+//! bus is N, or on the root bus N of a host bridge.
+//!
+//! Writing a model back gives every field explicitly (names, kinds), so
+//! file → model → file → model is the identity on the model and the second file is a
+//! fixed point.
+
+use serde::{Deserialize, Serialize};
+
+use crate::addr::Bdf;
+use crate::fabric::error::FabricError;
+use crate::fabric::model::{
+    Acs, Bar, BusRange, Function, FunctionSpec, Gaps, HostBridge, HostInfo, Link, PortKind,
+    Topology, Upstream,
+};
+use crate::fabric::names;
+
+/// A topology file as it is on disk.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopologyFile {
+    /// A short name for reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// What the machine is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// CPU and IOMMU.
+    #[serde(default)]
+    pub host: HostInfo,
+    /// Root buses.
+    #[serde(default, rename = "host_bridge")]
+    pub host_bridges: Vec<HostBridge>,
+    /// Functions.
+    #[serde(default, rename = "function")]
+    pub functions: Vec<FunctionEntry>,
+}
+
+/// One `[[function]]` table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionEntry {
+    /// `DDDD:BB:DD.F`.
+    pub bdf: Bdf,
+    /// `vendor:device` in hex.
+    pub id: String,
+    /// Subsystem `vendor:device` in hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subsystem: Option<String>,
+    /// The 24-bit class code, `0x010802`.
+    pub class: String,
+    /// A readable name; from pci.ids when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The role; inferred from class and position when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<PortKind>,
+    /// For bridges, `SS-UU` or `SS` in hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buses: Option<String>,
+    /// The link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<Link>,
+    /// The ACS capability; unknown when omitted.
+    #[serde(default, skip_serializing_if = "is_unknown")]
+    pub acs: Acs,
+    /// IOMMU group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iommu_group: Option<u32>,
+    /// NUMA node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numa_node: Option<u32>,
+    /// BARs.
+    #[serde(default, rename = "bar", skip_serializing_if = "Vec::is_empty")]
+    pub bars: Vec<Bar>,
+}
+
+fn is_unknown(a: &Acs) -> bool {
+    *a == Acs::Unknown
+}
+
+fn parse_id_pair(text: &str) -> Option<(u16, u16)> {
+    let (v, d) = text.trim().split_once(':')?;
+    Some((u16::from_str_radix(v, 16).ok()?, u16::from_str_radix(d, 16).ok()?))
+}
+
+fn parse_buses(text: &str) -> Option<BusRange> {
+    let p = |s: &str| u8::from_str_radix(s.trim(), 16).ok();
+    let (a, b) = match text.split_once('-') {
+        Some((a, b)) => (p(a)?, p(b)?),
+        None => (p(text)?, p(text)?),
+    };
+    (a <= b && a != 0).then_some(BusRange {
+        secondary: a,
+        subordinate: b,
+    })
+}
+
+/// Parses topology TOML; `source` names it in errors.
+pub fn parse(source: &str, text: &str) -> Result<Topology, FabricError> {
+    let file: TopologyFile = toml::from_str(text).map_err(|e| FabricError::Topology {
+        source_name: source.to_string(),
+        reason: e.to_string(),
+    })?;
+    from_file(source, &file)
+}
+
+/// Builds the model from a parsed file.
+pub fn from_file(source: &str, file: &TopologyFile) -> Result<Topology, FabricError> {
+    let bad = |bdf: Bdf, what: String| FabricError::Topology {
+        source_name: source.to_string(),
+        reason: format!("function {bdf}: {what}"),
+    };
+    let mut specs = Vec::with_capacity(file.functions.len());
+    for e in &file.functions {
+        let (vendor, device) = parse_id_pair(&e.id)
+            .ok_or_else(|| bad(e.bdf, format!("id `{}` is not vendor:device in hex", e.id)))?;
+        let subsystem = match &e.subsystem {
+            None => None,
+            Some(s) => Some(parse_id_pair(s).ok_or_else(|| {
+                bad(e.bdf, format!("subsystem `{s}` is not vendor:device in hex"))
+            })?),
+        };
+        let class = crate::addr::parse_hex_u64(&e.class)
+            .filter(|c| *c <= 0xff_ffff)
+            .ok_or_else(|| bad(e.bdf, format!("class `{}` is not a 24-bit hex class code", e.class)))?
+            as u32;
+        let buses = match &e.buses {
+            None => None,
+            Some(b) => Some(parse_buses(b).ok_or_else(|| {
+                bad(e.bdf, format!("buses `{b}` is not a hex range SS-UU with 0 < SS <= UU"))
+            })?),
+        };
+        if let Some(k) = e.kind {
+            if buses.is_some() && !k.is_bridge() {
+                return Err(bad(e.bdf, format!("a {k} cannot have buses")));
+            }
+        }
+        specs.push(FunctionSpec {
+            function: Function {
+                bdf: e.bdf,
+                vendor,
+                device,
+                subsystem,
+                class,
+                name: e.name.clone().unwrap_or_default(),
+                kind: e.kind.unwrap_or(PortKind::Endpoint),
+                buses,
+                bars: e.bars.clone(),
+                link: e.link,
+                acs: e.acs,
+                iommu_group: e.iommu_group,
+                numa_node: e.numa_node,
+                upstream: Upstream::HostBridge(0),
+            },
+            parent: None,
+            kind_known: e.kind.is_some(),
+        });
+    }
+    let numa_unknown = file.host_bridges.iter().all(|h| h.numa_node.is_none())
+        && file.functions.iter().all(|f| f.numa_node.is_none());
+    let gaps = Gaps {
+        numa_unknown,
+        cpu_unknown: file.host.cpu_vendor.is_none(),
+        ..Gaps::default()
+    };
+    let name = file.name.clone().unwrap_or_else(|| source.to_string());
+    Topology::build(name, file.host.clone(), file.host_bridges.clone(), specs, gaps)
+}
+
+/// The file that describes a model, every field explicit.
+pub fn to_file(topo: &Topology) -> TopologyFile {
+    TopologyFile {
+        name: Some(topo.source().to_string()),
+        description: None,
+        host: topo.host().clone(),
+        host_bridges: topo.host_bridges().to_vec(),
+        functions: topo
+            .functions()
+            .iter()
+            .map(|f| FunctionEntry {
+                bdf: f.bdf,
+                id: format!("{:04x}:{:04x}", f.vendor, f.device),
+                subsystem: f.subsystem.map(|(v, d)| format!("{v:04x}:{d:04x}")),
+                class: format!("{:#08x}", f.class),
+                name: (f.name != names::device_name(f.vendor, f.device, f.class))
+                    .then(|| f.name.clone()),
+                kind: Some(f.kind),
+                buses: f.buses.map(|b| {
+                    if b.secondary == b.subordinate {
+                        format!("{:02x}", b.secondary)
+                    } else {
+                        format!("{:02x}-{:02x}", b.secondary, b.subordinate)
+                    }
+                }),
+                link: f.link,
+                acs: f.acs,
+                iommu_group: f.iommu_group,
+                numa_node: f.numa_node,
+                bars: f.bars.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// The TOML text of a model.
+pub fn to_toml(topo: &Topology) -> String {
+    // Serialising plain data with string keys cannot fail.
+    toml::to_string(&to_file(topo)).unwrap_or_else(|e| format!("# cannot serialise: {e}\n"))
+}

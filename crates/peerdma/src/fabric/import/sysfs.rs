@@ -1,0 +1,419 @@
+//! Reading the PCI tree from sysfs, live or from a snapshot directory laid out like
+//! `/` (the way hwloc's `HWLOC_FSROOT` points its reader elsewhere), and writing such a
+//! snapshot of the running machine.
+//!
+//! Parents come from the device directories under `sys/devices/pci*` (what the kernel
+//! linked), bus ranges and port types from `config`, ACS from the extended
+//! configuration space when it was readable (root reads 4096 bytes, anyone else 64),
+//! and the CPU from `proc/cpuinfo`. Nothing here guesses silently: what could not be
+//! read is recorded in [`Gaps`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Component, Path, PathBuf};
+
+use crate::addr::{Bdf, BusAddr, BusId, PhysAddr};
+use crate::fabric::error::FabricError;
+use crate::fabric::import::config;
+use crate::fabric::model::{
+    Bar, Function, FunctionSpec, Gaps, HostBridge, HostInfo, Link, LinkSpeed, PortKind, Topology,
+    Upstream,
+};
+
+/// The attribute files the reader uses; `--save` copies exactly these.
+pub const ATTRIBUTES: [&str; 13] = [
+    "vendor",
+    "device",
+    "class",
+    "subsystem_vendor",
+    "subsystem_device",
+    "config",
+    "resource",
+    "numa_node",
+    "current_link_speed",
+    "current_link_width",
+    "max_link_speed",
+    "max_link_width",
+    "local_cpulist",
+];
+
+const IORESOURCE_IO: u64 = 0x100;
+const IORESOURCE_PREFETCH: u64 = 0x2000;
+const IORESOURCE_MEM_64: u64 = 0x0010_0000;
+
+/// Reads the PCI topology of the machine whose filesystem root is `root` (`/` for the
+/// running machine).
+pub fn read(root: &Path) -> Result<Topology, FabricError> {
+    let devices = root.join("sys/bus/pci/devices");
+    let entries = fs::read_dir(&devices).map_err(|e| FabricError::io(&devices, e))?;
+    let sys_devices = canonical(&root.join("sys/devices"))?;
+    let mut names: Vec<String> = Vec::new();
+    for e in entries {
+        let e = e.map_err(|e| FabricError::io(&devices, e))?;
+        names.push(e.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    let mut specs = Vec::with_capacity(names.len());
+    let mut roots: BTreeMap<BusId, Vec<Option<u32>>> = BTreeMap::new();
+    let mut short_config = 0usize;
+    let mut any_numa_file = false;
+    let mut any_group = false;
+    for name in &names {
+        let link = devices.join(name);
+        let bdf: Bdf = name
+            .parse()
+            .map_err(|e| FabricError::sysfs(&link, format!("entry name is not a PCI address: {e}")))?;
+        let dir = canonical(&link)?;
+        let rel = dir.strip_prefix(&sys_devices).map_err(|_| {
+            FabricError::sysfs(&link, format!("links to {}, outside sys/devices", dir.display()))
+        })?;
+        let (host, parent) = placement(&link, rel, bdf)?;
+        let mut spec = read_function(&dir, bdf)?;
+        if spec.function.acs == crate::fabric::model::Acs::Unknown {
+            short_config += 1;
+        }
+        any_numa_file |= dir.join("numa_node").exists();
+        if let Ok(target) = fs::read_link(dir.join("iommu_group")) {
+            let group = target
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| {
+                    FabricError::sysfs(dir.join("iommu_group"), "does not link to a numbered group")
+                })?;
+            spec.function.iommu_group = Some(group);
+            any_group = true;
+        }
+        spec.parent = parent;
+        let numas = roots.entry(host).or_default();
+        if parent.is_none() {
+            numas.push(spec.function.numa_node);
+        }
+        specs.push(spec);
+    }
+    // Host bridges that have no function on their root bus still exist as pciDDDD:BB.
+    if let Ok(rd) = fs::read_dir(&sys_devices) {
+        for e in rd.flatten() {
+            if let Some(id) = e.file_name().to_str().and_then(host_bridge_name) {
+                roots.entry(id).or_default();
+            }
+        }
+    }
+    let host_bridges = roots
+        .into_iter()
+        .map(|(root, numas)| HostBridge {
+            root,
+            numa_node: numas.into_iter().flatten().next(),
+        })
+        .collect();
+    let host = read_host(root, any_group)?;
+    let mut gaps = Gaps {
+        numa_unknown: !any_numa_file,
+        cpu_unknown: host.cpu_vendor.is_none(),
+        ..Gaps::default()
+    };
+    if short_config > 0 {
+        gaps.notes.push(format!(
+            "ACS could not be read for {short_config} of {} functions: their config space stops \
+             before the extended capabilities (only root can read past 64 bytes)",
+            names.len()
+        ));
+    }
+    if host.iommu.is_none() {
+        gaps.notes.push("IOMMU state unknown: no sys/kernel/iommu_groups".to_string());
+    }
+    Topology::build(
+        format!("sysfs {}", root.display()),
+        host,
+        host_bridges,
+        specs,
+        gaps,
+    )
+}
+
+fn canonical(p: &Path) -> Result<PathBuf, FabricError> {
+    fs::canonicalize(p).map_err(|e| FabricError::io(p, e))
+}
+
+fn host_bridge_name(s: &str) -> Option<BusId> {
+    s.strip_prefix("pci").and_then(|r| r.parse().ok())
+}
+
+/// From `pci0000:00/0000:00:1c.0/0000:04:00.0`, the root bus and the parent bridge.
+fn placement(link: &Path, rel: &Path, bdf: Bdf) -> Result<(BusId, Option<Bdf>), FabricError> {
+    let mut host = None;
+    let mut parent = None;
+    let mut last = None;
+    for c in rel.components() {
+        let Component::Normal(c) = c else { continue };
+        let s = c.to_string_lossy();
+        if let Some(h) = host_bridge_name(&s) {
+            // A nested root bus (VMD) starts a new tree below it.
+            host = Some(h);
+            parent = None;
+            last = None;
+        } else if let Ok(b) = s.parse::<Bdf>() {
+            parent = last;
+            last = Some(b);
+        }
+    }
+    let host = host.ok_or_else(|| FabricError::sysfs(link, "device path has no pciDDDD:BB host bridge directory"))?;
+    if last != Some(bdf) {
+        return Err(FabricError::sysfs(
+            link,
+            format!("links to {}, which is not the directory of {bdf}", rel.display()),
+        ));
+    }
+    Ok((host, parent))
+}
+
+fn attr(dir: &Path, name: &str) -> Result<Option<String>, FabricError> {
+    let p = dir.join(name);
+    match fs::read(&p) {
+        Ok(bytes) => String::from_utf8(bytes)
+            .map(|s| Some(s.trim().to_string()))
+            .map_err(|_| FabricError::sysfs(&p, "is not text")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(FabricError::io(p, e)),
+    }
+}
+
+fn hex_attr(dir: &Path, name: &str, max: u64) -> Result<Option<u64>, FabricError> {
+    let Some(text) = attr(dir, name)? else {
+        return Ok(None);
+    };
+    crate::addr::parse_hex_u64(&text)
+        .filter(|v| *v <= max)
+        .map(Some)
+        .ok_or_else(|| FabricError::sysfs(dir.join(name), format!("`{text}` is not a hex value up to {max:#x}")))
+}
+
+fn read_function(dir: &Path, bdf: Bdf) -> Result<FunctionSpec, FabricError> {
+    let need = |name: &str, max| -> Result<u64, FabricError> {
+        hex_attr(dir, name, max)?.ok_or_else(|| FabricError::sysfs(dir.join(name), "missing"))
+    };
+    let vendor = need("vendor", 0xffff)? as u16;
+    let device = need("device", 0xffff)? as u16;
+    let class = need("class", 0xff_ffff)? as u32;
+    let subsystem = match (
+        hex_attr(dir, "subsystem_vendor", 0xffff)?,
+        hex_attr(dir, "subsystem_device", 0xffff)?,
+    ) {
+        (Some(v), Some(d)) => Some((v as u16, d as u16)),
+        _ => None,
+    };
+    let cfg_path = dir.join("config");
+    let cfg = match fs::read(&cfg_path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(FabricError::io(cfg_path, e)),
+    };
+    let facts = config::decode(&cfg);
+    let bars = match attr(dir, "resource")? {
+        Some(text) => parse_resource(&dir.join("resource"), &text)?,
+        None => Vec::new(),
+    };
+    let numa_node = match attr(dir, "numa_node")? {
+        None => None,
+        Some(t) => {
+            let v: i64 = t
+                .parse()
+                .map_err(|_| FabricError::sysfs(dir.join("numa_node"), format!("`{t}` is not a number")))?;
+            u32::try_from(v).ok()
+        }
+    };
+    let link = read_link(dir)?;
+    let is_bridge = facts.is_bridge_header || Function::class_is_pci_bridge(class);
+    let (kind, kind_known) = match facts.pcie_kind {
+        Some(k) if k.is_bridge() == is_bridge && k != PortKind::Endpoint => (k, true),
+        Some(PortKind::Endpoint) if !is_bridge && class >> 8 != 0x0600 => (PortKind::Endpoint, true),
+        _ => (PortKind::Endpoint, false),
+    };
+    Ok(FunctionSpec {
+        function: Function {
+            bdf,
+            vendor,
+            device,
+            subsystem,
+            class,
+            name: String::new(),
+            kind,
+            buses: facts.buses,
+            bars,
+            link,
+            acs: facts.acs,
+            iommu_group: None,
+            numa_node,
+            upstream: Upstream::HostBridge(0),
+        },
+        parent: None,
+        kind_known,
+    })
+}
+
+fn read_link(dir: &Path) -> Result<Option<Link>, FabricError> {
+    let speed = |name: &str| -> Result<Option<LinkSpeed>, FabricError> {
+        Ok(attr(dir, name)?.and_then(|t| LinkSpeed::parse(&t)))
+    };
+    let width = |name: &str| -> Result<Option<u8>, FabricError> {
+        match attr(dir, name)? {
+            None => Ok(None),
+            Some(t) => t
+                .parse::<u8>()
+                .map(|w| (w > 0).then_some(w))
+                .map_err(|_| FabricError::sysfs(dir.join(name), format!("`{t}` is not a lane count"))),
+        }
+    };
+    Ok(
+        match (
+            speed("current_link_speed")?,
+            width("current_link_width")?,
+            speed("max_link_speed")?,
+            width("max_link_width")?,
+        ) {
+            (Some(speed), Some(width), max_speed, max_width) => Some(Link {
+                speed,
+                width,
+                max_speed: max_speed.unwrap_or(speed),
+                max_width: max_width.unwrap_or(width),
+            }),
+            _ => None,
+        },
+    )
+}
+
+/// Parses the `resource` attribute: one `start end flags` line per resource; the first
+/// six are BARs 0-5.
+fn parse_resource(path: &Path, text: &str) -> Result<Vec<Bar>, FabricError> {
+    let mut bars = Vec::new();
+    for (i, line) in text.lines().enumerate().take(6) {
+        let nums: Vec<u64> = line
+            .split_whitespace()
+            .map(crate::addr::parse_hex_u64)
+            .collect::<Option<Vec<_>>>()
+            .filter(|v| v.len() == 3)
+            .ok_or_else(|| {
+                FabricError::sysfs(path, format!("line {}: `{line}` is not `start end flags` in hex", i + 1))
+            })?;
+        let (start, end, flags) = (nums[0], nums[1], nums[2]);
+        if start == 0 && end == 0 {
+            continue;
+        }
+        if end < start {
+            return Err(FabricError::sysfs(path, format!("line {}: end {end:#x} below start {start:#x}", i + 1)));
+        }
+        bars.push(Bar {
+            index: i as u8,
+            cpu: PhysAddr(start),
+            bus: BusAddr(start),
+            size: end - start + 1,
+            is_64bit: flags & IORESOURCE_MEM_64 != 0,
+            prefetchable: flags & IORESOURCE_PREFETCH != 0,
+            io: flags & IORESOURCE_IO != 0,
+        });
+    }
+    Ok(bars)
+}
+
+fn read_host(root: &Path, any_group: bool) -> Result<HostInfo, FabricError> {
+    let mut host = HostInfo::default();
+    let cpuinfo = root.join("proc/cpuinfo");
+    if let Some(text) = attr(&root.join("proc"), "cpuinfo")? {
+        for line in text.lines() {
+            if line.trim().is_empty() {
+                break; // the first processor is enough, as the kernel uses cpu_data(0)
+            }
+            let Some((k, v)) = line.split_once(':') else { continue };
+            match k.trim() {
+                "vendor_id" => host.cpu_vendor = Some(v.trim().to_string()),
+                "cpu family" => {
+                    host.cpu_family = Some(v.trim().parse().map_err(|_| {
+                        FabricError::sysfs(&cpuinfo, format!("cpu family `{}` is not a number", v.trim()))
+                    })?)
+                }
+                _ => {}
+            }
+        }
+    }
+    let groups = root.join("sys/kernel/iommu_groups");
+    host.iommu = match fs::read_dir(&groups) {
+        Ok(mut rd) => Some(rd.next().is_some()),
+        Err(_) if any_group => Some(true),
+        Err(_) => None,
+    };
+    Ok(host)
+}
+
+/// Writes a snapshot of the machine at `from` (normally `/`) into `to`, with exactly
+/// the files [`read`] uses, so `read(to)` gives the same topology.
+pub fn save(from: &Path, to: &Path) -> Result<usize, FabricError> {
+    let devices = from.join("sys/bus/pci/devices");
+    let sys_devices = canonical(&from.join("sys/devices"))?;
+    let out_bus = to.join("sys/bus/pci/devices");
+    mkdir(&out_bus)?;
+    let mut groups = BTreeSet::new();
+    let mut count = 0;
+    let rd = fs::read_dir(&devices).map_err(|e| FabricError::io(&devices, e))?;
+    for e in rd {
+        let e = e.map_err(|e| FabricError::io(&devices, e))?;
+        let name = e.file_name();
+        let dir = canonical(&e.path())?;
+        let rel = dir
+            .strip_prefix(&sys_devices)
+            .map_err(|_| FabricError::sysfs(e.path(), "links outside sys/devices"))?
+            .to_path_buf();
+        let out_dir = to.join("sys/devices").join(&rel);
+        mkdir(&out_dir)?;
+        for a in ATTRIBUTES {
+            let src = dir.join(a);
+            match fs::read(&src) {
+                Ok(bytes) => fs::write(out_dir.join(a), bytes).map_err(|e| FabricError::io(out_dir.join(a), e))?,
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                // Some attributes (config beyond what we may read) fail for non-root.
+                Err(err) if err.kind() == std::io::ErrorKind::PermissionDenied => {}
+                Err(err) => return Err(FabricError::io(src, err)),
+            }
+        }
+        if let Ok(target) = fs::read_link(dir.join("iommu_group")) {
+            if let Some(g) = target.file_name() {
+                let g = g.to_string_lossy().into_owned();
+                let depth = rel.components().count() + 2; // devices/<rel> below sys/
+                let up = "../".repeat(depth);
+                symlink(&format!("{up}kernel/iommu_groups/{g}"), &out_dir.join("iommu_group"))?;
+                groups.insert(g);
+            }
+        }
+        symlink(
+            &format!("../../../devices/{}", rel.display()),
+            &out_bus.join(&name),
+        )?;
+        count += 1;
+    }
+    let from_groups = from.join("sys/kernel/iommu_groups");
+    if from_groups.is_dir() {
+        for g in &groups {
+            mkdir(&to.join("sys/kernel/iommu_groups").join(g))?;
+        }
+        mkdir(&to.join("sys/kernel/iommu_groups"))?;
+    }
+    let cpuinfo = from.join("proc/cpuinfo");
+    if let Ok(text) = fs::read_to_string(&cpuinfo) {
+        // The first processor's block is all the reader uses.
+        let first: String = text
+            .lines()
+            .take_while(|l| !l.trim().is_empty())
+            .map(|l| format!("{l}\n"))
+            .collect();
+        mkdir(&to.join("proc"))?;
+        fs::write(to.join("proc/cpuinfo"), first).map_err(|e| FabricError::io(to.join("proc/cpuinfo"), e))?;
+    }
+    Ok(count)
+}
+
+fn mkdir(p: &Path) -> Result<(), FabricError> {
+    fs::create_dir_all(p).map_err(|e| FabricError::io(p, e))
+}
+
+fn symlink(target: &str, link: &Path) -> Result<(), FabricError> {
+    std::os::unix::fs::symlink(target, link).map_err(|e| FabricError::io(link, e))
+}
