@@ -274,7 +274,10 @@ impl FromStr for BusId {
             text: text.to_string(),
             reason,
         };
-        let (d, b) = text.trim().split_once(':').ok_or_else(|| err("expected domain:bus"))?;
+        let (d, b) = text
+            .trim()
+            .split_once(':')
+            .ok_or_else(|| err("expected domain:bus"))?;
         let domain = u32::from_str_radix(d, 16).map_err(|_| err("domain is not 32-bit hex"))?;
         let bus = u8::from_str_radix(b, 16).map_err(|_| err("bus is not 8-bit hex"))?;
         Ok(BusId { domain, bus })
@@ -313,7 +316,14 @@ mod tests {
 
     #[test]
     fn bdf_rejects_out_of_range_parts() {
-        for bad in ["0000:00:20.0", "0000:00:00.8", "0000:100:00.0", "zz:00.0", "", "0000:00:00"] {
+        for bad in [
+            "0000:00:20.0",
+            "0000:00:00.8",
+            "0000:100:00.0",
+            "zz:00.0",
+            "",
+            "0000:00:00",
+        ] {
             assert!(bad.parse::<Bdf>().is_err(), "{bad} parsed");
         }
     }

@@ -8,7 +8,8 @@ use peerdma::fabric::import::{lspci, sysfs};
 use peerdma::fabric::{Acs, MapType, PortKind, Topology};
 
 fn lspci_text(name: &str, flavour: &str) -> String {
-    std::fs::read_to_string(common::shared_sysfs().join(format!("{name}.lspci-{flavour}.txt"))).unwrap()
+    std::fs::read_to_string(common::shared_sysfs().join(format!("{name}.lspci-{flavour}.txt")))
+        .unwrap()
 }
 
 #[test]
@@ -17,15 +18,22 @@ fn sysfs_tree_matches_pciutils_for_every_snapshot() {
         let (_tmp, root) = common::unpack(&name);
         let from_sysfs = sysfs::read(&root).unwrap_or_else(|e| panic!("{name}: {e}"));
         for flavour in ["tv", "tvnn"] {
-            let from_lspci = lspci::parse(&format!("{name}.lspci-{flavour}.txt"), &lspci_text(&name, flavour))
-                .unwrap_or_else(|e| panic!("{name} {flavour}: {e}"));
+            let from_lspci = lspci::parse(
+                &format!("{name}.lspci-{flavour}.txt"),
+                &lspci_text(&name, flavour),
+            )
+            .unwrap_or_else(|e| panic!("{name} {flavour}: {e}"));
             assert_eq!(
                 from_sysfs.shape(),
                 from_lspci.shape(),
                 "{name}: sysfs tree differs from lspci -{flavour}"
             );
             let roots = |t: &Topology| t.host_bridges().iter().map(|h| h.root).collect::<Vec<_>>();
-            assert_eq!(roots(&from_sysfs), roots(&from_lspci), "{name}: root buses differ");
+            assert_eq!(
+                roots(&from_sysfs),
+                roots(&from_lspci),
+                "{name}: root buses differ"
+            );
         }
     }
 }
@@ -40,7 +48,11 @@ fn lspci_nn_ids_match_sysfs_ids() {
             if b.kind.is_bridge() {
                 continue; // lspci -tv prints no name or id for bridges
             }
-            assert_eq!((a.bdf, a.vendor, a.device), (b.bdf, b.vendor, b.device), "{name}");
+            assert_eq!(
+                (a.bdf, a.vendor, a.device),
+                (b.bdf, b.vendor, b.device),
+                "{name}"
+            );
         }
     }
 }
@@ -49,7 +61,11 @@ fn lspci_nn_ids_match_sysfs_ids() {
 fn sandy_bridge_snapshot_has_allowlisted_host_bridge_and_four_root_buses() {
     let (_tmp, root) = common::unpack("32em64t-2n8c-dax-nvme-mic-dimms");
     let t = sysfs::read(&root).unwrap();
-    let roots: Vec<String> = t.host_bridges().iter().map(|h| h.root.to_string()).collect();
+    let roots: Vec<String> = t
+        .host_bridges()
+        .iter()
+        .map(|h| h.root.to_string())
+        .collect();
     assert_eq!(roots, ["0000:00", "0000:7f", "0000:80", "0000:ff"]);
     let hb = t.host_bridge_function(0).unwrap();
     assert_eq!((hb.vendor, hb.device), (0x8086, 0x3c00));
@@ -58,12 +74,26 @@ fn sandy_bridge_snapshot_has_allowlisted_host_bridge_and_four_root_buses() {
     // 64-byte config dumps: no ACS capability can be seen; functions with a capability
     // list are unknown (the list may lead to PCIe and extended space), those without one
     // are conventional PCI and have none. The gaps count them and say so.
-    assert!(t.functions().iter().all(|f| !matches!(f.acs, Acs::Present { .. })));
-    let unknown = t.functions().iter().filter(|f| f.acs == Acs::Unknown).count();
+    assert!(t
+        .functions()
+        .iter()
+        .all(|f| !matches!(f.acs, Acs::Present { .. })));
+    let unknown = t
+        .functions()
+        .iter()
+        .filter(|f| f.acs == Acs::Unknown)
+        .count();
     assert!(unknown > 0 && unknown < t.functions().len());
     assert_eq!(t.gaps().acs_unknown, unknown);
-    let note = format!("ACS could not be read for {unknown} of {}", t.functions().len());
-    assert!(t.gaps().notes.iter().any(|n| n.contains(&note)), "{:?}", t.gaps().notes);
+    let note = format!(
+        "ACS could not be read for {unknown} of {}",
+        t.functions().len()
+    );
+    assert!(
+        t.gaps().notes.iter().any(|n| n.contains(&note)),
+        "{:?}",
+        t.gaps().notes
+    );
     // NVMe on root bus 00 and the NIC below 00:01.1: both below host bridge 3c00, no
     // common bridge: through the host bridge (same-host-bridge entry), certain.
     let nvme = t.find("0000:00:02.0").unwrap();
@@ -82,7 +112,10 @@ fn sandy_bridge_snapshot_has_allowlisted_host_bridge_and_four_root_buses() {
     let v = peerdma::fabric::calc_map_type_and_dist(&t, nic, nic1);
     assert_eq!((v.map_type, v.distance), (MapType::BusAddr, 2));
     assert!(v.uncertain());
-    assert_eq!(t.function(t.find("0000:00:01.1").unwrap()).kind, PortKind::RootPort);
+    assert_eq!(
+        t.function(t.find("0000:00:01.1").unwrap()).kind,
+        PortKind::RootPort
+    );
     assert_eq!(t.function(nic).acs, Acs::Unknown);
     assert_eq!(t.function(nic).numa_node, Some(0));
 }

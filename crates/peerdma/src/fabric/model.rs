@@ -335,9 +335,14 @@ impl std::str::FromStr for AcsFlags {
         let mut v = 0u16;
         for part in s.split('|') {
             let part = part.trim();
-            if let Some((bit, _)) = Self::NAMES.iter().find(|(_, n)| n.eq_ignore_ascii_case(part)) {
+            if let Some((bit, _)) = Self::NAMES
+                .iter()
+                .find(|(_, n)| n.eq_ignore_ascii_case(part))
+            {
                 v |= bit;
-            } else if let Some(x) = crate::addr::parse_hex_u64(part).filter(|_| part.starts_with("0x")) {
+            } else if let Some(x) =
+                crate::addr::parse_hex_u64(part).filter(|_| part.starts_with("0x"))
+            {
                 v |= u16::try_from(x).map_err(|_| format!("`{part}` is wider than 16 bits"))?;
             } else {
                 return Err(format!(
@@ -614,7 +619,9 @@ impl Topology {
                 f.buses,
             ) {
                 if r.secondary != 0 {
-                    bus_owner.entry((f.bdf.domain(), r.secondary)).or_insert(FnId(i as u32));
+                    bus_owner
+                        .entry((f.bdf.domain(), r.secondary))
+                        .or_insert(FnId(i as u32));
                 }
             }
         }
@@ -642,7 +649,10 @@ impl Topology {
                         domain: bdf.domain(),
                         bus: bdf.bus(),
                     };
-                    match (bus_owner.get(&(bdf.domain(), bdf.bus())), hb_index.get(&root)) {
+                    match (
+                        bus_owner.get(&(bdf.domain(), bdf.bus())),
+                        hb_index.get(&root),
+                    ) {
                         (Some(&id), _) if id != by_bdf[&bdf] => Upstream::Bridge(id),
                         (_, Some(&h)) => Upstream::HostBridge(h),
                         _ => {

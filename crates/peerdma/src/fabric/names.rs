@@ -38,6 +38,12 @@ mod tests {
         assert_eq!(vendor_name(0x8086), Some("Intel Corporation"));
         assert!(device_name(0x10de, 0x2330, 0x030200).starts_with("NVIDIA Corporation"));
         assert_eq!(class_name(0x010802), "Non-Volatile memory controller");
-        assert_eq!(device_name(0xabcd, 0x1, 0x020000), "Ethernet controller [abcd:0001]");
+        let unassigned = (1..=0xfffe_u16)
+            .find(|v| vendor_name(*v).is_none())
+            .unwrap();
+        assert_eq!(
+            device_name(unassigned, 0x1, 0x020000),
+            format!("Ethernet controller [{unassigned:04x}:0001]")
+        );
     }
 }

@@ -64,18 +64,58 @@ const INTEL: u16 = 0x8086;
 /// a root port as the identifying device; we keep the v6.1 table and the 00.0 rule.
 pub const HOST_BRIDGE_ALLOWLIST: &[AllowlistEntry] = &[
     // Intel Xeon E5 / Core i7 (Sandy Bridge-EP): only between ports of one root complex.
-    AllowlistEntry { vendor: INTEL, device: 0x3c00, same_host_bridge_only: true },
-    AllowlistEntry { vendor: INTEL, device: 0x3c01, same_host_bridge_only: true },
+    AllowlistEntry {
+        vendor: INTEL,
+        device: 0x3c00,
+        same_host_bridge_only: true,
+    },
+    AllowlistEntry {
+        vendor: INTEL,
+        device: 0x3c01,
+        same_host_bridge_only: true,
+    },
     // Intel Xeon E7 v3 / E5 v3 (Haswell-EP).
-    AllowlistEntry { vendor: INTEL, device: 0x2f00, same_host_bridge_only: true },
-    AllowlistEntry { vendor: INTEL, device: 0x2f01, same_host_bridge_only: true },
+    AllowlistEntry {
+        vendor: INTEL,
+        device: 0x2f00,
+        same_host_bridge_only: true,
+    },
+    AllowlistEntry {
+        vendor: INTEL,
+        device: 0x2f01,
+        same_host_bridge_only: true,
+    },
     // Intel Skylake-SP and later: across root complexes too.
-    AllowlistEntry { vendor: INTEL, device: 0x2030, same_host_bridge_only: false },
-    AllowlistEntry { vendor: INTEL, device: 0x2031, same_host_bridge_only: false },
-    AllowlistEntry { vendor: INTEL, device: 0x2032, same_host_bridge_only: false },
-    AllowlistEntry { vendor: INTEL, device: 0x2033, same_host_bridge_only: false },
-    AllowlistEntry { vendor: INTEL, device: 0x2020, same_host_bridge_only: false },
-    AllowlistEntry { vendor: INTEL, device: 0x09a2, same_host_bridge_only: false },
+    AllowlistEntry {
+        vendor: INTEL,
+        device: 0x2030,
+        same_host_bridge_only: false,
+    },
+    AllowlistEntry {
+        vendor: INTEL,
+        device: 0x2031,
+        same_host_bridge_only: false,
+    },
+    AllowlistEntry {
+        vendor: INTEL,
+        device: 0x2032,
+        same_host_bridge_only: false,
+    },
+    AllowlistEntry {
+        vendor: INTEL,
+        device: 0x2033,
+        same_host_bridge_only: false,
+    },
+    AllowlistEntry {
+        vendor: INTEL,
+        device: 0x2020,
+        same_host_bridge_only: false,
+    },
+    AllowlistEntry {
+        vendor: INTEL,
+        device: 0x09a2,
+        same_host_bridge_only: false,
+    },
 ];
 
 /// Why a host bridge did or did not pass the allowlist.
@@ -125,8 +165,9 @@ pub struct Verdict {
     pub acs_redirect: Vec<Bdf>,
     /// Devices on the walks whose ACS state could not be read.
     pub acs_unknown: Vec<Bdf>,
-    /// The allowlist result, when the traffic goes through the host bridge.
-    pub host_bridge: Option<HostBridgeCheck>,
+    /// The allowlist result for each host bridge crossed (one, or provider's then
+    /// client's), when the traffic goes through the host bridge.
+    pub host_bridges: Vec<HostBridgeCheck>,
     /// Whether the CPU vendor or family was unknown when the allowlist refused.
     pub cpu_unknown: bool,
 }
@@ -165,21 +206,22 @@ impl Verdict {
             }
             (None, _) => "no common upstream bridge: the path crosses the host bridge".to_string(),
         };
-        match &self.host_bridge {
-            None => {}
-            Some(HostBridgeCheck::CpuAllows) => {
-                out.push_str("; AMD Zen or newer CPU forwards peer traffic")
-            }
-            Some(HostBridgeCheck::Allowed) => out.push_str("; host bridge is on the P2PDMA allowlist"),
-            Some(HostBridgeCheck::NoIdentifyingFunction { root }) => out.push_str(&format!(
-                "; host bridge {root} has no 00.0 function to match against the P2PDMA allowlist"
-            )),
-            Some(HostBridgeCheck::NotListed { root, id }) => out.push_str(&format!(
-                "; host bridge {root} ({id}) is not on the P2PDMA allowlist"
-            )),
-            Some(HostBridgeCheck::SameHostBridgeOnly { root, id }) => out.push_str(&format!(
-                "; host bridge {root} ({id}) is allowlisted only for devices below the same host bridge"
-            )),
+        for check in &self.host_bridges {
+            out.push_str(&match check {
+                HostBridgeCheck::CpuAllows => {
+                    "; AMD Zen or newer CPU forwards peer traffic".to_string()
+                }
+                HostBridgeCheck::Allowed => "; host bridge is on the P2PDMA allowlist".to_string(),
+                HostBridgeCheck::NoIdentifyingFunction { root } => format!(
+                    "; host bridge {root} has no 00.0 function to match against the P2PDMA allowlist"
+                ),
+                HostBridgeCheck::NotListed { root, id } => {
+                    format!("; host bridge {root} ({id}) is not on the P2PDMA allowlist")
+                }
+                HostBridgeCheck::SameHostBridgeOnly { root, id } => format!(
+                    "; host bridge {root} ({id}) is allowlisted only for devices below the same host bridge"
+                ),
+            });
         }
         if self.cpu_unknown && self.map_type == MapType::NotSupported {
             out.push_str("; the CPU is unknown, so the AMD Zen rule could not be applied");
@@ -234,18 +276,21 @@ pub(crate) fn calc_with_paths(
     let client_bdf = topo.function(client).bdf;
     let Some((c, dist_a, dist_b)) = common else {
         // No common bridge: ACS on the way does not change anything, the host bridge decides.
-        let host_bridge = host_bridge_allows(topo, provider, client);
-        let supported = matches!(host_bridge, HostBridgeCheck::CpuAllows | HostBridgeCheck::Allowed);
+        let (supported, host_bridges) = host_bridge_allows(topo, provider, client);
         return Verdict {
             provider: provider_bdf,
             client: client_bdf,
-            map_type: if supported { MapType::ThruHostBridge } else { MapType::NotSupported },
+            map_type: if supported {
+                MapType::ThruHostBridge
+            } else {
+                MapType::NotSupported
+            },
             distance: (path_a.len() + path_b.len()) as u32,
             common_bridge: None,
             acs_redirect: Vec::new(),
             acs_unknown: Vec::new(),
             cpu_unknown: !supported && topo.host().cpu_vendor.is_none(),
-            host_bridge: Some(host_bridge),
+            host_bridges,
         };
     };
     // The client-side walk up to, not including, the common bridge (already checked).
@@ -263,29 +308,38 @@ pub(crate) fn calc_with_paths(
             common_bridge: Some(common_bdf),
             acs_redirect,
             acs_unknown,
-            host_bridge: None,
+            host_bridges: Vec::new(),
             cpu_unknown: false,
         };
     }
-    let host_bridge = host_bridge_allows(topo, provider, client);
-    let supported = matches!(host_bridge, HostBridgeCheck::CpuAllows | HostBridgeCheck::Allowed);
+    let (supported, host_bridges) = host_bridge_allows(topo, provider, client);
     Verdict {
         provider: provider_bdf,
         client: client_bdf,
-        map_type: if supported { MapType::ThruHostBridge } else { MapType::NotSupported },
+        map_type: if supported {
+            MapType::ThruHostBridge
+        } else {
+            MapType::NotSupported
+        },
         distance,
         common_bridge: Some(common_bdf),
         acs_redirect,
         acs_unknown,
         cpu_unknown: !supported && topo.host().cpu_vendor.is_none(),
-        host_bridge: Some(host_bridge),
+        host_bridges,
     }
 }
 
-/// `cpu_supports_p2pdma() || host_bridge_whitelist()`.
-pub fn host_bridge_allows(topo: &Topology, provider: FnId, client: FnId) -> HostBridgeCheck {
+/// `cpu_supports_p2pdma() || host_bridge_whitelist()`: whether traffic may cross the
+/// host bridge(s), and the check of each one (both are checked when they differ, so the
+/// reason names every host bridge in the way).
+pub fn host_bridge_allows(
+    topo: &Topology,
+    provider: FnId,
+    client: FnId,
+) -> (bool, Vec<HostBridgeCheck>) {
     if topo.host().cpu_supports_p2pdma() {
-        return HostBridgeCheck::CpuAllows;
+        return (true, vec![HostBridgeCheck::CpuAllows]);
     }
     let ha = topo.host_bridge_of(provider);
     let hb = topo.host_bridge_of(client);
@@ -307,10 +361,17 @@ pub fn host_bridge_allows(topo: &Topology, provider: FnId, client: FnId) -> Host
             Some(_) => HostBridgeCheck::Allowed,
         }
     };
-    match check(ha) {
-        HostBridgeCheck::Allowed if !same => check(hb),
-        other => other,
+    let mut checks = vec![check(ha)];
+    if !same {
+        checks.push(check(hb));
     }
+    let allowed = checks.iter().all(|c| *c == HostBridgeCheck::Allowed);
+    if allowed {
+        checks.truncate(1);
+    } else {
+        checks.retain(|c| *c != HostBridgeCheck::Allowed);
+    }
+    (allowed, checks)
 }
 
 /// `pci_p2pdma_distance_many()`: the summed distance from a provider to every client,

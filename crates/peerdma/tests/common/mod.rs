@@ -29,7 +29,10 @@ pub fn snapshot_names() -> Vec<String> {
         })
         .collect();
     names.sort();
-    assert!(names.len() >= 4, "expected the four shared snapshots, found {names:?}");
+    assert!(
+        names.len() >= 4,
+        "expected the four shared snapshots, found {names:?}"
+    );
     names
 }
 

@@ -88,7 +88,9 @@ pub fn decode(cfg: &[u8]) -> ConfigFacts {
     };
     if header_type == 1 || header_type == 2 {
         facts.is_bridge_header = true;
-        if let (Some(sec), Some(sub)) = (byte(cfg, PCI_SECONDARY_BUS), byte(cfg, PCI_SUBORDINATE_BUS)) {
+        if let (Some(sec), Some(sub)) =
+            (byte(cfg, PCI_SECONDARY_BUS), byte(cfg, PCI_SUBORDINATE_BUS))
+        {
             if sec != 0 {
                 facts.buses = Some(BusRange {
                     secondary: sec,
@@ -150,7 +152,11 @@ pub fn encode(
     pcie: Option<PortKind>,
     acs: Acs,
 ) -> Vec<u8> {
-    let len = if matches!(acs, Acs::Unknown) { 0x40 } else { 0x1000 };
+    let len = if matches!(acs, Acs::Unknown) {
+        0x40
+    } else {
+        0x1000
+    };
     let mut cfg = vec![0u8; len];
     cfg[0..2].copy_from_slice(&vendor.to_le_bytes());
     cfg[2..4].copy_from_slice(&device.to_le_bytes());
@@ -193,14 +199,27 @@ mod tests {
 
     #[test]
     fn acs_found_behind_other_extended_capabilities() {
-        let mut cfg = encode(0x10b5, 0x8747, 0x060400, None, Some(PortKind::SwitchDownstream), Acs::Absent);
+        let mut cfg = encode(
+            0x10b5,
+            0x8747,
+            0x060400,
+            None,
+            Some(PortKind::SwitchDownstream),
+            Acs::Absent,
+        );
         // AER at 0x100 pointing to ACS at 0x148.
         cfg[0x100..0x104].copy_from_slice(&(0x0001u32 | (1 << 16) | (0x148 << 20)).to_le_bytes());
         cfg[0x148..0x14c].copy_from_slice(&(0x000du32 | (1 << 16)).to_le_bytes());
         cfg[0x14c..0x14e].copy_from_slice(&0x005fu16.to_le_bytes());
         cfg[0x14e..0x150].copy_from_slice(&0x001du16.to_le_bytes());
         let f = decode(&cfg);
-        assert_eq!(f.acs, Acs::Present { cap: AcsFlags(0x5f), ctrl: AcsFlags(0x1d) });
+        assert_eq!(
+            f.acs,
+            Acs::Present {
+                cap: AcsFlags(0x5f),
+                ctrl: AcsFlags(0x1d)
+            }
+        );
         assert_eq!(f.pcie_kind, Some(PortKind::SwitchDownstream));
     }
 
@@ -227,9 +246,18 @@ mod tests {
 
     #[test]
     fn encode_round_trips() {
-        let acs = Acs::Present { cap: AcsFlags(0x7f), ctrl: AcsFlags(0x0c) };
-        let b = Some(BusRange { secondary: 3, subordinate: 5 });
+        let acs = Acs::Present {
+            cap: AcsFlags(0x7f),
+            ctrl: AcsFlags(0x0c),
+        };
+        let b = Some(BusRange {
+            secondary: 3,
+            subordinate: 5,
+        });
         let f = decode(&encode(1, 2, 0x060400, b, Some(PortKind::RootPort), acs));
-        assert_eq!((f.buses, f.pcie_kind, f.acs), (b, Some(PortKind::RootPort), acs));
+        assert_eq!(
+            (f.buses, f.pcie_kind, f.acs),
+            (b, Some(PortKind::RootPort), acs)
+        );
     }
 }

@@ -83,7 +83,10 @@ fn is_unknown(a: &Acs) -> bool {
 
 fn parse_id_pair(text: &str) -> Option<(u16, u16)> {
     let (v, d) = text.trim().split_once(':')?;
-    Some((u16::from_str_radix(v, 16).ok()?, u16::from_str_radix(d, 16).ok()?))
+    Some((
+        u16::from_str_radix(v, 16).ok()?,
+        u16::from_str_radix(d, 16).ok()?,
+    ))
 }
 
 fn parse_buses(text: &str) -> Option<BusRange> {
@@ -120,17 +123,27 @@ pub fn from_file(source: &str, file: &TopologyFile) -> Result<Topology, FabricEr
         let subsystem = match &e.subsystem {
             None => None,
             Some(s) => Some(parse_id_pair(s).ok_or_else(|| {
-                bad(e.bdf, format!("subsystem `{s}` is not vendor:device in hex"))
+                bad(
+                    e.bdf,
+                    format!("subsystem `{s}` is not vendor:device in hex"),
+                )
             })?),
         };
         let class = crate::addr::parse_hex_u64(&e.class)
             .filter(|c| *c <= 0xff_ffff)
-            .ok_or_else(|| bad(e.bdf, format!("class `{}` is not a 24-bit hex class code", e.class)))?
-            as u32;
+            .ok_or_else(|| {
+                bad(
+                    e.bdf,
+                    format!("class `{}` is not a 24-bit hex class code", e.class),
+                )
+            })? as u32;
         let buses = match &e.buses {
             None => None,
             Some(b) => Some(parse_buses(b).ok_or_else(|| {
-                bad(e.bdf, format!("buses `{b}` is not a hex range SS-UU with 0 < SS <= UU"))
+                bad(
+                    e.bdf,
+                    format!("buses `{b}` is not a hex range SS-UU with 0 < SS <= UU"),
+                )
             })?),
         };
         if let Some(k) = e.kind {
@@ -167,7 +180,13 @@ pub fn from_file(source: &str, file: &TopologyFile) -> Result<Topology, FabricEr
         ..Gaps::default()
     };
     let name = file.name.clone().unwrap_or_else(|| source.to_string());
-    Topology::build(name, file.host.clone(), file.host_bridges.clone(), specs, gaps)
+    Topology::build(
+        name,
+        file.host.clone(),
+        file.host_bridges.clone(),
+        specs,
+        gaps,
+    )
 }
 
 /// The file that describes a model, every field explicit.

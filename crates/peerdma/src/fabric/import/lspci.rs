@@ -65,7 +65,10 @@ pub fn parse(source: &str, text: &str) -> Result<Topology, FabricError> {
             .position(|&c| c != b' ' && c != b'|')
             .ok_or_else(|| p.err(1, "a line of only tree drawing"))?;
         let Some(pos) = p.open.iter().rposition(|(c, _)| *c == col) else {
-            return Err(p.err(col, "this branch does not continue any open bus or bridge above it"));
+            return Err(p.err(
+                col,
+                "this branch does not continue any open bus or bridge above it",
+            ));
         };
         p.open.truncate(pos + 1);
         let (_, ctx) = p.open[pos];
@@ -118,7 +121,13 @@ pub fn parse(source: &str, text: &str) -> Result<Topology, FabricError> {
                 .to_string(),
         ],
     };
-    Topology::build(format!("lspci {source}"), HostInfo::default(), host_bridges, specs, gaps)
+    Topology::build(
+        format!("lspci {source}"),
+        HostInfo::default(),
+        host_bridges,
+        specs,
+        gaps,
+    )
 }
 
 /// Functions with children are bridges even when the text gave no bus range.
@@ -154,7 +163,12 @@ impl Parser<'_> {
     }
 
     /// After a bridge's `-` at `col - 1`... `col` is the column of that `-`.
-    fn bridge_body(&mut self, col: usize, parent: Option<Bdf>, domain: u32) -> Result<(), FabricError> {
+    fn bridge_body(
+        &mut self,
+        col: usize,
+        parent: Option<Bdf>,
+        domain: u32,
+    ) -> Result<(), FabricError> {
         let next = col + 1;
         match self.at(next) {
             None => Ok(()), // a bridge with no bus at all
@@ -177,14 +191,21 @@ impl Parser<'_> {
                     .find(|s| s.function.bdf == bridge)
                     .and_then(|s| s.function.buses)
                     .map(|r| r.secondary)
-                    .ok_or_else(|| self.err(next, "a bridge without a bus range has devices below it"))?;
+                    .ok_or_else(|| {
+                        self.err(next, "a bridge without a bus range has devices below it")
+                    })?;
                 self.bus(next, domain, bus, Some(bridge))
             }
         }
     }
 
     /// `[DDDD:BB]-` then the bus.
-    fn bus_header(&mut self, col: usize, parent: Option<Bdf>, _domain: u32) -> Result<(), FabricError> {
+    fn bus_header(
+        &mut self,
+        col: usize,
+        parent: Option<Bdf>,
+        _domain: u32,
+    ) -> Result<(), FabricError> {
         self.expect(col, b'[')?;
         let close = self.line[col..]
             .iter()
@@ -203,7 +224,13 @@ impl Parser<'_> {
     }
 
     /// A bus's devices starting at `col`: nothing, `--DEV`, or `+-DEV` / `\-DEV`.
-    fn bus(&mut self, col: usize, domain: u32, bus: u8, parent: Option<Bdf>) -> Result<(), FabricError> {
+    fn bus(
+        &mut self,
+        col: usize,
+        domain: u32,
+        bus: u8,
+        parent: Option<Bdf>,
+    ) -> Result<(), FabricError> {
         match self.at(col) {
             None => Ok(()),
             Some(b'-') => {
@@ -224,7 +251,13 @@ impl Parser<'_> {
     }
 
     /// `DD.F` then a bridge's range and bus, or the name.
-    fn device(&mut self, col: usize, domain: u32, bus: u8, parent: Option<Bdf>) -> Result<(), FabricError> {
+    fn device(
+        &mut self,
+        col: usize,
+        domain: u32,
+        bus: u8,
+        parent: Option<Bdf>,
+    ) -> Result<(), FabricError> {
         let slot = self
             .line
             .get(col..col + 4)
@@ -268,7 +301,9 @@ impl Parser<'_> {
                     None => parse(text).map(|a| (a, a)),
                 }
                 .filter(|(a, b)| a <= b)
-                .ok_or_else(|| self.err(col + 1, &format!("`{text}` is not a bus range SS or SS-UU")))?;
+                .ok_or_else(|| {
+                    self.err(col + 1, &format!("`{text}` is not a bus range SS or SS-UU"))
+                })?;
                 function.buses = Some(BusRange {
                     secondary: range.0,
                     subordinate: range.1,
@@ -276,12 +311,20 @@ impl Parser<'_> {
                 self.expect(close + 1, b'-')?;
                 col = close + 2;
                 function.class = 0x060400;
-                self.specs.push(FunctionSpec { function, parent, kind_known: false });
+                self.specs.push(FunctionSpec {
+                    function,
+                    parent,
+                    kind_known: false,
+                });
                 self.expect(col, b'-')?;
                 return self.bridge_body(col, Some(bdf), domain);
             }
             function.class = 0x060400;
-            self.specs.push(FunctionSpec { function, parent, kind_known: false });
+            self.specs.push(FunctionSpec {
+                function,
+                parent,
+                kind_known: false,
+            });
             self.expect(col, b'-')?;
             return self.bridge_body(col, Some(bdf), domain);
         }
@@ -293,7 +336,11 @@ impl Parser<'_> {
         }
         function.class = guess_class(name);
         function.name = name.to_string();
-        self.specs.push(FunctionSpec { function, parent, kind_known: false });
+        self.specs.push(FunctionSpec {
+            function,
+            parent,
+            kind_known: false,
+        });
         Ok(())
     }
 }
@@ -305,7 +352,8 @@ fn split_ids(text: &str) -> (&str, Option<(u16, u16)>) {
         if let Some(inner) = tail.strip_suffix(']') {
             if let Some((v, d)) = inner.split_once(':') {
                 if v.len() == 4 && d.len() == 4 {
-                    if let (Ok(v), Ok(d)) = (u16::from_str_radix(v, 16), u16::from_str_radix(d, 16)) {
+                    if let (Ok(v), Ok(d)) = (u16::from_str_radix(v, 16), u16::from_str_radix(d, 16))
+                    {
                         return (text[..open].trim_end(), Some((v, d)));
                     }
                 }
@@ -321,15 +369,41 @@ fn guess_class(name: &str) -> u32 {
     let has = |w: &[&str]| w.iter().any(|x| n.contains(x));
     if has(&["nvme", "non-volatile", "ssd", "nvm express"]) {
         0x010802
-    } else if has(&["vga", "graphics", "display", "geforce", "quadro", "tesla", "radeon", "3d controller", "gpu", "h100", "a100"]) {
+    } else if has(&[
+        "vga",
+        "graphics",
+        "display",
+        "geforce",
+        "quadro",
+        "tesla",
+        "radeon",
+        "3d controller",
+        "gpu",
+        "h100",
+        "a100",
+    ]) {
         0x030000
     } else if has(&["infiniband", "connectx", "hca"]) {
         0x020700
     } else if has(&["ethernet", "network", "gigabit", "nic"]) {
         0x020000
-    } else if has(&["sata", "sas", "raid", "ide", "megaraid", "storage", "block device"]) {
+    } else if has(&[
+        "sata",
+        "sas",
+        "raid",
+        "ide",
+        "megaraid",
+        "storage",
+        "block device",
+    ]) {
         0x010000
-    } else if has(&["host bridge", "pmc", "dmi2", "i/o hub to esi", "root complex"]) {
+    } else if has(&[
+        "host bridge",
+        "pmc",
+        "dmi2",
+        "i/o hub to esi",
+        "root complex",
+    ]) {
         0x060000
     } else {
         0xff0000

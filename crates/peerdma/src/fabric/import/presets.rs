@@ -31,12 +31,13 @@ pub const PRESETS: [(&str, &str, &str); 4] = [
 
 /// The preset called `name`.
 pub fn preset(name: &str) -> Result<Topology, FabricError> {
-    let (n, _, text) = PRESETS
-        .iter()
-        .find(|(n, _, _)| *n == name)
-        .ok_or_else(|| FabricError::UnknownPreset {
-            name: name.to_string(),
-            known: PRESETS.map(|p| p.0).join(", "),
-        })?;
+    let (n, _, text) =
+        PRESETS
+            .iter()
+            .find(|(n, _, _)| *n == name)
+            .ok_or_else(|| FabricError::UnknownPreset {
+                name: name.to_string(),
+                known: PRESETS.map(|p| p.0).join(", "),
+            })?;
     file::parse(&format!("preset {n}"), text)
 }

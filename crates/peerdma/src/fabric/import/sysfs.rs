@@ -60,12 +60,15 @@ pub fn read(root: &Path) -> Result<Topology, FabricError> {
     let mut any_group = false;
     for name in &names {
         let link = devices.join(name);
-        let bdf: Bdf = name
-            .parse()
-            .map_err(|e| FabricError::sysfs(&link, format!("entry name is not a PCI address: {e}")))?;
+        let bdf: Bdf = name.parse().map_err(|e| {
+            FabricError::sysfs(&link, format!("entry name is not a PCI address: {e}"))
+        })?;
         let dir = canonical(&link)?;
         let rel = dir.strip_prefix(&sys_devices).map_err(|_| {
-            FabricError::sysfs(&link, format!("links to {}, outside sys/devices", dir.display()))
+            FabricError::sysfs(
+                &link,
+                format!("links to {}, outside sys/devices", dir.display()),
+            )
         })?;
         let (host, parent) = placement(&link, rel, bdf)?;
         let mut spec = read_function(&dir, bdf)?;
@@ -120,7 +123,8 @@ pub fn read(root: &Path) -> Result<Topology, FabricError> {
         ));
     }
     if host.iommu.is_none() {
-        gaps.notes.push("IOMMU state unknown: no sys/kernel/iommu_groups".to_string());
+        gaps.notes
+            .push("IOMMU state unknown: no sys/kernel/iommu_groups".to_string());
     }
     Topology::build(
         format!("sysfs {}", root.display()),
@@ -157,11 +161,16 @@ fn placement(link: &Path, rel: &Path, bdf: Bdf) -> Result<(BusId, Option<Bdf>), 
             last = Some(b);
         }
     }
-    let host = host.ok_or_else(|| FabricError::sysfs(link, "device path has no pciDDDD:BB host bridge directory"))?;
+    let host = host.ok_or_else(|| {
+        FabricError::sysfs(link, "device path has no pciDDDD:BB host bridge directory")
+    })?;
     if last != Some(bdf) {
         return Err(FabricError::sysfs(
             link,
-            format!("links to {}, which is not the directory of {bdf}", rel.display()),
+            format!(
+                "links to {}, which is not the directory of {bdf}",
+                rel.display()
+            ),
         ));
     }
     Ok((host, parent))
@@ -185,7 +194,12 @@ fn hex_attr(dir: &Path, name: &str, max: u64) -> Result<Option<u64>, FabricError
     crate::addr::parse_hex_u64(&text)
         .filter(|v| *v <= max)
         .map(Some)
-        .ok_or_else(|| FabricError::sysfs(dir.join(name), format!("`{text}` is not a hex value up to {max:#x}")))
+        .ok_or_else(|| {
+            FabricError::sysfs(
+                dir.join(name),
+                format!("`{text}` is not a hex value up to {max:#x}"),
+            )
+        })
 }
 
 fn read_function(dir: &Path, bdf: Bdf) -> Result<FunctionSpec, FabricError> {
@@ -216,9 +230,9 @@ fn read_function(dir: &Path, bdf: Bdf) -> Result<FunctionSpec, FabricError> {
     let numa_node = match attr(dir, "numa_node")? {
         None => None,
         Some(t) => {
-            let v: i64 = t
-                .parse()
-                .map_err(|_| FabricError::sysfs(dir.join("numa_node"), format!("`{t}` is not a number")))?;
+            let v: i64 = t.parse().map_err(|_| {
+                FabricError::sysfs(dir.join("numa_node"), format!("`{t}` is not a number"))
+            })?;
             u32::try_from(v).ok()
         }
     };
@@ -226,7 +240,9 @@ fn read_function(dir: &Path, bdf: Bdf) -> Result<FunctionSpec, FabricError> {
     let is_bridge = facts.is_bridge_header || Function::class_is_pci_bridge(class);
     let (kind, kind_known) = match facts.pcie_kind {
         Some(k) if k.is_bridge() == is_bridge && k != PortKind::Endpoint => (k, true),
-        Some(PortKind::Endpoint) if !is_bridge && class >> 8 != 0x0600 => (PortKind::Endpoint, true),
+        Some(PortKind::Endpoint) if !is_bridge && class >> 8 != 0x0600 => {
+            (PortKind::Endpoint, true)
+        }
         _ => (PortKind::Endpoint, false),
     };
     Ok(FunctionSpec {
@@ -258,10 +274,9 @@ fn read_link(dir: &Path) -> Result<Option<Link>, FabricError> {
     let width = |name: &str| -> Result<Option<u8>, FabricError> {
         match attr(dir, name)? {
             None => Ok(None),
-            Some(t) => t
-                .parse::<u8>()
-                .map(|w| (w > 0).then_some(w))
-                .map_err(|_| FabricError::sysfs(dir.join(name), format!("`{t}` is not a lane count"))),
+            Some(t) => t.parse::<u8>().map(|w| (w > 0).then_some(w)).map_err(|_| {
+                FabricError::sysfs(dir.join(name), format!("`{t}` is not a lane count"))
+            }),
         }
     };
     Ok(
@@ -293,14 +308,20 @@ fn parse_resource(path: &Path, text: &str) -> Result<Vec<Bar>, FabricError> {
             .collect::<Option<Vec<_>>>()
             .filter(|v| v.len() == 3)
             .ok_or_else(|| {
-                FabricError::sysfs(path, format!("line {}: `{line}` is not `start end flags` in hex", i + 1))
+                FabricError::sysfs(
+                    path,
+                    format!("line {}: `{line}` is not `start end flags` in hex", i + 1),
+                )
             })?;
         let (start, end, flags) = (nums[0], nums[1], nums[2]);
         if start == 0 && end == 0 {
             continue;
         }
         if end < start {
-            return Err(FabricError::sysfs(path, format!("line {}: end {end:#x} below start {start:#x}", i + 1)));
+            return Err(FabricError::sysfs(
+                path,
+                format!("line {}: end {end:#x} below start {start:#x}", i + 1),
+            ));
         }
         bars.push(Bar {
             index: i as u8,
@@ -323,12 +344,17 @@ fn read_host(root: &Path, any_group: bool) -> Result<HostInfo, FabricError> {
             if line.trim().is_empty() {
                 break; // the first processor is enough, as the kernel uses cpu_data(0)
             }
-            let Some((k, v)) = line.split_once(':') else { continue };
+            let Some((k, v)) = line.split_once(':') else {
+                continue;
+            };
             match k.trim() {
                 "vendor_id" => host.cpu_vendor = Some(v.trim().to_string()),
                 "cpu family" => {
                     host.cpu_family = Some(v.trim().parse().map_err(|_| {
-                        FabricError::sysfs(&cpuinfo, format!("cpu family `{}` is not a number", v.trim()))
+                        FabricError::sysfs(
+                            &cpuinfo,
+                            format!("cpu family `{}` is not a number", v.trim()),
+                        )
                     })?)
                 }
                 _ => {}
@@ -367,7 +393,8 @@ pub fn save(from: &Path, to: &Path) -> Result<usize, FabricError> {
         for a in ATTRIBUTES {
             let src = dir.join(a);
             match fs::read(&src) {
-                Ok(bytes) => fs::write(out_dir.join(a), bytes).map_err(|e| FabricError::io(out_dir.join(a), e))?,
+                Ok(bytes) => fs::write(out_dir.join(a), bytes)
+                    .map_err(|e| FabricError::io(out_dir.join(a), e))?,
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
                 // Some attributes (config beyond what we may read) fail for non-root.
                 Err(err) if err.kind() == std::io::ErrorKind::PermissionDenied => {}
@@ -379,7 +406,10 @@ pub fn save(from: &Path, to: &Path) -> Result<usize, FabricError> {
                 let g = g.to_string_lossy().into_owned();
                 let depth = rel.components().count() + 2; // devices/<rel> below sys/
                 let up = "../".repeat(depth);
-                symlink(&format!("{up}kernel/iommu_groups/{g}"), &out_dir.join("iommu_group"))?;
+                symlink(
+                    &format!("{up}kernel/iommu_groups/{g}"),
+                    &out_dir.join("iommu_group"),
+                )?;
                 groups.insert(g);
             }
         }
@@ -405,7 +435,8 @@ pub fn save(from: &Path, to: &Path) -> Result<usize, FabricError> {
             .map(|l| format!("{l}\n"))
             .collect();
         mkdir(&to.join("proc"))?;
-        fs::write(to.join("proc/cpuinfo"), first).map_err(|e| FabricError::io(to.join("proc/cpuinfo"), e))?;
+        fs::write(to.join("proc/cpuinfo"), first)
+            .map_err(|e| FabricError::io(to.join("proc/cpuinfo"), e))?;
     }
     Ok(count)
 }
