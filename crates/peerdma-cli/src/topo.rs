@@ -38,8 +38,9 @@ pub struct TopoArgs {
     /// Explain the path and verdict between two functions (provider, then client).
     #[arg(long, num_args = 2, value_names = ["A", "B"])]
     explain: Option<Vec<String>>,
-    /// Write a sysfs snapshot of this machine to DIR (readable with --sysfs DIR).
-    #[arg(long, value_name = "DIR", conflicts_with = "source")]
+    /// Write a sysfs snapshot to DIR (readable with --sysfs DIR): of this machine, or of
+    /// the topology another source option names.
+    #[arg(long, value_name = "DIR")]
     save: Option<PathBuf>,
     /// Print the topology as a TOML file (docs/topology.md) instead of the report.
     #[arg(long, conflicts_with_all = ["json", "explain"])]

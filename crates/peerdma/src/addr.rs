@@ -219,7 +219,7 @@ impl FromStr for Bdf {
             [b, s] => ("0", *b, *s),
             _ => return Err(err("expected domain:bus:device.function")),
         };
-        fn hex<'s>(s: &'s str, e: BdfParseError) -> Result<&'s str, BdfParseError> {
+        fn hex(s: &str, e: BdfParseError) -> Result<&str, BdfParseError> {
             if s.is_empty() || !s.chars().all(|c| c.is_ascii_hexdigit()) {
                 Err(e)
             } else {

@@ -143,7 +143,8 @@ fn find_acs(cfg: &[u8]) -> Acs {
 }
 
 /// Builds a config-space image that [`decode`] reads back as the given facts; used to
-/// write snapshots of emulated topologies and in tests.
+/// write snapshots of emulated topologies and in tests. An unknown ACS state gives a
+/// 64-byte image whose capability list runs past its end, as a non-root read does.
 pub fn encode(
     vendor: u16,
     device: u16,
@@ -169,6 +170,8 @@ pub fn encode(
         cfg[PCI_SECONDARY_BUS] = b.secondary;
         cfg[PCI_SUBORDINATE_BUS] = b.subordinate;
     }
+    cfg[PCI_STATUS..PCI_STATUS + 2].copy_from_slice(&PCI_STATUS_CAP_LIST.to_le_bytes());
+    cfg[PCI_CAPABILITY_LIST] = 0x40;
     if len > 0x40 {
         let type_field: u16 = match pcie {
             Some(PortKind::RootPort) => 0x4,
@@ -178,8 +181,6 @@ pub fn encode(
             Some(PortKind::HostBridge) => 0x9,
             _ => 0x0,
         };
-        cfg[PCI_STATUS..PCI_STATUS + 2].copy_from_slice(&PCI_STATUS_CAP_LIST.to_le_bytes());
-        cfg[PCI_CAPABILITY_LIST] = 0x40;
         cfg[0x40] = PCI_CAP_ID_EXP;
         cfg[0x41] = 0;
         cfg[0x42..0x44].copy_from_slice(&((type_field << 4) | 2).to_le_bytes());

@@ -38,6 +38,7 @@ pub const ATTRIBUTES: [&str; 13] = [
 ];
 
 const IORESOURCE_IO: u64 = 0x100;
+const IORESOURCE_MEM: u64 = 0x200;
 const IORESOURCE_PREFETCH: u64 = 0x2000;
 const IORESOURCE_MEM_64: u64 = 0x0010_0000;
 
@@ -419,6 +420,14 @@ pub fn save(from: &Path, to: &Path) -> Result<usize, FabricError> {
         )?;
         count += 1;
     }
+    // Root buses with no function of their own still name a host bridge.
+    if let Ok(rd) = fs::read_dir(&sys_devices) {
+        for e in rd.flatten() {
+            if e.file_name().to_str().and_then(host_bridge_name).is_some() {
+                mkdir(&to.join("sys/devices").join(e.file_name()))?;
+            }
+        }
+    }
     let from_groups = from.join("sys/kernel/iommu_groups");
     if from_groups.is_dir() {
         for g in &groups {
@@ -439,6 +448,109 @@ pub fn save(from: &Path, to: &Path) -> Result<usize, FabricError> {
             .map_err(|e| FabricError::io(to.join("proc/cpuinfo"), e))?;
     }
     Ok(count)
+}
+
+/// Writes `topo` as a sysfs snapshot under `to`, the layout [`read`] expects, with
+/// config-space images that carry each function's bus range, port type and ACS state.
+/// Reading it back gives the same functions (kinds the images cannot state are
+/// re-inferred from the tree, as for any snapshot).
+pub fn write_snapshot(topo: &Topology, to: &Path) -> Result<usize, FabricError> {
+    let out_bus = to.join("sys/bus/pci/devices");
+    mkdir(&out_bus)?;
+    for h in topo.host_bridges() {
+        mkdir(&to.join(format!("sys/devices/pci{}", h.root)))?;
+    }
+    let mut groups = BTreeSet::new();
+    for id in topo.ids() {
+        let f = topo.function(id);
+        let mut rel = PathBuf::new();
+        for p in topo.upstream_path(id).iter().rev() {
+            rel.push(topo.function(*p).bdf.to_string());
+        }
+        let root = topo.host_bridges()[topo.host_bridge_of(id)].root;
+        let rel = PathBuf::from(format!("pci{root}")).join(rel);
+        let dir = to.join("sys/devices").join(&rel);
+        mkdir(&dir)?;
+        let write = |name: &str, bytes: &[u8]| {
+            fs::write(dir.join(name), bytes).map_err(|e| FabricError::io(dir.join(name), e))
+        };
+        write("vendor", format!("{:#06x}\n", f.vendor).as_bytes())?;
+        write("device", format!("{:#06x}\n", f.device).as_bytes())?;
+        write("class", format!("{:#08x}\n", f.class).as_bytes())?;
+        if let Some((v, d)) = f.subsystem {
+            write("subsystem_vendor", format!("{v:#06x}\n").as_bytes())?;
+            write("subsystem_device", format!("{d:#06x}\n").as_bytes())?;
+        }
+        let pcie = (f.kind != PortKind::HostBridge).then_some(f.kind);
+        write(
+            "config",
+            &config::encode(f.vendor, f.device, f.class, f.buses, pcie, f.acs),
+        )?;
+        let mut resource = String::new();
+        for i in 0..6u8 {
+            match f.bars.iter().find(|b| b.index == i) {
+                Some(b) => {
+                    let mut flags = if b.io { IORESOURCE_IO } else { IORESOURCE_MEM };
+                    if b.prefetchable {
+                        flags |= IORESOURCE_PREFETCH;
+                    }
+                    if b.is_64bit {
+                        flags |= IORESOURCE_MEM_64;
+                    }
+                    let end = b.cpu.raw() + b.size.saturating_sub(1);
+                    resource += &format!("{:#018x} {end:#018x} {flags:#018x}\n", b.cpu.raw());
+                }
+                None => resource += &format!("{0:#018x} {0:#018x} {0:#018x}\n", 0),
+            }
+        }
+        write("resource", resource.as_bytes())?;
+        let numa = f.numa_node.map_or("-1".to_string(), |n| n.to_string());
+        write("numa_node", format!("{numa}\n").as_bytes())?;
+        if let Some(l) = f.link {
+            write(
+                "current_link_speed",
+                format!("{} PCIe\n", l.speed).as_bytes(),
+            )?;
+            write("current_link_width", format!("{}\n", l.width).as_bytes())?;
+            write(
+                "max_link_speed",
+                format!("{} PCIe\n", l.max_speed).as_bytes(),
+            )?;
+            write("max_link_width", format!("{}\n", l.max_width).as_bytes())?;
+        }
+        if let Some(g) = f.iommu_group {
+            let up = "../".repeat(rel.components().count() + 2);
+            symlink(
+                &format!("{up}kernel/iommu_groups/{g}"),
+                &dir.join("iommu_group"),
+            )?;
+            groups.insert(g);
+        }
+        symlink(
+            &format!("../../../devices/{}", rel.display()),
+            &out_bus.join(f.bdf.to_string()),
+        )?;
+    }
+    if topo.host().iommu.is_some() || !groups.is_empty() {
+        mkdir(&to.join("sys/kernel/iommu_groups"))?;
+        for g in groups {
+            mkdir(&to.join(format!("sys/kernel/iommu_groups/{g}")))?;
+        }
+    }
+    let host = topo.host();
+    if host.cpu_vendor.is_some() || host.cpu_family.is_some() {
+        let mut cpuinfo = String::from("processor\t: 0\n");
+        if let Some(v) = &host.cpu_vendor {
+            cpuinfo += &format!("vendor_id\t: {v}\n");
+        }
+        if let Some(f) = host.cpu_family {
+            cpuinfo += &format!("cpu family\t: {f}\n");
+        }
+        mkdir(&to.join("proc"))?;
+        fs::write(to.join("proc/cpuinfo"), cpuinfo)
+            .map_err(|e| FabricError::io(to.join("proc/cpuinfo"), e))?;
+    }
+    Ok(topo.functions().len())
 }
 
 fn mkdir(p: &Path) -> Result<(), FabricError> {

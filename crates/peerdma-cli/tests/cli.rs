@@ -1,0 +1,186 @@
+//! The `peerdma topo` command as a user runs it: text, JSON, --explain, --save and
+//! readable errors with a failing exit status.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn peerdma(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_peerdma"))
+        .args(args)
+        .output()
+        .expect("run peerdma")
+}
+
+fn stdout(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+fn shared() -> PathBuf {
+    std::env::var_os("PEERDMA_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"))
+}
+
+#[test]
+fn topo_preset_prints_both_matrices_and_legends() {
+    let out = stdout(&peerdma(&["topo", "--preset", "workstation"]));
+    assert!(out.contains("nvidia-smi topo -m view"));
+    assert!(out.contains("PIX   = Connection traversing at most a single PCIe bridge"));
+    assert!(out.contains("Kernel P2PDMA verdict"));
+    // D0 (GPU 03:00.0) to D2 (NVMe 05:00.0) through the switch: BUS 4.
+    let row = out.lines().rev().find(|l| l.starts_with("D0 ")).unwrap();
+    assert_eq!(
+        row.split_whitespace().collect::<Vec<_>>(),
+        ["D0", "BUS", "0", "BUS", "4", "BUS", "4", "HB", "6"]
+    );
+}
+
+#[test]
+fn topo_json_lists_every_pair_with_level_and_verdict() {
+    let out = stdout(&peerdma(&[
+        "topo", "--preset", "dgx-acs", "--class", "gpu", "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["schema"], "peerdma-topo/1");
+    assert_eq!(v["devices"].as_array().unwrap().len(), 8);
+    let pairs = v["pairs"].as_array().unwrap();
+    assert_eq!(pairs.len(), 64);
+    let p = pairs
+        .iter()
+        .find(|p| p["provider"] == "0000:1a:00.0" && p["client"] == "0000:1c:00.0")
+        .unwrap();
+    assert_eq!(p["level"], "PIX");
+    assert_eq!(p["map_type"], "thru-host-bridge");
+    assert_eq!(p["distance"], 4);
+}
+
+#[test]
+fn explain_names_the_ports_and_the_fix() {
+    let out = stdout(&peerdma(&[
+        "topo",
+        "--preset",
+        "dgx-acs",
+        "--explain",
+        "1a:00.0",
+        "1c:00.0",
+    ]));
+    assert!(
+        out.contains("Kernel verdict: through host bridge, distance 4"),
+        "{out}"
+    );
+    assert!(
+        out.contains("pci=disable_acs_redir=0000:19:00.0;0000:19:02.0"),
+        "{out}"
+    );
+    assert!(out.contains("ACS ctrl SV|RR|CR|UF"), "{out}");
+    let out = stdout(&peerdma(&[
+        "topo",
+        "--preset",
+        "q35",
+        "--explain",
+        "00:03.0",
+        "00:04.0",
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["verdict"]["map_type"], "not-supported");
+    assert!(v["reason"].as_str().unwrap().contains("8086:29c0"));
+}
+
+#[test]
+fn lspci_text_from_stdin_and_file() {
+    let path = shared().join("data/sysfs/40intel64-2g2n4c-pcilocality.lspci-tvnn.txt");
+    let out = stdout(&peerdma(&[
+        "topo",
+        "--lspci",
+        path.to_str().unwrap(),
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["not_read"][0].as_str().unwrap().contains("ACS"));
+    let text = std::fs::read(&path).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_peerdma"))
+        .args(["topo", "--lspci", "-", "--class", "nic"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(&text).unwrap();
+    let o = child.wait_with_output().unwrap();
+    let out = stdout(&o);
+    assert!(
+        out.contains("QLogic Corp. IBA7322 QDR InfiniBand HCA"),
+        "{out}"
+    );
+}
+
+#[test]
+fn bad_input_is_one_readable_line_and_exit_status_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("bad.toml");
+    std::fs::write(&f, "[[function]]\nbdf = 12\n").unwrap();
+    let o = peerdma(&["topo", "--file", f.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert!(err.starts_with("peerdma: error: "), "{err}");
+    assert!(err.contains("bad.toml") && err.contains("line 2"), "{err}");
+    let o = peerdma(&[
+        "topo",
+        "--preset",
+        "workstation",
+        "--explain",
+        "0000:09:00.0",
+        "03:00.0",
+    ]);
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert!(err.contains("has no function 0000:09:00.0"), "{err}");
+    let o = peerdma(&["topo", "--preset", "workstation", "--class", "gpus"]);
+    assert!(String::from_utf8(o.stderr)
+        .unwrap()
+        .contains("unknown class `gpus`"));
+}
+
+#[test]
+fn save_then_read_back_gives_the_same_report() {
+    if !std::path::Path::new("/sys/bus/pci/devices").is_dir() {
+        eprintln!("skipped: this machine has no /sys/bus/pci/devices to save");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("snap");
+    stdout(&peerdma(&["topo", "--save", snap.to_str().unwrap()]));
+    let live = stdout(&peerdma(&["topo", "--json"]));
+    let saved = stdout(&peerdma(&[
+        "topo",
+        "--sysfs",
+        snap.to_str().unwrap(),
+        "--json",
+    ]));
+    let mut a: serde_json::Value = serde_json::from_str(&live).unwrap();
+    let mut b: serde_json::Value = serde_json::from_str(&saved).unwrap();
+    a["source"] = serde_json::Value::Null;
+    b["source"] = serde_json::Value::Null;
+    assert_eq!(a, b);
+}
+
+#[test]
+fn toml_output_reads_back() {
+    let out = stdout(&peerdma(&["topo", "--preset", "dgx", "--toml"]));
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("dgx.toml");
+    std::fs::write(&f, &out).unwrap();
+    let a = stdout(&peerdma(&["topo", "--preset", "dgx", "--json"]));
+    let b = stdout(&peerdma(&["topo", "--file", f.to_str().unwrap(), "--json"]));
+    let strip = |s: &str| {
+        let mut v: serde_json::Value = serde_json::from_str(s).unwrap();
+        v["source"] = serde_json::Value::Null;
+        v
+    };
+    assert_eq!(strip(&a), strip(&b));
+}

@@ -1,0 +1,193 @@
+//! Bad input into every importer: truncated and random bytes give typed errors that name
+//! the place, never panics.
+
+mod common;
+
+use std::fs;
+
+use peerdma::fabric::import::{config, file, lspci, sysfs};
+use peerdma::fabric::{preset, FabricError, PRESETS};
+use proptest::prelude::*;
+
+fn lspci_samples() -> Vec<String> {
+    common::snapshot_names()
+        .iter()
+        .flat_map(|n| ["tv", "tvnn"].map(|f| format!("{n}.lspci-{f}.txt")))
+        .map(|f| fs::read_to_string(common::shared_sysfs().join(f)).unwrap())
+        .collect()
+}
+
+#[test]
+fn truncated_lspci_text_never_panics() {
+    for text in lspci_samples() {
+        for cut in (0..text.len()).step_by(7) {
+            if text.is_char_boundary(cut) {
+                let _ = lspci::parse("cut", &text[..cut]);
+            }
+        }
+    }
+}
+
+#[test]
+fn lspci_errors_name_line_and_column() {
+    let err = lspci::parse(
+        "pasted",
+        "-[0000:00]-+-00.0  Host\n           +-zz.0  Bad\n",
+    )
+    .unwrap_err();
+    match &err {
+        FabricError::Lspci {
+            source_name,
+            line,
+            column,
+            ..
+        } => {
+            assert_eq!((source_name.as_str(), *line, *column), ("pasted", 2, 14));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        err.to_string().starts_with("pasted, line 2, column 14:"),
+        "{err}"
+    );
+    assert!(matches!(
+        lspci::parse("-", "hello"),
+        Err(FabricError::Lspci { line: 1, .. })
+    ));
+    assert!(matches!(
+        lspci::parse("-", ""),
+        Err(FabricError::Lspci { .. })
+    ));
+    // A continuation line that continues nothing.
+    let e = lspci::parse("-", "-[0000:00]---00.0  A\n   +-01.0  B\n").unwrap_err();
+    assert!(e.to_string().contains("line 2"), "{e}");
+}
+
+#[test]
+fn truncated_topology_files_never_panic_and_name_the_file() {
+    for (name, _, text) in PRESETS {
+        for cut in (0..text.len()).step_by(11) {
+            if !text.is_char_boundary(cut) {
+                continue;
+            }
+            if let Err(e) = file::parse(name, &text[..cut]) {
+                assert!(e.to_string().starts_with(name), "{e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn topology_file_errors_say_what_is_wrong() {
+    let e = file::parse(
+        "t.toml",
+        "[[function]]\nbdf = \"0000:00:20.0\"\nid = \"1:2\"\nclass = \"0x0\"\n",
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("t.toml") && e.to_string().contains("0000:00:20.0"),
+        "{e}"
+    );
+    let e = file::parse("t.toml", "[[host_bridge]]\nroot = \"0000:00\"\n[[function]]\nbdf = \"0000:00:01.0\"\nid = \"zz:2\"\nclass = \"0x0\"\n").unwrap_err();
+    assert!(
+        e.to_string().contains("function 0000:00:01.0: id `zz:2`"),
+        "{e}"
+    );
+    let e = file::parse(
+        "t.toml",
+        "[[function]]\nbdf = \"0000:05:00.0\"\nid = \"1:2\"\nclass = \"0x010802\"\n",
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("0000:05:00.0 has no parent"), "{e}");
+    let e = file::parse("t.toml", "[host]\ncpu = 1\n").unwrap_err();
+    assert!(e.to_string().contains("unknown field `cpu`"), "{e}");
+    let e = preset("nope").unwrap_err();
+    assert!(
+        e.to_string().contains("workstation, dgx, dgx-acs, q35"),
+        "{e}"
+    );
+}
+
+#[test]
+fn broken_sysfs_snapshots_give_errors_naming_the_path() {
+    let (_tmp, root) = common::unpack("vm-virtio-flat");
+    let dev = root.join("sys/devices/pci0000:00/0000:00:02.0");
+    // Garbage in an attribute.
+    fs::write(dev.join("vendor"), "not hex\n").unwrap();
+    let e = sysfs::read(&root).unwrap_err();
+    assert!(e.to_string().contains("0000:00:02.0/vendor"), "{e}");
+    fs::write(dev.join("vendor"), "0x1af4\n").unwrap();
+    // A resource line that is not three numbers.
+    fs::write(dev.join("resource"), "0x1000 0x2000\n").unwrap();
+    let e = sysfs::read(&root).unwrap_err();
+    assert!(e.to_string().contains("resource: line 1"), "{e}");
+    fs::write(dev.join("resource"), "0x2000 0x1000 0x200\n").unwrap();
+    assert!(sysfs::read(&root)
+        .unwrap_err()
+        .to_string()
+        .contains("below start"));
+    fs::write(dev.join("resource"), "").unwrap();
+    // A truncated config file is not an error: ACS and bus ranges are just unknown.
+    fs::write(dev.join("config"), [0x86u8, 0x80, 0x01]).unwrap();
+    assert!(sysfs::read(&root).is_ok());
+    // A missing mandatory attribute.
+    fs::remove_file(dev.join("class")).unwrap();
+    let e = sysfs::read(&root).unwrap_err();
+    assert!(e.to_string().contains("0000:00:02.0/class: missing"), "{e}");
+    // A dangling device link.
+    let (_tmp2, root2) = common::unpack("vm-virtio-flat");
+    fs::remove_dir_all(root2.join("sys/devices/pci0000:00/0000:00:03.0")).unwrap();
+    let e = sysfs::read(&root2).unwrap_err();
+    assert!(e.to_string().contains("0000:00:03.0"), "{e}");
+    // No sysfs at all.
+    let empty = tempfile::tempdir().unwrap();
+    let e = sysfs::read(empty.path()).unwrap_err();
+    assert!(e.to_string().contains("sys/bus/pci/devices"), "{e}");
+}
+
+#[test]
+fn random_bytes_in_every_sysfs_attribute_never_panic() {
+    let (_tmp, root) = common::unpack("32em64t-2n8c-dax-nvme-mic-dimms");
+    let dev = root.join("sys/devices/pci0000:00/0000:00:1c.0");
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for attr in sysfs::ATTRIBUTES {
+        let keep = fs::read(dev.join(attr)).ok();
+        for len in [0usize, 1, 3, 17, 64, 300] {
+            let bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            fs::write(dev.join(attr), &bytes).unwrap();
+            let _ = sysfs::read(&root);
+        }
+        match keep {
+            Some(k) => fs::write(dev.join(attr), k).unwrap(),
+            None => fs::remove_file(dev.join(attr)).unwrap(),
+        }
+    }
+    assert!(sysfs::read(&root).is_ok(), "restored snapshot reads again");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_text_into_lspci_and_toml_never_panics(text in "[-+|\\\\\\[\\]0-9a-f:. \\n]{0,200}") {
+        let _ = lspci::parse("r", &text);
+        let _ = file::parse("r", &text);
+    }
+
+    #[test]
+    fn random_bytes_into_config_decode_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..4200)) {
+        let _ = config::decode(&bytes);
+    }
+
+    #[test]
+    fn random_utf8_into_importers_never_panics(text in any::<String>()) {
+        let _ = lspci::parse("r", &text);
+        let _ = file::parse("r", &text);
+    }
+}

@@ -1,0 +1,146 @@
+//! The `nvidia-smi topo -m` levels and path bandwidth, from the same tree as the verdict.
+
+use peerdma::fabric::import::file;
+use peerdma::fabric::{path_bandwidth, preset, topo_level, TopoLevel, Topology};
+
+fn level(t: &Topology, a: &str, b: &str) -> TopoLevel {
+    topo_level(t, t.find(a).unwrap(), t.find(b).unwrap())
+}
+
+#[test]
+fn dgx_levels_follow_switches_host_bridges_and_numa_nodes() {
+    let t = preset("dgx").unwrap();
+    assert_eq!(level(&t, "0000:1a:00.0", "0000:1a:00.0"), TopoLevel::X);
+    // GPU0 and NIC0 in one switch.
+    assert_eq!(level(&t, "0000:1a:00.0", "0000:1b:00.0"), TopoLevel::PIX);
+    // GPU0 and GPU2: different root complexes of socket 0.
+    assert_eq!(level(&t, "0000:1a:00.0", "0000:3c:00.0"), TopoLevel::NODE);
+    // GPU0 and GPU4: across sockets.
+    assert_eq!(level(&t, "0000:1a:00.0", "0000:87:00.0"), TopoLevel::SYS);
+    // Levels are symmetric.
+    assert_eq!(level(&t, "0000:87:00.0", "0000:1a:00.0"), TopoLevel::SYS);
+}
+
+#[test]
+fn workstation_levels_pix_in_the_switch_phb_to_the_other_root_port() {
+    let t = preset("workstation").unwrap();
+    assert_eq!(level(&t, "0000:03:00.0", "0000:05:00.0"), TopoLevel::PIX);
+    assert_eq!(level(&t, "0000:03:00.0", "0000:06:00.0"), TopoLevel::PHB);
+}
+
+#[test]
+fn cascaded_switches_are_pxb_and_a_shared_root_port_is_phb() {
+    // Root port 01.0 -> switch A (02:00.0, ports 03:00.0 and 03:01.0);
+    // port 03:00.0 -> switch B (04:00.0, port 05:00.0) -> endpoint 06:00.0;
+    // port 03:01.0 -> endpoint 07:00.0. Root port 00:02.0 -> a two-function device.
+    let text = r#"
+[host]
+cpu_vendor = "GenuineIntel"
+cpu_family = 6
+[[host_bridge]]
+root = "0000:00"
+[[function]]
+bdf = "0000:00:01.0"
+id = "8086:2030"
+class = "0x060400"
+buses = "02-07"
+[[function]]
+bdf = "0000:02:00.0"
+id = "10b5:8747"
+class = "0x060400"
+buses = "03-07"
+[[function]]
+bdf = "0000:03:00.0"
+id = "10b5:8747"
+class = "0x060400"
+buses = "04-06"
+[[function]]
+bdf = "0000:03:01.0"
+id = "10b5:8747"
+class = "0x060400"
+buses = "07"
+[[function]]
+bdf = "0000:04:00.0"
+id = "10b5:8747"
+class = "0x060400"
+buses = "05-06"
+[[function]]
+bdf = "0000:05:00.0"
+id = "10b5:8747"
+class = "0x060400"
+buses = "06"
+[[function]]
+bdf = "0000:06:00.0"
+id = "10de:2204"
+class = "0x030000"
+[[function]]
+bdf = "0000:07:00.0"
+id = "10de:2204"
+class = "0x030000"
+[[function]]
+bdf = "0000:00:02.0"
+id = "8086:2031"
+class = "0x060400"
+buses = "08"
+[[function]]
+bdf = "0000:08:00.0"
+id = "15b3:101b"
+class = "0x020700"
+[[function]]
+bdf = "0000:08:00.1"
+id = "15b3:101b"
+class = "0x020700"
+"#;
+    let t = file::parse("cascade", text).unwrap();
+    use peerdma::fabric::PortKind::*;
+    let kind = |s: &str| t.function(t.find(s).unwrap()).kind;
+    assert_eq!(
+        [
+            kind("0000:00:01.0"),
+            kind("0000:02:00.0"),
+            kind("0000:03:00.0"),
+            kind("0000:04:00.0"),
+            kind("0000:05:00.0")
+        ],
+        [
+            RootPort,
+            SwitchUpstream,
+            SwitchDownstream,
+            SwitchUpstream,
+            SwitchDownstream
+        ],
+        "kinds inferred from the tree's shape"
+    );
+    assert_eq!(level(&t, "0000:06:00.0", "0000:07:00.0"), TopoLevel::PXB);
+    assert_eq!(level(&t, "0000:08:00.0", "0000:08:00.1"), TopoLevel::PHB);
+    assert_eq!(level(&t, "0000:06:00.0", "0000:08:00.0"), TopoLevel::PHB);
+    let v = peerdma::fabric::calc_map_type_and_dist(
+        &t,
+        t.find("0000:06:00.0").unwrap(),
+        t.find("0000:07:00.0").unwrap(),
+    );
+    assert_eq!(
+        v.distance,
+        4 + 2,
+        "06 -> 05 -> 04 -> 03 -> 02 is 4 hops, 07 -> 03:01 -> 02 is 2"
+    );
+}
+
+#[test]
+fn path_bandwidth_finds_the_slowest_link() {
+    let t = preset("workstation").unwrap();
+    let gpu = t.find("0000:03:00.0").unwrap();
+    let nvme = t.find("0000:05:00.0").unwrap();
+    let p = path_bandwidth(&t, gpu, nvme, false);
+    // Up: GPU link (x16), port 02:08.0 is internal; down: port 02:10.0 internal, NVMe x4.
+    assert_eq!(p.hops.len(), 4);
+    assert_eq!(p.hops.iter().filter(|h| h.internal).count(), 2);
+    let b = &p.hops[p.bottleneck.unwrap()];
+    assert_eq!(b.to, "0000:05:00.0");
+    let expect = 8.0 * 128.0 / 130.0 * 4.0 / 8.0;
+    assert!((p.bottleneck_gbytes_per_s.unwrap() - expect).abs() < 1e-9);
+    assert!(!p.incomplete);
+    // Through the host bridge the walk goes all the way up and includes the switch link.
+    let p = path_bandwidth(&t, gpu, nvme, true);
+    assert_eq!(p.hops.len(), 8);
+}
