@@ -52,3 +52,14 @@ fn presets_written_as_sysfs_snapshots_read_back_the_same() {
         assert_same(&model, &again, name);
     }
 }
+
+#[test]
+fn synthetic_machine_has_the_asked_size_and_survives_a_snapshot() {
+    let model = peerdma::fabric::import::presets::synthetic(1000);
+    assert_eq!(model.functions().len(), 1000);
+    assert!(model.host_bridges().len() >= 2);
+    let dir = tempfile::tempdir().unwrap();
+    sysfs::write_snapshot(&model, dir.path()).unwrap();
+    let again = sysfs::read(dir.path()).unwrap();
+    assert_same(&model, &again, "synthetic");
+}
