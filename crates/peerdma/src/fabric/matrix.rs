@@ -227,7 +227,8 @@ impl Matrix {
         } else if topo.function(FnId(c as u32)).kind == PortKind::RootPort {
             TopoLevel::PHB
         } else {
-            // Switches strictly between each end and `c`, plus the one `c` belongs to.
+            // Switches strictly between each end and `c`; the one `c` belongs to makes
+            // one more, so PIX means none in between.
             let between = |x: usize| {
                 if x == c {
                     0
@@ -235,7 +236,7 @@ impl Matrix {
                     p.switches[x] - Prefix::own(&p.switches, &p.parent, x) - p.switches[c]
                 }
             };
-            if between(a) + between(b) + 1 <= 1 {
+            if between(a) + between(b) == 0 {
                 TopoLevel::PIX
             } else {
                 TopoLevel::PXB

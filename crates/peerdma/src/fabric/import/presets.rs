@@ -67,37 +67,36 @@ pub fn synthetic(functions: usize) -> Topology {
     };
     let mut specs = Vec::with_capacity(functions);
     let mut host_bridges = Vec::new();
-    let mut push =
-        |specs: &mut Vec<FunctionSpec>, bdf: Bdf, class, kind, buses, acs, numa, group| {
-            specs.push(FunctionSpec {
-                function: Function {
-                    bdf,
-                    vendor: if kind == PortKind::Endpoint {
-                        0x10de
-                    } else {
-                        0x8086
-                    },
-                    device: if kind == PortKind::Endpoint {
-                        0x20b0
-                    } else {
-                        0x2030
-                    },
-                    subsystem: None,
-                    class,
-                    name: String::new(),
-                    kind,
-                    buses,
-                    bars: Vec::new(),
-                    link: (kind != PortKind::HostBridge).then_some(link),
-                    acs,
-                    iommu_group: Some(group),
-                    numa_node: Some(numa),
-                    upstream: Upstream::HostBridge(0),
+    let push = |specs: &mut Vec<FunctionSpec>, bdf: Bdf, class, kind, buses, acs, numa, group| {
+        specs.push(FunctionSpec {
+            function: Function {
+                bdf,
+                vendor: if kind == PortKind::Endpoint {
+                    0x10de
+                } else {
+                    0x8086
                 },
-                parent: None,
-                kind_known: true,
-            })
-        };
+                device: if kind == PortKind::Endpoint {
+                    0x20b0
+                } else {
+                    0x2030
+                },
+                subsystem: None,
+                class,
+                name: String::new(),
+                kind,
+                buses,
+                bars: Vec::new(),
+                link: (kind != PortKind::HostBridge).then_some(link),
+                acs,
+                iommu_group: Some(group),
+                numa_node: Some(numa),
+                upstream: Upstream::HostBridge(0),
+            },
+            parent: None,
+            kind_known: true,
+        })
+    };
     let mut domain = 0u32;
     'outer: while specs.len() < functions {
         let numa = domain % 2;
