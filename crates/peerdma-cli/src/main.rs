@@ -1,6 +1,7 @@
 //! The `peerdma` command. `topo` reports the PCIe peer-to-peer picture of a machine;
 //! later subcommands run emulated hosts and benchmarks.
 
+mod bench;
 mod topo;
 
 use std::process::ExitCode;
@@ -19,12 +20,15 @@ struct Cli {
 enum Command {
     /// Show which PCIe functions can DMA to each other, how, and why.
     Topo(topo::TopoArgs),
+    /// Run a benchmark and print it beside its baseline, measured in the same run.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Topo(args) => topo::run(&args),
+        Command::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -184,3 +184,65 @@ fn toml_output_reads_back() {
     };
     assert_eq!(strip(&a), strip(&b));
 }
+
+/// Keys of a JSON object, sorted.
+fn keys(v: &serde_json::Value) -> Vec<String> {
+    let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+    k.sort();
+    k
+}
+
+#[test]
+fn json_output_has_exactly_the_documented_fields() {
+    let doc = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/json.md"),
+    )
+    .unwrap();
+    let examples: Vec<serde_json::Value> = doc
+        .split("```json\n")
+        .skip(1)
+        .map(|b| serde_json::from_str(b.split("```").next().unwrap()).unwrap())
+        .collect();
+    let topo: serde_json::Value = serde_json::from_str(&stdout(&peerdma(&[
+        "topo",
+        "--preset",
+        "workstation",
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(keys(&topo), keys(&examples[0]));
+    assert_eq!(keys(&topo["devices"][0]), keys(&examples[0]["devices"][0]));
+    assert_eq!(keys(&topo["pairs"][0]), keys(&examples[0]["pairs"][0]));
+    assert_eq!(
+        keys(&topo["host_bridges"][0]),
+        keys(&examples[0]["host_bridges"][0])
+    );
+    let explain: serde_json::Value = serde_json::from_str(&stdout(&peerdma(&[
+        "topo",
+        "--preset",
+        "dgx-acs",
+        "--explain",
+        "1a:00.0",
+        "1c:00.0",
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(keys(&explain), keys(&examples[1]));
+    assert_eq!(keys(&explain["verdict"]), keys(&examples[1]["verdict"]));
+    assert_eq!(keys(&explain["bandwidth"]), keys(&examples[1]["bandwidth"]));
+    assert_eq!(keys(&explain["walk"][0]), keys(&examples[1]["walk"][0]));
+}
+
+#[test]
+fn bench_topo_reports_against_its_baseline() {
+    let out = stdout(&peerdma(&[
+        "bench",
+        "topo",
+        "--functions",
+        "60",
+        "--iterations",
+        "1",
+    ]));
+    assert!(out.contains("60 functions, 3600 pairs"), "{out}");
+    assert!(out.contains("x baseline"), "{out}");
+}

@@ -385,12 +385,15 @@ fn find_closest_provider_prefers_distance_and_breaks_ties_reproducibly() {
     let gpus: Vec<_> = [
         "0000:1a:00.0",
         "0000:1c:00.0",
-        "0000:3c:00.0",
-        "0000:87:00.0",
+        "0000:3d:00.0",
+        "0000:88:00.0",
     ]
     .iter()
     .map(|s| id(s))
     .collect();
+    assert!(gpus
+        .iter()
+        .all(|&g| t.function(g).device_class() == peerdma::fabric::DeviceClass::Gpu));
     // GPU0 and GPU1 share NIC0's switch (distance 4); the others cross host bridges.
     let mut seen = std::collections::BTreeSet::new();
     for seed in 0..32 {
@@ -430,7 +433,7 @@ fn presets_give_the_verdicts_they_are_built_for() {
         MapType::BusAddr
     );
     assert_eq!(
-        verdict(&d, "0000:1a:00.0", "0000:87:00.0").map_type,
+        verdict(&d, "0000:1a:00.0", "0000:88:00.0").map_type,
         MapType::ThruHostBridge
     );
     let a = preset("dgx-acs").unwrap();

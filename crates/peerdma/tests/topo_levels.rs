@@ -14,11 +14,11 @@ fn dgx_levels_follow_switches_host_bridges_and_numa_nodes() {
     // GPU0 and NIC0 in one switch.
     assert_eq!(level(&t, "0000:1a:00.0", "0000:1b:00.0"), TopoLevel::PIX);
     // GPU0 and GPU2: different root complexes of socket 0.
-    assert_eq!(level(&t, "0000:1a:00.0", "0000:3c:00.0"), TopoLevel::NODE);
+    assert_eq!(level(&t, "0000:1a:00.0", "0000:3d:00.0"), TopoLevel::NODE);
     // GPU0 and GPU4: across sockets.
-    assert_eq!(level(&t, "0000:1a:00.0", "0000:87:00.0"), TopoLevel::SYS);
+    assert_eq!(level(&t, "0000:1a:00.0", "0000:88:00.0"), TopoLevel::SYS);
     // Levels are symmetric.
-    assert_eq!(level(&t, "0000:87:00.0", "0000:1a:00.0"), TopoLevel::SYS);
+    assert_eq!(level(&t, "0000:88:00.0", "0000:1a:00.0"), TopoLevel::SYS);
 }
 
 #[test]

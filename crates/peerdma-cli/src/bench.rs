@@ -1,0 +1,103 @@
+//! `peerdma bench`: the benchmarks of benches/, runnable on any machine from the CLI,
+//! each reported beside a baseline measured in the same run.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use peerdma::fabric::import::{presets, sysfs};
+use peerdma::fabric::{FnId, Matrix};
+
+/// Which benchmark to run.
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    which: Which,
+}
+
+#[derive(Subcommand)]
+enum Which {
+    /// Import a generated sysfs snapshot and build the all-pairs matrix.
+    Topo {
+        /// Functions in the generated machine.
+        #[arg(long, default_value_t = 1000)]
+        functions: usize,
+        /// Timed repetitions; the median is reported.
+        #[arg(long, default_value_t = 20)]
+        iterations: usize,
+    },
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn time<T>(iterations: usize, mut f: impl FnMut() -> Result<T>) -> Result<Duration> {
+    let mut out = Vec::with_capacity(iterations);
+    for _ in 0..iterations.max(1) {
+        let t = Instant::now();
+        std::hint::black_box(f()?);
+        out.push(t.elapsed());
+    }
+    Ok(median(out))
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    match args.which {
+        Which::Topo {
+            functions,
+            iterations,
+        } => topo(functions, iterations),
+    }
+}
+
+fn topo(functions: usize, iterations: usize) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("peerdma-bench-topo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let model = presets::synthetic(functions);
+    sysfs::write_snapshot(&model, &dir).context("writing the generated snapshot")?;
+    let result = (|| -> Result<()> {
+        let baseline = time(iterations, || {
+            let mut bytes = 0usize;
+            for e in std::fs::read_dir(dir.join("sys/bus/pci/devices"))? {
+                let d = std::fs::canonicalize(e?.path())?;
+                for a in sysfs::ATTRIBUTES {
+                    bytes += std::fs::read(d.join(a)).map_or(0, |b| b.len());
+                }
+            }
+            Ok(bytes)
+        })?;
+        let import = time(iterations, || Ok(sysfs::read(&dir)?))?;
+        let topo = sysfs::read(&dir)?;
+        let ids: Vec<FnId> = topo.ids().collect();
+        let matrix = time(iterations, || Ok(Matrix::build(&topo, &ids)))?;
+        let both = time(iterations, || {
+            let t = sysfs::read(&dir)?;
+            let ids: Vec<FnId> = t.ids().collect();
+            Ok(Matrix::build(&t, &ids).ids.len())
+        })?;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        println!(
+            "topo benchmark: {functions} functions, {} pairs, median of {iterations}",
+            functions * functions
+        );
+        println!(
+            "  baseline: read the snapshot's attribute files   {:>8.2} ms",
+            ms(baseline)
+        );
+        println!(
+            "  import the snapshot (sysfs::read)              {:>8.2} ms  ({:.2}x baseline)",
+            ms(import),
+            ms(import) / ms(baseline)
+        );
+        println!(
+            "  all-pairs matrix                               {:>8.2} ms",
+            ms(matrix)
+        );
+        println!("  import + all pairs                             {:>8.2} ms  ({:.2}x baseline; goal < 100 ms)", ms(both), ms(both) / ms(baseline));
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
