@@ -128,7 +128,11 @@ pub fn read(root: &Path) -> Result<Topology, FabricError> {
             .push("IOMMU state unknown: no sys/kernel/iommu_groups".to_string());
     }
     Topology::build(
-        format!("sysfs {}", root.display()),
+        if root == Path::new("/") {
+            "this machine (/sys)".to_string()
+        } else {
+            format!("sysfs {}", root.display())
+        },
         host,
         host_bridges,
         specs,
