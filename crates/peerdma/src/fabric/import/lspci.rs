@@ -232,22 +232,13 @@ impl Parser<'_> {
         parent: Option<Bdf>,
     ) -> Result<(), FabricError> {
         match self.at(col) {
-            None => Ok(()),
-            Some(b'-') => {
-                self.expect(col + 1, b'-')?;
-                self.device(col + 2, domain, bus, parent)
-            }
-            Some(b'+') => {
-                self.open.push((col, Open::Bus(domain, bus, parent)));
-                self.expect(col + 1, b'-')?;
-                self.device(col + 2, domain, bus, parent)
-            }
-            Some(b'\\') => {
-                self.expect(col + 1, b'-')?;
-                self.device(col + 2, domain, bus, parent)
-            }
-            Some(_) => Err(self.err(col, "expected `--`, `+-` or `\\-` before a device")),
+            None => return Ok(()),
+            Some(b'+') => self.open.push((col, Open::Bus(domain, bus, parent))),
+            Some(b'-') | Some(b'\\') => {}
+            Some(_) => return Err(self.err(col, "expected `--`, `+-` or `\\-` before a device")),
         }
+        self.expect(col + 1, b'-')?;
+        self.device(col + 2, domain, bus, parent)
     }
 
     /// `DD.F` then a bridge's range and bus, or the name.

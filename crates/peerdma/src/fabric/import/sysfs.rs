@@ -406,22 +406,11 @@ pub fn save(from: &Path, to: &Path) -> Result<usize, FabricError> {
                 Err(err) => return Err(FabricError::io(src, err)),
             }
         }
-        if let Ok(target) = fs::read_link(dir.join("iommu_group")) {
-            if let Some(g) = target.file_name() {
-                let g = g.to_string_lossy().into_owned();
-                let depth = rel.components().count() + 2; // devices/<rel> below sys/
-                let up = "../".repeat(depth);
-                symlink(
-                    &format!("{up}kernel/iommu_groups/{g}"),
-                    &out_dir.join("iommu_group"),
-                )?;
-                groups.insert(g);
-            }
-        }
-        symlink(
-            &format!("../../../devices/{}", rel.display()),
-            &out_bus.join(&name),
-        )?;
+        let group = fs::read_link(dir.join("iommu_group"))
+            .ok()
+            .and_then(|t| t.file_name().map(|g| g.to_string_lossy().into_owned()));
+        link_device(to, &rel, &name.to_string_lossy(), group.as_deref())?;
+        groups.extend(group);
         count += 1;
     }
     // Root buses with no function of their own still name a host bridge.
@@ -522,18 +511,9 @@ pub fn write_snapshot(topo: &Topology, to: &Path) -> Result<usize, FabricError> 
             )?;
             write("max_link_width", format!("{}\n", l.max_width).as_bytes())?;
         }
-        if let Some(g) = f.iommu_group {
-            let up = "../".repeat(rel.components().count() + 2);
-            symlink(
-                &format!("{up}kernel/iommu_groups/{g}"),
-                &dir.join("iommu_group"),
-            )?;
-            groups.insert(g);
-        }
-        symlink(
-            &format!("../../../devices/{}", rel.display()),
-            &out_bus.join(f.bdf.to_string()),
-        )?;
+        let group = f.iommu_group.map(|g| g.to_string());
+        link_device(to, &rel, &f.bdf.to_string(), group.as_deref())?;
+        groups.extend(group);
     }
     if topo.host().iommu.is_some() || !groups.is_empty() {
         mkdir(&to.join("sys/kernel/iommu_groups"))?;
@@ -555,6 +535,23 @@ pub fn write_snapshot(topo: &Topology, to: &Path) -> Result<usize, FabricError> 
             .map_err(|e| FabricError::io(to.join("proc/cpuinfo"), e))?;
     }
     Ok(topo.functions().len())
+}
+
+/// Links a device directory `sys/devices/<rel>` of the snapshot at `to` into
+/// `sys/bus/pci/devices/<name>` and, when it has one, to its IOMMU group.
+fn link_device(to: &Path, rel: &Path, name: &str, group: Option<&str>) -> Result<(), FabricError> {
+    if let Some(g) = group {
+        // From sys/devices/<rel> back up to sys/.
+        let up = "../".repeat(rel.components().count() + 1);
+        symlink(
+            &format!("{up}kernel/iommu_groups/{g}"),
+            &to.join("sys/devices").join(rel).join("iommu_group"),
+        )?;
+    }
+    symlink(
+        &format!("../../../devices/{}", rel.display()),
+        &to.join("sys/bus/pci/devices").join(name),
+    )
 }
 
 fn mkdir(p: &Path) -> Result<(), FabricError> {
