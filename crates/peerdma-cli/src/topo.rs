@@ -50,7 +50,11 @@ pub struct TopoArgs {
 }
 
 pub fn run(args: &TopoArgs) -> Result<()> {
-    if let Some(dir) = &args.save {
+    let live = args.sysfs.is_none()
+        && args.lspci.is_none()
+        && args.file.is_none()
+        && args.preset.is_none();
+    if let (Some(dir), true) = (&args.save, live) {
         let n = sysfs::save(std::path::Path::new("/"), dir)
             .with_context(|| format!("saving a sysfs snapshot to {}", dir.display()))?;
         println!(
@@ -60,6 +64,16 @@ pub fn run(args: &TopoArgs) -> Result<()> {
         return Ok(());
     }
     let topo = load(args)?;
+    if let Some(dir) = &args.save {
+        let n = sysfs::write_snapshot(&topo, dir)
+            .with_context(|| format!("writing a sysfs snapshot to {}", dir.display()))?;
+        println!(
+            "wrote {n} PCI functions of {} to {} (read it back with --sysfs {1})",
+            topo.source(),
+            dir.display()
+        );
+        return Ok(());
+    }
     if args.toml {
         print!("{}", file::to_toml(&topo));
         return Ok(());

@@ -246,3 +246,37 @@ fn bench_topo_reports_against_its_baseline() {
     assert!(out.contains("60 functions, 3600 pairs"), "{out}");
     assert!(out.contains("x baseline"), "{out}");
 }
+
+#[test]
+fn save_of_a_preset_writes_that_preset_as_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("dgx");
+    let out = stdout(&peerdma(&[
+        "topo",
+        "--preset",
+        "dgx",
+        "--save",
+        snap.to_str().unwrap(),
+    ]));
+    assert!(out.contains("wrote 42 PCI functions of dgx"), "{out}");
+    let group =
+        std::fs::canonicalize(snap.join("sys/bus/pci/devices/0000:1a:00.0/iommu_group")).unwrap();
+    assert!(
+        group.ends_with("sys/kernel/iommu_groups/2"),
+        "{}",
+        group.display()
+    );
+    let strip = |s: &str| {
+        let mut v: serde_json::Value = serde_json::from_str(s).unwrap();
+        v["source"] = serde_json::Value::Null;
+        v
+    };
+    let a = stdout(&peerdma(&["topo", "--preset", "dgx", "--json"]));
+    let b = stdout(&peerdma(&[
+        "topo",
+        "--sysfs",
+        snap.to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(strip(&a), strip(&b));
+}
