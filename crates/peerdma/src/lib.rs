@@ -2,11 +2,14 @@
 //! into process memory a GPU may move, modelled on Linux's PCI P2PDMA, HMM, RDMA ODP and
 //! dma-buf. See DESIGN.md for the layers; each module here is one of them.
 //!
-//! This step holds the bottom layers: [`addr`] (address newtypes) and [`fabric`] (the
-//! PCIe tree and the kernel's peer-to-peer rules).
+//! Layers present so far: [`addr`] (address newtypes), [`sync`] (std or shuttle
+//! primitives), [`fabric`] (the PCIe tree and the kernel's peer-to-peer rules) and
+//! [`mem`] (frames with real bytes).
 
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod addr;
 pub mod fabric;
+pub mod mem;
+pub mod sync;

@@ -1,0 +1,231 @@
+//! The bytes behind a region: one sparse anonymous mapping of the host process, made
+//! with `MAP_NORESERVE` so that a terabyte of emulated device memory costs nothing until
+//! its frames are touched.
+//!
+//! This is the one file of the crate with `unsafe`: it owns the mapping and every
+//! access to it. Accesses are volatile copies in aligned words, as rust-vmm's
+//! vm-memory accesses guest memory: the bytes are shared with emulated devices that may
+//! write them at any time, so the compiler must neither elide nor merge the accesses.
+//! Racing accesses to the same bytes give torn data, as they would on real memory; no
+//! access ever leaves the mapping, which every method checks first.
+
+use std::ptr::NonNull;
+
+use crate::mem::MemError;
+
+/// An anonymous private mapping of `len` bytes.
+///
+/// # Invariants
+/// `ptr` is the start of a live mapping of exactly `len` bytes, readable and writable,
+/// owned by this value and unmapped on drop.
+pub struct Backing {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; all access goes through
+// bounds-checked volatile copies, so sharing the pointer between threads is no more
+// than sharing memory with a device.
+unsafe impl Send for Backing {}
+// SAFETY: as for Send; `&Backing` only offers those checked copies.
+unsafe impl Sync for Backing {}
+
+impl Backing {
+    /// Maps `len` bytes (a multiple of the page size) without reserving swap.
+    pub fn new(len: usize) -> Result<Self, MemError> {
+        use rustix::mm::{mmap_anonymous, MapFlags, ProtFlags};
+        // SAFETY: a fresh anonymous mapping at an address the kernel chooses cannot
+        // alias any existing Rust object.
+        let ptr = unsafe {
+            mmap_anonymous(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::PRIVATE | MapFlags::NORESERVE,
+            )
+        }
+        .map_err(|e| MemError::Backing {
+            len: len as u64,
+            reason: e.to_string(),
+        })?;
+        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(MemError::Backing {
+            len: len as u64,
+            reason: "mmap returned null".to_string(),
+        })?;
+        Ok(Backing { ptr, len })
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the mapping is empty (never: regions have at least one frame).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn check(&self, off: usize, n: usize) {
+        assert!(
+            off.checked_add(n).is_some_and(|end| end <= self.len),
+            "backing access {off:#x}+{n:#x} outside {:#x} bytes",
+            self.len
+        );
+    }
+
+    /// Copies `dst.len()` bytes from offset `off`.
+    pub fn read(&self, off: usize, dst: &mut [u8]) {
+        self.check(off, dst.len());
+        // SAFETY: `check` keeps [off, off + len) inside the mapping (invariant), and
+        // `dst` is a distinct Rust buffer.
+        unsafe { volatile_copy(self.ptr.as_ptr().add(off), dst.as_mut_ptr(), dst.len()) }
+    }
+
+    /// Copies `src` to offset `off`.
+    pub fn write(&self, off: usize, src: &[u8]) {
+        self.check(off, src.len());
+        // SAFETY: as in `read`, with the roles of the buffers swapped.
+        unsafe { volatile_copy(src.as_ptr(), self.ptr.as_ptr().add(off), src.len()) }
+    }
+
+    /// Copies `n` bytes inside the mapping from `src` to `dst` (ranges must not overlap).
+    pub fn copy_within(&self, src: usize, dst: usize, n: usize) {
+        self.check(src, n);
+        self.check(dst, n);
+        assert!(src + n <= dst || dst + n <= src, "overlapping frame copy");
+        // SAFETY: both ranges are inside the mapping and do not overlap.
+        unsafe { volatile_copy(self.ptr.as_ptr().add(src), self.ptr.as_ptr().add(dst), n) }
+    }
+
+    /// Copies `n` bytes from this mapping at `src` to `other` at `dst`.
+    pub fn copy_to(&self, src: usize, other: &Backing, dst: usize, n: usize) {
+        self.check(src, n);
+        other.check(dst, n);
+        // SAFETY: both ranges are inside their mappings; two mappings never overlap.
+        unsafe { volatile_copy(self.ptr.as_ptr().add(src), other.ptr.as_ptr().add(dst), n) }
+    }
+
+    /// Zeroes `n` bytes at `off`.
+    pub fn zero(&self, off: usize, n: usize) {
+        self.check(off, n);
+        let mut p = off;
+        let end = off + n;
+        // SAFETY: every store below lies in [off, off + n), inside the mapping.
+        unsafe {
+            let base = self.ptr.as_ptr();
+            while p < end && !(base as usize + p).is_multiple_of(8) {
+                base.add(p).write_volatile(0);
+                p += 1;
+            }
+            while p + 8 <= end {
+                base.add(p).cast::<u64>().write_volatile(0);
+                p += 8;
+            }
+            while p < end {
+                base.add(p).write_volatile(0);
+                p += 1;
+            }
+        }
+    }
+
+    /// Returns the backing pages of `[off, off + n)` to the host (`MADV_DONTNEED`): they
+    /// read as zeros afterwards and cost no memory until written again.
+    pub fn discard(&self, off: usize, n: usize) {
+        self.check(off, n);
+        // SAFETY: the range is inside the mapping; DONTNEED on a private anonymous
+        // mapping only replaces its contents with zeros, which no Rust reference observes
+        // because none is ever handed out.
+        let _ = unsafe {
+            rustix::mm::madvise(
+                self.ptr.as_ptr().add(off).cast(),
+                n,
+                rustix::mm::Advice::LinuxDontNeed,
+            )
+        };
+    }
+}
+
+/// Copies `n` bytes with volatile accesses, in aligned 8-byte words where both sides
+/// allow, bytes at the edges.
+///
+/// # Safety
+/// `src` must be valid for `n` byte reads and `dst` for `n` byte writes, and the two
+/// ranges must not overlap.
+unsafe fn volatile_copy(src: *const u8, dst: *mut u8, n: usize) {
+    let mut i = 0;
+    if (src as usize) % 8 == (dst as usize) % 8 {
+        // SAFETY (whole block): every access is at `i < n`, inside both ranges.
+        unsafe {
+            while i < n && !(src as usize + i).is_multiple_of(8) {
+                dst.add(i).write_volatile(src.add(i).read_volatile());
+                i += 1;
+            }
+            while i + 8 <= n {
+                let w = src.add(i).cast::<u64>().read_volatile();
+                dst.add(i).cast::<u64>().write_volatile(w);
+                i += 8;
+            }
+        }
+    }
+    // SAFETY: as above, for the unaligned remainder.
+    unsafe {
+        while i < n {
+            dst.add(i).write_volatile(src.add(i).read_volatile());
+            i += 1;
+        }
+    }
+}
+
+impl Drop for Backing {
+    fn drop(&mut self) {
+        // SAFETY: the mapping is owned by this value (invariant) and no reference into
+        // it outlives `&self`.
+        let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copies_at_any_alignment_round_trip() {
+        let b = Backing::new(1 << 16).unwrap();
+        let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 + 3) as u8).collect();
+        for off in [0usize, 1, 7, 8, 4093] {
+            b.write(off, &data);
+            let mut out = vec![0u8; data.len()];
+            b.read(off, &mut out);
+            assert_eq!(out, data, "offset {off}");
+        }
+        b.copy_within(4093, 9000, 1000);
+        let mut out = vec![0u8; 1000];
+        b.read(9000, &mut out);
+        assert_eq!(out, data);
+        b.zero(9001, 998);
+        b.read(9000, &mut out);
+        assert_eq!(
+            (out[0], out[1], out[998], out[999]),
+            (data[0], 0, 0, data[999])
+        );
+        b.discard(0, 1 << 16);
+        b.read(9000, &mut out);
+        assert!(out.iter().all(|&x| x == 0), "discarded pages read as zeros");
+    }
+
+    #[test]
+    #[should_panic(expected = "outside")]
+    fn access_past_the_end_is_refused() {
+        let b = Backing::new(4096).unwrap();
+        b.write(4090, &[0u8; 8]);
+    }
+
+    #[test]
+    fn a_terabyte_costs_nothing_until_touched() {
+        let b = Backing::new(1 << 40).unwrap();
+        b.write((1 << 40) - 8, &[1, 2, 3, 4, 5, 6, 7, 8]);
+        let mut out = [0u8; 8];
+        b.read((1 << 40) - 8, &mut out);
+        assert_eq!(out, [1, 2, 3, 4, 5, 6, 7, 8]);
+    }
+}

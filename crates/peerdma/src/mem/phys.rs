@@ -1,0 +1,199 @@
+//! The host's physical address space: system RAM at frame 0 and device page maps
+//! registered at run time above it, each at a 1 GiB-aligned base, with lookup from a
+//! frame number to its region.
+
+use crate::addr::{Pfn, PAGE_SIZE};
+use crate::mem::region::{Region, RegionId, RegionKind};
+use crate::mem::MemError;
+use crate::sync::{read, write, Arc, RwLock};
+
+const REGION_ALIGN_FRAMES: u64 = 1 << 18; // 1 GiB
+
+/// All physical memory of one emulated host.
+///
+/// # Invariants
+/// `regions` is sorted by base and the regions' frame ranges are disjoint; region 0 is
+/// system RAM and is never removed.
+pub struct PhysMem {
+    /// Registered regions. Lock order: a leaf; never held while calling out.
+    regions: RwLock<Vec<Arc<Region>>>,
+    ram: Arc<Region>,
+}
+
+impl std::fmt::Debug for PhysMem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PhysMem")
+            .field("regions", &*read(&self.regions))
+            .finish()
+    }
+}
+
+impl PhysMem {
+    /// A host with `ram_bytes` of system RAM (rounded up to whole pages).
+    pub fn new(ram_bytes: u64) -> Result<Arc<Self>, MemError> {
+        let ram = Arc::new(Region::new(
+            RegionId(0),
+            RegionKind::SystemRam,
+            Pfn(0),
+            ram_bytes.div_ceil(PAGE_SIZE),
+        )?);
+        Ok(Arc::new(PhysMem {
+            regions: RwLock::new(vec![ram.clone()]),
+            ram,
+        }))
+    }
+
+    /// System RAM.
+    pub fn ram(&self) -> &Arc<Region> {
+        &self.ram
+    }
+
+    /// Registers `bytes` of device memory of `kind` (`memremap_pages()`).
+    pub fn memremap_pages(&self, kind: RegionKind, bytes: u64) -> Result<Arc<Region>, MemError> {
+        if kind == RegionKind::SystemRam {
+            return Err(MemError::Invalid {
+                what: "memremap_pages of system RAM".into(),
+            });
+        }
+        let frames = bytes.div_ceil(PAGE_SIZE);
+        let mut regions = write(&self.regions);
+        let last = regions.last().map_or(0, |r| r.base().0 + r.frames());
+        let base = Pfn(last.next_multiple_of(REGION_ALIGN_FRAMES));
+        let id = RegionId(regions.iter().map(|r| r.id().0).max().unwrap_or(0) + 1);
+        let region = Arc::new(Region::new(id, kind, base, frames)?);
+        regions.push(region.clone());
+        Ok(region)
+    }
+
+    /// Removes a device region (`memunmap_pages()`); refused while any frame of it is
+    /// still allocated.
+    pub fn memunmap_pages(&self, id: RegionId) -> Result<(), MemError> {
+        let mut regions = write(&self.regions);
+        let pos = regions
+            .iter()
+            .position(|r| r.id() == id && id != RegionId(0))
+            .ok_or(MemError::Invalid {
+                what: format!("no device region {id:?}"),
+            })?;
+        let r = &regions[pos];
+        if r.free_frames() != r.frames() {
+            return Err(MemError::Busy {
+                what: format!(
+                    "{} still has {} frames in use",
+                    r.kind(),
+                    r.frames() - r.free_frames()
+                ),
+            });
+        }
+        regions.remove(pos);
+        Ok(())
+    }
+
+    /// The region holding `pfn`.
+    pub fn region(&self, pfn: Pfn) -> Option<Arc<Region>> {
+        let regions = read(&self.regions);
+        let i = regions.partition_point(|r| r.base().0 <= pfn.0);
+        let r = regions.get(i.checked_sub(1)?)?;
+        r.contains(pfn).then(|| r.clone())
+    }
+
+    /// The region holding `pfn`, or an error naming it.
+    pub fn region_of(&self, pfn: Pfn) -> Result<Arc<Region>, MemError> {
+        self.region(pfn).ok_or(MemError::NoSuchFrame { pfn })
+    }
+
+    /// Every region, RAM first.
+    pub fn regions(&self) -> Vec<Arc<Region>> {
+        read(&self.regions).clone()
+    }
+
+    /// Bytes of frame metadata allocated across all regions.
+    pub fn metadata_bytes(&self) -> u64 {
+        read(&self.regions).iter().map(|r| r.metadata_bytes()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_regions_sit_above_ram_and_are_found_by_pfn() {
+        let pm = PhysMem::new(64 << 20).unwrap();
+        let dev = pm
+            .memremap_pages(RegionKind::DevicePrivate { owner: 7 }, 16 << 20)
+            .unwrap();
+        assert!(dev.base().0 >= pm.ram().frames());
+        assert_eq!(dev.base().0 % REGION_ALIGN_FRAMES, 0);
+        let f = dev.alloc().unwrap();
+        assert_eq!(pm.region(f).unwrap().id(), dev.id());
+        let r = pm.ram().alloc().unwrap();
+        assert_eq!(pm.region(r).unwrap().id(), RegionId(0));
+        assert!(
+            pm.region(Pfn(pm.ram().frames())).is_none(),
+            "the gap is nobody's"
+        );
+        assert!(matches!(
+            pm.memunmap_pages(dev.id()),
+            Err(MemError::Busy { .. })
+        ));
+        dev.put(f);
+        pm.memunmap_pages(dev.id()).unwrap();
+        assert!(pm.region(f).is_none());
+    }
+
+    #[test]
+    fn freed_frames_come_back_zeroed_with_a_new_generation() {
+        let pm = PhysMem::new(1 << 20).unwrap();
+        let ram = pm.ram();
+        let f = ram.alloc().unwrap();
+        let gen = ram.meta(f).generation();
+        ram.write(f, 100, b"secret");
+        assert!(ram.put(f));
+        let g = ram.alloc().unwrap();
+        assert_eq!(g, f, "first fit reuses the frame");
+        assert_eq!(ram.meta(g).generation(), gen + 1);
+        let mut buf = [1u8; 6];
+        ram.read(g, 100, &mut buf);
+        assert_eq!(buf, [0; 6]);
+    }
+
+    #[test]
+    fn pins_keep_a_frame_alive_and_are_exact() {
+        let pm = PhysMem::new(1 << 20).unwrap();
+        let ram = pm.ram();
+        let f = ram.alloc().unwrap();
+        ram.pin(f);
+        assert!(ram.maybe_dma_pinned(f));
+        assert!(!ram.put(f), "the pin still holds it");
+        assert_eq!((ram.meta(f).refcount(), ram.meta(f).pincount()), (1, 1));
+        assert!(ram.unpin(f), "the unpin drops the last reference");
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "put_page on free frame")]
+    fn freeing_a_free_frame_is_caught() {
+        let pm = PhysMem::new(1 << 20).unwrap();
+        let f = pm.ram().alloc().unwrap();
+        pm.ram().put(f);
+        pm.ram().put(f);
+    }
+
+    #[test]
+    fn a_terabyte_device_region_costs_only_what_is_touched() {
+        let pm = PhysMem::new(1 << 20).unwrap();
+        let dev = pm
+            .memremap_pages(RegionKind::DeviceCoherent { owner: 1 }, 1 << 40)
+            .unwrap();
+        let before = pm.metadata_bytes();
+        let f = dev.alloc_contig(4, 4).unwrap();
+        dev.write(f, 0, &[9; 16]);
+        let after = pm.metadata_bytes();
+        assert!(
+            after - before <= 16 << 20,
+            "one section, not a terabyte's worth: {}",
+            after - before
+        );
+    }
+}

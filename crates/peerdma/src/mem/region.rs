@@ -1,0 +1,344 @@
+//! One region of physical memory: system RAM, or a device page map registered at run
+//! time (the `memremap_pages()` analogue) of kind device-private, device-coherent or
+//! p2p. Each owns its sparse backing, its frame metadata and its allocator.
+
+use std::fmt;
+
+use crate::addr::{Bdf, Pfn, PAGE_SIZE};
+use crate::mem::alloc::FreeRuns;
+use crate::mem::backing::Backing;
+use crate::mem::frame::{flags, FrameMeta, Sections};
+use crate::mem::MemError;
+use crate::sync::atomic::Ordering;
+use crate::sync::{lock, Mutex};
+
+/// Identifies a region inside one [`PhysMem`](crate::mem::PhysMem).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RegionId(pub u32);
+
+/// What kind of memory a region is (`enum memory_type` of `struct dev_pagemap`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RegionKind {
+    /// Ordinary host RAM.
+    SystemRam,
+    /// Device memory the CPU cannot address (`MEMORY_DEVICE_PRIVATE`): a CPU access, or
+    /// a long-term pin, must migrate the page to system RAM first.
+    DevicePrivate {
+        /// The owner cookie (`pgmap->owner`) a device uses to recognise its pages.
+        owner: u64,
+    },
+    /// Device memory the CPU can address coherently (`MEMORY_DEVICE_COHERENT`); it may
+    /// be mapped and pinned, but not pinned long-term.
+    DeviceCoherent {
+        /// The owner cookie.
+        owner: u64,
+    },
+    /// A PCI BAR published as peer-to-peer memory (`MEMORY_DEVICE_PCI_P2PDMA`).
+    P2p {
+        /// The providing function.
+        provider: Bdf,
+        /// Which BAR.
+        bar: u8,
+        /// Bus address minus CPU physical address of the BAR.
+        bus_offset: u64,
+    },
+}
+
+impl RegionKind {
+    /// Whether pages of this kind are ZONE_DEVICE pages.
+    pub fn is_device(&self) -> bool {
+        !matches!(self, RegionKind::SystemRam)
+    }
+}
+
+impl fmt::Display for RegionKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RegionKind::SystemRam => f.write_str("system RAM"),
+            RegionKind::DevicePrivate { owner } => write!(f, "device-private (owner {owner:#x})"),
+            RegionKind::DeviceCoherent { owner } => write!(f, "device-coherent (owner {owner:#x})"),
+            RegionKind::P2p { provider, bar, .. } => {
+                write!(f, "p2p memory of {provider} BAR {bar}")
+            }
+        }
+    }
+}
+
+/// A physically contiguous range of frames with real bytes behind it.
+///
+/// # Invariants
+/// Frames `base .. base + frames` belong to this region and no other; `backing` is
+/// `frames * PAGE_SIZE` bytes; a frame's metadata section exists once it was allocated.
+pub struct Region {
+    id: RegionId,
+    kind: RegionKind,
+    base: Pfn,
+    frames: u64,
+    backing: Backing,
+    meta: Sections,
+    /// The allocator. Lock order: taken last, after any page-table lock.
+    free: Mutex<FreeRuns>,
+}
+
+impl fmt::Debug for Region {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Region")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("base", &self.base)
+            .field("frames", &self.frames)
+            .finish()
+    }
+}
+
+impl Region {
+    pub(crate) fn new(
+        id: RegionId,
+        kind: RegionKind,
+        base: Pfn,
+        frames: u64,
+    ) -> Result<Self, MemError> {
+        if frames == 0 {
+            return Err(MemError::Invalid {
+                what: "a region of zero frames".into(),
+            });
+        }
+        let bytes = frames.checked_mul(PAGE_SIZE).ok_or(MemError::Invalid {
+            what: format!("{frames} frames overflow the address space"),
+        })?;
+        Ok(Region {
+            id,
+            kind,
+            base,
+            frames,
+            backing: Backing::new(bytes as usize)?,
+            meta: Sections::new(frames),
+            free: Mutex::new(FreeRuns::new(frames)),
+        })
+    }
+
+    /// The region's id.
+    pub fn id(&self) -> RegionId {
+        self.id
+    }
+    /// Its kind.
+    pub fn kind(&self) -> &RegionKind {
+        &self.kind
+    }
+    /// Its first frame.
+    pub fn base(&self) -> Pfn {
+        self.base
+    }
+    /// Its size in frames.
+    pub fn frames(&self) -> u64 {
+        self.frames
+    }
+    /// Whether `pfn` belongs to it.
+    pub fn contains(&self, pfn: Pfn) -> bool {
+        pfn.0 >= self.base.0 && pfn.0 - self.base.0 < self.frames
+    }
+    /// Free frames.
+    pub fn free_frames(&self) -> u64 {
+        lock(&self.free).free()
+    }
+    /// Bytes of frame metadata allocated so far.
+    pub fn metadata_bytes(&self) -> u64 {
+        self.meta.allocated_bytes()
+    }
+
+    fn idx(&self, pfn: Pfn) -> u64 {
+        assert!(
+            self.contains(pfn),
+            "{pfn} is not in region {:?} ({})",
+            self.id,
+            self.kind
+        );
+        pfn.0 - self.base.0
+    }
+
+    /// The metadata of an allocated frame.
+    pub fn meta(&self, pfn: Pfn) -> &FrameMeta {
+        self.meta.get(self.idx(pfn))
+    }
+
+    fn init_frame(&self, idx: u64, reused: bool) {
+        let m = self.meta.get(idx);
+        debug_assert_eq!(m.refcount(), 0, "allocator handed out a live frame");
+        m.refcount.store(1, Ordering::Release);
+        m.flags.store(flags::ALLOCATED, Ordering::Release);
+        if reused {
+            self.backing
+                .zero((idx * PAGE_SIZE) as usize, PAGE_SIZE as usize);
+        }
+    }
+
+    /// One zeroed frame with one reference.
+    pub fn alloc(&self) -> Result<Pfn, MemError> {
+        let mut out = Vec::with_capacity(1);
+        self.alloc_bulk(1, &mut out)?;
+        Ok(out[0])
+    }
+
+    /// `n` zeroed frames, each with one reference, appended to `out`; all or none.
+    pub fn alloc_bulk(&self, n: u64, out: &mut Vec<Pfn>) -> Result<(), MemError> {
+        let mut idx = Vec::with_capacity(n as usize);
+        let high_water = {
+            let mut free = lock(&self.free);
+            if free.free() < n {
+                return Err(MemError::NoMemory {
+                    region: self.kind.to_string(),
+                    frames: n,
+                });
+            }
+            let hw = free.high_water();
+            free.alloc_bulk(n, &mut idx);
+            hw
+        };
+        out.reserve(idx.len());
+        for i in idx {
+            self.init_frame(i, i < high_water);
+            out.push(Pfn(self.base.0 + i));
+        }
+        Ok(())
+    }
+
+    /// `n` physically contiguous zeroed frames aligned to `align` frames, each with one
+    /// reference; returns the first.
+    pub fn alloc_contig(&self, n: u64, align: u64) -> Result<Pfn, MemError> {
+        let (start, high_water) = {
+            let mut free = lock(&self.free);
+            let hw = free.high_water();
+            let s = free
+                .alloc_contig(n, align.max(1))
+                .ok_or_else(|| MemError::NoMemory {
+                    region: self.kind.to_string(),
+                    frames: n,
+                })?;
+            (s, hw)
+        };
+        for i in start..start + n {
+            self.init_frame(i, i < high_water);
+        }
+        Ok(Pfn(self.base.0 + start))
+    }
+
+    /// Takes a reference to an allocated frame (`get_page`).
+    pub fn get(&self, pfn: Pfn) {
+        let m = self.meta(pfn);
+        let old = m.refcount.fetch_add(1, Ordering::AcqRel);
+        debug_assert!(old > 0, "get_page on free frame {pfn}");
+    }
+
+    /// Drops a reference (`put_page`); the last one frees the frame, bumping its
+    /// generation. Returns whether it was freed.
+    pub fn put(&self, pfn: Pfn) -> bool {
+        let idx = self.idx(pfn);
+        if self.release(idx) {
+            lock(&self.free).free_run(idx, 1);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Drops one reference on each frame, freeing the last ones under one allocator lock.
+    /// Returns how many were freed.
+    pub fn put_many(&self, pfns: &[Pfn]) -> usize {
+        let mut freed: Vec<u64> = pfns
+            .iter()
+            .map(|&p| self.idx(p))
+            .filter(|&i| self.release(i))
+            .collect();
+        let n = freed.len();
+        if n > 0 {
+            lock(&self.free).free_many(&mut freed);
+        }
+        n
+    }
+
+    /// Drops a reference; true when it was the last (the frame is then ready to free).
+    fn release(&self, idx: u64) -> bool {
+        let m = self.meta.get(idx);
+        let old = m.refcount.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(old > 0, "put_page on free frame {:#x}", self.base.0 + idx);
+        if old != 1 {
+            return false;
+        }
+        debug_assert_eq!(
+            m.pincount(),
+            0,
+            "frame {:#x} freed while DMA-pinned",
+            self.base.0 + idx
+        );
+        m.flags.store(0, Ordering::Release);
+        m.generation.fetch_add(1, Ordering::AcqRel);
+        true
+    }
+
+    /// Pins a frame for DMA (`FOLL_PIN`): a pin is also a reference.
+    pub fn pin(&self, pfn: Pfn) {
+        let m = self.meta(pfn);
+        let old = m.refcount.fetch_add(1, Ordering::AcqRel);
+        debug_assert!(old > 0, "pin of free frame {pfn}");
+        m.pincount.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Drops a pin and its reference (`unpin_user_page`); returns whether that freed it.
+    pub fn unpin(&self, pfn: Pfn) -> bool {
+        let m = self.meta(pfn);
+        let old = m.pincount.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(old > 0, "unpin of unpinned frame {pfn}");
+        self.put(pfn)
+    }
+
+    /// `page_maybe_dma_pinned()`: exact here, since pins are counted apart.
+    pub fn maybe_dma_pinned(&self, pfn: Pfn) -> bool {
+        self.meta(pfn).pincount() > 0
+    }
+
+    fn offset(&self, pfn: Pfn, off: u64, len: usize) -> usize {
+        assert!(
+            off + len as u64 <= PAGE_SIZE,
+            "access {off:#x}+{len:#x} crosses the frame"
+        );
+        (self.idx(pfn) * PAGE_SIZE + off) as usize
+    }
+
+    /// Reads bytes of one frame.
+    pub fn read(&self, pfn: Pfn, off: u64, dst: &mut [u8]) {
+        self.backing.read(self.offset(pfn, off, dst.len()), dst)
+    }
+
+    /// Writes bytes of one frame and marks it dirty.
+    pub fn write(&self, pfn: Pfn, off: u64, src: &[u8]) {
+        self.backing.write(self.offset(pfn, off, src.len()), src);
+        self.meta(pfn).set(flags::DIRTY);
+    }
+
+    /// Copies a whole frame of this region to `dst` in region `to` (possibly this one).
+    pub fn copy_frame(&self, src: Pfn, to: &Region, dst: Pfn) {
+        let s = self.offset(src, 0, PAGE_SIZE as usize);
+        let d = to.offset(dst, 0, PAGE_SIZE as usize);
+        if std::ptr::eq(self, to) {
+            self.backing.copy_within(s, d, PAGE_SIZE as usize);
+        } else {
+            self.backing.copy_to(s, &to.backing, d, PAGE_SIZE as usize);
+        }
+    }
+
+    /// Marks a frame's contents as moved elsewhere: the generation changes, so a DMA
+    /// mapping taken before is stale.
+    pub fn bump_generation(&self, pfn: Pfn) {
+        self.meta(pfn).generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Returns the backing of free runs to the host, so they cost no memory.
+    pub fn trim(&self) {
+        let free = lock(&self.free);
+        for (s, l) in free.runs().filter(|(s, _)| *s < free.high_water()) {
+            let l = l.min(free.high_water() - s);
+            self.backing
+                .discard((s * PAGE_SIZE) as usize, (l * PAGE_SIZE) as usize);
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! The one place that decides where locks, condition variables, atomics, `Arc` and
+//! threads come from: the standard library normally, shuttle's randomised scheduler
+//! under the `shuttle` feature, so every test of the concurrent code can be replayed
+//! from a seed. Nothing else in the crate imports `std::sync` or `std::thread`.
+//!
+//! `OnceLock` always comes from std: it only guards one-time allocation of metadata
+//! sections, whose initialiser never blocks, so shuttle has nothing to schedule there.
+//!
+//! # Lock order
+//!
+//! Declared where each lock lives; across layers it is always
+//! 1. `Mm::mmap` (the address-space lock, a `RwLock`; faults take it shared),
+//! 2. `Notifier::state` (held only to find subscriptions and move the sequence, never
+//!    across a subscriber's callback),
+//! 3. `Mm::page_table` (the page-table lock, a `Mutex`),
+//! 4. a region's allocator lock (`Region::free`).
+//!
+//! A subscriber's `invalidate` callback is called with none of 2–4 held, so it may
+//! block (to drain in-flight DMA) and may take its own locks.
+
+#[cfg(not(feature = "shuttle"))]
+pub use std::sync::{
+    atomic, Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak,
+};
+#[cfg(not(feature = "shuttle"))]
+pub use std::thread;
+
+#[cfg(feature = "shuttle")]
+pub use shuttle::sync::{
+    atomic, Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak,
+};
+#[cfg(feature = "shuttle")]
+pub use shuttle::thread;
+
+pub use std::sync::OnceLock;
+
+/// Locks a mutex, treating poisoning (a panic while it was held) as the panic it is.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// Takes a read lock; see [`lock`] on poisoning.
+pub fn read<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    match m.read() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// Takes a write lock; see [`lock`] on poisoning.
+pub fn write<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    match m.write() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// Waits on a condition variable; see [`lock`] on poisoning.
+pub fn wait<'a, T>(cv: &Condvar, g: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+    match cv.wait(g) {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
