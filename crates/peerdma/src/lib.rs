@@ -12,4 +12,5 @@
 pub mod addr;
 pub mod fabric;
 pub mod mem;
+pub mod notifier;
 pub mod sync;
