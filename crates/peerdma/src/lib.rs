@@ -11,6 +11,8 @@
 
 pub mod addr;
 pub mod fabric;
+pub mod gup;
 pub mod mem;
+pub mod mm;
 pub mod notifier;
 pub mod sync;

@@ -5,6 +5,7 @@
 use crate::addr::{Pfn, PAGE_SIZE};
 use crate::mem::region::{Region, RegionId, RegionKind};
 use crate::mem::MemError;
+use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::{read, write, Arc, RwLock};
 
 const REGION_ALIGN_FRAMES: u64 = 1 << 18; // 1 GiB
@@ -18,6 +19,7 @@ pub struct PhysMem {
     /// Registered regions. Lock order: a leaf; never held while calling out.
     regions: RwLock<Vec<Arc<Region>>>,
     ram: Arc<Region>,
+    ids: AtomicU64,
 }
 
 impl std::fmt::Debug for PhysMem {
@@ -40,7 +42,13 @@ impl PhysMem {
         Ok(Arc::new(PhysMem {
             regions: RwLock::new(vec![ram.clone()]),
             ram,
+            ids: AtomicU64::new(1),
         }))
+    }
+
+    /// A fresh host-wide id (for address spaces and other per-host objects).
+    pub fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, Ordering::Relaxed)
     }
 
     /// System RAM.

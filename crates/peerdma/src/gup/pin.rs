@@ -1,0 +1,350 @@
+//! The pinning walk and the RAII values it returns.
+
+use std::ops::BitOr;
+
+use crate::addr::{Pfn, VirtAddr, PAGE_SIZE};
+use crate::gup::GupError;
+use crate::mem::{flags, Region, RegionKind};
+use crate::mm::{Access, Mm, MmError, Pte};
+use crate::sync::atomic::Ordering;
+use crate::sync::Arc;
+
+/// `FOLL_*` flags.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FollFlags(u32);
+
+impl FollFlags {
+    /// No flags: read access.
+    pub const NONE: FollFlags = FollFlags(0);
+    /// The device will write the pages: break copy-on-write first.
+    pub const WRITE: FollFlags = FollFlags(1 << 0);
+    /// The pin may last indefinitely (RDMA registrations, io_uring fixed buffers).
+    pub const LONGTERM: FollFlags = FollFlags(1 << 1);
+    /// The caller can DMA to p2p memory: allow p2p pages.
+    pub const PCI_P2PDMA: FollFlags = FollFlags(1 << 2);
+
+    /// Whether all of `other` is set.
+    pub fn contains(self, other: FollFlags) -> bool {
+        self.0 & other.0 == other.0
+    }
+}
+
+impl BitOr for FollFlags {
+    type Output = FollFlags;
+    fn bitor(self, rhs: FollFlags) -> FollFlags {
+        FollFlags(self.0 | rhs.0)
+    }
+}
+
+/// What the walk holds each page by.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    Get,
+    Pin,
+}
+
+enum Step {
+    Held,
+    NeedsMigration,
+    Refused(GupError),
+}
+
+/// The common walk: `npages` pages from `start`, each made to satisfy the access and
+/// held; stops at the first refusal.
+fn walk(
+    mm: &Arc<Mm>,
+    start: VirtAddr,
+    npages: usize,
+    gup: FollFlags,
+    hold: Hold,
+    op: &'static str,
+) -> (Vec<Pfn>, Option<GupError>) {
+    let start = VirtAddr(start.0 & !(PAGE_SIZE - 1));
+    let access = if gup.contains(FollFlags::WRITE) {
+        Access::Write
+    } else if hold == Hold::Pin {
+        Access::Unshare
+    } else {
+        Access::Read
+    };
+    let mut pages = Vec::with_capacity(npages);
+    let vmas = mm.mmap_read();
+    let mut cached: Option<Arc<Region>> = None;
+    let mut region_of = |pfn: Pfn| -> Arc<Region> {
+        match &cached {
+            Some(r) if r.contains(pfn) => r.clone(),
+            _ => {
+                let r = mm.region(pfn);
+                cached = Some(r.clone());
+                r
+            }
+        }
+    };
+    // What to do with a frame the page table maps, under the page-table lock.
+    let take = |pfn: Pfn, region: &Region| -> Step {
+        match region.kind() {
+            RegionKind::P2p { provider, .. } if !gup.contains(FollFlags::PCI_P2PDMA) => {
+                return Step::Refused(GupError::RemoteIo {
+                    op,
+                    addr: VirtAddr(0),
+                    why: format!("p2p memory of {provider} needs FOLL_PCI_P2PDMA"),
+                })
+            }
+            RegionKind::DeviceCoherent { .. } if gup.contains(FollFlags::LONGTERM) => {
+                return Step::NeedsMigration
+            }
+            _ => {}
+        }
+        match hold {
+            Hold::Pin => region.pin(pfn),
+            Hold::Get => region.get(pfn),
+        }
+        Step::Held
+    };
+    let mut i = 0;
+    while i < npages {
+        let va = VirtAddr(start.0 + i as u64 * PAGE_SIZE);
+        // Fast path: a run of pages already in the needed state, one lock for the run.
+        let vma_end = vmas.find(va).map(|v| v.end);
+        let fast_ok = vmas
+            .find(va)
+            .is_some_and(|v| v.prot.readable() && (access != Access::Write || v.prot.writable()));
+        if fast_ok {
+            let anon = vmas.find(va).is_some_and(|v| v.is_anon());
+            let end = vma_end.map_or(va.0, |e| e.0);
+            let pt = mm.pt_lock();
+            while i < npages {
+                let va = VirtAddr(start.0 + i as u64 * PAGE_SIZE);
+                if va.0 >= end {
+                    break;
+                }
+                let pte: Pte = pt.get(va);
+                let Some(pfn) = pte.pfn().filter(|_| pte.is_present()) else {
+                    break;
+                };
+                let region = region_of(pfn);
+                let ready = match access {
+                    Access::Write => pte.writable(),
+                    Access::Unshare => !anon || region.meta(pfn).test(flags::ANON_EXCLUSIVE),
+                    Access::Read => true,
+                };
+                if !ready {
+                    break;
+                }
+                match take(pfn, &region) {
+                    Step::Held => {
+                        pages.push(pfn);
+                        i += 1;
+                    }
+                    Step::NeedsMigration => break,
+                    Step::Refused(mut e) => {
+                        if let GupError::RemoteIo { addr, .. } = &mut e {
+                            *addr = va;
+                        }
+                        return (pages, Some(e));
+                    }
+                }
+            }
+            drop(pt);
+            if i >= npages {
+                break;
+            }
+        }
+        // Slow path for one page: fault it into shape, then take it.
+        let va = VirtAddr(start.0 + i as u64 * PAGE_SIZE);
+        let step = mm.with_page(&vmas, va, access, op, |_, pfn| {
+            let region = region_of(pfn);
+            (take(pfn, &region), pfn)
+        });
+        match step {
+            Ok((Step::Held, pfn)) => {
+                pages.push(pfn);
+                i += 1;
+            }
+            Ok((Step::NeedsMigration, _)) => {
+                if let Err(e) = mm.migrate_to_ram(&vmas, va, op) {
+                    return (pages, Some(e.into()));
+                }
+            }
+            Ok((Step::Refused(mut e), _)) => {
+                if let GupError::RemoteIo { addr, .. } = &mut e {
+                    *addr = va;
+                }
+                return (pages, Some(e));
+            }
+            Err(e) => return (pages, Some(e.into())),
+        }
+    }
+    (pages, None)
+}
+
+fn check_args(gup: FollFlags, hold: Hold, op: &'static str) -> Result<(), GupError> {
+    if gup.contains(FollFlags::LONGTERM) && hold != Hold::Pin {
+        return Err(GupError::Invalid {
+            op,
+            why: "FOLL_LONGTERM is only valid with FOLL_PIN",
+        });
+    }
+    if gup.contains(FollFlags::LONGTERM | FollFlags::PCI_P2PDMA) {
+        return Err(GupError::Invalid {
+            op,
+            why: "FOLL_LONGTERM with FOLL_PCI_P2PDMA: p2p providers must stay removable",
+        });
+    }
+    Ok(())
+}
+
+/// Pages pinned for DMA; dropping the value unpins them (and marks them dirty when
+/// pinned for writing, as `unpin_user_pages_dirty_lock` does).
+///
+/// # Invariants
+/// Each frame in `pages` carries one pin taken by this value.
+pub struct PinnedPages {
+    mm: Arc<Mm>,
+    start: VirtAddr,
+    pages: Vec<Pfn>,
+    requested: usize,
+    stopped: Option<GupError>,
+    write: bool,
+}
+
+impl std::fmt::Debug for PinnedPages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PinnedPages")
+            .field("start", &self.start)
+            .field("pinned", &self.pages.len())
+            .field("requested", &self.requested)
+            .finish()
+    }
+}
+
+impl PinnedPages {
+    /// The pinned frames, in address order from `start`.
+    pub fn pages(&self) -> &[Pfn] {
+        &self.pages
+    }
+    /// How many were pinned.
+    pub fn len(&self) -> usize {
+        self.pages.len()
+    }
+    /// Whether none were (never true for a returned value).
+    pub fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+    }
+    /// How many were asked for.
+    pub fn requested(&self) -> usize {
+        self.requested
+    }
+    /// Why the walk stopped early, when it pinned fewer than requested.
+    pub fn stopped_by(&self) -> Option<&GupError> {
+        self.stopped.as_ref()
+    }
+    /// The first user address.
+    pub fn start(&self) -> VirtAddr {
+        self.start
+    }
+    /// Unpins now (the same as dropping).
+    pub fn unpin(self) {}
+}
+
+impl Drop for PinnedPages {
+    fn drop(&mut self) {
+        let mut last: Option<Arc<Region>> = None;
+        for &pfn in &self.pages {
+            let r = match &last {
+                Some(r) if r.contains(pfn) => r.clone(),
+                _ => {
+                    let r = self.mm.region(pfn);
+                    last = Some(r.clone());
+                    r
+                }
+            };
+            if self.write {
+                r.meta(pfn).set(flags::DIRTY);
+            }
+            r.unpin(pfn);
+        }
+    }
+}
+
+/// Pages held by reference (`FOLL_GET`); dropping the value puts them.
+///
+/// # Invariants
+/// Each frame in `pages` carries one reference taken by this value.
+pub struct GotPages {
+    mm: Arc<Mm>,
+    pages: Vec<Pfn>,
+    stopped: Option<GupError>,
+}
+
+impl GotPages {
+    /// The frames, in address order.
+    pub fn pages(&self) -> &[Pfn] {
+        &self.pages
+    }
+    /// Why the walk stopped early.
+    pub fn stopped_by(&self) -> Option<&GupError> {
+        self.stopped.as_ref()
+    }
+}
+
+impl Drop for GotPages {
+    fn drop(&mut self) {
+        self.mm.put_frames(&self.pages);
+    }
+}
+
+/// `pin_user_pages(start, npages, gup_flags)`: pins up to `npages` pages for DMA.
+/// Returns the pinned pages (possibly fewer than asked, with the reason), or the error
+/// that stopped it before the first page.
+pub fn pin_user_pages(
+    mm: &Arc<Mm>,
+    start: VirtAddr,
+    npages: usize,
+    gup: FollFlags,
+) -> Result<PinnedPages, GupError> {
+    let op = "pin_user_pages";
+    check_args(gup, Hold::Pin, op)?;
+    mm.has_pinned.store(true, Ordering::Release);
+    let (pages, stopped) = walk(mm, start, npages, gup, Hold::Pin, op);
+    if pages.is_empty() && npages > 0 {
+        return Err(stopped.unwrap_or(GupError::Mm(MmError::Fault {
+            op,
+            addr: start,
+            why: "nothing pinned",
+        })));
+    }
+    Ok(PinnedPages {
+        mm: mm.clone(),
+        start,
+        pages,
+        requested: npages,
+        stopped,
+        write: gup.contains(FollFlags::WRITE),
+    })
+}
+
+/// `get_user_pages(start, npages, gup_flags)`: takes a reference on up to `npages`
+/// pages. `LONGTERM` is invalid here.
+pub fn get_user_pages(
+    mm: &Arc<Mm>,
+    start: VirtAddr,
+    npages: usize,
+    gup: FollFlags,
+) -> Result<GotPages, GupError> {
+    let op = "get_user_pages";
+    check_args(gup, Hold::Get, op)?;
+    let (pages, stopped) = walk(mm, start, npages, gup, Hold::Get, op);
+    if pages.is_empty() && npages > 0 {
+        return Err(stopped.unwrap_or(GupError::Mm(MmError::Fault {
+            op,
+            addr: start,
+            why: "nothing taken",
+        })));
+    }
+    Ok(GotPages {
+        mm: mm.clone(),
+        pages,
+        stopped,
+    })
+}

@@ -1,0 +1,77 @@
+//! fork(): the child gets a copy of every VMA. Shared mappings share their pages.
+//! Private anonymous pages are shared copy-on-write, except a page that may be
+//! DMA-pinned, which the child gets a copy of right away so the parent's pinned page
+//! stays writable and coherent with DMA (`page_needs_cow_for_dma()`).
+
+use crate::addr::{Pfn, VirtAddr};
+use crate::mem::flags;
+use crate::mm::pte::Pte;
+use crate::mm::space::Mm;
+use crate::mm::vma::VmaKind;
+use crate::mm::MmError;
+use crate::notifier::NotifyEvent;
+use crate::sync::{lock, write, Arc};
+
+impl Mm {
+    /// Forks the address space; returns the child's.
+    pub fn fork(&self) -> Result<Arc<Mm>, MmError> {
+        let op = "fork";
+        let vmas = write(&self.mmap);
+        let child = Mm::new(&self.phys);
+        // Write-protecting the parent's anonymous entries is a protection change its
+        // subscribers must hear of first.
+        let mut guards = Vec::new();
+        for v in vmas.iter().filter(|v| v.is_anon()) {
+            guards.push(self.invalidate(op, v.start, v.end, NotifyEvent::ProtectionChange)?);
+        }
+        let has_pinned = self.has_pinned.load(crate::sync::atomic::Ordering::Acquire);
+        let mut copies: Vec<(VirtAddr, Pfn, Pfn, bool)> = Vec::new();
+        let mut child_entries: Vec<(VirtAddr, Pte)> = Vec::new();
+        {
+            let mut pt = lock(&self.pt);
+            for v in vmas.iter() {
+                let anon = matches!(v.kind, VmaKind::Anon);
+                let writable = v.prot.writable();
+                pt.walk_mut(v.start, v.end, |va, pte| {
+                    let Some(pfn) = pte.pfn() else { return };
+                    let region = self.region(pfn);
+                    if !anon {
+                        region.get(pfn);
+                        child_entries.push((va, *pte));
+                        return;
+                    }
+                    if pte.is_present() && has_pinned && region.maybe_dma_pinned(pfn) {
+                        // Copied below, outside the lock.
+                        copies.push((va, pfn, Pfn(0), writable));
+                        return;
+                    }
+                    region.get(pfn);
+                    region.meta(pfn).clear(flags::ANON_EXCLUSIVE);
+                    *pte = pte.wrprotect();
+                    child_entries.push((va, *pte));
+                });
+            }
+        }
+        // The pinned pages cannot change under us: the parent's address-space lock is
+        // held exclusively and a pin keeps the frame.
+        let ram = self.phys.ram();
+        for c in &mut copies {
+            let new = ram.alloc().map_err(|e| MmError::nomem(op, c.0, e))?;
+            self.region(c.1).copy_frame(c.1, ram, new);
+            ram.meta(new).set(flags::ANON_EXCLUSIVE);
+            c.2 = new;
+        }
+        drop(guards);
+        {
+            let mut cpt = lock(&child.pt);
+            for (va, pte) in child_entries {
+                cpt.set(va, pte);
+            }
+            for (va, _, new, writable) in copies {
+                cpt.set(va, Pte::present(new, writable));
+            }
+        }
+        *write(&child.mmap) = vmas.clone();
+        Ok(child)
+    }
+}

@@ -1,0 +1,402 @@
+//! One address space (`struct mm_struct`): its VMAs under the address-space lock, its
+//! page table under the page-table lock, its interval notifiers, and the operations
+//! that change them.
+
+use std::collections::HashMap;
+
+use crate::addr::{Pfn, VirtAddr, PAGE_SIZE};
+use crate::mem::{flags, PhysMem, Region};
+use crate::mm::fault::Access;
+use crate::mm::page_table::{PageTable, TASK_SIZE};
+use crate::mm::pte::Pte;
+use crate::mm::vma::{Prot, ShmObject, Vma, VmaKind, Vmas};
+use crate::mm::MmError;
+use crate::notifier::{InvalidateGuard, Notifier, NotifyEvent, NotifyRange};
+use crate::sync::atomic::{AtomicBool, Ordering};
+use crate::sync::{lock, read, write, Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+
+/// Identifies an address space within a host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MmId(pub u64);
+
+/// An address space.
+///
+/// # Invariants
+/// Every non-empty PTE lies inside a VMA and holds one reference on its frame; a
+/// writable PTE in an anonymous VMA maps a frame marked anon-exclusive.
+pub struct Mm {
+    id: MmId,
+    pub(crate) phys: Arc<PhysMem>,
+    notifier: Arc<Notifier>,
+    /// The address-space lock (`mmap_lock`): shared for faults and CPU access,
+    /// exclusive for mmap, munmap, mprotect, fork and exit. Lock order: first.
+    pub(crate) mmap: RwLock<Vmas>,
+    /// The page-table lock: taken after `mmap` and after any notifier work, never held
+    /// across an invalidation callback.
+    pub(crate) pt: Mutex<PageTable>,
+    /// Set once any page was pinned (`MMF_HAS_PINNED`): fork then checks pins.
+    pub(crate) has_pinned: AtomicBool,
+    exited: AtomicBool,
+}
+
+impl std::fmt::Debug for Mm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mm").field("id", &self.id).finish()
+    }
+}
+
+fn check_range(op: &'static str, addr: VirtAddr, len: u64) -> Result<VirtAddr, MmError> {
+    let bad = |why| MmError::Invalid { op, addr, len, why };
+    if !addr.is_aligned(PAGE_SIZE) {
+        return Err(bad("address is not page aligned"));
+    }
+    if len == 0 {
+        return Err(bad("length is zero"));
+    }
+    let end = addr
+        .0
+        .checked_add(len.next_multiple_of(PAGE_SIZE))
+        .filter(|e| *e <= TASK_SIZE)
+        .ok_or(bad("range runs past the end of user space"))?;
+    Ok(VirtAddr(end))
+}
+
+impl Mm {
+    /// An empty address space on `phys`.
+    pub fn new(phys: &Arc<PhysMem>) -> Arc<Self> {
+        Arc::new(Mm {
+            id: MmId(phys.next_id()),
+            phys: phys.clone(),
+            notifier: Notifier::new(),
+            mmap: RwLock::new(Vmas::default()),
+            pt: Mutex::new(PageTable::new()),
+            has_pinned: AtomicBool::new(false),
+            exited: AtomicBool::new(false),
+        })
+    }
+
+    /// Its id.
+    pub fn id(&self) -> MmId {
+        self.id
+    }
+    /// The physical memory it maps.
+    pub fn phys(&self) -> &Arc<PhysMem> {
+        &self.phys
+    }
+    /// Its interval notifiers.
+    pub fn notifier(&self) -> &Arc<Notifier> {
+        &self.notifier
+    }
+    /// Mapped pages (non-empty PTEs).
+    pub fn resident_pages(&self) -> u64 {
+        lock(&self.pt).entries()
+    }
+    /// The VMA holding `va`, if any.
+    pub fn vma(&self, va: VirtAddr) -> Option<Vma> {
+        read(&self.mmap).find(va).cloned()
+    }
+    /// The PTE for `va` (for tests and the sanitizer).
+    pub fn pte(&self, va: VirtAddr) -> Pte {
+        lock(&self.pt).get(va)
+    }
+
+    pub(crate) fn invalidate(
+        &self,
+        op: &'static str,
+        start: VirtAddr,
+        end: VirtAddr,
+        event: NotifyEvent,
+    ) -> Result<InvalidateGuard, MmError> {
+        self.notifier
+            .invalidate_range_start(NotifyRange::new(start, end, event))
+            .map_err(|source| MmError::Again { op, source })
+    }
+
+    pub(crate) fn region(&self, pfn: Pfn) -> Arc<Region> {
+        self.phys
+            .region(pfn)
+            .unwrap_or_else(|| panic!("PTE names {pfn}, which is in no region"))
+    }
+
+    /// Drops one reference on each frame, one allocator lock per region.
+    pub(crate) fn put_frames(&self, pfns: &[Pfn]) {
+        let mut by_region: HashMap<u32, (Arc<Region>, Vec<Pfn>)> = HashMap::new();
+        let mut last: Option<Arc<Region>> = None;
+        for &p in pfns {
+            let r = match &last {
+                Some(r) if r.contains(p) => r.clone(),
+                _ => {
+                    let r = self.region(p);
+                    last = Some(r.clone());
+                    r
+                }
+            };
+            by_region
+                .entry(r.id().0)
+                .or_insert_with(|| (r, Vec::new()))
+                .1
+                .push(p);
+        }
+        for (r, v) in by_region.into_values() {
+            r.put_many(&v);
+        }
+    }
+
+    fn mmap_vma(
+        &self,
+        len: u64,
+        prot: Prot,
+        kind: VmaKind,
+    ) -> Result<(VirtAddr, VirtAddr), MmError> {
+        if len == 0 {
+            return Err(MmError::Invalid {
+                op: "mmap",
+                addr: VirtAddr(0),
+                len,
+                why: "length is zero",
+            });
+        }
+        let len = len.next_multiple_of(PAGE_SIZE);
+        let mut vmas = write(&self.mmap);
+        let start = vmas
+            .find_gap(len, TASK_SIZE)
+            .ok_or_else(|| MmError::NoMemory {
+                op: "mmap",
+                addr: VirtAddr(0),
+                why: format!("no free range of {len:#x} bytes"),
+            })?;
+        let end = VirtAddr(start.0 + len);
+        vmas.insert(Vma {
+            start,
+            end,
+            prot,
+            kind,
+        });
+        Ok((start, end))
+    }
+
+    /// `mmap(NULL, len, prot, MAP_PRIVATE | MAP_ANONYMOUS)`.
+    pub fn mmap_anon(&self, len: u64, prot: Prot) -> Result<VirtAddr, MmError> {
+        Ok(self.mmap_vma(len, prot, VmaKind::Anon)?.0)
+    }
+
+    /// `mmap(NULL, len, prot, MAP_SHARED, memfd, pgoff * PAGE_SIZE)`.
+    pub fn mmap_shared(
+        &self,
+        obj: &Arc<ShmObject>,
+        pgoff: u64,
+        len: u64,
+        prot: Prot,
+    ) -> Result<VirtAddr, MmError> {
+        let pages = len.div_ceil(PAGE_SIZE);
+        if pgoff.checked_add(pages).is_none_or(|e| e > obj.pages()) {
+            return Err(MmError::Invalid {
+                op: "mmap",
+                addr: VirtAddr(0),
+                len,
+                why: "the mapping runs past the end of the object",
+            });
+        }
+        Ok(self
+            .mmap_vma(
+                len,
+                prot,
+                VmaKind::Shared {
+                    obj: obj.clone(),
+                    pgoff,
+                },
+            )?
+            .0)
+    }
+
+    /// Maps device frames as a shared mapping, inserting every page now
+    /// (`vm_insert_page` for each). Takes one reference per frame for its PTE; the caller
+    /// keeps its own.
+    pub fn mmap_pages(&self, frames: &[Pfn], prot: Prot) -> Result<VirtAddr, MmError> {
+        let (start, _) = self.mmap_vma(frames.len() as u64 * PAGE_SIZE, prot, VmaKind::Pages)?;
+        let mut pt = lock(&self.pt);
+        for (i, &pfn) in frames.iter().enumerate() {
+            self.region(pfn).get(pfn);
+            pt.set(
+                VirtAddr(start.0 + i as u64 * PAGE_SIZE),
+                Pte::present(pfn, prot.writable()),
+            );
+        }
+        Ok(start)
+    }
+
+    /// Clears the PTEs of `[start, end)` and returns their frames; the caller holds an
+    /// invalidation of the range.
+    fn zap(&self, start: VirtAddr, end: VirtAddr) -> Vec<Pfn> {
+        let mut freed = Vec::new();
+        lock(&self.pt).walk_mut(start, end, |_, pte| {
+            if let Some(p) = pte.pfn() {
+                freed.push(p);
+            }
+            *pte = Pte::EMPTY;
+        });
+        freed
+    }
+
+    /// `munmap(addr, len)`: unmapped parts of the range are fine, as in the kernel.
+    /// Pinned frames stay allocated until their pins drop.
+    pub fn munmap(&self, addr: VirtAddr, len: u64) -> Result<(), MmError> {
+        let end = check_range("munmap", addr, len)?;
+        let mut vmas = write(&self.mmap);
+        if vmas.overlapping(addr, end).next().is_none() {
+            return Ok(());
+        }
+        let guard = self.invalidate("munmap", addr, end, NotifyEvent::Unmap)?;
+        let freed = self.zap(addr, end);
+        vmas.remove_range(addr, end);
+        drop(guard);
+        drop(vmas);
+        self.put_frames(&freed);
+        Ok(())
+    }
+
+    /// `mprotect(addr, len, prot)`: ENOMEM when part of the range is unmapped. Taking
+    /// write away invalidates and write-protects the present entries; granting it
+    /// changes no entry (the next write faults).
+    pub fn mprotect(&self, addr: VirtAddr, len: u64, prot: Prot) -> Result<(), MmError> {
+        let end = check_range("mprotect", addr, len)?;
+        let mut vmas = write(&self.mmap);
+        if !vmas.covers(addr, end) {
+            return Err(MmError::NoMemory {
+                op: "mprotect",
+                addr,
+                why: "part of the range is not mapped".into(),
+            });
+        }
+        let guard = if prot.writable() && prot.readable() {
+            None
+        } else {
+            Some(self.invalidate("mprotect", addr, end, NotifyEvent::ProtectionChange)?)
+        };
+        if guard.is_some() {
+            // PROT_NONE keeps the pages (the VMA refuses every access); losing write
+            // access write-protects the entries.
+            lock(&self.pt).walk_mut(addr, end, |_, pte| *pte = pte.wrprotect());
+        }
+        vmas.update_range(addr, end, |v| v.prot = prot);
+        drop(guard);
+        Ok(())
+    }
+
+    /// `madvise(addr, len, MADV_DONTNEED)`: drops the pages; anonymous memory reads as
+    /// zeros afterwards, shared memory re-reads its object.
+    pub fn madvise_dontneed(&self, addr: VirtAddr, len: u64) -> Result<(), MmError> {
+        let end = check_range("madvise", addr, len)?;
+        let vmas = write(&self.mmap);
+        if !vmas.covers(addr, end) {
+            return Err(MmError::NoMemory {
+                op: "madvise",
+                addr,
+                why: "part of the range is not mapped".into(),
+            });
+        }
+        let guard = self.invalidate("madvise", addr, end, NotifyEvent::Clear)?;
+        let freed = self.zap(addr, end);
+        drop(guard);
+        drop(vmas);
+        self.put_frames(&freed);
+        Ok(())
+    }
+
+    /// Process exit: every subscriber is told (`Release`), every page unmapped.
+    pub fn exit(&self) {
+        if self.exited.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let mut vmas = write(&self.mmap);
+        let all = NotifyRange::new(VirtAddr(0), VirtAddr(TASK_SIZE), NotifyEvent::Release);
+        // Release cannot be refused: it is always blockable.
+        let guard = self.notifier.invalidate_range_start(all).ok();
+        let freed = self.zap(VirtAddr(0), VirtAddr(TASK_SIZE));
+        *vmas = Vmas::default();
+        drop(guard);
+        drop(vmas);
+        self.put_frames(&freed);
+    }
+
+    /// Reads `buf.len()` bytes at `addr` as the CPU would, faulting pages in.
+    pub fn read(&self, addr: VirtAddr, buf: &mut [u8]) -> Result<(), MmError> {
+        let vmas = read(&self.mmap);
+        self.each_page(
+            &vmas,
+            addr,
+            buf.len(),
+            Access::Read,
+            "read",
+            |region, pfn, off, at, n| {
+                region.read(pfn, off, &mut buf[at..at + n]);
+            },
+        )
+    }
+
+    /// Writes `data` at `addr` as the CPU would, faulting and breaking COW.
+    pub fn write(&self, addr: VirtAddr, data: &[u8]) -> Result<(), MmError> {
+        let vmas = read(&self.mmap);
+        self.each_page(
+            &vmas,
+            addr,
+            data.len(),
+            Access::Write,
+            "write",
+            |region, pfn, off, at, n| {
+                region.write(pfn, off, &data[at..at + n]);
+            },
+        )
+    }
+
+    /// For each page of `[addr, addr + len)`: make it satisfy `access`, take a
+    /// reference, and call `f(region, pfn, offset in page, offset in buffer, bytes)`
+    /// outside the page-table lock.
+    fn each_page(
+        &self,
+        vmas: &RwLockReadGuard<'_, Vmas>,
+        addr: VirtAddr,
+        len: usize,
+        access: Access,
+        op: &'static str,
+        mut f: impl FnMut(&Region, Pfn, u64, usize, usize),
+    ) -> Result<(), MmError> {
+        let mut done = 0usize;
+        while done < len {
+            let va = VirtAddr(addr.0 + done as u64);
+            let page = VirtAddr(va.0 & !(PAGE_SIZE - 1));
+            let off = va.0 - page.0;
+            let n = ((PAGE_SIZE - off) as usize).min(len - done);
+            let (region, pfn) = self.with_page(vmas, page, access, op, |_, pfn| {
+                let r = self.region(pfn);
+                r.get(pfn);
+                (r, pfn)
+            })?;
+            f(&region, pfn, off, done, n);
+            region.put(pfn);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Takes the address-space lock shared.
+    pub(crate) fn mmap_read(&self) -> RwLockReadGuard<'_, Vmas> {
+        read(&self.mmap)
+    }
+
+    /// Takes the page-table lock.
+    pub(crate) fn pt_lock(&self) -> MutexGuard<'_, PageTable> {
+        lock(&self.pt)
+    }
+
+    /// Whether the anonymous frame `pfn` is exclusive to this address space.
+    pub(crate) fn is_exclusive(&self, pfn: Pfn) -> bool {
+        self.region(pfn).meta(pfn).test(flags::ANON_EXCLUSIVE)
+    }
+}
+
+impl Drop for Mm {
+    fn drop(&mut self) {
+        self.exit();
+    }
+}

@@ -1,0 +1,245 @@
+//! Virtual memory areas: the ranges an address space has mapped, their protection and
+//! what backs them (`struct vm_area_struct`), and shared memory objects (the memfd /
+//! shmem analogue) that several address spaces can map.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+use crate::addr::{Pfn, VirtAddr, PAGE_SIZE};
+use crate::mem::{MemError, PhysMem};
+use crate::sync::{lock, Arc, Mutex};
+
+/// Page protection (`PROT_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Prot(u8);
+
+impl Prot {
+    /// No access.
+    pub const NONE: Prot = Prot(0);
+    /// Readable.
+    pub const READ: Prot = Prot(1);
+    /// Writable (and readable: x86 has no write-only pages).
+    pub const WRITE: Prot = Prot(2);
+    /// Readable and writable.
+    pub const RW: Prot = Prot(3);
+
+    /// Whether reads are allowed.
+    pub fn readable(self) -> bool {
+        self.0 & 3 != 0
+    }
+    /// Whether writes are allowed.
+    pub fn writable(self) -> bool {
+        self.0 & 2 != 0
+    }
+}
+
+/// A memory object shared by every mapping of it, like a memfd: its pages are allocated
+/// on first touch from system RAM and belong to the object until it is dropped.
+///
+/// # Invariants
+/// Each `Some(pfn)` in `pages` holds one reference on its frame.
+pub struct ShmObject {
+    phys: Arc<PhysMem>,
+    pages: Mutex<Vec<Option<Pfn>>>,
+}
+
+impl std::fmt::Debug for ShmObject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShmObject")
+            .field("pages", &lock(&self.pages).len())
+            .finish()
+    }
+}
+
+impl ShmObject {
+    /// An object of `len` bytes (rounded up to pages), no page allocated yet.
+    pub fn new(phys: &Arc<PhysMem>, len: u64) -> Arc<Self> {
+        Arc::new(ShmObject {
+            phys: phys.clone(),
+            pages: Mutex::new(vec![None; len.div_ceil(PAGE_SIZE) as usize]),
+        })
+    }
+
+    /// Size in pages.
+    pub fn pages(&self) -> u64 {
+        lock(&self.pages).len() as u64
+    }
+
+    /// The frame of page `idx`, allocated zeroed on first use.
+    pub fn page(&self, idx: u64) -> Result<Option<Pfn>, MemError> {
+        let mut pages = lock(&self.pages);
+        let Some(slot) = pages.get_mut(idx as usize) else {
+            return Ok(None);
+        };
+        if slot.is_none() {
+            *slot = Some(self.phys.ram().alloc()?);
+        }
+        Ok(*slot)
+    }
+}
+
+impl Drop for ShmObject {
+    fn drop(&mut self) {
+        let pages: Vec<Pfn> = lock(&self.pages).iter().flatten().copied().collect();
+        self.phys.ram().put_many(&pages);
+    }
+}
+
+/// What backs a VMA.
+#[derive(Clone, Debug)]
+pub enum VmaKind {
+    /// Private anonymous memory: zero-filled on first touch, copy-on-write after fork.
+    Anon,
+    /// A shared mapping of a memory object starting at page `pgoff` of it.
+    Shared {
+        /// The object.
+        obj: Arc<ShmObject>,
+        /// Its first page mapped here.
+        pgoff: u64,
+    },
+    /// Device pages inserted at mmap time (`vm_insert_page`), shared, never faulted in:
+    /// the p2p memory and device BAR mappings of later layers.
+    Pages,
+}
+
+/// One mapped range.
+#[derive(Clone, Debug)]
+pub struct Vma {
+    /// First address (page aligned).
+    pub start: VirtAddr,
+    /// One past the last address (page aligned).
+    pub end: VirtAddr,
+    /// Protection.
+    pub prot: Prot,
+    /// Backing.
+    pub kind: VmaKind,
+}
+
+impl Vma {
+    /// Whether `va` lies inside.
+    pub fn contains(&self, va: VirtAddr) -> bool {
+        self.start <= va && va < self.end
+    }
+
+    /// Whether it is private anonymous memory.
+    pub fn is_anon(&self) -> bool {
+        matches!(self.kind, VmaKind::Anon)
+    }
+
+    /// The part from `at` on, leaving `self` as the part before it.
+    fn split_off(&mut self, at: VirtAddr) -> Vma {
+        debug_assert!(self.start < at && at < self.end);
+        let mut tail = self.clone();
+        tail.start = at;
+        if let VmaKind::Shared { pgoff, .. } = &mut tail.kind {
+            *pgoff += (at.0 - self.start.0) / PAGE_SIZE;
+        }
+        self.end = at;
+        tail
+    }
+}
+
+/// Where mmap starts looking for room, bottom up.
+pub const MMAP_BASE: u64 = 0x1000_0000;
+
+/// The VMAs of one address space, keyed by start.
+///
+/// # Invariants
+/// VMAs are non-empty, page aligned and disjoint.
+#[derive(Clone, Debug, Default)]
+pub struct Vmas {
+    map: BTreeMap<u64, Vma>,
+}
+
+impl Vmas {
+    /// The VMA holding `va`.
+    pub fn find(&self, va: VirtAddr) -> Option<&Vma> {
+        self.map
+            .range(..=va.0)
+            .next_back()
+            .map(|(_, v)| v)
+            .filter(|v| v.contains(va))
+    }
+
+    /// VMAs overlapping `[start, end)`, in order.
+    pub fn overlapping(&self, start: VirtAddr, end: VirtAddr) -> impl Iterator<Item = &Vma> {
+        let first = self
+            .map
+            .range(..=start.0)
+            .next_back()
+            .filter(|(_, v)| v.end > start)
+            .map_or(start.0, |(&s, _)| s);
+        self.map
+            .range((Bound::Included(first), Bound::Excluded(end.0)))
+            .map(|(_, v)| v)
+    }
+
+    /// All VMAs in order.
+    pub fn iter(&self) -> impl Iterator<Item = &Vma> {
+        self.map.values()
+    }
+
+    /// Whether every page of `[start, end)` is mapped.
+    pub fn covers(&self, start: VirtAddr, end: VirtAddr) -> bool {
+        let mut at = start;
+        for v in self.overlapping(start, end) {
+            if v.start > at {
+                return false;
+            }
+            at = v.end;
+        }
+        at >= end
+    }
+
+    /// Splits any VMA that straddles `at`.
+    pub fn split_at(&mut self, at: VirtAddr) {
+        let Some((&s, v)) = self.map.range_mut(..at.0).next_back() else {
+            return;
+        };
+        if v.end > at {
+            let tail = v.split_off(at);
+            debug_assert!(s < at.0);
+            self.map.insert(at.0, tail);
+        }
+    }
+
+    /// Adds a VMA; the range must be free.
+    pub fn insert(&mut self, vma: Vma) {
+        debug_assert!(self.overlapping(vma.start, vma.end).next().is_none());
+        self.map.insert(vma.start.0, vma);
+    }
+
+    /// Removes and returns the VMAs inside `[start, end)` after splitting at both ends.
+    pub fn remove_range(&mut self, start: VirtAddr, end: VirtAddr) -> Vec<Vma> {
+        self.split_at(start);
+        self.split_at(end);
+        let keys: Vec<u64> = self.map.range(start.0..end.0).map(|(&k, _)| k).collect();
+        keys.into_iter()
+            .filter_map(|k| self.map.remove(&k))
+            .collect()
+    }
+
+    /// Applies `f` to every VMA inside `[start, end)` after splitting at both ends.
+    pub fn update_range(&mut self, start: VirtAddr, end: VirtAddr, mut f: impl FnMut(&mut Vma)) {
+        self.split_at(start);
+        self.split_at(end);
+        for (_, v) in self.map.range_mut(start.0..end.0) {
+            f(v);
+        }
+    }
+
+    /// The lowest free range of `len` bytes at or above [`MMAP_BASE`].
+    pub fn find_gap(&self, len: u64, limit: u64) -> Option<VirtAddr> {
+        // A VMA below MMAP_BASE may reach above it.
+        let mut at = self
+            .find(VirtAddr(MMAP_BASE))
+            .map_or(MMAP_BASE, |v| v.end.0);
+        for v in self.map.range(at..).map(|(_, v)| v) {
+            if v.start.0 >= at + len {
+                break;
+            }
+            at = at.max(v.end.0);
+        }
+        (at + len <= limit).then_some(VirtAddr(at))
+    }
+}
