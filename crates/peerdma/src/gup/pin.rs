@@ -277,6 +277,14 @@ pub struct GotPages {
     stopped: Option<GupError>,
 }
 
+impl std::fmt::Debug for GotPages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GotPages")
+            .field("pages", &self.pages.len())
+            .finish()
+    }
+}
+
 impl GotPages {
     /// The frames, in address order.
     pub fn pages(&self) -> &[Pfn] {

@@ -132,7 +132,7 @@ impl Mm {
             match fix {
                 Fix::Populate => self.populate(vma, va, op)?,
                 Fix::FromDevice(pte) => {
-                    self.migrate_entry(va, pte, None, op)?;
+                    self.migrate_entry(va, pte, None, true, op)?;
                 }
                 Fix::Copy { old, writable } => self.copy_page(va, old, writable, op)?,
                 Fix::MakeWritable | Fix::MarkExclusive(_) => unreachable!(),
@@ -230,14 +230,17 @@ impl Mm {
     }
 
     /// Moves the page behind entry `pte` at `va` to a fresh frame of `target` (system RAM
-    /// when `None`): copy, invalidate (`Migrate`), swap the entry, free the old frame
-    /// (which bumps its generation). Refused while the old frame is pinned or
-    /// referenced by anything but this entry.
+    /// when `None`): copy, invalidate (`Migrate`), swap the entry, drop the old frame
+    /// (freeing it bumps its generation). Refused while the old frame is pinned, or,
+    /// unless `copy_out`, referenced by anything but this entry. With `copy_out` (a CPU
+    /// fault on a device-private page that fork left shared) this address space gets
+    /// its own copy and the others keep the device page.
     fn migrate_entry(
         &self,
         va: VirtAddr,
         pte: Pte,
         target: Option<&Arc<Region>>,
+        copy_out: bool,
         op: &'static str,
     ) -> Result<Pfn, MmError> {
         let old = pte.pfn().ok_or(MmError::Fault {
@@ -251,7 +254,7 @@ impl Mm {
             let m = src.meta(old);
             if m.pincount() > 0 {
                 Err(busy("the page is DMA-pinned"))
-            } else if m.refcount() != 1 {
+            } else if m.refcount() != 1 && !copy_out {
                 Err(busy(
                     "the page is referenced elsewhere (shared after fork, or in use)",
                 ))
@@ -309,7 +312,7 @@ impl Mm {
     ) -> Result<Pfn, MmError> {
         let _ = vmas; // the caller holds the address-space lock
         let pte = lock(&self.pt).get(va);
-        self.migrate_entry(va, pte, None, op)
+        self.migrate_entry(va, pte, None, false, op)
     }
 
     /// Migrates the anonymous page at `va` to a fresh frame of `target` (system RAM, a
@@ -349,6 +352,6 @@ impl Mm {
                 why: "the page is not populated",
             });
         }
-        self.migrate_entry(va, pte, Some(target), op)
+        self.migrate_entry(va, pte, Some(target), false, op)
     }
 }
