@@ -19,13 +19,21 @@ struct Recorder {
 impl IntervalNotifierOps for Recorder {
     fn invalidate(&self, sub: &Subscription, range: &NotifyRange, _seq: u64) -> bool {
         let first = range.start.max(sub.range.start);
-        let pte = lock(&self.mm).upgrade().map_or(Pte::EMPTY, |mm| mm.pte(first));
+        let pte = lock(&self.mm)
+            .upgrade()
+            .map_or(Pte::EMPTY, |mm| mm.pte(first));
         lock(&self.seen).push((range.event, pte));
         true
     }
 }
 
-fn setup() -> (Arc<PhysMem>, Arc<Mm>, VirtAddr, Arc<Recorder>, peerdma::notifier::IntervalNotifier) {
+fn setup() -> (
+    Arc<PhysMem>,
+    Arc<Mm>,
+    VirtAddr,
+    Arc<Recorder>,
+    peerdma::notifier::IntervalNotifier,
+) {
     let phys = PhysMem::new(16 << 20).unwrap();
     let mm = Mm::new(&phys);
     let a = mm.mmap_anon(2 * PAGE_SIZE, Prot::RW).unwrap();
@@ -57,7 +65,10 @@ fn mprotect_notifies_protection_change_before_write_protecting() {
     mm.mprotect(a, PAGE_SIZE, Prot::READ).unwrap();
     let (ev, pte) = last(&rec);
     assert_eq!(ev, NotifyEvent::ProtectionChange);
-    assert!(pte.writable(), "still writable when the subscriber hears of it");
+    assert!(
+        pte.writable(),
+        "still writable when the subscriber hears of it"
+    );
     assert!(!mm.pte(a).writable());
 }
 
@@ -81,7 +92,11 @@ fn fork_notifies_before_write_protecting_and_cow_break_before_replacing() {
     // parent write while the child still shares the page.
     let shared = mm.pte(a);
     mm.write(a, &[2]).unwrap();
-    assert_eq!(last(&rec), (NotifyEvent::Clear, shared), "COW break replaces the page");
+    assert_eq!(
+        last(&rec),
+        (NotifyEvent::Clear, shared),
+        "COW break replaces the page"
+    );
     assert_ne!(mm.pte(a).pfn(), shared.pfn());
     drop(child);
 }
@@ -89,7 +104,9 @@ fn fork_notifies_before_write_protecting_and_cow_break_before_replacing() {
 #[test]
 fn migration_notifies_migrate_before_moving() {
     let (phys, mm, a, rec, _sub) = setup();
-    let dev = phys.memremap_pages(RegionKind::DevicePrivate { owner: 9 }, 1 << 20).unwrap();
+    let dev = phys
+        .memremap_pages(RegionKind::DevicePrivate { owner: 9 }, 1 << 20)
+        .unwrap();
     let old = mm.pte(a);
     let new = mm.migrate_page(a, &dev).unwrap();
     assert_eq!(last(&rec), (NotifyEvent::Migrate, old));
@@ -155,7 +172,10 @@ fn munmap_waits_for_in_flight_dma_to_drain() {
         })
     };
     std::thread::sleep(std::time::Duration::from_millis(50));
-    assert!(lock(&dev.order).is_empty(), "munmap must wait while DMA is in flight");
+    assert!(
+        lock(&dev.order).is_empty(),
+        "munmap must wait while DMA is in flight"
+    );
     assert_eq!(mm.pte(a).pfn(), Some(pfn), "the entry is still in place");
     // The DMA finishes: write into the frame, then signal.
     phys.ram().write(pfn, 0, &[6]);

@@ -293,6 +293,12 @@ impl Mm {
         drop(guard);
         match result {
             Ok(()) => {
+                // The contents moved: the old frame's identity changes now, whoever
+                // still holds it (with `copy_out`, the other sharers keep the frame and
+                // its identity).
+                if !copy_out {
+                    src.bump_generation(old);
+                }
                 src.put(old);
                 Ok(new)
             }

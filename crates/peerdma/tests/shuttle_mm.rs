@@ -1,0 +1,168 @@
+//! Concurrency tests under shuttle's randomised scheduler (`--features shuttle`).
+//! Each explores `PEERDMA_SHUTTLE_ITERS` schedules (100 by default, as CI runs);
+//! a failure prints the schedule, which `shuttle::replay` reruns exactly.
+//!
+//! - pin racing munmap and migration: no pinned page moves or is freed while pinned,
+//!   and every frame comes back when all is done;
+//! - read_begin/read_retry racing invalidation: a mirror never commits a stale page;
+//! - fork racing pin: the pinned page stays coherent with the parent either way.
+
+#![cfg(feature = "shuttle")]
+
+use peerdma::addr::{Pfn, PAGE_SIZE};
+use peerdma::gup::{pin_user_pages, FollFlags};
+use peerdma::mem::{PhysMem, RegionKind};
+use peerdma::mm::{Mm, Prot};
+use peerdma::notifier::{IntervalNotifierOps, NotifyRange, Subscription};
+use peerdma::sync::{lock, thread, Arc, Mutex};
+
+fn iterations() -> usize {
+    std::env::var("PEERDMA_SHUTTLE_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100)
+}
+
+#[test]
+fn pin_racing_munmap_and_migration_never_moves_a_pinned_page() {
+    shuttle::check_random(
+        || {
+            let phys = PhysMem::new(8 << 20).unwrap();
+            let dev = phys
+                .memremap_pages(RegionKind::DevicePrivate { owner: 1 }, 1 << 20)
+                .unwrap();
+            let free0 = phys.ram().free_frames();
+            let mm = Mm::new(&phys);
+            let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+            mm.write(a, &[1]).unwrap();
+            let pinner = {
+                let (mm, phys) = (mm.clone(), phys.clone());
+                thread::spawn(move || {
+                    if let Ok(pin) = pin_user_pages(&mm, a, 1, FollFlags::WRITE) {
+                        let p = pin.pages()[0];
+                        let region = phys.region(p).unwrap();
+                        let gen = region.meta(p).generation();
+                        thread::yield_now();
+                        region.write(p, 0, &[2]);
+                        assert_eq!(
+                            region.meta(p).generation(),
+                            gen,
+                            "a pinned page moved or was freed"
+                        );
+                        assert!(region.meta(p).refcount() >= 1);
+                    }
+                })
+            };
+            let unmapper = {
+                let mm = mm.clone();
+                thread::spawn(move || mm.munmap(a, PAGE_SIZE).unwrap())
+            };
+            let migrator = {
+                let mm = mm.clone();
+                thread::spawn(move || {
+                    let _ = mm.migrate_page(a, &dev);
+                })
+            };
+            pinner.join().unwrap();
+            unmapper.join().unwrap();
+            migrator.join().unwrap();
+            mm.exit();
+            assert_eq!(phys.ram().free_frames(), free0, "a frame leaked");
+        },
+        iterations(),
+    );
+}
+
+/// A device mirror: its page table holds at most one entry, committed only when
+/// `read_retry` says no invalidation raced the lookup.
+struct Mirror {
+    table: Mutex<Option<Pfn>>,
+}
+
+impl IntervalNotifierOps for Mirror {
+    fn invalidate(&self, _s: &Subscription, _r: &NotifyRange, _seq: u64) -> bool {
+        *lock(&self.table) = None;
+        true
+    }
+}
+
+#[test]
+fn read_retry_never_lets_a_mirror_commit_a_stale_page() {
+    shuttle::check_random(
+        || {
+            let phys = PhysMem::new(8 << 20).unwrap();
+            let dev = phys
+                .memremap_pages(RegionKind::DeviceCoherent { owner: 1 }, 1 << 20)
+                .unwrap();
+            let mm = Mm::new(&phys);
+            let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+            mm.write(a, &[1]).unwrap();
+            let mirror = Arc::new(Mirror {
+                table: Mutex::new(None),
+            });
+            let sub = Arc::new(mm.notifier().subscribe(a, PAGE_SIZE, mirror.clone()));
+            let faulter = {
+                let (mm, mirror, sub) = (mm.clone(), mirror.clone(), sub.clone());
+                thread::spawn(move || loop {
+                    let seq = sub.read_begin();
+                    let pfn = mm.pte(a).pfn();
+                    thread::yield_now();
+                    let mut t = lock(&mirror.table);
+                    if sub.read_retry(seq) {
+                        continue;
+                    }
+                    *t = pfn;
+                    break;
+                })
+            };
+            let migrator = {
+                let mm = mm.clone();
+                thread::spawn(move || {
+                    let _ = mm.migrate_page(a, &dev);
+                })
+            };
+            faulter.join().unwrap();
+            migrator.join().unwrap();
+            let committed = *lock(&mirror.table);
+            assert!(
+                committed.is_none() || committed == mm.pte(a).pfn(),
+                "the mirror holds {committed:?} but the page is at {:?}",
+                mm.pte(a).pfn()
+            );
+        },
+        iterations(),
+    );
+}
+
+#[test]
+fn fork_racing_pin_keeps_the_pinned_page_coherent() {
+    shuttle::check_random(
+        || {
+            let phys = PhysMem::new(8 << 20).unwrap();
+            let parent = Mm::new(&phys);
+            let a = parent.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+            parent.write(a, &[1]).unwrap();
+            let pinner = {
+                let parent = parent.clone();
+                thread::spawn(move || pin_user_pages(&parent, a, 1, FollFlags::NONE).unwrap())
+            };
+            let forker = {
+                let parent = parent.clone();
+                thread::spawn(move || parent.fork().unwrap())
+            };
+            let pin = pinner.join().unwrap();
+            let child = forker.join().unwrap();
+            parent.write(a, &[7]).unwrap();
+            let p = pin.pages()[0];
+            let mut b = [0u8];
+            phys.region(p).unwrap().read(p, 0, &mut b);
+            assert_eq!(b[0], 7, "the parent's write must reach the pinned page");
+            child.read(a, &mut b).unwrap();
+            assert_eq!(b[0], 1, "the child sees fork-time data");
+            drop(pin);
+            child.exit();
+            parent.exit();
+        },
+        iterations(),
+    );
+}
