@@ -1,8 +1,9 @@
 //! The `peerdma` command. `topo` reports the PCIe peer-to-peer picture of a machine;
 //! later subcommands run emulated hosts and benchmarks.
 
-mod bench;
 mod topo;
+
+use peerdma_cli::bench;
 
 use std::process::ExitCode;
 

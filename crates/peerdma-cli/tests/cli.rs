@@ -280,3 +280,18 @@ fn save_of_a_preset_writes_that_preset_as_a_snapshot() {
     ]));
     assert_eq!(strip(&a), strip(&b));
 }
+
+#[test]
+fn bench_mm_reports_each_figure_beside_its_kernel_baseline() {
+    let out = stdout(&peerdma(&[
+        "bench", "mm", "--bytes", "16777216", "--runs", "1",
+    ]));
+    assert!(out.contains("4096 pages (16 MiB)"), "{out}");
+    assert!(
+        out.contains("kernel io_uring register+unregister")
+            || out.contains("kernel baseline skipped"),
+        "{out}"
+    );
+    assert!(out.contains("kernel munmap"), "{out}");
+    assert!(out.contains("16.0 B metadata/frame"), "{out}");
+}

@@ -5,7 +5,7 @@ use std::ops::BitOr;
 use crate::addr::{Pfn, VirtAddr, PAGE_SIZE};
 use crate::gup::GupError;
 use crate::mem::{flags, Region, RegionKind};
-use crate::mm::{Access, Mm, MmError, Pte};
+use crate::mm::{Access, Mm, MmError};
 use crate::sync::atomic::Ordering;
 use crate::sync::Arc;
 
@@ -50,7 +50,8 @@ enum Step {
 }
 
 /// The common walk: `npages` pages from `start`, each made to satisfy the access and
-/// held; stops at the first refusal.
+/// held; stops at the first refusal. Runs of pages already in shape are taken under one
+/// page-table lock, a leaf table at a time; the rest go through the fault path singly.
 fn walk(
     mm: &Arc<Mm>,
     start: VirtAddr,
@@ -69,17 +70,7 @@ fn walk(
     };
     let mut pages = Vec::with_capacity(npages);
     let vmas = mm.mmap_read();
-    let mut cached: Option<Arc<Region>> = None;
-    let mut region_of = |pfn: Pfn| -> Arc<Region> {
-        match &cached {
-            Some(r) if r.contains(pfn) => r.clone(),
-            _ => {
-                let r = mm.region(pfn);
-                cached = Some(r.clone());
-                r
-            }
-        }
-    };
+    let mut cur: Option<Arc<Region>> = None;
     // What to do with a frame the page table maps, under the page-table lock.
     let take = |pfn: Pfn, region: &Region| -> Step {
         match region.kind() {
@@ -101,47 +92,56 @@ fn walk(
         }
         Step::Held
     };
+    let refused = |mut e: GupError, va: VirtAddr| {
+        if let GupError::RemoteIo { addr, .. } = &mut e {
+            *addr = va;
+        }
+        e
+    };
     let mut i = 0;
     while i < npages {
         let va = VirtAddr(start.0 + i as u64 * PAGE_SIZE);
-        // Fast path: a run of pages already in the needed state, one lock for the run.
-        let vma_end = vmas.find(va).map(|v| v.end);
-        let fast_ok = vmas
+        // Fast path over the VMA holding `va`, if it allows the access.
+        if let Some(v) = vmas
             .find(va)
-            .is_some_and(|v| v.prot.readable() && (access != Access::Write || v.prot.writable()));
-        if fast_ok {
-            let anon = vmas.find(va).is_some_and(|v| v.is_anon());
-            let end = vma_end.map_or(va.0, |e| e.0);
+            .filter(|v| v.prot.readable() && (access != Access::Write || v.prot.writable()))
+        {
+            let (anon, end) = (v.is_anon(), v.end);
             let pt = mm.pt_lock();
-            while i < npages {
+            'fast: while i < npages {
                 let va = VirtAddr(start.0 + i as u64 * PAGE_SIZE);
-                if va.0 >= end {
+                let left = ((end.0.saturating_sub(va.0)) / PAGE_SIZE) as usize;
+                let run = pt.run(va);
+                let n = run.len().min(left).min(npages - i);
+                if n == 0 {
                     break;
                 }
-                let pte: Pte = pt.get(va);
-                let Some(pfn) = pte.pfn().filter(|_| pte.is_present()) else {
-                    break;
-                };
-                let region = region_of(pfn);
-                let ready = match access {
-                    Access::Write => pte.writable(),
-                    Access::Unshare => !anon || region.meta(pfn).test(flags::ANON_EXCLUSIVE),
-                    Access::Read => true,
-                };
-                if !ready {
-                    break;
-                }
-                match take(pfn, &region) {
-                    Step::Held => {
-                        pages.push(pfn);
-                        i += 1;
+                for (k, pte) in run[..n].iter().enumerate() {
+                    let Some(pfn) = pte.pfn().filter(|_| pte.is_present()) else {
+                        break 'fast;
+                    };
+                    if !cur.as_ref().is_some_and(|r| r.contains(pfn)) {
+                        cur = Some(mm.region(pfn));
                     }
-                    Step::NeedsMigration => break,
-                    Step::Refused(mut e) => {
-                        if let GupError::RemoteIo { addr, .. } = &mut e {
-                            *addr = va;
+                    let region = cur.as_deref().unwrap_or_else(|| unreachable!());
+                    let ready = match access {
+                        Access::Write => pte.writable(),
+                        Access::Unshare => !anon || region.meta(pfn).test(flags::ANON_EXCLUSIVE),
+                        Access::Read => true,
+                    };
+                    if !ready {
+                        break 'fast;
+                    }
+                    match take(pfn, region) {
+                        Step::Held => {
+                            pages.push(pfn);
+                            i += 1;
                         }
-                        return (pages, Some(e));
+                        Step::NeedsMigration => break 'fast,
+                        Step::Refused(e) => {
+                            let at = VirtAddr(va.0 + k as u64 * PAGE_SIZE);
+                            return (pages, Some(refused(e, at)));
+                        }
                     }
                 }
             }
@@ -153,7 +153,7 @@ fn walk(
         // Slow path for one page: fault it into shape, then take it.
         let va = VirtAddr(start.0 + i as u64 * PAGE_SIZE);
         let step = mm.with_page(&vmas, va, access, op, |_, pfn| {
-            let region = region_of(pfn);
+            let region = mm.region(pfn);
             (take(pfn, &region), pfn)
         });
         match step {
@@ -166,12 +166,7 @@ fn walk(
                     return (pages, Some(e.into()));
                 }
             }
-            Ok((Step::Refused(mut e), _)) => {
-                if let GupError::RemoteIo { addr, .. } = &mut e {
-                    *addr = va;
-                }
-                return (pages, Some(e));
-            }
+            Ok((Step::Refused(e), _)) => return (pages, Some(refused(e, va))),
             Err(e) => return (pages, Some(e.into())),
         }
     }
@@ -249,20 +244,13 @@ impl PinnedPages {
 
 impl Drop for PinnedPages {
     fn drop(&mut self) {
-        let mut last: Option<Arc<Region>> = None;
-        for &pfn in &self.pages {
-            let r = match &last {
-                Some(r) if r.contains(pfn) => r.clone(),
-                _ => {
-                    let r = self.mm.region(pfn);
-                    last = Some(r.clone());
-                    r
-                }
-            };
-            if self.write {
-                r.meta(pfn).set(flags::DIRTY);
-            }
-            r.unpin(pfn);
+        // One batch per run of frames in one region.
+        let mut rest = &self.pages[..];
+        while let Some(&first) = rest.first() {
+            let region = self.mm.region(first);
+            let n = rest.iter().take_while(|&&p| region.contains(p)).count();
+            region.unpin_many(&rest[..n], self.write);
+            rest = &rest[n..];
         }
     }
 }

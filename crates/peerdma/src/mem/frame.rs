@@ -3,8 +3,8 @@
 //!
 //! | field | kernel `struct page` | here |
 //! |---|---|---|
-//! | reference count | `_refcount` (4 B) | `refcount` (4 B) |
-//! | DMA pins | folded into `_refcount` with `GUP_PIN_COUNTING_BIAS` (1024), exact only in large folios' `_pincount` | `pincount` (4 B), always exact, so `page_maybe_dma_pinned` is never a guess |
+//! | reference count | `_refcount` (4 B) | low half of `counts` (4 B) |
+//! | DMA pins | folded into `_refcount` with `GUP_PIN_COUNTING_BIAS` (1024), exact only in large folios' `_pincount` | high half of `counts` (4 B), always exact, so `page_maybe_dma_pinned` is never a guess; one word so a pin is one atomic add |
 //! | flags | `flags` (8 B, also holding zone/node/section bits) | `flags` (4 B): the region is found from the PFN instead |
 //! | identity | none: a freed page is simply reused | `generation` (4 B), bumped on free and on migration, so a stale DMA mapping is detectable |
 //! | mapping, index, LRU, mapcount, memcg | 40 B | none: no page cache, reclaim LRU or rmap is modelled |
@@ -12,7 +12,7 @@
 //! A pin is also a reference: pinning bumps both counts, so a pinned frame is never
 //! freed, whatever else lets go of it.
 
-use crate::sync::atomic::{AtomicU32, Ordering};
+use crate::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use crate::sync::OnceLock;
 
 /// log2 of frames per metadata section: 32768 frames (128 MiB) share one allocation.
@@ -39,8 +39,8 @@ pub mod flags {
 #[derive(Debug, Default)]
 #[repr(C)]
 pub struct FrameMeta {
-    pub(crate) refcount: AtomicU32,
-    pub(crate) pincount: AtomicU32,
+    /// References in the low 32 bits, pins in the high 32 (a pin counts in both).
+    pub(crate) counts: AtomicU64,
     pub(crate) flags: AtomicU32,
     pub(crate) generation: AtomicU32,
 }
@@ -50,14 +50,19 @@ pub struct FrameMeta {
 #[cfg(not(feature = "shuttle"))]
 const _: () = assert!(std::mem::size_of::<FrameMeta>() == 16);
 
+/// One reference, as added to [`FrameMeta::counts`].
+pub(crate) const REF: u64 = 1;
+/// One pin and the reference it carries.
+pub(crate) const PIN: u64 = (1 << 32) | 1;
+
 impl FrameMeta {
     /// Current references (pins included).
     pub fn refcount(&self) -> u32 {
-        self.refcount.load(Ordering::Acquire)
+        self.counts.load(Ordering::Acquire) as u32
     }
     /// Current DMA pins.
     pub fn pincount(&self) -> u32 {
-        self.pincount.load(Ordering::Acquire)
+        (self.counts.load(Ordering::Acquire) >> 32) as u32
     }
     /// The flag bits.
     pub fn flags(&self) -> u32 {

@@ -7,7 +7,7 @@ use std::fmt;
 use crate::addr::{Bdf, Pfn, PAGE_SIZE};
 use crate::mem::alloc::FreeRuns;
 use crate::mem::backing::Backing;
-use crate::mem::frame::{flags, FrameMeta, Sections};
+use crate::mem::frame::{flags, FrameMeta, Sections, PIN, REF};
 use crate::mem::MemError;
 use crate::sync::atomic::Ordering;
 use crate::sync::{lock, Mutex};
@@ -164,7 +164,7 @@ impl Region {
     fn init_frame(&self, idx: u64, reused: bool) {
         let m = self.meta.get(idx);
         debug_assert_eq!(m.refcount(), 0, "allocator handed out a live frame");
-        m.refcount.store(1, Ordering::Release);
+        m.counts.store(REF, Ordering::Release);
         m.flags.store(flags::ALLOCATED, Ordering::Release);
         if reused {
             self.backing
@@ -225,8 +225,8 @@ impl Region {
     /// Takes a reference to an allocated frame (`get_page`).
     pub fn get(&self, pfn: Pfn) {
         let m = self.meta(pfn);
-        let old = m.refcount.fetch_add(1, Ordering::AcqRel);
-        debug_assert!(old > 0, "get_page on free frame {pfn}");
+        let old = m.counts.fetch_add(REF, Ordering::AcqRel);
+        debug_assert!(old as u32 > 0, "get_page on free frame {pfn}");
     }
 
     /// Drops a reference (`put_page`); the last one frees the frame, bumping its
@@ -258,14 +258,29 @@ impl Region {
 
     /// Drops a reference; true when it was the last (the frame is then ready to free).
     fn release(&self, idx: u64) -> bool {
+        self.drop_counts(idx, REF)
+    }
+
+    /// Subtracts `what` ([`REF`] or [`PIN`]) from a frame's counts; when the last
+    /// reference goes, resets the frame for reuse and returns true.
+    fn drop_counts(&self, idx: u64, what: u64) -> bool {
         let m = self.meta.get(idx);
-        let old = m.refcount.fetch_sub(1, Ordering::AcqRel);
-        debug_assert!(old > 0, "put_page on free frame {:#x}", self.base.0 + idx);
-        if old != 1 {
+        let old = m.counts.fetch_sub(what, Ordering::AcqRel);
+        debug_assert!(
+            old as u32 > 0,
+            "put_page on free frame {:#x}",
+            self.base.0 + idx
+        );
+        debug_assert!(
+            what == REF || old >> 32 > 0,
+            "unpin of unpinned frame {:#x}",
+            self.base.0 + idx
+        );
+        if old as u32 != 1 {
             return false;
         }
         debug_assert_eq!(
-            m.pincount(),
+            (old - what) >> 32,
             0,
             "frame {:#x} freed while DMA-pinned",
             self.base.0 + idx
@@ -278,17 +293,40 @@ impl Region {
     /// Pins a frame for DMA (`FOLL_PIN`): a pin is also a reference.
     pub fn pin(&self, pfn: Pfn) {
         let m = self.meta(pfn);
-        let old = m.refcount.fetch_add(1, Ordering::AcqRel);
-        debug_assert!(old > 0, "pin of free frame {pfn}");
-        m.pincount.fetch_add(1, Ordering::AcqRel);
+        let old = m.counts.fetch_add(PIN, Ordering::AcqRel);
+        debug_assert!(old as u32 > 0, "pin of free frame {pfn}");
     }
 
     /// Drops a pin and its reference (`unpin_user_page`); returns whether that freed it.
     pub fn unpin(&self, pfn: Pfn) -> bool {
-        let m = self.meta(pfn);
-        let old = m.pincount.fetch_sub(1, Ordering::AcqRel);
-        debug_assert!(old > 0, "unpin of unpinned frame {pfn}");
-        self.put(pfn)
+        let idx = self.idx(pfn);
+        if self.drop_counts(idx, PIN) {
+            lock(&self.free).free_run(idx, 1);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Unpins each frame (marking it dirty first when `dirty`), freeing the ones whose
+    /// last reference that was under one allocator lock (`unpin_user_pages_dirty_lock`).
+    pub fn unpin_many(&self, pfns: &[Pfn], dirty: bool) {
+        let mut freed = Vec::new();
+        for &p in pfns {
+            let idx = self.idx(p);
+            if dirty {
+                let m = self.meta.get(idx);
+                if m.flags() & flags::DIRTY == 0 {
+                    m.set(flags::DIRTY);
+                }
+            }
+            if self.drop_counts(idx, PIN) {
+                freed.push(idx);
+            }
+        }
+        if !freed.is_empty() {
+            lock(&self.free).free_many(&mut freed);
+        }
     }
 
     /// `page_maybe_dma_pinned()`: exact here, since pins are counted apart.

@@ -69,6 +69,13 @@ impl PageTable {
         l2.slots[index(va, 1)].as_deref()
     }
 
+    /// The entries from `va` to the end of its leaf table (empty when there is none):
+    /// a batch walk reads a run of pages with one lookup.
+    pub fn run(&self, va: VirtAddr) -> &[Pte] {
+        self.leaf(va.0)
+            .map_or(&[][..], |l| &l.ptes[index(va.0, 0)..])
+    }
+
     /// The entry for `va` (empty if none).
     pub fn get(&self, va: VirtAddr) -> Pte {
         self.leaf(va.0)

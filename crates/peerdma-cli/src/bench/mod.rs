@@ -1,5 +1,7 @@
-//! `peerdma bench`: the benchmarks of benches/, runnable on any machine from the CLI,
-//! each reported beside a baseline measured in the same run.
+//! `peerdma bench`: the benchmarks, runnable on any machine from the CLI (and from
+//! `cargo bench`), each reported beside a baseline measured in the same run.
+
+pub mod mm;
 
 use std::time::{Duration, Instant};
 
@@ -26,6 +28,15 @@ enum Which {
         #[arg(long, default_value_t = 20)]
         iterations: usize,
     },
+    /// Pin, munmap and metadata of the memory core against the kernel's own.
+    Mm {
+        /// Bytes of memory to pin and unmap (default 1 GiB).
+        #[arg(long, default_value_t = 1 << 30)]
+        bytes: u64,
+        /// Runs; the best is reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -43,12 +54,17 @@ fn time<T>(iterations: usize, mut f: impl FnMut() -> Result<T>) -> Result<Durati
     Ok(median(out))
 }
 
+/// Runs the benchmark the arguments name.
 pub fn run(args: &BenchArgs) -> Result<()> {
     match args.which {
         Which::Topo {
             functions,
             iterations,
         } => topo(functions, iterations),
+        Which::Mm { bytes, runs } => {
+            mm::print(&mm::run(bytes, runs)?);
+            Ok(())
+        }
     }
 }
 

@@ -1,0 +1,4 @@
+//! The parts of the `peerdma` command that benchmarks share with it: the benchmark
+//! runners behind `peerdma bench`, also run by `cargo bench -p peerdma-cli`.
+
+pub mod bench;
