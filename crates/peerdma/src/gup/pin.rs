@@ -5,7 +5,7 @@ use std::ops::BitOr;
 use crate::addr::{Pfn, VirtAddr, PAGE_SIZE};
 use crate::gup::GupError;
 use crate::mem::{flags, Region, RegionKind};
-use crate::mm::{Access, Mm, MmError};
+use crate::mm::{Access, Mm, MmError, Pte};
 use crate::sync::atomic::Ordering;
 use crate::sync::Arc;
 
@@ -43,6 +43,12 @@ enum Hold {
     Pin,
 }
 
+enum Check {
+    Ok,
+    NeedsMigration,
+    Refused(GupError),
+}
+
 enum Step {
     Held,
     NeedsMigration,
@@ -71,20 +77,28 @@ fn walk(
     let mut pages = Vec::with_capacity(npages);
     let vmas = mm.mmap_read();
     let mut cur: Option<Arc<Region>> = None;
-    // What to do with a frame the page table maps, under the page-table lock.
-    let take = |pfn: Pfn, region: &Region| -> Step {
+    // Whether frames of a region may be held with these flags.
+    let take_check = |region: &Region| -> Check {
         match region.kind() {
             RegionKind::P2p { provider, .. } if !gup.contains(FollFlags::PCI_P2PDMA) => {
-                return Step::Refused(GupError::RemoteIo {
+                Check::Refused(GupError::RemoteIo {
                     op,
                     addr: VirtAddr(0),
                     why: format!("p2p memory of {provider} needs FOLL_PCI_P2PDMA"),
                 })
             }
             RegionKind::DeviceCoherent { .. } if gup.contains(FollFlags::LONGTERM) => {
-                return Step::NeedsMigration
+                Check::NeedsMigration
             }
-            _ => {}
+            _ => Check::Ok,
+        }
+    };
+    // Holds one frame the page table maps, under the page-table lock.
+    let take = |pfn: Pfn, region: &Region| -> Step {
+        match take_check(region) {
+            Check::Refused(e) => return Step::Refused(e),
+            Check::NeedsMigration => return Step::NeedsMigration,
+            Check::Ok => {}
         }
         match hold {
             Hold::Pin => region.pin(pfn),
@@ -108,7 +122,7 @@ fn walk(
         {
             let (anon, end) = (v.is_anon(), v.end);
             let pt = mm.pt_lock();
-            'fast: while i < npages {
+            while i < npages {
                 let va = VirtAddr(start.0 + i as u64 * PAGE_SIZE);
                 let left = ((end.0.saturating_sub(va.0)) / PAGE_SIZE) as usize;
                 let run = pt.run(va);
@@ -116,34 +130,49 @@ fn walk(
                 if n == 0 {
                     break;
                 }
-                for (k, pte) in run[..n].iter().enumerate() {
+                // Pass 1, no atomics: how many leading pages are ready, all in one region.
+                let first = run[0];
+                let Some(pfn0) = first.pfn().filter(|_| first.is_present()) else {
+                    break;
+                };
+                if !cur.as_ref().is_some_and(|r| r.contains(pfn0)) {
+                    cur = Some(mm.region(pfn0));
+                }
+                let region = cur.as_deref().unwrap_or_else(|| unreachable!());
+                let ready = |pte: &Pte| -> bool {
                     let Some(pfn) = pte.pfn().filter(|_| pte.is_present()) else {
-                        break 'fast;
+                        return false;
                     };
-                    if !cur.as_ref().is_some_and(|r| r.contains(pfn)) {
-                        cur = Some(mm.region(pfn));
-                    }
-                    let region = cur.as_deref().unwrap_or_else(|| unreachable!());
-                    let ready = match access {
-                        Access::Write => pte.writable(),
-                        Access::Unshare => !anon || region.meta(pfn).test(flags::ANON_EXCLUSIVE),
-                        Access::Read => true,
-                    };
-                    if !ready {
-                        break 'fast;
-                    }
-                    match take(pfn, region) {
-                        Step::Held => {
-                            pages.push(pfn);
-                            i += 1;
+                    region.contains(pfn)
+                        && match access {
+                            Access::Write => pte.writable(),
+                            Access::Unshare => {
+                                !anon || region.meta(pfn).test(flags::ANON_EXCLUSIVE)
+                            }
+                            Access::Read => true,
                         }
-                        Step::NeedsMigration => break 'fast,
-                        Step::Refused(e) => {
-                            let at = VirtAddr(va.0 + k as u64 * PAGE_SIZE);
-                            return (pages, Some(refused(e, at)));
-                        }
+                };
+                let m = run[..n].iter().take_while(|p| ready(p)).count();
+                if m == 0 {
+                    break;
+                }
+                // The region decides for the whole batch whether it may be held.
+                match take_check(region) {
+                    Check::Ok => {}
+                    Check::NeedsMigration => break,
+                    Check::Refused(e) => return (pages, Some(refused(e, va))),
+                }
+                // Pass 2: the pins, touching only frame metadata. Pass 3: the frame list.
+                // Kept apart so the locked adds never wait behind stores to the list.
+                for pte in &run[..m] {
+                    let pfn = pte.pfn().unwrap_or_else(|| unreachable!());
+                    match hold {
+                        Hold::Pin => region.pin(pfn),
+                        Hold::Get => region.get(pfn),
                     }
                 }
+                pages.extend(run[..m].iter().filter_map(|p| p.pfn()));
+                i += m;
             }
             drop(pt);
             if i >= npages {
