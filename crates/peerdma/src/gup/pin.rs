@@ -218,6 +218,25 @@ fn check_args(gup: FollFlags, hold: Hold, op: &'static str) -> Result<(), GupErr
     Ok(())
 }
 
+/// As the kernel returns it: a partial result keeps its reason, an empty one is the
+/// error that stopped it.
+fn nothing_is_an_error(
+    pages: &[Pfn],
+    npages: usize,
+    stopped: Option<GupError>,
+    op: &'static str,
+    start: VirtAddr,
+) -> Result<Option<GupError>, GupError> {
+    if pages.is_empty() && npages > 0 {
+        return Err(stopped.unwrap_or(GupError::Mm(MmError::Fault {
+            op,
+            addr: start,
+            why: "no page could be taken",
+        })));
+    }
+    Ok(stopped)
+}
+
 /// Pages pinned for DMA; dropping the value unpins them (and marks them dirty when
 /// pinned for writing, as `unpin_user_pages_dirty_lock` does).
 ///
@@ -332,13 +351,7 @@ pub fn pin_user_pages(
     check_args(gup, Hold::Pin, op)?;
     mm.has_pinned.store(true, Ordering::Release);
     let (pages, stopped) = walk(mm, start, npages, gup, Hold::Pin, op);
-    if pages.is_empty() && npages > 0 {
-        return Err(stopped.unwrap_or(GupError::Mm(MmError::Fault {
-            op,
-            addr: start,
-            why: "nothing pinned",
-        })));
-    }
+    let stopped = nothing_is_an_error(&pages, npages, stopped, op, start)?;
     Ok(PinnedPages {
         mm: mm.clone(),
         start,
@@ -360,13 +373,7 @@ pub fn get_user_pages(
     let op = "get_user_pages";
     check_args(gup, Hold::Get, op)?;
     let (pages, stopped) = walk(mm, start, npages, gup, Hold::Get, op);
-    if pages.is_empty() && npages > 0 {
-        return Err(stopped.unwrap_or(GupError::Mm(MmError::Fault {
-            op,
-            addr: start,
-            why: "nothing taken",
-        })));
-    }
+    let stopped = nothing_is_an_error(&pages, npages, stopped, op, start)?;
     Ok(GotPages {
         mm: mm.clone(),
         pages,

@@ -191,7 +191,9 @@ impl Mm {
         }
         let mut pt = lock(&self.pt);
         if pt.get(va).is_empty() {
-            pt.set(va, Pte::present(pfn, vma.prot.writable() && exclusive));
+            // Anonymous pages are exclusive when new; shared ones need no COW: both
+            // map writable when the VMA allows it.
+            pt.set(va, Pte::present(pfn, vma.prot.writable()));
         } else {
             drop(pt);
             region.put(pfn); // raced with another fault: theirs stands

@@ -27,6 +27,17 @@ impl<T> Dir<T> {
             used: 0,
         }
     }
+
+    /// The table in slot `i`, made by `make` (and counted) if absent.
+    fn child(&mut self, i: usize, make: impl FnOnce() -> T) -> &mut T {
+        if self.slots[i].is_none() {
+            self.slots[i] = Some(Box::new(make()));
+            self.used += 1;
+        }
+        self.slots[i]
+            .as_deref_mut()
+            .unwrap_or_else(|| unreachable!())
+    }
 }
 
 fn index(va: u64, level: u32) -> usize {
@@ -87,30 +98,12 @@ impl PageTable {
         debug_assert!(va.0 < TASK_SIZE);
         let (i3, i2, i1) = (index(va.0, 3), index(va.0, 2), index(va.0, 1));
         let root = &mut self.root;
-        if root.slots[i3].is_none() {
-            root.slots[i3] = Some(Box::new(Dir::new()));
-            root.used += 1;
-        }
-        let l3 = root.slots[i3]
-            .as_deref_mut()
-            .unwrap_or_else(|| unreachable!());
-        if l3.slots[i2].is_none() {
-            l3.slots[i2] = Some(Box::new(Dir::new()));
-            l3.used += 1;
-        }
-        let l2 = l3.slots[i2]
-            .as_deref_mut()
-            .unwrap_or_else(|| unreachable!());
-        if l2.slots[i1].is_none() {
-            l2.slots[i1] = Some(Box::new(Leaf {
-                ptes: Box::new([Pte::EMPTY; FANOUT]),
-                used: 0,
-            }));
-            l2.used += 1;
-        }
-        let leaf = l2.slots[i1]
-            .as_deref_mut()
-            .unwrap_or_else(|| unreachable!());
+        let l3 = root.child(i3, Dir::new);
+        let l2 = l3.child(i2, Dir::new);
+        let leaf = l2.child(i1, || Leaf {
+            ptes: Box::new([Pte::EMPTY; FANOUT]),
+            used: 0,
+        });
         let old = std::mem::replace(&mut leaf.ptes[index(va.0, 0)], pte);
         match (old.is_empty(), pte.is_empty()) {
             (true, false) => {
@@ -124,18 +117,32 @@ impl PageTable {
             _ => {}
         }
         if leaf.used == 0 {
-            l2.slots[i1] = None;
-            l2.used -= 1;
-            if l2.used == 0 {
-                l3.slots[i2] = None;
-                l3.used -= 1;
-                if l3.used == 0 {
-                    root.slots[i3] = None;
-                    root.used -= 1;
-                }
-            }
+            self.free_empty(i3, i2, i1);
         }
         old
+    }
+
+    /// Frees the leaf at `(i3, i2, i1)` if it is empty, and the directories above it
+    /// that this leaves empty.
+    fn free_empty(&mut self, i3: usize, i2: usize, i1: usize) {
+        let Some(l3) = self.root.slots[i3].as_deref_mut() else {
+            return;
+        };
+        let Some(l2) = l3.slots[i2].as_deref_mut() else {
+            return;
+        };
+        if l2.slots[i1].as_ref().is_some_and(|l| l.used == 0) {
+            l2.slots[i1] = None;
+            l2.used -= 1;
+        }
+        if l2.used == 0 {
+            l3.slots[i2] = None;
+            l3.used -= 1;
+        }
+        if l3.used == 0 {
+            self.root.slots[i3] = None;
+            self.root.used -= 1;
+        }
     }
 
     /// Calls `f` for every non-empty entry in `[start, end)`, in address order; `f` may
@@ -179,16 +186,7 @@ impl PageTable {
                 va += span(0);
             }
             if leaf.used == 0 {
-                l2.slots[i1] = None;
-                l2.used -= 1;
-                if l2.used == 0 {
-                    l3.slots[i2] = None;
-                    l3.used -= 1;
-                    if l3.used == 0 {
-                        self.root.slots[i3] = None;
-                        self.root.used -= 1;
-                    }
-                }
+                self.free_empty(i3, i2, i1);
             }
         }
         self.present = present;
