@@ -3,8 +3,9 @@
 //! dma-buf. See DESIGN.md for the layers; each module here is one of them.
 //!
 //! Layers present so far: [`addr`] (address newtypes), [`sync`] (std or shuttle
-//! primitives), [`fabric`] (the PCIe tree and the kernel's peer-to-peer rules) and
-//! [`mem`] (frames with real bytes).
+//! primitives), [`fabric`] (the PCIe tree and the kernel's peer-to-peer rules),
+//! [`mem`] (frames with real bytes), [`notifier`] (interval notifiers), [`mm`]
+//! (address spaces) and [`gup`] (pinning).
 
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
