@@ -8,7 +8,7 @@ fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1u64 << 30);
-    let figures = peerdma_cli::bench::mm::run(bytes, 5)?;
+    let figures = peerdma_cli::bench::mm::run(bytes, 7)?;
     peerdma_cli::bench::mm::print(&figures);
     Ok(())
 }

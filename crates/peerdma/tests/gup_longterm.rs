@@ -21,7 +21,7 @@ fn longterm_pin_of_anonymous_memory_works() {
     let a = mm.mmap_anon(8 * PAGE_SIZE, Prot::RW).unwrap();
     let pin = pin_user_pages(&mm, a, 8, FollFlags::WRITE | FollFlags::LONGTERM).unwrap();
     assert_eq!(pin.len(), 8, "faulted in and pinned");
-    for &p in pin.pages() {
+    for p in pin.pages() {
         assert_eq!(phys.ram().meta(p).pincount(), 1);
     }
     drop(pin);

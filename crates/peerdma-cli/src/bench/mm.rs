@@ -31,14 +31,6 @@ pub struct MmFigures {
     pub touched: u64,
 }
 
-fn best<T>(runs: usize, mut f: impl FnMut() -> Result<(Duration, T)>) -> Result<Duration> {
-    let mut best = Duration::MAX;
-    for _ in 0..runs.max(1) {
-        best = best.min(f()?.0);
-    }
-    Ok(best)
-}
-
 /// Resident set size of this process, from /proc/self/statm.
 fn rss() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
@@ -137,16 +129,47 @@ fn munmap_kernel(bytes: u64) -> Result<(Duration, ())> {
     Ok((t.elapsed(), ()))
 }
 
-/// Runs the three benchmarks over `bytes` (1 GiB by default), best of `runs`.
+/// Runs `ours` and `kernel` alternately `runs` times (so both see the same machine
+/// state) and returns the median time of each; a failing `kernel` run ends the kernel
+/// side with its error.
+fn paired(
+    runs: usize,
+    mut ours: impl FnMut() -> Result<(Duration, ())>,
+    mut kernel: impl FnMut() -> Result<(Duration, ())>,
+) -> Result<(Duration, Result<Duration>)> {
+    let (mut o, mut k) = (Vec::new(), Vec::new());
+    let mut kernel_err = None;
+    for _ in 0..runs.max(1) {
+        o.push(ours()?.0);
+        if kernel_err.is_none() {
+            match kernel() {
+                Ok((d, ())) => k.push(d),
+                Err(e) => kernel_err = Some(e),
+            }
+        }
+    }
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let k = match kernel_err {
+        Some(e) => Err(e),
+        None => Ok(median(k)),
+    };
+    Ok((median(o), k))
+}
+
+/// Runs the three benchmarks over `bytes` (1 GiB by default): medians of `runs`
+/// alternating runs of ours and the kernel's.
 pub fn run(bytes: u64, runs: usize) -> Result<MmFigures> {
     let pages = bytes / PAGE_SIZE;
-    let pin_o = best(runs, || pin_ours(bytes))?;
-    let (pin_k, skip) = match best(runs, || pin_kernel(bytes)) {
+    let (pin_o, pin_k) = paired(runs, || pin_ours(bytes), || pin_kernel(bytes))?;
+    let (pin_k, skip) = match pin_k {
         Ok(d) => (Some(d), None),
         Err(e) => (None, Some(format!("{e:#}"))),
     };
-    let mun_o = best(runs, || munmap_ours(bytes))?;
-    let mun_k = best(runs, || munmap_kernel(bytes))?;
+    let (mun_o, mun_k) = paired(runs, || munmap_ours(bytes), || munmap_kernel(bytes))?;
+    let mun_k = mun_k?;
     // Metadata and resident memory: a 1 TiB device region, `bytes` of it touched.
     let before = rss();
     let phys = PhysMem::new(PAGE_SIZE)?;
@@ -179,7 +202,7 @@ pub fn print(f: &MmFigures) {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let mpps = |d: Duration| f.pages as f64 / d.as_secs_f64() / 1e6;
     println!(
-        "mm benchmark: {} pages ({} MiB), best of runs",
+        "mm benchmark: {} pages ({} MiB), medians of alternating runs",
         f.pages,
         (f.pages * PAGE_SIZE) >> 20
     );

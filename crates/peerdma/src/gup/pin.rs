@@ -36,6 +36,48 @@ impl BitOr for FollFlags {
     }
 }
 
+/// Frames in address order, stored as runs of physically contiguous frames: pinning
+/// 1 GiB of memory the allocator handed out in order costs a few entries, not a
+/// quarter-million, and the runs are what a scatter-gather list is built from.
+///
+/// # Invariants
+/// Every run has a count of at least 1; `len` is the sum of the counts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct PageRuns {
+    runs: Vec<(Pfn, u32)>,
+    len: usize,
+}
+
+impl PageRuns {
+    fn push(&mut self, pfn: Pfn) {
+        match self.runs.last_mut() {
+            Some((first, n)) if first.0 + u64::from(*n) == pfn.0 && *n < u32::MAX => *n += 1,
+            _ => self.runs.push((pfn, 1)),
+        }
+        self.len += 1;
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn iter(&self) -> impl Iterator<Item = Pfn> + '_ {
+        self.runs
+            .iter()
+            .flat_map(|&(first, n)| (0..u64::from(n)).map(move |k| Pfn(first.0 + k)))
+    }
+
+    fn get(&self, mut i: usize) -> Option<Pfn> {
+        for &(first, n) in &self.runs {
+            if i < n as usize {
+                return Some(Pfn(first.0 + i as u64));
+            }
+            i -= n as usize;
+        }
+        None
+    }
+}
+
 /// What the walk holds each page by.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Hold {
@@ -65,7 +107,7 @@ fn walk(
     gup: FollFlags,
     hold: Hold,
     op: &'static str,
-) -> (Vec<Pfn>, Option<GupError>) {
+) -> (PageRuns, Option<GupError>) {
     let start = VirtAddr(start.0 & !(PAGE_SIZE - 1));
     let access = if gup.contains(FollFlags::WRITE) {
         Access::Write
@@ -74,7 +116,7 @@ fn walk(
     } else {
         Access::Read
     };
-    let mut pages = Vec::with_capacity(npages);
+    let mut pages = PageRuns::default();
     let vmas = mm.mmap_read();
     let mut cur: Option<Arc<Region>> = None;
     // Whether frames of a region may be held with these flags.
@@ -171,7 +213,9 @@ fn walk(
                         Hold::Get => region.get(pfn),
                     }
                 }
-                pages.extend(run[..m].iter().filter_map(|p| p.pfn()));
+                for pte in &run[..m] {
+                    pages.push(pte.pfn().unwrap_or_else(|| unreachable!()));
+                }
                 i += m;
             }
             drop(pt);
@@ -221,7 +265,7 @@ fn check_args(gup: FollFlags, hold: Hold, op: &'static str) -> Result<(), GupErr
 /// As the kernel returns it: a partial result keeps its reason, an empty one is the
 /// error that stopped it.
 fn nothing_is_an_error(
-    pages: &[Pfn],
+    pages: &PageRuns,
     npages: usize,
     stopped: Option<GupError>,
     op: &'static str,
@@ -245,7 +289,7 @@ fn nothing_is_an_error(
 pub struct PinnedPages {
     mm: Arc<Mm>,
     start: VirtAddr,
-    pages: Vec<Pfn>,
+    pages: PageRuns,
     requested: usize,
     stopped: Option<GupError>,
     write: bool,
@@ -255,7 +299,7 @@ impl std::fmt::Debug for PinnedPages {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PinnedPages")
             .field("start", &self.start)
-            .field("pinned", &self.pages.len())
+            .field("pinned", &self.pages.len)
             .field("requested", &self.requested)
             .finish()
     }
@@ -263,12 +307,20 @@ impl std::fmt::Debug for PinnedPages {
 
 impl PinnedPages {
     /// The pinned frames, in address order from `start`.
-    pub fn pages(&self) -> &[Pfn] {
-        &self.pages
+    pub fn pages(&self) -> Vec<Pfn> {
+        self.pages.iter().collect()
+    }
+    /// The `i`th pinned frame.
+    pub fn page(&self, i: usize) -> Option<Pfn> {
+        self.pages.get(i)
+    }
+    /// The pinned frames as runs of physically contiguous frames `(first, count)`.
+    pub fn runs(&self) -> &[(Pfn, u32)] {
+        &self.pages.runs
     }
     /// How many were pinned.
     pub fn len(&self) -> usize {
-        self.pages.len()
+        self.pages.len
     }
     /// Whether none were (never true for a returned value).
     pub fn is_empty(&self) -> bool {
@@ -292,13 +344,9 @@ impl PinnedPages {
 
 impl Drop for PinnedPages {
     fn drop(&mut self) {
-        // One batch per run of frames in one region.
-        let mut rest = &self.pages[..];
-        while let Some(&first) = rest.first() {
+        for &(first, n) in &self.pages.runs {
             let region = self.mm.region(first);
-            let n = rest.iter().take_while(|&&p| region.contains(p)).count();
-            region.unpin_many(&rest[..n], self.write);
-            rest = &rest[n..];
+            region.unpin_run(first, u64::from(n), self.write);
         }
     }
 }
@@ -309,22 +357,22 @@ impl Drop for PinnedPages {
 /// Each frame in `pages` carries one reference taken by this value.
 pub struct GotPages {
     mm: Arc<Mm>,
-    pages: Vec<Pfn>,
+    pages: PageRuns,
     stopped: Option<GupError>,
 }
 
 impl std::fmt::Debug for GotPages {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GotPages")
-            .field("pages", &self.pages.len())
+            .field("pages", &self.pages.len)
             .finish()
     }
 }
 
 impl GotPages {
     /// The frames, in address order.
-    pub fn pages(&self) -> &[Pfn] {
-        &self.pages
+    pub fn pages(&self) -> Vec<Pfn> {
+        self.pages.iter().collect()
     }
     /// Why the walk stopped early.
     pub fn stopped_by(&self) -> Option<&GupError> {
@@ -334,7 +382,7 @@ impl GotPages {
 
 impl Drop for GotPages {
     fn drop(&mut self) {
-        self.mm.put_frames(&self.pages);
+        self.mm.put_frames(&self.pages());
     }
 }
 

@@ -308,12 +308,17 @@ impl Region {
         }
     }
 
-    /// Unpins each frame (marking it dirty first when `dirty`), freeing the ones whose
-    /// last reference that was under one allocator lock (`unpin_user_pages_dirty_lock`).
-    pub fn unpin_many(&self, pfns: &[Pfn], dirty: bool) {
+    /// Unpins `n` frames from `first` (marking them dirty first when `dirty`), freeing
+    /// the ones whose last reference that was under one allocator lock
+    /// (`unpin_user_pages_dirty_lock` over a contiguous run).
+    pub fn unpin_run(&self, first: Pfn, n: u64, dirty: bool) {
         let mut freed = Vec::new();
-        for &p in pfns {
-            let idx = self.idx(p);
+        let start = self.idx(first);
+        assert!(
+            start + n <= self.frames,
+            "unpin of frames past the region's end"
+        );
+        for idx in start..start + n {
             if dirty {
                 let m = self.meta.get(idx);
                 if m.flags() & flags::DIRTY == 0 {
