@@ -32,11 +32,12 @@ fn topo_preset_prints_both_matrices_and_legends() {
     assert!(out.contains("nvidia-smi topo -m view"));
     assert!(out.contains("PIX   = Connection traversing at most a single PCIe bridge"));
     assert!(out.contains("Kernel P2PDMA verdict"));
-    // D0 (GPU 03:00.0) to D2 (NVMe 05:00.0) through the switch: BUS 4.
+    // D0 (GPU 03:00.0) to the NVMe drives 05:00.0 and 06:00.0 through the switch: BUS 4;
+    // to the drive on its own root port (07:00.0) through the host bridge.
     let row = out.lines().rev().find(|l| l.starts_with("D0 ")).unwrap();
     assert_eq!(
         row.split_whitespace().collect::<Vec<_>>(),
-        ["D0", "BUS", "0", "BUS", "4", "BUS", "4", "HB", "6"]
+        ["D0", "BUS", "0", "BUS", "4", "BUS", "4", "BUS", "4", "HB", "6"]
     );
 }
 

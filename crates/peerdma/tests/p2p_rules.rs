@@ -367,7 +367,7 @@ fn distance_many_sums_and_fails_if_any_client_is_unsupported() {
         Some(8)
     );
     assert_eq!(
-        distance_many(&t, gpu0, &[id("0000:04:00.0"), id("0000:06:00.0")]),
+        distance_many(&t, gpu0, &[id("0000:04:00.0"), id("0000:07:00.0")]),
         Some(4 + 6)
     );
     let q = preset("q35").unwrap();
@@ -424,7 +424,7 @@ fn presets_give_the_verdicts_they_are_built_for() {
         MapType::BusAddr
     );
     assert_eq!(
-        verdict(&w, "0000:05:00.0", "0000:06:00.0").map_type,
+        verdict(&w, "0000:05:00.0", "0000:07:00.0").map_type,
         MapType::ThruHostBridge
     );
     let d = preset("dgx").unwrap();

@@ -25,7 +25,7 @@ fn dgx_levels_follow_switches_host_bridges_and_numa_nodes() {
 fn workstation_levels_pix_in_the_switch_phb_to_the_other_root_port() {
     let t = preset("workstation").unwrap();
     assert_eq!(level(&t, "0000:03:00.0", "0000:05:00.0"), TopoLevel::PIX);
-    assert_eq!(level(&t, "0000:03:00.0", "0000:06:00.0"), TopoLevel::PHB);
+    assert_eq!(level(&t, "0000:03:00.0", "0000:07:00.0"), TopoLevel::PHB);
 }
 
 #[test]
