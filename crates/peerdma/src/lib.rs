@@ -11,9 +11,14 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod addr;
+pub mod dma;
+pub mod drivers;
 pub mod fabric;
 pub mod gup;
+pub mod host;
+pub mod iommu;
 pub mod mem;
 pub mod mm;
 pub mod notifier;
+pub mod p2pmem;
 pub mod sync;

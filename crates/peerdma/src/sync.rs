@@ -34,7 +34,19 @@ pub use shuttle::thread;
 
 pub use std::sync::OnceLock;
 
-/// Locks a mutex, treating poisoning (a panic while it was held) as the panic it is.
+/// Sleeps (yields to the scheduler under shuttle, which has no clock).
+pub fn sleep(d: std::time::Duration) {
+    #[cfg(not(feature = "shuttle"))]
+    std::thread::sleep(d);
+    #[cfg(feature = "shuttle")]
+    {
+        let _ = d;
+        shuttle::thread::yield_now();
+    }
+}
+
+/// Locks a mutex. Poisoning (a panic while it was held) is ignored: the panic is
+/// reported by the thread that panicked, and the data is used as it was left.
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,

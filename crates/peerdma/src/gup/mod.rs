@@ -14,8 +14,10 @@
 //!
 //! The returned values are RAII: dropping them unpins (or puts) every page.
 
+mod dma_sg;
 mod pin;
 
+pub use dma_sg::{get_user_dma_sg, UserDmaSg};
 pub use pin::{get_user_pages, pin_user_pages, FollFlags, GotPages, PinnedPages};
 
 use crate::addr::VirtAddr;
@@ -37,6 +39,10 @@ pub enum GupError {
         /// Why.
         why: String,
     },
+    /// Mapping the pinned pages for the device failed (EREMOTEIO for an unreachable
+    /// peer, ENOMEM for IOVA space, ENODEV).
+    #[error(transparent)]
+    Dma(#[from] crate::dma::DmaError),
     /// A flag combination the kernel rejects (EINVAL).
     #[error("{op}: invalid argument (EINVAL): {why}")]
     Invalid {
@@ -53,6 +59,10 @@ impl GupError {
         match self {
             GupError::Mm(e) => e.errno(),
             GupError::RemoteIo { .. } => 121,
+            GupError::Dma(crate::dma::DmaError::RemoteIo { .. }) => 121,
+            GupError::Dma(crate::dma::DmaError::NoDevice { .. }) => 19,
+            GupError::Dma(crate::dma::DmaError::NoSpace { .. }) => 12,
+            GupError::Dma(crate::dma::DmaError::Fault(_)) => 14,
             GupError::Invalid { .. } => 22,
         }
     }

@@ -58,15 +58,27 @@ impl PhysMem {
 
     /// Registers `bytes` of device memory of `kind` (`memremap_pages()`).
     pub fn memremap_pages(&self, kind: RegionKind, bytes: u64) -> Result<Arc<Region>, MemError> {
+        self.memremap_pages_with(bytes, |_| kind)
+    }
+
+    /// Registers `bytes` of device memory whose kind depends on where it lands:
+    /// `kind_at` gets the region's first frame (a p2p region's bus offset is the BAR's
+    /// bus address minus that frame's physical address).
+    pub fn memremap_pages_with(
+        &self,
+        bytes: u64,
+        kind_at: impl FnOnce(Pfn) -> RegionKind,
+    ) -> Result<Arc<Region>, MemError> {
+        let frames = bytes.div_ceil(PAGE_SIZE);
+        let mut regions = write(&self.regions);
+        let last = regions.last().map_or(0, |r| r.base().0 + r.frames());
+        let base = Pfn(last.next_multiple_of(REGION_ALIGN_FRAMES));
+        let kind = kind_at(base);
         if kind == RegionKind::SystemRam {
             return Err(MemError::Invalid {
                 what: "memremap_pages of system RAM".into(),
             });
         }
-        let frames = bytes.div_ceil(PAGE_SIZE);
-        let mut regions = write(&self.regions);
-        let last = regions.last().map_or(0, |r| r.base().0 + r.frames());
-        let base = Pfn(last.next_multiple_of(REGION_ALIGN_FRAMES));
         let id = RegionId(regions.iter().map(|r| r.id().0).max().unwrap_or(0) + 1);
         let region = Arc::new(Region::new(id, kind, base, frames)?);
         regions.push(region.clone());

@@ -1,0 +1,210 @@
+//! DMA mapping and the DMA engine: scatter-gather tables, mapping them for one device
+//! (system RAM through that device's IOMMU domain, a peer's memory by bus address
+//! through a switch or by IOVA through an allowed host bridge, or a refusal), in-flight
+//! tracking so unmapping waits for DMA in progress, the engine every device model moves
+//! bytes with, and the sanitizer that checks every access.
+//!
+//! Kernel analogue: kernel/dma/mapping.c, drivers/iommu/dma-iommu.c
+//! (`iommu_dma_map_sg` with its p2pdma handling), lib/scatterlist.c. What this layer
+//! leaves to others: pinning (`gup`), the memory providers (`p2pmem`), and the devices.
+
+mod engine;
+mod map;
+pub mod sanitizer;
+pub mod sg;
+
+pub use map::{DmaMapping, DmaSegment, MapKind};
+pub use sanitizer::{Sanitizer, Violation, ViolationKind};
+pub use sg::{SgEntry, SgTable};
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::addr::Bdf;
+use crate::fabric::Topology;
+use crate::iommu::Iommu;
+use crate::mem::PhysMem;
+use crate::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::{Arc, RwLock};
+
+/// Which way the data of a mapping flows (`enum dma_data_direction`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum Direction {
+    /// The device reads memory.
+    ToDevice,
+    /// The device writes memory.
+    FromDevice,
+    /// Both.
+    Bidirectional,
+}
+
+impl Direction {
+    /// Whether the device may read memory through the mapping.
+    pub fn device_reads(self) -> bool {
+        matches!(self, Direction::ToDevice | Direction::Bidirectional)
+    }
+    /// Whether the device may write memory through the mapping.
+    pub fn device_writes(self) -> bool {
+        matches!(self, Direction::FromDevice | Direction::Bidirectional)
+    }
+}
+
+/// What DMA mapping and the engine can refuse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DmaError {
+    /// The peer cannot be reached (EREMOTEIO: will not succeed if retried).
+    #[error("{dev} cannot reach memory of {provider} (EREMOTEIO): {reason}")]
+    RemoteIo {
+        /// The DMA-ing device.
+        dev: Bdf,
+        /// The memory's provider.
+        provider: Bdf,
+        /// The fabric's reason.
+        reason: String,
+    },
+    /// The device is not in the host's fabric (ENODEV).
+    #[error("{dev}: no such device (ENODEV)")]
+    NoDevice {
+        /// The device.
+        dev: Bdf,
+    },
+    /// The IOVA space is exhausted (ENOMEM).
+    #[error("{dev}: out of IOVA space for {bytes:#x} bytes (ENOMEM)")]
+    NoSpace {
+        /// The device.
+        dev: Bdf,
+        /// Bytes asked for.
+        bytes: u64,
+    },
+    /// A device access broke a rule; the sanitizer recorded it (EFAULT).
+    #[error("DMA fault: {0}")]
+    Fault(Box<Violation>),
+}
+
+/// One device's live mappings by (first DMA address, mapping id).
+type LiveMap = BTreeMap<(u64, u64), Arc<map::Record>>;
+
+/// Bytes the engine moved, by the path they took.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DmaStats {
+    /// Peer memory reached by bus address, through a switch.
+    pub via_switch: u64,
+    /// Peer memory reached through the host bridge (IOVA or physical address).
+    pub via_host_bridge: u64,
+    /// System RAM.
+    pub host_ram: u64,
+    /// Mappings made.
+    pub mappings: u64,
+    /// Mappings released.
+    pub unmappings: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    via_switch: AtomicU64,
+    via_host_bridge: AtomicU64,
+    host_ram: AtomicU64,
+    mappings: AtomicU64,
+    unmappings: AtomicU64,
+}
+
+/// The DMA side of one host: its fabric, memory, IOMMU, live mappings and sanitizer.
+///
+/// # Invariants
+/// `live` holds exactly the mappings whose [`DmaMapping`] has not been dropped, keyed by
+/// device, then first DMA address and mapping id (one page may be mapped twice).
+pub struct Dma {
+    topo: Arc<Topology>,
+    phys: Arc<PhysMem>,
+    iommu: Iommu,
+    /// Live mappings per device. Lock order: after the page-table lock, before a
+    /// mapping's in-flight lock.
+    live: RwLock<HashMap<Bdf, LiveMap>>,
+    sanitizer: Sanitizer,
+    counters: Counters,
+    next_id: AtomicU64,
+    max_segment: u64,
+}
+
+impl std::fmt::Debug for Dma {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dma").field("iommu", &self.iommu).finish()
+    }
+}
+
+impl Dma {
+    /// The DMA side of a host: the IOMMU translates when `iommu` is true (the
+    /// topology's own IOMMU flag is the usual choice).
+    pub fn new(topo: Arc<Topology>, phys: Arc<PhysMem>, iommu: bool) -> Arc<Self> {
+        let iommu = Iommu::new(&topo, iommu);
+        Arc::new(Dma {
+            topo,
+            phys,
+            iommu,
+            live: RwLock::new(HashMap::new()),
+            sanitizer: Sanitizer::default(),
+            counters: Counters::default(),
+            next_id: AtomicU64::new(1),
+            max_segment: 64 << 10,
+        })
+    }
+
+    /// The fabric.
+    pub fn topology(&self) -> &Arc<Topology> {
+        &self.topo
+    }
+    /// Physical memory.
+    pub fn phys(&self) -> &Arc<PhysMem> {
+        &self.phys
+    }
+    /// The IOMMU.
+    pub fn iommu(&self) -> &Iommu {
+        &self.iommu
+    }
+    /// The sanitizer.
+    pub fn sanitizer(&self) -> &Sanitizer {
+        &self.sanitizer
+    }
+    /// The largest segment an SG table built for these devices holds (64 KiB, like
+    /// `dma_get_max_seg_size()`'s common default).
+    pub fn max_segment(&self) -> u64 {
+        self.max_segment
+    }
+    /// Bytes moved by path, and mapping counts.
+    pub fn stats(&self) -> DmaStats {
+        let c = &self.counters;
+        DmaStats {
+            via_switch: c.via_switch.load(Ordering::Relaxed),
+            via_host_bridge: c.via_host_bridge.load(Ordering::Relaxed),
+            host_ram: c.host_ram.load(Ordering::Relaxed),
+            mappings: c.mappings.load(Ordering::Relaxed),
+            unmappings: c.unmappings.load(Ordering::Relaxed),
+        }
+    }
+    /// Live mappings of all devices.
+    pub fn live_mappings(&self) -> usize {
+        crate::sync::read(&self.live)
+            .values()
+            .map(BTreeMap::len)
+            .sum()
+    }
+    /// Devices with a live mapping of any of `frames`, for reports of who holds memory.
+    pub fn holders(&self, contains: impl Fn(crate::addr::Pfn) -> bool) -> Vec<Bdf> {
+        let live = crate::sync::read(&self.live);
+        let mut out: Vec<Bdf> = live
+            .iter()
+            .filter(|(_, m)| m.values().any(|r| r.frames().any(&contains)))
+            .map(|(d, _)| *d)
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn fault(&self, v: Violation) -> DmaError {
+        self.sanitizer.record(v.clone());
+        DmaError::Fault(Box::new(v))
+    }
+
+    fn bump(&self, counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,428 @@
+//! An NVMe controller: namespaces backed by a real (sparse, temporary by default) file,
+//! read and write commands whose data pointers are DMA addresses (PRP entries or an SGL
+//! built from a mapped SG table), and a controller memory buffer in a BAR registered as
+//! p2p memory by the rules of the Linux driver's `nvme_map_cmb()`.
+//!
+//! Not modelled: queues and doorbells (commands are calls), and PRP lists living in
+//! host memory (the list is handed over with the command).
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+use crate::addr::{Bdf, DmaAddr, PAGE_SIZE};
+use crate::dma::{Dma, DmaError, DmaSegment};
+use crate::p2pmem::{P2pError, Provider};
+use crate::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::Arc;
+
+/// The CMBSZ and CMBLOC registers of a controller with a CMB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CmbRegs {
+    /// CMBSZ: SQS bit 0, CQS 1, LISTS 2, RDS 3, WDS 4, SZU bits 11:8, SZ bits 31:12.
+    pub cmbsz: u32,
+    /// CMBLOC: BIR bits 2:0, OFST bits 31:12 (in SZU units).
+    pub cmbloc: u32,
+}
+
+impl CmbRegs {
+    /// Read data support.
+    pub const RDS: u32 = 1 << 3;
+    /// Write data support.
+    pub const WDS: u32 = 1 << 4;
+
+    /// A CMB of `size` bytes (a multiple of 1 MiB) at `offset` (a multiple of 1 MiB)
+    /// into BAR `bar`, with both data directions supported.
+    pub fn whole(bar: u8, size: u64, offset: u64) -> Self {
+        const SZU_1M: u32 = 2; // 4 KiB * 16^2
+        CmbRegs {
+            cmbsz: Self::RDS | Self::WDS | (SZU_1M << 8) | (((size >> 20) as u32) << 12),
+            cmbloc: u32::from(bar & 7) | (((offset >> 20) as u32) << 12),
+        }
+    }
+}
+
+/// How the CMB came out of `nvme_map_cmb()`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CmbStatus {
+    /// CMBSZ is zero.
+    Absent,
+    /// Present but not registered, and why.
+    Skipped(String),
+    /// Registered as p2p memory.
+    Registered {
+        /// Bytes.
+        size: u64,
+        /// Published for other clients (WDS and RDS both supported).
+        published: bool,
+    },
+}
+
+/// How to build a controller.
+#[derive(Clone, Debug)]
+pub struct NvmeConfig {
+    /// Logical block size: 512 or 4096.
+    pub lba_size: u32,
+    /// Namespace size in bytes.
+    pub capacity: u64,
+    /// The backing file; a sparse temporary file when `None`.
+    pub backing: Option<PathBuf>,
+    /// The CMB registers, when the controller has one.
+    pub cmb: Option<CmbRegs>,
+}
+
+impl Default for NvmeConfig {
+    fn default() -> Self {
+        NvmeConfig {
+            lba_size: 4096,
+            capacity: 1 << 30,
+            backing: None,
+            cmb: None,
+        }
+    }
+}
+
+/// What a controller can refuse.
+#[derive(Debug, thiserror::Error)]
+pub enum NvmeError {
+    /// A bad configuration.
+    #[error("NVMe {dev}: {why}")]
+    Config {
+        /// The controller.
+        dev: Bdf,
+        /// Why.
+        why: String,
+    },
+    /// The namespace file failed.
+    #[error("NVMe {dev}: namespace file: {source}")]
+    Io {
+        /// The controller.
+        dev: Bdf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// LBA range outside the namespace (the NVMe status LBA Out of Range).
+    #[error("NVMe {dev}: LBA {slba}+{nlb} outside the namespace of {nlba} blocks")]
+    LbaOutOfRange {
+        /// The controller.
+        dev: Bdf,
+        /// First block.
+        slba: u64,
+        /// Blocks.
+        nlb: u64,
+        /// Blocks in the namespace.
+        nlba: u64,
+    },
+    /// The data pointer does not cover the transfer (Data SGL Length Invalid).
+    #[error("NVMe {dev}: the data pointer covers {have:#x} bytes, the command moves {need:#x}")]
+    DataPointer {
+        /// The controller.
+        dev: Bdf,
+        /// Bytes described.
+        have: u64,
+        /// Bytes needed.
+        need: u64,
+    },
+    /// A DMA the engine refused (the NVMe status Data Transfer Error).
+    #[error("NVMe {dev}: data transfer error: {source}")]
+    Dma {
+        /// The controller.
+        dev: Bdf,
+        /// The engine's refusal.
+        source: DmaError,
+    },
+    /// Registering the CMB failed.
+    #[error(transparent)]
+    P2p(#[from] P2pError),
+}
+
+/// A command's data pointer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DataPointer {
+    /// PRP entries: the first may start anywhere in a page, every later one is page
+    /// aligned and covers a whole page (the last possibly in part).
+    Prp(Vec<DmaAddr>),
+    /// An SGL of data blocks (address, length).
+    Sgl(Vec<(DmaAddr, u64)>),
+}
+
+impl DataPointer {
+    /// The pointer a driver would build for mapped segments: PRPs when the segments
+    /// allow (every segment but the first starts page aligned, every one but the last
+    /// ends page aligned), else an SGL.
+    pub fn for_segments(segments: &[DmaSegment]) -> Self {
+        let n = segments.len();
+        let prp_ok = segments.iter().enumerate().all(|(i, s)| {
+            (i == 0 || s.addr.0 % PAGE_SIZE == 0)
+                && (i + 1 == n || (s.addr.0 + s.len) % PAGE_SIZE == 0)
+        });
+        if !prp_ok {
+            return DataPointer::Sgl(segments.iter().map(|s| (s.addr, s.len)).collect());
+        }
+        let mut prps = Vec::new();
+        for s in segments {
+            let mut a = s.addr.0;
+            let end = s.addr.0 + s.len;
+            while a < end {
+                prps.push(DmaAddr(a));
+                a = (a & !(PAGE_SIZE - 1)) + PAGE_SIZE;
+            }
+        }
+        DataPointer::Prp(prps)
+    }
+
+    /// The (address, bytes) pieces of a transfer of `len` bytes.
+    fn pieces(&self, len: u64) -> Vec<(DmaAddr, u64)> {
+        let mut out = Vec::new();
+        let mut left = len;
+        match self {
+            DataPointer::Prp(prps) => {
+                for a in prps {
+                    if left == 0 {
+                        break;
+                    }
+                    let n = (PAGE_SIZE - a.0 % PAGE_SIZE).min(left);
+                    out.push((*a, n));
+                    left -= n;
+                }
+            }
+            DataPointer::Sgl(blocks) => {
+                for &(a, l) in blocks {
+                    if left == 0 {
+                        break;
+                    }
+                    let n = l.min(left);
+                    out.push((a, n));
+                    left -= n;
+                }
+            }
+        }
+        out
+    }
+}
+
+/// An NVMe controller with one namespace.
+pub struct Nvme {
+    dev: Bdf,
+    dma: Arc<Dma>,
+    file: File,
+    lba_size: u32,
+    nlba: u64,
+    cmb: Option<Arc<Provider>>,
+    cmb_status: CmbStatus,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+}
+
+impl std::fmt::Debug for Nvme {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Nvme")
+            .field("dev", &self.dev)
+            .field("cmb", &self.cmb_status)
+            .finish()
+    }
+}
+
+/// `memremap_compat_align()` on x86-64: a CMB (size and BAR start) must be a multiple.
+const CMB_ALIGN: u64 = 2 << 20;
+
+impl Nvme {
+    /// Brings up a controller at `dev`: creates its namespace and maps its CMB.
+    pub fn new(dma: &Arc<Dma>, dev: Bdf, cfg: NvmeConfig) -> Result<Arc<Self>, NvmeError> {
+        let bad = |why: String| NvmeError::Config { dev, why };
+        if cfg.lba_size != 512 && cfg.lba_size != 4096 {
+            return Err(bad(format!(
+                "LBA size {} is neither 512 nor 4096",
+                cfg.lba_size
+            )));
+        }
+        if cfg.capacity == 0 || !cfg.capacity.is_multiple_of(u64::from(cfg.lba_size)) {
+            return Err(bad(format!(
+                "capacity {:#x} is not a whole number of blocks",
+                cfg.capacity
+            )));
+        }
+        if dma.topology().lookup(dev).is_none() {
+            return Err(bad("no such function in the fabric".into()));
+        }
+        let io = |source| NvmeError::Io { dev, source };
+        let file = match &cfg.backing {
+            Some(p) => std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(p)
+                .map_err(io)?,
+            None => tempfile::tempfile().map_err(io)?,
+        };
+        file.set_len(cfg.capacity).map_err(io)?;
+        let (cmb, cmb_status) = Self::map_cmb(dma, dev, cfg.cmb)?;
+        Ok(Arc::new(Nvme {
+            dev,
+            dma: dma.clone(),
+            file,
+            lba_size: cfg.lba_size,
+            nlba: cfg.capacity / u64::from(cfg.lba_size),
+            cmb,
+            cmb_status,
+            bytes_read: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
+        }))
+    }
+
+    /// `nvme_map_cmb()`: size and offset from CMBSZ/CMBLOC, clamped to the BAR; skipped
+    /// when not 2 MiB aligned; published only with both WDS and RDS.
+    fn map_cmb(
+        dma: &Arc<Dma>,
+        dev: Bdf,
+        regs: Option<CmbRegs>,
+    ) -> Result<(Option<Arc<Provider>>, CmbStatus), NvmeError> {
+        let Some(regs) = regs.filter(|r| r.cmbsz != 0) else {
+            return Ok((None, CmbStatus::Absent));
+        };
+        let unit = 4096u64 << (4 * ((regs.cmbsz >> 8) & 0xf));
+        let mut size = unit * u64::from(regs.cmbsz >> 12);
+        let offset = unit * u64::from(regs.cmbloc >> 12);
+        let bar = (regs.cmbloc & 7) as u8;
+        let topo = dma.topology();
+        let f = topo.function(topo.lookup(dev).ok_or(NvmeError::Config {
+            dev,
+            why: "no such function".into(),
+        })?);
+        let Some(b) = f.bars.iter().find(|b| b.index == bar) else {
+            return Ok((
+                None,
+                CmbStatus::Skipped(format!("CMBLOC names BAR {bar}, which does not exist")),
+            ));
+        };
+        if offset > b.size {
+            return Ok((
+                None,
+                CmbStatus::Skipped(format!(
+                    "offset {offset:#x} beyond BAR {bar} of {:#x} bytes",
+                    b.size
+                )),
+            ));
+        }
+        size = size.min(b.size - offset);
+        if !size.is_multiple_of(CMB_ALIGN) || !b.cpu.0.is_multiple_of(CMB_ALIGN) {
+            return Ok((
+                None,
+                CmbStatus::Skipped(format!(
+                    "CMB of {size:#x} bytes in BAR {bar} at {} is not 2 MiB aligned",
+                    b.cpu
+                )),
+            ));
+        }
+        let provider = Provider::add_resource(dma, dev, bar, size, offset)?;
+        let published = regs.cmbsz & (CmbRegs::WDS | CmbRegs::RDS) == CmbRegs::WDS | CmbRegs::RDS;
+        provider.publish(published);
+        Ok((Some(provider), CmbStatus::Registered { size, published }))
+    }
+
+    /// The controller's address.
+    pub fn dev(&self) -> Bdf {
+        self.dev
+    }
+    /// The CMB provider, when registered.
+    pub fn cmb(&self) -> Option<&Arc<Provider>> {
+        self.cmb.as_ref()
+    }
+    /// How the CMB came out.
+    pub fn cmb_status(&self) -> &CmbStatus {
+        &self.cmb_status
+    }
+    /// Logical block size.
+    pub fn lba_size(&self) -> u32 {
+        self.lba_size
+    }
+    /// Blocks in the namespace.
+    pub fn nlba(&self) -> u64 {
+        self.nlba
+    }
+    /// The namespace's backing file (for setup and verification outside DMA).
+    pub fn backing(&self) -> &File {
+        &self.file
+    }
+    /// Bytes read from and written to the namespace by commands.
+    pub fn bytes_moved(&self) -> (u64, u64) {
+        (
+            self.bytes_read.load(Ordering::Relaxed),
+            self.bytes_written.load(Ordering::Relaxed),
+        )
+    }
+
+    fn check(&self, slba: u64, nlb: u64, dptr: &DataPointer) -> Result<u64, NvmeError> {
+        if nlb == 0 || slba.checked_add(nlb).is_none_or(|e| e > self.nlba) {
+            return Err(NvmeError::LbaOutOfRange {
+                dev: self.dev,
+                slba,
+                nlb,
+                nlba: self.nlba,
+            });
+        }
+        let need = nlb * u64::from(self.lba_size);
+        let have: u64 = dptr.pieces(need).iter().map(|p| p.1).sum();
+        if have < need {
+            return Err(NvmeError::DataPointer {
+                dev: self.dev,
+                have,
+                need,
+            });
+        }
+        Ok(need)
+    }
+
+    /// Read command: `nlb` blocks from `slba` into the memory `dptr` points at (the
+    /// controller DMA-writes memory).
+    pub fn read(&self, slba: u64, nlb: u64, dptr: &DataPointer) -> Result<(), NvmeError> {
+        let len = self.check(slba, nlb, dptr)?;
+        let mut pos = slba * u64::from(self.lba_size);
+        let mut buf = Vec::new();
+        for (addr, n) in dptr.pieces(len) {
+            buf.resize(n as usize, 0);
+            self.file
+                .read_exact_at(&mut buf, pos)
+                .map_err(|source| NvmeError::Io {
+                    dev: self.dev,
+                    source,
+                })?;
+            self.dma
+                .dma_write(self.dev, addr, &buf)
+                .map_err(|source| NvmeError::Dma {
+                    dev: self.dev,
+                    source,
+                })?;
+            pos += n;
+        }
+        self.bytes_read.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Write command: `nlb` blocks to `slba` from the memory `dptr` points at (the
+    /// controller DMA-reads memory).
+    pub fn write(&self, slba: u64, nlb: u64, dptr: &DataPointer) -> Result<(), NvmeError> {
+        let len = self.check(slba, nlb, dptr)?;
+        let mut pos = slba * u64::from(self.lba_size);
+        let mut buf = Vec::new();
+        for (addr, n) in dptr.pieces(len) {
+            buf.resize(n as usize, 0);
+            self.dma
+                .dma_read(self.dev, addr, &mut buf)
+                .map_err(|source| NvmeError::Dma {
+                    dev: self.dev,
+                    source,
+                })?;
+            self.file
+                .write_all_at(&buf, pos)
+                .map_err(|source| NvmeError::Io {
+                    dev: self.dev,
+                    source,
+                })?;
+            pos += n;
+        }
+        self.bytes_written.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+}

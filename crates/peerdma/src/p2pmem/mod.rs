@@ -1,0 +1,327 @@
+//! Peer-to-peer memory providers (drivers/pci/p2pdma.c, provider side): a device
+//! publishes part of a BAR as p2p memory (`pci_p2pdma_add_resource`), which becomes a
+//! p2p device page map with its bus offset and an allocator over it (the genalloc
+//! pool); clients allocate from it (`pci_alloc_p2pmem`) or a process maps fresh
+//! allocations of it the way the sysfs `p2pmem/allocate` file does. Removing the device
+//! tears the user mappings down, refuses new allocations, and waits for every page
+//! reference to drop; a long-lived pin holds removal up, and the report names who.
+
+use std::time::{Duration, Instant};
+
+use crate::addr::{Bdf, BusAddr, Pfn, VirtAddr, PAGE_SIZE};
+use crate::dma::Dma;
+use crate::mem::{MemError, Region, RegionKind};
+use crate::mm::{Mm, MmError, Prot};
+use crate::sync::atomic::{AtomicBool, Ordering};
+use crate::sync::{lock, sleep, Arc, Mutex, Weak};
+
+/// What a provider can refuse, with the kernel's error number.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum P2pError {
+    /// A malformed request (EINVAL).
+    #[error("p2pmem of {dev}: invalid argument (EINVAL): {why}")]
+    Invalid {
+        /// The provider.
+        dev: Bdf,
+        /// Why.
+        why: String,
+    },
+    /// The pool is exhausted (ENOMEM).
+    #[error(
+        "p2pmem of {dev}: out of memory (ENOMEM): {bytes:#x} bytes asked, {available:#x} available"
+    )]
+    NoMemory {
+        /// The provider.
+        dev: Bdf,
+        /// Bytes asked for.
+        bytes: u64,
+        /// Bytes free.
+        available: u64,
+    },
+    /// The device is going away (ENODEV).
+    #[error("p2pmem of {dev}: the device is being removed (ENODEV)")]
+    NoDevice {
+        /// The provider.
+        dev: Bdf,
+    },
+    /// Removal timed out waiting for page references (EBUSY).
+    #[error("p2pmem of {dev}: removal waits on {frames} referenced frames ({pinned} DMA-pinned); live DMA mappings by: {holders}")]
+    Busy {
+        /// The provider.
+        dev: Bdf,
+        /// Frames still referenced.
+        frames: u64,
+        /// Of those, pinned.
+        pinned: u64,
+        /// Devices holding DMA mappings of them.
+        holders: String,
+    },
+    /// The address space refused.
+    #[error(transparent)]
+    Mm(#[from] MmError),
+}
+
+/// One BAR range published (or not) as p2p memory.
+///
+/// # Invariants
+/// Every frame of `region` that is allocated is either in a user mapping recorded in
+/// `mappings`, held by a [`P2pAlloc`], or referenced by a pin or DMA user.
+pub struct Provider {
+    dev: Bdf,
+    bar: u8,
+    bus: BusAddr,
+    region: Arc<Region>,
+    dma: Arc<Dma>,
+    published: AtomicBool,
+    removing: AtomicBool,
+    /// User mappings to tear down on removal. Lock order: a leaf.
+    mappings: Mutex<Vec<(Weak<Mm>, VirtAddr, u64)>>,
+}
+
+impl std::fmt::Debug for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provider")
+            .field("dev", &self.dev)
+            .field("bar", &self.bar)
+            .finish()
+    }
+}
+
+impl Provider {
+    /// `pci_p2pdma_add_resource(dev, bar, size, offset)`: `size` bytes of BAR `bar` from
+    /// `offset` (size 0: the rest of the BAR) become p2p memory.
+    pub fn add_resource(
+        dma: &Arc<Dma>,
+        dev: Bdf,
+        bar: u8,
+        size: u64,
+        offset: u64,
+    ) -> Result<Arc<Self>, P2pError> {
+        let bad = |why: String| P2pError::Invalid { dev, why };
+        let topo = dma.topology();
+        let f = topo
+            .lookup(dev)
+            .map(|id| topo.function(id))
+            .ok_or_else(|| bad("no such function in the fabric".into()))?;
+        let b = f
+            .bars
+            .iter()
+            .find(|b| b.index == bar && !b.io)
+            .ok_or_else(|| bad(format!("BAR {bar} is not a memory BAR")))?;
+        let size = if size == 0 {
+            b.size.saturating_sub(offset)
+        } else {
+            size
+        };
+        if size == 0 || offset.checked_add(size).is_none_or(|e| e > b.size) {
+            return Err(bad(format!(
+                "{size:#x} bytes at offset {offset:#x} do not fit BAR {bar} of {:#x} bytes",
+                b.size
+            )));
+        }
+        if !size.is_multiple_of(PAGE_SIZE) || !offset.is_multiple_of(PAGE_SIZE) {
+            return Err(bad("size and offset must be page multiples".into()));
+        }
+        let bus = BusAddr(b.bus.0 + offset);
+        // The region's frames get physical addresses in the host's map; the bus address
+        // a peer uses is the BAR's: the difference is the region's bus offset.
+        let region = dma
+            .phys()
+            .memremap_pages_with(size, |base| RegionKind::P2p {
+                provider: dev,
+                bar,
+                bus_offset: bus.0.wrapping_sub(base.addr().0),
+            })
+            .map_err(|e| bad(e.to_string()))?;
+        let RegionKind::P2p { bus_offset, .. } = *region.kind() else {
+            unreachable!("made as p2p above")
+        };
+        debug_assert_eq!(region.base().addr().0.wrapping_add(bus_offset), bus.0);
+        Ok(Arc::new(Provider {
+            dev,
+            bar,
+            bus,
+            region,
+            dma: dma.clone(),
+            published: AtomicBool::new(false),
+            removing: AtomicBool::new(false),
+            mappings: Mutex::new(Vec::new()),
+        }))
+    }
+
+    /// The providing function.
+    pub fn dev(&self) -> Bdf {
+        self.dev
+    }
+    /// The BAR.
+    pub fn bar(&self) -> u8 {
+        self.bar
+    }
+    /// The bus address of the first byte.
+    pub fn bus_addr(&self) -> BusAddr {
+        self.bus
+    }
+    /// The p2p page map.
+    pub fn region(&self) -> &Arc<Region> {
+        &self.region
+    }
+    /// `pci_p2pmem_publish`: whether clients looking for p2p memory may find it.
+    pub fn publish(&self, on: bool) {
+        self.published.store(on, Ordering::Release);
+    }
+    /// Whether it is published (sysfs `p2pmem/published`).
+    pub fn published(&self) -> bool {
+        self.published.load(Ordering::Acquire)
+    }
+    /// Bytes in the pool (sysfs `p2pmem/size`).
+    pub fn size(&self) -> u64 {
+        self.region.frames() * PAGE_SIZE
+    }
+    /// Bytes free (sysfs `p2pmem/available`).
+    pub fn available(&self) -> u64 {
+        self.region.free_frames() * PAGE_SIZE
+    }
+
+    fn alloc_frames(&self, bytes: u64) -> Result<Pfn, P2pError> {
+        if self.removing.load(Ordering::Acquire) {
+            return Err(P2pError::NoDevice { dev: self.dev });
+        }
+        let pages = bytes.div_ceil(PAGE_SIZE).max(1);
+        self.region.alloc_contig(pages, 1).map_err(|e| match e {
+            MemError::NoMemory { .. } => P2pError::NoMemory {
+                dev: self.dev,
+                bytes,
+                available: self.available(),
+            },
+            other => P2pError::Invalid {
+                dev: self.dev,
+                why: other.to_string(),
+            },
+        })
+    }
+
+    /// `pci_alloc_p2pmem(dev, size)`: contiguous p2p memory for a kernel client.
+    pub fn alloc(self: &Arc<Self>, bytes: u64) -> Result<P2pAlloc, P2pError> {
+        let first = self.alloc_frames(bytes)?;
+        Ok(P2pAlloc {
+            provider: self.clone(),
+            first,
+            pages: bytes.div_ceil(PAGE_SIZE).max(1),
+        })
+    }
+
+    /// mmap of the sysfs `p2pmem/allocate` file: each call is a fresh allocation of
+    /// `len` bytes mapped into `mm`. Only a shared mapping at offset 0 is allowed
+    /// (EINVAL otherwise). The pages go back to the pool when the last reference to
+    /// them (the mapping, a pin) drops.
+    pub fn mmap(
+        &self,
+        mm: &Arc<Mm>,
+        len: u64,
+        shared: bool,
+        offset: u64,
+        prot: Prot,
+    ) -> Result<VirtAddr, P2pError> {
+        if !shared {
+            return Err(P2pError::Invalid {
+                dev: self.dev,
+                why: "p2pmem must be mapped MAP_SHARED".into(),
+            });
+        }
+        if offset != 0 {
+            return Err(P2pError::Invalid {
+                dev: self.dev,
+                why: "p2pmem can only be mapped at offset 0".into(),
+            });
+        }
+        let first = self.alloc_frames(len)?;
+        let pages = len.div_ceil(PAGE_SIZE).max(1);
+        let frames: Vec<Pfn> = (0..pages).map(|i| Pfn(first.0 + i)).collect();
+        let mapped = mm.mmap_pages(&frames, prot);
+        // The mapping took its own references; the allocation's go back.
+        self.region.put_many(&frames);
+        let va = mapped?;
+        lock(&self.mappings).push((Arc::downgrade(mm), va, pages * PAGE_SIZE));
+        Ok(va)
+    }
+
+    /// Removes the device: new allocations fail with ENODEV, user mappings are torn
+    /// down, then waits for every page reference to drop (a pin held for DMA holds it
+    /// up). With a `timeout`, gives up with EBUSY naming what still holds pages; the
+    /// provider stays half-removed and `remove` may be called again.
+    pub fn remove(&self, timeout: Option<Duration>) -> Result<(), P2pError> {
+        self.removing.store(true, Ordering::Release);
+        self.publish(false);
+        let maps: Vec<(Weak<Mm>, VirtAddr, u64)> = lock(&self.mappings).drain(..).collect();
+        for (mm, va, len) in maps {
+            if let Some(mm) = mm.upgrade() {
+                // The range may have been unmapped already; munmap of a hole is fine.
+                mm.munmap(va, len)?;
+            }
+        }
+        let start = Instant::now();
+        while self.region.free_frames() != self.region.frames() {
+            if timeout.is_some_and(|t| start.elapsed() >= t) {
+                let region = self.region.clone();
+                let (mut frames, mut pinned) = (0, 0);
+                for i in 0..region.frames() {
+                    let p = Pfn(region.base().0 + i);
+                    let m = region.meta(p);
+                    if m.refcount() > 0 {
+                        frames += 1;
+                        pinned += u64::from(m.pincount() > 0);
+                    }
+                }
+                let holders: Vec<String> = self
+                    .dma
+                    .holders(|p| region.contains(p))
+                    .iter()
+                    .map(Bdf::to_string)
+                    .collect();
+                return Err(P2pError::Busy {
+                    dev: self.dev,
+                    frames,
+                    pinned,
+                    holders: if holders.is_empty() {
+                        "none".into()
+                    } else {
+                        holders.join(", ")
+                    },
+                });
+            }
+            sleep(Duration::from_millis(1));
+        }
+        let _ = self.dma.phys().memunmap_pages(self.region.id());
+        Ok(())
+    }
+}
+
+/// Contiguous p2p memory held by a kernel client; dropping it frees it
+/// (`pci_free_p2pmem`).
+pub struct P2pAlloc {
+    provider: Arc<Provider>,
+    first: Pfn,
+    pages: u64,
+}
+
+impl P2pAlloc {
+    /// The first frame.
+    pub fn pfn(&self) -> Pfn {
+        self.first
+    }
+    /// Pages held.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+    /// The bus address of its first byte (`pci_p2pmem_virt_to_bus`).
+    pub fn bus_addr(&self) -> BusAddr {
+        BusAddr(self.provider.bus.0 + (self.first.0 - self.provider.region.base().0) * PAGE_SIZE)
+    }
+}
+
+impl Drop for P2pAlloc {
+    fn drop(&mut self) {
+        let frames: Vec<Pfn> = (0..self.pages).map(|i| Pfn(self.first.0 + i)).collect();
+        self.provider.region.put_many(&frames);
+    }
+}

@@ -1,0 +1,145 @@
+//! The main job end to end, after p2pmem-test: NVMe drive A reads into drive B's
+//! controller memory buffer mapped in a process, B writes it out, every byte checked.
+//! On the workstation the data crosses the switch by bus address; with ACS redirect on
+//! the switch ports it goes through the host bridge by IOVA; on a q35 guest, whose host
+//! bridge is not allowlisted, it is refused with the reason.
+
+use peerdma::dma::MapKind;
+use peerdma::fabric::import::file;
+use peerdma::fabric::{preset, MapType, PRESETS};
+use peerdma::gup::GupError;
+use peerdma::host::p2p_copy::{self, CopyError, P2pCopyParams};
+use peerdma::host::{Host, HostConfig};
+
+fn host(topo: peerdma::fabric::Topology, iommu: Option<bool>) -> Host {
+    let specs = Host::nvme_specs(&topo, 16 << 20);
+    Host::build(
+        topo,
+        &HostConfig {
+            ram_bytes: 64 << 20,
+            iommu,
+        },
+        &specs,
+    )
+    .unwrap()
+}
+
+fn params() -> P2pCopyParams {
+    P2pCopyParams {
+        chunk_size: 256 << 10,
+        chunks: 8,
+        ..P2pCopyParams::default()
+    }
+}
+
+#[test]
+fn p2pmem_copy_crosses_the_switch_by_bus_address_and_verifies() {
+    let h = host(preset("workstation").unwrap(), None);
+    let mut calls = 0;
+    let r = p2p_copy::run(&h, &params(), &mut |_, _| calls += 1).unwrap();
+    // Target: the first drive with a published CMB; source: the drive closest to it.
+    assert_eq!(
+        (r.source.as_str(), r.target.as_str()),
+        ("0000:06:00.0", "0000:05:00.0")
+    );
+    assert_eq!(r.source_to_cmb, MapType::BusAddr);
+    assert!(r.p2p.verified && r.host_ram.verified, "checksums");
+    let total = 8 * (256 << 10);
+    // A writes into B's CMB and B reads its own CMB: both by bus address.
+    assert_eq!(r.dma.via_switch, 2 * total);
+    assert_eq!(r.dma.host_ram, 2 * total);
+    assert_eq!(r.dma.via_host_bridge, 0);
+    assert_eq!(r.dma.mappings, 32);
+    assert_eq!(r.dma.unmappings, 32);
+    assert_eq!(r.pages_pinned, 32 * 64);
+    assert_eq!((r.pins_left, r.mappings_left), (0, 0), "nothing leaks");
+    assert!(r.sanitizer.is_empty(), "{:?}", r.sanitizer);
+    assert_eq!(calls, 16);
+    // The CMB pages went back to the pool.
+    let cmb = h
+        .nvme(r.target.parse().unwrap())
+        .unwrap()
+        .cmb()
+        .unwrap()
+        .clone();
+    assert_eq!(cmb.available(), cmb.size());
+}
+
+#[test]
+fn p2pmem_copy_on_q35_is_refused_naming_the_host_bridge() {
+    let h = host(preset("q35").unwrap(), None);
+    let e = p2p_copy::run(&h, &params(), &mut |_, _| {}).unwrap_err();
+    match &e {
+        CopyError::Gup(GupError::Dma(d)) => {
+            assert_eq!(GupError::Dma(d.clone()).errno(), 121, "EREMOTEIO")
+        }
+        other => panic!("{other}"),
+    }
+    assert!(e.to_string().contains("8086:29c0"), "{e}");
+    assert!(h.dma().sanitizer().is_clean());
+    assert_eq!(h.dma().live_mappings(), 0);
+}
+
+#[test]
+fn p2pmem_copy_with_acs_redirect_goes_through_the_host_bridge_by_iova() {
+    let text = PRESETS.iter().find(|p| p.0 == "workstation").unwrap().2;
+    // Turn on request/completion redirect on every switch downstream port.
+    let acs = text.replace(
+        "kind = \"switch-downstream\"",
+        "kind = \"switch-downstream\"\n# ACS",
+    );
+    let mut out = String::new();
+    let mut in_dsp = false;
+    for line in acs.lines() {
+        if line == "# ACS" {
+            in_dsp = true;
+            continue;
+        }
+        if in_dsp && line.starts_with("acs = ") {
+            out.push_str("acs = { state = \"present\", cap = \"SV|TB|RR|CR|UF|EC|DT\", ctrl = \"SV|RR|CR|UF\" }\n");
+            in_dsp = false;
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    let topo = file::parse("workstation with ACS", &out).unwrap();
+    let h = host(topo, Some(true));
+    let r = p2p_copy::run(&h, &params(), &mut |_, _| {}).unwrap();
+    assert_eq!(r.source_to_cmb, MapType::ThruHostBridge);
+    assert!(
+        r.source_to_cmb_reason.contains("pci=disable_acs_redir")
+            || r.source_to_cmb_reason.contains("ACS redirect")
+    );
+    assert!(r.p2p.verified && r.host_ram.verified);
+    let total = 8 * (256 << 10);
+    assert_eq!(
+        r.dma.via_host_bridge, total,
+        "A to B's CMB through the root complex"
+    );
+    assert_eq!(
+        r.dma.via_switch, total,
+        "B reads its own CMB by bus address"
+    );
+    assert!(r.sanitizer.is_empty(), "{:?}", r.sanitizer);
+    // And the mapping A gets for the CMB is an IOVA.
+    let mm = h.spawn();
+    let cmb = h
+        .nvme(r.target.parse().unwrap())
+        .unwrap()
+        .cmb()
+        .unwrap()
+        .clone();
+    let va = cmb.mmap(&mm, 8192, true, 0, peerdma::mm::Prot::RW).unwrap();
+    let sg = peerdma::gup::get_user_dma_sg(
+        &mm,
+        va,
+        8192,
+        h.dma(),
+        r.source.parse().unwrap(),
+        peerdma::dma::Direction::FromDevice,
+        peerdma::gup::FollFlags::NONE,
+    )
+    .unwrap();
+    assert!(sg.segments().iter().all(|s| s.kind == MapKind::Iova));
+}
