@@ -200,8 +200,7 @@ impl Dma {
     }
 
     fn fault(&self, v: Violation) -> DmaError {
-        self.sanitizer.record(v.clone());
-        DmaError::Fault(Box::new(v))
+        DmaError::Fault(Box::new(self.sanitizer.record(v)))
     }
 
     fn bump(&self, counter: &AtomicU64, n: u64) {

@@ -135,7 +135,8 @@ impl Sanitizer {
         }
     }
 
-    pub(crate) fn record(&self, mut v: Violation) {
+    /// Records a violation, adding the frame's history; returns it as recorded.
+    pub(crate) fn record(&self, mut v: Violation) -> Violation {
         if let Some(p) = v.frame {
             v.history = lock(&self.shadow)
                 .history
@@ -143,7 +144,8 @@ impl Sanitizer {
                 .cloned()
                 .unwrap_or_default();
         }
-        lock(&self.violations).push(v);
+        lock(&self.violations).push(v.clone());
+        v
     }
 
     /// Live DMA mappings of a frame.
