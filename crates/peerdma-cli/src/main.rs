@@ -1,6 +1,7 @@
-//! The `peerdma` command. `topo` reports the PCIe peer-to-peer picture of a machine;
-//! later subcommands run emulated hosts and benchmarks.
+//! The `peerdma` command: `run` runs the main job on an emulated host, `topo` reports
+//! the PCIe peer-to-peer picture of a machine, `bench` measures against the kernel.
 
+mod run;
 mod topo;
 
 use peerdma_cli::bench;
@@ -19,6 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the main job on an emulated host (the built-in p2pmem-test copy by default).
+    Run(run::RunArgs),
     /// Show which PCIe functions can DMA to each other, how, and why.
     Topo(topo::TopoArgs),
     /// Run a benchmark and print it beside its baseline, measured in the same run.
@@ -28,6 +31,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Run(args) => run::run(&args),
         Command::Topo(args) => topo::run(&args),
         Command::Bench(args) => bench::run(&args),
     };

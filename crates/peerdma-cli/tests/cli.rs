@@ -296,3 +296,40 @@ fn bench_mm_reports_each_figure_beside_its_kernel_baseline() {
     assert!(out.contains("kernel munmap"), "{out}");
     assert!(out.contains("16.0 B metadata/frame"), "{out}");
 }
+
+#[test]
+fn run_default_copies_through_the_cmb_and_reports_json() {
+    let out = stdout(&peerdma(&[
+        "run",
+        "--chunk-size",
+        "64K",
+        "--chunks",
+        "4",
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["source_to_cmb"], "bus-addr");
+    assert_eq!(v["p2p"]["verified"], true);
+    assert_eq!(v["host_ram"]["verified"], true);
+    assert_eq!(v["dma"]["via_switch"], 2 * 4 * 65536);
+    assert_eq!(v["dma"]["host_ram"], 2 * 4 * 65536);
+    assert_eq!(v["mappings_left"], 0);
+    assert_eq!(v["pins_left"], 0);
+    assert_eq!(v["sanitizer"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn run_text_report_and_refusal_on_q35() {
+    let out = stdout(&peerdma(&["run", "--chunk-size", "16K", "--chunks", "2"]));
+    assert!(out.contains("checksums match"), "{out}");
+    assert!(out.contains("sanitizer: clean"), "{out}");
+    let o = peerdma(&["run", "--topology", "q35", "--chunks", "1"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert!(
+        err.contains("EREMOTEIO") && err.contains("8086:29c0"),
+        "{err}"
+    );
+    let o = peerdma(&["run", "--chunk-size", "12x"]);
+    assert_eq!(o.status.code(), Some(2), "clap rejects a bad size");
+}
