@@ -333,3 +333,20 @@ fn run_text_report_and_refusal_on_q35() {
     let o = peerdma(&["run", "--chunk-size", "12x"]);
     assert_eq!(o.status.code(), Some(2), "clap rejects a bad size");
 }
+
+#[test]
+fn bench_dma_reports_against_memcpy_and_the_kernel() {
+    let out = stdout(&peerdma(&[
+        "bench",
+        "dma",
+        "--transfer",
+        "65536",
+        "--bytes",
+        "4194304",
+        "--runs",
+        "1",
+    ]));
+    assert!(out.contains("memcpy baseline"), "{out}");
+    assert!(out.contains("scattered frames"), "{out}");
+    assert!(out.contains("get_user_dma_sg 4 MiB"), "{out}");
+}

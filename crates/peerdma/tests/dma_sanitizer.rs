@@ -64,7 +64,7 @@ fn dma_to_a_frame_migrated_since_mapping_is_caught() {
     mm.write(a, &[1]).unwrap();
     // A driver that maps without pinning (the bug the rules forbid).
     let pfn: Pfn = mm.pte(a).pfn().unwrap();
-    let sg = SgTable::from_runs(&[(pfn, 1)], 0, PAGE_SIZE, d.max_segment());
+    let sg = SgTable::from_runs(&[(pfn, 1)], 0, PAGE_SIZE, d.max_segment(gpu()));
     let mapping = d.map_sg(gpu(), &sg, Direction::Bidirectional).unwrap();
     let addr = mapping.segments()[0].addr;
     mm.migrate_page(a, &dev_mem).unwrap();
@@ -172,7 +172,7 @@ fn device_private_memory_cannot_be_mapped_for_dma() {
         .memremap_pages(RegionKind::DevicePrivate { owner: 1 }, 1 << 20)
         .unwrap();
     let f = dev_mem.alloc().unwrap();
-    let sg = SgTable::from_runs(&[(f, 1)], 0, PAGE_SIZE, d.max_segment());
+    let sg = SgTable::from_runs(&[(f, 1)], 0, PAGE_SIZE, d.max_segment(gpu()));
     assert!(matches!(
         d.map_sg(gpu(), &sg, Direction::ToDevice),
         Err(DmaError::RemoteIo { .. })

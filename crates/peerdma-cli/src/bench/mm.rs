@@ -66,7 +66,9 @@ fn pin_ours(bytes: u64) -> Result<(Duration, ())> {
     Ok((t.elapsed(), ()))
 }
 
-fn pin_kernel(bytes: u64) -> Result<(Duration, ())> {
+/// The kernel's long-term pin and unpin of a resident buffer of `bytes` through
+/// io_uring buffer registration.
+pub fn pin_kernel(bytes: u64) -> Result<(Duration, ())> {
     let mut buf = vec![1u8; bytes as usize];
     for i in (0..buf.len()).step_by(PAGE_SIZE as usize) {
         buf[i] = 2;

@@ -1,6 +1,7 @@
 //! `peerdma bench`: the benchmarks, runnable on any machine from the CLI (and from
 //! `cargo bench`), each reported beside a baseline measured in the same run.
 
+pub mod dma;
 pub mod mm;
 
 use std::time::{Duration, Instant};
@@ -27,6 +28,18 @@ enum Which {
         /// Timed repetitions; the median is reported.
         #[arg(long, default_value_t = 20)]
         iterations: usize,
+    },
+    /// The DMA data path against memcpy, and get_user_dma_sg against io_uring pinning.
+    Dma {
+        /// Bytes per device transfer (default 1 MiB).
+        #[arg(long, default_value_t = 1 << 20)]
+        transfer: u64,
+        /// Bytes for get_user_dma_sg (default 1 GiB).
+        #[arg(long, default_value_t = 1 << 30)]
+        bytes: u64,
+        /// Runs; medians are reported.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
     },
     /// Pin, munmap and metadata of the memory core against the kernel's own.
     Mm {
@@ -61,6 +74,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             functions,
             iterations,
         } => topo(functions, iterations),
+        Which::Dma {
+            transfer,
+            bytes,
+            runs,
+        } => {
+            dma::print(&dma::run(transfer, bytes, runs)?);
+            Ok(())
+        }
         Which::Mm { bytes, runs } => {
             mm::print(&mm::run(bytes, runs)?);
             Ok(())

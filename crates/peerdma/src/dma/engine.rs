@@ -9,28 +9,45 @@ use crate::dma::sanitizer::{Violation, ViolationKind};
 use crate::dma::{Dma, DmaError};
 use crate::iommu::DmaFault;
 use crate::mem::{Region, RegionKind};
-use crate::sync::{read, Arc};
+use crate::sync::read;
 
 impl Dma {
     /// The device reads `buf.len()` bytes of memory at `addr` (a DMA to the device).
     pub fn dma_read(&self, dev: Bdf, addr: DmaAddr, buf: &mut [u8]) -> Result<(), DmaError> {
-        let len = buf.len();
-        self.access(dev, addr, len as u64, false, |region, pfn, off, at, n| {
-            region.read(pfn, off, &mut buf[at..at + n]);
-        })
+        let len = buf.len() as u64;
+        self.dma_read_sg(dev, &[(addr, len)], buf)
     }
 
     /// The device writes `data` to memory at `addr` (a DMA from the device).
     pub fn dma_write(&self, dev: Bdf, addr: DmaAddr, data: &[u8]) -> Result<(), DmaError> {
-        self.access(
-            dev,
-            addr,
-            data.len() as u64,
-            true,
-            |region, pfn, off, at, n| {
-                region.write(pfn, off, &data[at..at + n]);
-            },
-        )
+        self.dma_write_sg(dev, &[(addr, data.len() as u64)], data)
+    }
+
+    /// One transfer from memory into the device through a list of (address, bytes)
+    /// pieces, as a command's PRP list or SGL describes it: every piece is checked
+    /// before any byte moves, and the transfer completes as a whole.
+    pub fn dma_read_sg(
+        &self,
+        dev: Bdf,
+        pieces: &[(DmaAddr, u64)],
+        buf: &mut [u8],
+    ) -> Result<(), DmaError> {
+        self.access(dev, pieces, false, |region, first, off, at, n| {
+            region.read_span(first, off, &mut buf[at..at + n]);
+        })
+    }
+
+    /// One transfer from the device into memory through a list of pieces; see
+    /// [`dma_read_sg`](Self::dma_read_sg).
+    pub fn dma_write_sg(
+        &self,
+        dev: Bdf,
+        pieces: &[(DmaAddr, u64)],
+        data: &[u8],
+    ) -> Result<(), DmaError> {
+        self.access(dev, pieces, true, |region, first, off, at, n| {
+            region.write_span(first, off, &data[at..at + n]);
+        })
     }
 
     fn violation(
@@ -53,85 +70,91 @@ impl Dma {
         })
     }
 
+    /// Holds the device's live mappings shared for the whole transfer (so an unmap,
+    /// which takes them exclusively, waits for it), resolves and checks every piece,
+    /// then copies them all. Checking before copying means a refused transfer moves no
+    /// byte; copying with no lock or atomic in between keeps the copies at memcpy speed.
     fn access(
         &self,
         dev: Bdf,
-        addr: DmaAddr,
-        len: u64,
+        pieces: &[(DmaAddr, u64)],
         write: bool,
         mut copy: impl FnMut(&Region, Pfn, u64, usize, usize),
     ) -> Result<(), DmaError> {
-        if len == 0 {
-            return Ok(());
-        }
-        // Find the live mapping and enter it before letting go of the registry, so an
-        // unmap (which removes the record first, then waits) cannot miss this access.
-        let rec: Arc<Record> = {
-            let live = read(&self.live);
+        let map = self.device_map(dev);
+        let live = read(&map);
+        let mut plan: Vec<(&Record, Pfn, u64, u64)> = Vec::with_capacity(pieces.len());
+        for &(addr, len) in pieces {
+            if len == 0 {
+                continue;
+            }
             // The nearest mapping starting at or below `addr` that covers it.
-            let found = live.get(&dev).and_then(|m| {
-                m.range(..=(addr.0, u64::MAX))
-                    .rev()
-                    .map(|(_, r)| r)
-                    .find(|r| addr.0 < r.start.0 + r.len)
-                    .cloned()
-            });
-            match found {
-                Some(r) => {
-                    r.inflight.enter();
-                    r
-                }
-                None => {
-                    drop(live);
-                    if self.iommu.enabled()
-                        && self
-                            .iommu
-                            .domain(dev)
-                            .is_some_and(|d| d.translate(addr).is_none())
-                    {
-                        self.iommu.report_fault(DmaFault {
-                            dev,
-                            addr,
-                            write,
-                            reason: "no IO page-table entry".into(),
-                        });
-                    }
-                    return Err(self.violation(
+            let found = live
+                .range(..=(addr.0, u64::MAX))
+                .rev()
+                .map(|(_, r)| r)
+                .find(|r| addr.0 < r.start.0 + r.len);
+            let Some(rec) = found else {
+                drop(live);
+                if self.iommu.enabled()
+                    && self
+                        .iommu
+                        .domain(dev)
+                        .is_some_and(|d| d.translate(addr).is_none())
+                {
+                    self.iommu.report_fault(DmaFault {
                         dev,
                         addr,
-                        len,
                         write,
-                        None,
-                        ViolationKind::Unmapped,
-                    ));
+                        reason: "no IO page-table entry".into(),
+                    });
                 }
+                return Err(self.violation(dev, addr, len, write, None, ViolationKind::Unmapped));
+            };
+            let (first, off, n) = self.check(rec, dev, addr, len, write)?;
+            plan.push((rec, first, off, n));
+        }
+        let mut at = 0usize;
+        let mut moved = [0u64; 3];
+        for &(rec, first, off, len) in &plan {
+            copy(&rec.region, first, off, at, len as usize);
+            at += len as usize;
+            let path = match (rec.kind, rec.region.kind()) {
+                (MapKind::BusAddr, _) => 0,
+                (_, RegionKind::P2p { .. }) => 1,
+                _ => 2,
+            };
+            moved[path] += len;
+        }
+        drop(plan);
+        drop(live);
+        let c = &self.counters;
+        for (n, counter) in moved
+            .iter()
+            .zip([&c.via_switch, &c.via_host_bridge, &c.host_ram])
+        {
+            if *n > 0 {
+                self.bump(counter, *n);
             }
-        };
-        let result = self.copy_through(&rec, dev, addr, len, write, &mut copy);
-        rec.inflight.exit();
-        result
+        }
+        Ok(())
     }
 
-    fn copy_through(
+    /// Checks one piece against its mapping: bounds, direction, the IO page table for
+    /// an IOVA, and each frame's identity. Returns (first frame, offset in it, bytes).
+    fn check(
         &self,
         rec: &Record,
         dev: Bdf,
         addr: DmaAddr,
         len: u64,
         write: bool,
-        copy: &mut impl FnMut(&Region, Pfn, u64, usize, usize),
-    ) -> Result<(), DmaError> {
-        let first_frame = |rel: u64| Pfn(rec.first.0 + (rec.offset + rel) / PAGE_SIZE);
+    ) -> Result<(Pfn, u64, u64), DmaError> {
         let rel0 = addr.0 - rec.start.0;
+        let first_page = (rec.offset + rel0) / PAGE_SIZE;
+        let first = Pfn(rec.first.0 + first_page);
         if rel0 + len > rec.len {
-            return Err(self.violation(
-                dev,
-                addr,
-                len,
-                write,
-                Some(first_frame(rel0)),
-                ViolationKind::PastEnd,
-            ));
+            return Err(self.violation(dev, addr, len, write, Some(first), ViolationKind::PastEnd));
         }
         let allowed = if write {
             rec.dir.device_writes()
@@ -144,73 +167,50 @@ impl Dma {
                 addr,
                 len,
                 write,
-                Some(first_frame(rel0)),
+                Some(first),
                 ViolationKind::WrongDirection,
             ));
         }
-        // Check every frame first (translation, identity), then move the bytes.
-        let mut pos = 0u64;
-        while pos < len {
-            let rel = rel0 + pos;
-            let k = (rec.offset + rel) / PAGE_SIZE;
-            let pfn = Pfn(rec.first.0 + k);
-            let in_page = (rec.offset + rel) % PAGE_SIZE;
-            let n = (PAGE_SIZE - in_page).min(len - pos);
-            if rec.kind == MapKind::Iova {
-                let iova = DmaAddr(addr.0 + pos);
-                let ok = rec
-                    .iova
-                    .as_ref()
-                    .and_then(|(d, _, _)| d.translate(iova))
-                    .is_some_and(|(p, perm)| {
-                        p == pfn && if write { perm.write } else { perm.read }
-                    });
-                if !ok {
-                    self.iommu.report_fault(DmaFault {
-                        dev,
-                        addr: iova,
-                        write,
-                        reason: "IO page-table entry missing or without permission".into(),
-                    });
-                    return Err(self.violation(
-                        dev,
-                        iova,
-                        n,
-                        write,
-                        Some(pfn),
-                        ViolationKind::Unmapped,
-                    ));
-                }
+        let last_page = (rec.offset + rel0 + len - 1) / PAGE_SIZE;
+        let pages = last_page - first_page + 1;
+        if rec.kind == MapKind::Iova {
+            let ok = rec
+                .iova
+                .as_ref()
+                .is_some_and(|(d, _, _)| d.translates_to(addr, pages, first, write));
+            if !ok {
+                self.iommu.report_fault(DmaFault {
+                    dev,
+                    addr,
+                    write,
+                    reason: "IO page-table entry missing or without permission".into(),
+                });
+                return Err(self.violation(
+                    dev,
+                    addr,
+                    len,
+                    write,
+                    Some(first),
+                    ViolationKind::Unmapped,
+                ));
             }
+        }
+        for k in first_page..=last_page {
+            let pfn = Pfn(rec.first.0 + k);
             let now = rec.region.meta(pfn).generation();
             let then = rec.gens[k as usize];
             if now != then {
+                let at = (k * PAGE_SIZE).saturating_sub(rec.offset + rel0);
                 return Err(self.violation(
                     dev,
-                    DmaAddr(addr.0 + pos),
-                    n,
+                    DmaAddr(addr.0 + at),
+                    len - at,
                     write,
                     Some(pfn),
                     ViolationKind::StaleFrame { mapped: then, now },
                 ));
             }
-            pos += n;
         }
-        let mut pos = 0u64;
-        while pos < len {
-            let rel = rel0 + pos;
-            let pfn = Pfn(rec.first.0 + (rec.offset + rel) / PAGE_SIZE);
-            let in_page = (rec.offset + rel) % PAGE_SIZE;
-            let n = (PAGE_SIZE - in_page).min(len - pos);
-            copy(&rec.region, pfn, in_page, pos as usize, n as usize);
-            pos += n;
-        }
-        let counter = match (rec.kind, rec.region.kind()) {
-            (MapKind::BusAddr, _) => &self.counters.via_switch,
-            (_, RegionKind::P2p { .. }) => &self.counters.via_host_bridge,
-            _ => &self.counters.host_ram,
-        };
-        self.bump(counter, len);
-        Ok(())
+        Ok((first, (rec.offset + rel0) % PAGE_SIZE, len))
     }
 }

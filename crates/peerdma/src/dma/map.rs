@@ -8,7 +8,7 @@ use crate::fabric::{calc_map_type_and_dist, MapType};
 use crate::iommu::{Domain, IoPerm};
 use crate::mem::{Region, RegionKind};
 use crate::sync::atomic::Ordering;
-use crate::sync::{lock, wait, write, Arc, Condvar, Mutex};
+use crate::sync::{write, Arc};
 
 /// How a segment is addressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -32,32 +32,6 @@ pub struct DmaSegment {
     pub kind: MapKind,
 }
 
-/// Counts DMA in progress through a mapping.
-#[derive(Default)]
-pub(crate) struct InFlight {
-    n: Mutex<u64>,
-    idle: Condvar,
-}
-
-impl InFlight {
-    pub(crate) fn enter(&self) {
-        *lock(&self.n) += 1;
-    }
-    pub(crate) fn exit(&self) {
-        let mut n = lock(&self.n);
-        *n -= 1;
-        if *n == 0 {
-            self.idle.notify_all();
-        }
-    }
-    fn wait_idle(&self) {
-        let mut n = lock(&self.n);
-        while *n > 0 {
-            n = wait(&self.idle, n);
-        }
-    }
-}
-
 /// One live, physically contiguous mapped segment.
 pub(crate) struct Record {
     pub(crate) id: u64,
@@ -71,7 +45,6 @@ pub(crate) struct Record {
     pub(crate) gens: Vec<u32>,
     pub(crate) region: Arc<Region>,
     pub(crate) iova: Option<(Arc<Domain>, DmaAddr, u64)>,
-    pub(crate) inflight: InFlight,
 }
 
 impl Record {
@@ -81,7 +54,7 @@ impl Record {
 }
 
 /// A scatter-gather table mapped for one device; dropping it unmaps, first waiting for
-/// DMA in progress through it to finish.
+/// DMA in progress on the device to finish.
 ///
 /// # Invariants
 /// Every record is registered in the host's live mappings until drop.
@@ -138,23 +111,22 @@ impl Drop for DmaMapping {
             return;
         }
         {
-            let mut live = write(&self.dma.live);
-            if let Some(m) = live.get_mut(&self.dev) {
-                for r in &self.records {
-                    m.remove(&(r.start.0, r.id));
-                }
+            // Taking the device's map exclusively waits for every transfer in flight
+            // (each holds it shared); after this no DMA can find the records.
+            let map = self.dma.device_map(self.dev);
+            let mut m = write(&map);
+            for r in &self.records {
+                m.remove(&(r.start.0, r.id));
             }
         }
         for r in &self.records {
-            // No new DMA can find the record now; wait for the ones in progress.
-            r.inflight.wait_idle();
             if let Some((domain, iova, pages)) = &r.iova {
                 domain.unmap(*iova, *pages);
                 domain.free_iova(*iova, *pages);
             }
             self.dma
                 .sanitizer
-                .unmapped(r.frames(), &format!("unmapped #{} of {}", r.id, self.dev));
+                .unmapped(r.id, self.dev, r.first, r.gens.len() as u64);
         }
         self.dma.counters.unmappings.fetch_add(1, Ordering::Relaxed);
     }
@@ -252,16 +224,9 @@ impl Dma {
                     .collect(),
                 region: region.clone(),
                 iova,
-                inflight: InFlight::default(),
             });
-            write(&self.live)
-                .entry(dev)
-                .or_default()
-                .insert((addr.0, id), record.clone());
-            self.sanitizer.mapped(
-                record.frames(),
-                &format!("mapped #{id} for {dev} {dir:?} at {addr}"),
-            );
+            write(&self.device_map(dev)).insert((addr.0, id), record.clone());
+            self.sanitizer.mapped(id, dev, e.pfn, frames, dir, addr);
             mapping.records.push(record);
         }
         self.counters.mappings.fetch_add(1, Ordering::Relaxed);

@@ -111,18 +111,21 @@ struct Counters {
 ///
 /// # Invariants
 /// `live` holds exactly the mappings whose [`DmaMapping`] has not been dropped, keyed by
-/// device, then first DMA address and mapping id (one page may be mapped twice).
+/// device, then first DMA address and mapping id (one page may be mapped twice). A
+/// transfer holds its device's map shared for its whole duration, so an unmap (which
+/// takes it exclusively) waits for DMA in flight: that is the in-flight tracking.
 pub struct Dma {
     topo: Arc<Topology>,
     phys: Arc<PhysMem>,
     iommu: Iommu,
     /// Live mappings per device. Lock order: after the page-table lock, before a
     /// mapping's in-flight lock.
-    live: RwLock<HashMap<Bdf, LiveMap>>,
+    live: RwLock<HashMap<Bdf, Arc<RwLock<LiveMap>>>>,
     sanitizer: Sanitizer,
     counters: Counters,
     next_id: AtomicU64,
-    max_segment: u64,
+    /// Per-device maximum segment sizes set by drivers. Lock order: a leaf.
+    max_segment: RwLock<HashMap<Bdf, u64>>,
 }
 
 impl std::fmt::Debug for Dma {
@@ -144,7 +147,7 @@ impl Dma {
             sanitizer: Sanitizer::default(),
             counters: Counters::default(),
             next_id: AtomicU64::new(1),
-            max_segment: 64 << 10,
+            max_segment: RwLock::new(HashMap::new()),
         })
     }
 
@@ -164,10 +167,19 @@ impl Dma {
     pub fn sanitizer(&self) -> &Sanitizer {
         &self.sanitizer
     }
-    /// The largest segment an SG table built for these devices holds (64 KiB, like
-    /// `dma_get_max_seg_size()`'s common default).
-    pub fn max_segment(&self) -> u64 {
-        self.max_segment
+    /// The largest segment an SG table built for `dev` may hold
+    /// (`dma_get_max_seg_size()`): 64 KiB unless its driver set more.
+    pub fn max_segment(&self, dev: Bdf) -> u64 {
+        crate::sync::read(&self.max_segment)
+            .get(&dev)
+            .copied()
+            .unwrap_or(64 << 10)
+    }
+
+    /// `dma_set_max_seg_size(dev, bytes)`, as a driver calls it at probe (NVMe and
+    /// most GPUs allow 4 GiB).
+    pub fn set_max_segment(&self, dev: Bdf, bytes: u64) {
+        crate::sync::write(&self.max_segment).insert(dev, bytes.max(crate::addr::PAGE_SIZE));
     }
     /// Bytes moved by path, and mapping counts.
     pub fn stats(&self) -> DmaStats {
@@ -184,7 +196,7 @@ impl Dma {
     pub fn live_mappings(&self) -> usize {
         crate::sync::read(&self.live)
             .values()
-            .map(BTreeMap::len)
+            .map(|m| crate::sync::read(m).len())
             .sum()
     }
     /// Devices with a live mapping of any of `frames`, for reports of who holds memory.
@@ -192,11 +204,26 @@ impl Dma {
         let live = crate::sync::read(&self.live);
         let mut out: Vec<Bdf> = live
             .iter()
-            .filter(|(_, m)| m.values().any(|r| r.frames().any(&contains)))
+            .filter(|(_, m)| {
+                crate::sync::read(m)
+                    .values()
+                    .any(|r| r.frames().any(&contains))
+            })
             .map(|(d, _)| *d)
             .collect();
         out.sort();
         out
+    }
+
+    /// The live-mapping map of `dev`, created empty on first use.
+    fn device_map(&self, dev: Bdf) -> Arc<RwLock<LiveMap>> {
+        if let Some(m) = crate::sync::read(&self.live).get(&dev) {
+            return m.clone();
+        }
+        crate::sync::write(&self.live)
+            .entry(dev)
+            .or_default()
+            .clone()
     }
 
     fn fault(&self, v: Violation) -> DmaError {

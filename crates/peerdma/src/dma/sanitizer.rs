@@ -1,11 +1,11 @@
-//! The DMA sanitizer: shadow state per frame (live mappings, the generation each
-//! mapping saw, pins as the frame metadata counts them) and a record of every device
+//! The DMA sanitizer: shadow state per frame (the generation each mapping saw, kept in
+//! the mapping; pins and the current generation in the frame metadata; live mappings in
+//! the host's registry; a log of mapping events for histories) and a record of every device
 //! access that broke a rule — to an address no live mapping covers, to a frame freed or
 //! moved since it was mapped, in a direction the mapping does not allow, or past the
 //! end of a mapping. A violation is reported, never silent corruption: the access is
 //! refused and the bytes are not moved.
 
-use std::collections::HashMap;
 use std::fmt;
 
 use crate::addr::{Bdf, DmaAddr, Pfn};
@@ -81,19 +81,39 @@ impl fmt::Display for Violation {
     }
 }
 
+/// Frame history entries attached to a violation.
 const HISTORY: usize = 8;
+/// Mapping events kept for histories.
+const EVENTS: usize = 4096;
 
-#[derive(Default)]
-struct Shadow {
-    live: HashMap<Pfn, u32>,
-    history: HashMap<Pfn, Vec<String>>,
+#[derive(Clone, Copy, Debug)]
+struct Event {
+    id: u64,
+    dev: Bdf,
+    first: Pfn,
+    frames: u64,
+    /// `Some((direction, address))` for a mapping, `None` for its unmapping.
+    mapped: Option<(crate::dma::Direction, DmaAddr)>,
 }
 
-/// The sanitizer of one host.
+impl fmt::Display for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.mapped {
+            Some((dir, addr)) => {
+                write!(f, "mapped #{} for {} {dir:?} at {addr}", self.id, self.dev)
+            }
+            None => write!(f, "unmapped #{} of {}", self.id, self.dev),
+        }
+    }
+}
+
+/// The sanitizer of one host. Per frame it relies on the frame metadata for pins and
+/// generation, and on the host's live mappings; it keeps a bounded log of mapping
+/// events so a violation can show what happened to its frame.
 #[derive(Default)]
 pub struct Sanitizer {
     /// Lock order: a leaf.
-    shadow: Mutex<Shadow>,
+    events: Mutex<std::collections::VecDeque<Event>>,
     violations: Mutex<Vec<Violation>>,
 }
 
@@ -106,56 +126,62 @@ impl fmt::Debug for Sanitizer {
 }
 
 impl Sanitizer {
-    pub(crate) fn mapped(&self, frames: impl IntoIterator<Item = Pfn>, event: &str) {
-        let mut s = lock(&self.shadow);
-        for p in frames {
-            *s.live.entry(p).or_default() += 1;
-            let h = s.history.entry(p).or_default();
-            h.push(event.to_string());
-            if h.len() > HISTORY {
-                h.remove(0);
-            }
+    fn log(&self, e: Event) {
+        let mut ev = lock(&self.events);
+        if ev.len() == EVENTS {
+            ev.pop_front();
         }
+        ev.push_back(e);
     }
 
-    pub(crate) fn unmapped(&self, frames: impl IntoIterator<Item = Pfn>, event: &str) {
-        let mut s = lock(&self.shadow);
-        for p in frames {
-            if let Some(n) = s.live.get_mut(&p) {
-                *n -= 1;
-                if *n == 0 {
-                    s.live.remove(&p);
-                }
-            }
-            let h = s.history.entry(p).or_default();
-            h.push(event.to_string());
-            if h.len() > HISTORY {
-                h.remove(0);
-            }
-        }
+    pub(crate) fn mapped(
+        &self,
+        id: u64,
+        dev: Bdf,
+        first: Pfn,
+        frames: u64,
+        dir: crate::dma::Direction,
+        addr: DmaAddr,
+    ) {
+        self.log(Event {
+            id,
+            dev,
+            first,
+            frames,
+            mapped: Some((dir, addr)),
+        });
+    }
+
+    pub(crate) fn unmapped(&self, id: u64, dev: Bdf, first: Pfn, frames: u64) {
+        self.log(Event {
+            id,
+            dev,
+            first,
+            frames,
+            mapped: None,
+        });
+    }
+
+    fn history(&self, pfn: Pfn) -> Vec<String> {
+        let ev = lock(&self.events);
+        let mut h: Vec<String> = ev
+            .iter()
+            .rev()
+            .filter(|e| pfn.0 >= e.first.0 && pfn.0 < e.first.0 + e.frames)
+            .take(HISTORY)
+            .map(ToString::to_string)
+            .collect();
+        h.reverse();
+        h
     }
 
     /// Records a violation, adding the frame's history; returns it as recorded.
     pub(crate) fn record(&self, mut v: Violation) -> Violation {
         if let Some(p) = v.frame {
-            v.history = lock(&self.shadow)
-                .history
-                .get(&p)
-                .cloned()
-                .unwrap_or_default();
+            v.history = self.history(p);
         }
         lock(&self.violations).push(v.clone());
         v
-    }
-
-    /// Live DMA mappings of a frame.
-    pub fn live_mappings(&self, pfn: Pfn) -> u32 {
-        lock(&self.shadow).live.get(&pfn).copied().unwrap_or(0)
-    }
-
-    /// Frames with at least one live mapping.
-    pub fn mapped_frames(&self) -> usize {
-        lock(&self.shadow).live.len()
     }
 
     /// Every violation so far.

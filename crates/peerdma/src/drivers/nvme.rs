@@ -257,6 +257,8 @@ impl Nvme {
             None => tempfile::tempfile().map_err(io)?,
         };
         file.set_len(cfg.capacity).map_err(io)?;
+        // The Linux driver allows segments up to 4 GiB (dma_set_max_seg_size).
+        dma.set_max_segment(dev, u64::from(u32::MAX));
         let (cmb, cmb_status) = Self::map_cmb(dma, dev, cfg.cmb)?;
         Ok(Arc::new(Nvme {
             dev,
@@ -375,27 +377,22 @@ impl Nvme {
     }
 
     /// Read command: `nlb` blocks from `slba` into the memory `dptr` points at (the
-    /// controller DMA-writes memory).
+    /// controller DMA-writes memory, one transfer through the pointer's pieces).
     pub fn read(&self, slba: u64, nlb: u64, dptr: &DataPointer) -> Result<(), NvmeError> {
         let len = self.check(slba, nlb, dptr)?;
-        let mut pos = slba * u64::from(self.lba_size);
-        let mut buf = Vec::new();
-        for (addr, n) in dptr.pieces(len) {
-            buf.resize(n as usize, 0);
-            self.file
-                .read_exact_at(&mut buf, pos)
-                .map_err(|source| NvmeError::Io {
-                    dev: self.dev,
-                    source,
-                })?;
-            self.dma
-                .dma_write(self.dev, addr, &buf)
-                .map_err(|source| NvmeError::Dma {
-                    dev: self.dev,
-                    source,
-                })?;
-            pos += n;
-        }
+        let mut buf = vec![0u8; len as usize];
+        self.file
+            .read_exact_at(&mut buf, slba * u64::from(self.lba_size))
+            .map_err(|source| NvmeError::Io {
+                dev: self.dev,
+                source,
+            })?;
+        self.dma
+            .dma_write_sg(self.dev, &dptr.pieces(len), &buf)
+            .map_err(|source| NvmeError::Dma {
+                dev: self.dev,
+                source,
+            })?;
         self.bytes_read.fetch_add(len, Ordering::Relaxed);
         Ok(())
     }
@@ -404,24 +401,19 @@ impl Nvme {
     /// controller DMA-reads memory).
     pub fn write(&self, slba: u64, nlb: u64, dptr: &DataPointer) -> Result<(), NvmeError> {
         let len = self.check(slba, nlb, dptr)?;
-        let mut pos = slba * u64::from(self.lba_size);
-        let mut buf = Vec::new();
-        for (addr, n) in dptr.pieces(len) {
-            buf.resize(n as usize, 0);
-            self.dma
-                .dma_read(self.dev, addr, &mut buf)
-                .map_err(|source| NvmeError::Dma {
-                    dev: self.dev,
-                    source,
-                })?;
-            self.file
-                .write_all_at(&buf, pos)
-                .map_err(|source| NvmeError::Io {
-                    dev: self.dev,
-                    source,
-                })?;
-            pos += n;
-        }
+        let mut buf = vec![0u8; len as usize];
+        self.dma
+            .dma_read_sg(self.dev, &dptr.pieces(len), &mut buf)
+            .map_err(|source| NvmeError::Dma {
+                dev: self.dev,
+                source,
+            })?;
+        self.file
+            .write_all_at(&buf, slba * u64::from(self.lba_size))
+            .map_err(|source| NvmeError::Io {
+                dev: self.dev,
+                source,
+            })?;
         self.bytes_written.fetch_add(len, Ordering::Relaxed);
         Ok(())
     }

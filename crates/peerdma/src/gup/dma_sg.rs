@@ -93,7 +93,7 @@ pub fn get_user_dma_sg(
     if let Some(e) = pin.stopped_by() {
         return Err(e.clone());
     }
-    let sg = SgTable::from_runs(pin.runs(), start.0 - first, len, dma.max_segment());
+    let sg = SgTable::from_runs(pin.runs(), start.0 - first, len, dma.max_segment(dev));
     let mapping = dma.map_sg(dev, &sg, dir)?;
     Ok(UserDmaSg { mapping, sg, pin })
 }

@@ -1,9 +1,11 @@
-//! One IOMMU translation domain: an IOVA allocator and an IO page table.
+//! One IOMMU translation domain: an IOVA allocator and an IO page table. The IO page
+//! table is the same four-level radix table the CPU side uses; an entry's presence
+//! grants read and its write bit grants write (a write-only mapping is kept readable
+//! here, and the DMA engine refuses the read by the mapping's direction).
 
-use std::collections::BTreeMap;
-
-use crate::addr::{DmaAddr, Pfn, PAGE_SHIFT};
+use crate::addr::{DmaAddr, Pfn, VirtAddr, PAGE_SHIFT, PAGE_SIZE};
 use crate::mem::alloc::FreeRuns;
+use crate::mm::{PageTable, Pte};
 use crate::sync::{lock, Mutex};
 
 /// What a device may do through an IO page-table entry.
@@ -17,8 +19,8 @@ pub struct IoPerm {
 
 /// First IOVA handed out: 4 GiB, so a zero or small address is never valid.
 const IOVA_BASE_PAGE: u64 = 1 << (32 - PAGE_SHIFT);
-/// IOVA pages available: a 48-bit space above the base.
-const IOVA_PAGES: u64 = (1 << (48 - PAGE_SHIFT)) - IOVA_BASE_PAGE;
+/// IOVA pages available: a 47-bit space above the base (the radix table's reach).
+const IOVA_PAGES: u64 = (1 << (47 - PAGE_SHIFT)) - IOVA_BASE_PAGE;
 
 /// A translation domain.
 ///
@@ -29,7 +31,7 @@ pub struct Domain {
     id: u32,
     /// Lock order: `iova` before `table`, both leaves otherwise.
     iova: Mutex<FreeRuns>,
-    table: Mutex<BTreeMap<u64, (Pfn, IoPerm)>>,
+    table: Mutex<PageTable>,
 }
 
 impl std::fmt::Debug for Domain {
@@ -43,7 +45,7 @@ impl Domain {
         Domain {
             id,
             iova: Mutex::new(FreeRuns::new(IOVA_PAGES)),
-            table: Mutex::new(BTreeMap::new()),
+            table: Mutex::new(PageTable::new()),
         }
     }
 
@@ -68,29 +70,54 @@ impl Domain {
     /// Maps consecutive IOVA pages from `iova` to `frames`.
     pub fn map(&self, iova: DmaAddr, frames: impl IntoIterator<Item = Pfn>, perm: IoPerm) {
         let mut t = lock(&self.table);
+        let base = iova.0 & !(PAGE_SIZE - 1);
         for (i, pfn) in frames.into_iter().enumerate() {
-            let prev = t.insert((iova.0 >> PAGE_SHIFT) + i as u64, (pfn, perm));
-            debug_assert!(prev.is_none(), "IOVA {iova} page {i} mapped twice");
+            let prev = t.set(
+                VirtAddr(base + i as u64 * PAGE_SIZE),
+                Pte::present(pfn, perm.write),
+            );
+            debug_assert!(prev.is_empty(), "IOVA {iova} page {i} mapped twice");
         }
     }
 
     /// Removes the entries of `pages` IOVA pages from `iova`.
     pub fn unmap(&self, iova: DmaAddr, pages: u64) {
-        let mut t = lock(&self.table);
-        let first = iova.0 >> PAGE_SHIFT;
-        for p in first..first + pages {
-            t.remove(&p);
-        }
+        let base = iova.0 & !(PAGE_SIZE - 1);
+        lock(&self.table).walk_mut(
+            VirtAddr(base),
+            VirtAddr(base + pages * PAGE_SIZE),
+            |_, p| *p = Pte::EMPTY,
+        );
     }
 
     /// The frame and permission behind the page of `iova`.
     pub fn translate(&self, iova: DmaAddr) -> Option<(Pfn, IoPerm)> {
-        lock(&self.table).get(&(iova.0 >> PAGE_SHIFT)).copied()
+        let pte = lock(&self.table).get(VirtAddr(iova.0 & !(PAGE_SIZE - 1)));
+        pte.pfn().filter(|_| pte.is_present()).map(|p| {
+            (
+                p,
+                IoPerm {
+                    read: true,
+                    write: pte.writable(),
+                },
+            )
+        })
+    }
+
+    /// Whether `pages` consecutive IOVA pages from `iova` map to consecutive frames from
+    /// `first`, each with `write` permission if asked (one lock for the whole run).
+    pub fn translates_to(&self, iova: DmaAddr, pages: u64, first: Pfn, write: bool) -> bool {
+        let t = lock(&self.table);
+        let base = iova.0 & !(PAGE_SIZE - 1);
+        (0..pages).all(|i| {
+            let pte = t.get(VirtAddr(base + i * PAGE_SIZE));
+            pte.is_present() && pte.pfn() == Some(Pfn(first.0 + i)) && (!write || pte.writable())
+        })
     }
 
     /// Entries mapped now (for tests and leak checks).
     pub fn mapped_pages(&self) -> usize {
-        lock(&self.table).len()
+        lock(&self.table).entries() as usize
     }
 
     /// IOVA pages currently handed out.
@@ -102,7 +129,6 @@ impl Domain {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::addr::PAGE_SIZE;
     use proptest::prelude::*;
 
     proptest! {
@@ -155,6 +181,7 @@ mod tests {
             Pfn(20)
         );
         assert!(!d.translate(iova).unwrap().1.write);
+        assert_eq!(d.mapped_pages(), 2);
         d.unmap(iova, 2);
         assert_eq!(d.translate(iova), None);
     }

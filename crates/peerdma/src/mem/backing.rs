@@ -3,10 +3,12 @@
 //! its frames are touched.
 //!
 //! This is the one file of the crate with `unsafe`: it owns the mapping and every
-//! access to it. Accesses are volatile copies in aligned words, as rust-vmm's
-//! vm-memory accesses guest memory: the bytes are shared with emulated devices that may
-//! write them at any time, so the compiler must neither elide nor merge the accesses.
-//! Racing accesses to the same bytes give torn data, as they would on real memory; no
+//! access to it. The mapping is never handed out as a Rust reference: every access is a
+//! bounds-checked raw copy (`ptr::copy_nonoverlapping`, memcpy's speed) into or out of
+//! a caller's buffer, so no `&[u8]` into it ever exists for the compiler to assume
+//! stable. Two threads copying the same bytes at once is a race this layer does not
+//! prevent, as memory hardware does not: the DMA rules above it (pins, in-flight
+//! tracking, the sanitizer) are what keep a correct program free of such races. No
 //! access ever leaves the mapping, which every method checks first.
 
 use std::ptr::NonNull;
@@ -24,8 +26,8 @@ pub struct Backing {
 }
 
 // SAFETY: the mapping is plain memory owned by this value; all access goes through
-// bounds-checked volatile copies, so sharing the pointer between threads is no more
-// than sharing memory with a device.
+// bounds-checked raw copies, so sharing the pointer between threads is no more than
+// sharing memory with a device.
 unsafe impl Send for Backing {}
 // SAFETY: as for Send; `&Backing` only offers those checked copies.
 unsafe impl Sync for Backing {}
@@ -78,14 +80,14 @@ impl Backing {
         self.check(off, dst.len());
         // SAFETY: `check` keeps [off, off + len) inside the mapping (invariant), and
         // `dst` is a distinct Rust buffer.
-        unsafe { volatile_copy(self.ptr.as_ptr().add(off), dst.as_mut_ptr(), dst.len()) }
+        unsafe { raw_copy(self.ptr.as_ptr().add(off), dst.as_mut_ptr(), dst.len()) }
     }
 
     /// Copies `src` to offset `off`.
     pub fn write(&self, off: usize, src: &[u8]) {
         self.check(off, src.len());
         // SAFETY: as in `read`, with the roles of the buffers swapped.
-        unsafe { volatile_copy(src.as_ptr(), self.ptr.as_ptr().add(off), src.len()) }
+        unsafe { raw_copy(src.as_ptr(), self.ptr.as_ptr().add(off), src.len()) }
     }
 
     /// Copies `n` bytes inside the mapping from `src` to `dst` (ranges must not overlap).
@@ -94,7 +96,7 @@ impl Backing {
         self.check(dst, n);
         assert!(src + n <= dst || dst + n <= src, "overlapping frame copy");
         // SAFETY: both ranges are inside the mapping and do not overlap.
-        unsafe { volatile_copy(self.ptr.as_ptr().add(src), self.ptr.as_ptr().add(dst), n) }
+        unsafe { raw_copy(self.ptr.as_ptr().add(src), self.ptr.as_ptr().add(dst), n) }
     }
 
     /// Copies `n` bytes from this mapping at `src` to `other` at `dst`.
@@ -102,30 +104,14 @@ impl Backing {
         self.check(src, n);
         other.check(dst, n);
         // SAFETY: both ranges are inside their mappings; two mappings never overlap.
-        unsafe { volatile_copy(self.ptr.as_ptr().add(src), other.ptr.as_ptr().add(dst), n) }
+        unsafe { raw_copy(self.ptr.as_ptr().add(src), other.ptr.as_ptr().add(dst), n) }
     }
 
     /// Zeroes `n` bytes at `off`.
     pub fn zero(&self, off: usize, n: usize) {
         self.check(off, n);
-        let mut p = off;
-        let end = off + n;
-        // SAFETY: every store below lies in [off, off + n), inside the mapping.
-        unsafe {
-            let base = self.ptr.as_ptr();
-            while p < end && !(base as usize + p).is_multiple_of(8) {
-                base.add(p).write_volatile(0);
-                p += 1;
-            }
-            while p + 8 <= end {
-                base.add(p).cast::<u64>().write_volatile(0);
-                p += 8;
-            }
-            while p < end {
-                base.add(p).write_volatile(0);
-                p += 1;
-            }
-        }
+        // SAFETY: `check` keeps [off, off + n) inside the mapping (invariant).
+        unsafe { self.ptr.as_ptr().add(off).write_bytes(0, n) }
     }
 
     /// Returns the backing pages of `[off, off + n)` to the host (`MADV_DONTNEED`): they
@@ -145,35 +131,14 @@ impl Backing {
     }
 }
 
-/// Copies `n` bytes with volatile accesses, in aligned 8-byte words where both sides
-/// allow, bytes at the edges.
+/// Copies `n` bytes.
 ///
 /// # Safety
 /// `src` must be valid for `n` byte reads and `dst` for `n` byte writes, and the two
 /// ranges must not overlap.
-unsafe fn volatile_copy(src: *const u8, dst: *mut u8, n: usize) {
-    let mut i = 0;
-    if (src as usize) % 8 == (dst as usize) % 8 {
-        // SAFETY (whole block): every access is at `i < n`, inside both ranges.
-        unsafe {
-            while i < n && !(src as usize + i).is_multiple_of(8) {
-                dst.add(i).write_volatile(src.add(i).read_volatile());
-                i += 1;
-            }
-            while i + 8 <= n {
-                let w = src.add(i).cast::<u64>().read_volatile();
-                dst.add(i).cast::<u64>().write_volatile(w);
-                i += 8;
-            }
-        }
-    }
-    // SAFETY: as above, for the unaligned remainder.
-    unsafe {
-        while i < n {
-            dst.add(i).write_volatile(src.add(i).read_volatile());
-            i += 1;
-        }
-    }
+unsafe fn raw_copy(src: *const u8, dst: *mut u8, n: usize) {
+    // SAFETY: the caller's contract is exactly copy_nonoverlapping's.
+    unsafe { std::ptr::copy_nonoverlapping(src, dst, n) }
 }
 
 impl Drop for Backing {

@@ -358,6 +358,41 @@ impl Region {
         self.meta(pfn).set(flags::DIRTY);
     }
 
+    /// Byte offset in the backing of `off` bytes into the span of frames from `first`;
+    /// the span `[off, off + len)` must lie inside the region.
+    fn span_offset(&self, first: Pfn, off: u64, len: usize) -> usize {
+        let start = self.idx(first) * PAGE_SIZE + off;
+        assert!(
+            start + len as u64 <= self.frames * PAGE_SIZE,
+            "span of {len:#x} bytes at {first} + {off:#x} runs past the region"
+        );
+        start as usize
+    }
+
+    /// Reads bytes of physically contiguous frames starting `off` bytes into `first`:
+    /// one copy for the whole span (device DMA through a contiguous segment).
+    pub fn read_span(&self, first: Pfn, off: u64, dst: &mut [u8]) {
+        self.backing
+            .read(self.span_offset(first, off, dst.len()), dst)
+    }
+
+    /// Writes bytes across physically contiguous frames starting `off` bytes into
+    /// `first`, and marks the frames touched dirty.
+    pub fn write_span(&self, first: Pfn, off: u64, src: &[u8]) {
+        let at = self.span_offset(first, off, src.len());
+        self.backing.write(at, src);
+        let (lo, hi) = (
+            at as u64 / PAGE_SIZE,
+            (at + src.len()).div_ceil(PAGE_SIZE as usize) as u64,
+        );
+        for idx in lo..hi {
+            let m = self.meta.get(idx);
+            if m.flags() & flags::DIRTY == 0 {
+                m.set(flags::DIRTY);
+            }
+        }
+    }
+
     /// Copies a whole frame of this region to `dst` in region `to` (possibly this one).
     pub fn copy_frame(&self, src: Pfn, to: &Region, dst: Pfn) {
         let s = self.offset(src, 0, PAGE_SIZE as usize);
