@@ -5,7 +5,9 @@
 //! Layers present so far: [`addr`] (address newtypes), [`sync`] (std or shuttle
 //! primitives), [`fabric`] (the PCIe tree and the kernel's peer-to-peer rules),
 //! [`mem`] (frames with real bytes), [`notifier`] (interval notifiers), [`mm`]
-//! (address spaces) and [`gup`] (pinning).
+//! (address spaces), [`iommu`], [`dma`] (mapping, the engine, the sanitizer),
+//! [`p2pmem`] (p2p memory providers), [`gup`] (pinning, `get_user_dma_sg`),
+//! [`drivers`] (device models) and [`host`] (emulated machines and the main job).
 
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
