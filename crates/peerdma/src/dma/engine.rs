@@ -50,6 +50,16 @@ impl Dma {
         })
     }
 
+    fn iommu_fault(&self, dev: Bdf, addr: DmaAddr, write: bool, reason: &str) {
+        self.iommu.report_fault(DmaFault {
+            dev,
+            addr,
+            write,
+            reason: reason.to_string(),
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn violation(
         &self,
         dev: Bdf,
@@ -102,12 +112,7 @@ impl Dma {
                         .domain(dev)
                         .is_some_and(|d| d.translate(addr).is_none())
                 {
-                    self.iommu.report_fault(DmaFault {
-                        dev,
-                        addr,
-                        write,
-                        reason: "no IO page-table entry".into(),
-                    });
+                    self.iommu_fault(dev, addr, write, "no IO page-table entry");
                 }
                 return Err(self.violation(dev, addr, len, write, None, ViolationKind::Unmapped));
             };
@@ -153,8 +158,9 @@ impl Dma {
         let rel0 = addr.0 - rec.start.0;
         let first_page = (rec.offset + rel0) / PAGE_SIZE;
         let first = Pfn(rec.first.0 + first_page);
+        let refuse = |kind| self.violation(dev, addr, len, write, Some(first), kind);
         if rel0 + len > rec.len {
-            return Err(self.violation(dev, addr, len, write, Some(first), ViolationKind::PastEnd));
+            return Err(refuse(ViolationKind::PastEnd));
         }
         let allowed = if write {
             rec.dir.device_writes()
@@ -162,14 +168,7 @@ impl Dma {
             rec.dir.device_reads()
         };
         if !allowed {
-            return Err(self.violation(
-                dev,
-                addr,
-                len,
-                write,
-                Some(first),
-                ViolationKind::WrongDirection,
-            ));
+            return Err(refuse(ViolationKind::WrongDirection));
         }
         let last_page = (rec.offset + rel0 + len - 1) / PAGE_SIZE;
         let pages = last_page - first_page + 1;
@@ -179,20 +178,13 @@ impl Dma {
                 .as_ref()
                 .is_some_and(|(d, _, _)| d.translates_to(addr, pages, first, write));
             if !ok {
-                self.iommu.report_fault(DmaFault {
+                self.iommu_fault(
                     dev,
                     addr,
                     write,
-                    reason: "IO page-table entry missing or without permission".into(),
-                });
-                return Err(self.violation(
-                    dev,
-                    addr,
-                    len,
-                    write,
-                    Some(first),
-                    ViolationKind::Unmapped,
-                ));
+                    "IO page-table entry missing or without permission",
+                );
+                return Err(refuse(ViolationKind::Unmapped));
             }
         }
         for k in first_page..=last_page {
