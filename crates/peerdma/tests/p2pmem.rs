@@ -12,7 +12,8 @@ use peerdma::gup::{get_user_dma_sg, pin_user_pages, FollFlags};
 use peerdma::host::{Host, HostConfig};
 use peerdma::mm::Prot;
 use peerdma::p2pmem::{P2pError, Provider};
-use peerdma::sync::{thread, Arc};
+use peerdma::sync::Arc;
+use std::thread;
 
 fn setup() -> (Host, Arc<Provider>) {
     let topo = preset("workstation").unwrap();
