@@ -44,45 +44,40 @@ fn touch(mm: &Mm, a: VirtAddr, len: u64) -> Result<()> {
     Ok(())
 }
 
-/// Time for the device to write `src` `reps` times, at the same rotating offsets into
-/// the mapped buffer as the memcpy baseline, split where segments end.
-fn dma_writes(
-    dma: &Arc<Dma>,
+/// The pieces of the transfer of `len` bytes at byte `at` of a mapped buffer, as a
+/// PRP list would describe them.
+fn pieces_at(
     segs: &[peerdma::dma::DmaSegment],
-    src: &[u8],
-    reps: usize,
-) -> Result<Duration> {
-    // Byte offset of each segment in the buffer, for finding where a transfer starts.
-    let starts: Vec<u64> = segs
-        .iter()
+    starts: &[u64],
+    mut at: u64,
+    len: u64,
+) -> Result<Vec<(peerdma::addr::DmaAddr, u64)>> {
+    let mut i = starts.partition_point(|&s| s <= at) - 1;
+    let mut done = 0u64;
+    let mut pieces = Vec::new();
+    while done < len {
+        let s = segs
+            .get(i)
+            .ok_or_else(|| anyhow::anyhow!("the mapping is shorter than the transfer"))?;
+        let off = at - starts[i];
+        let n = (s.len - off).min(len - done);
+        pieces.push((peerdma::addr::DmaAddr(s.addr.0 + off), n));
+        done += n;
+        at += n;
+        i += 1;
+    }
+    Ok(pieces)
+}
+
+/// Byte offset of each segment in its buffer.
+fn starts(segs: &[peerdma::dma::DmaSegment]) -> Vec<u64> {
+    segs.iter()
         .scan(0u64, |at, s| {
             let here = *at;
             *at += s.len;
             Some(here)
         })
-        .collect();
-    let t = Instant::now();
-    let mut pieces = Vec::new();
-    for r in 0..reps {
-        // One transfer per rep, described piece by piece as a PRP list would.
-        let mut at = ((r * 7) % 64) as u64 * src.len() as u64;
-        let mut i = starts.partition_point(|&s| s <= at) - 1;
-        let mut done = 0u64;
-        pieces.clear();
-        while done < src.len() as u64 {
-            let s = segs
-                .get(i)
-                .ok_or_else(|| anyhow::anyhow!("the mapping is shorter than the transfer"))?;
-            let off = at - starts[i];
-            let n = (s.len - off).min(src.len() as u64 - done);
-            pieces.push((peerdma::addr::DmaAddr(s.addr.0 + off), n));
-            done += n;
-            at += n;
-            i += 1;
-        }
-        dma.dma_write_sg(dev(), &pieces, src)?;
-    }
-    Ok(t.elapsed())
+        .collect()
 }
 
 /// Runs both benchmarks: `transfer` bytes per DMA, `sg_bytes` for get_user_dma_sg.
@@ -128,22 +123,36 @@ pub fn run(transfer: u64, sg_bytes: u64, runs: usize) -> Result<DmaFigures> {
         FollFlags::NONE,
     )?;
     anyhow::ensure!(
-        scat.segments().iter().all(|s| s.len <= PAGE_SIZE),
+        scat.sg().entries().iter().all(|e| e.len <= PAGE_SIZE),
         "scattered frames coalesced"
     );
     let contig_segments = contig.segments();
-    let mut dst = vec![0u8; span as usize];
+    // Fault the baseline's destination in, as the mapped buffers are.
+    let mut dst = vec![1u8; span as usize];
+    // The three copies take turns transfer by transfer, so machine noise hits all alike.
+    let scat_segments = scat.segments();
+    let (cs, ss) = (starts(&contig_segments), starts(&scat_segments));
     let (mut tc, mut ts, mut tm) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs.max(1) {
-        tc.push(dma_writes(&dma, &contig_segments, &src, reps)?);
-        ts.push(dma_writes(&dma, &scat.segments(), &src, reps)?);
-        let t = Instant::now();
+        let (mut c, mut sc, mut m) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
         for r in 0..reps {
-            let at = (r * 7 % 64) * transfer as usize;
-            dst[at..at + src.len()].copy_from_slice(std::hint::black_box(&src));
+            let at = (r * 7 % 64) as u64 * transfer;
+            let p = pieces_at(&contig_segments, &cs, at, transfer)?;
+            let t = Instant::now();
+            dma.dma_write_sg(dev(), &p, &src)?;
+            c += t.elapsed();
+            let p = pieces_at(&scat_segments, &ss, at, transfer)?;
+            let t = Instant::now();
+            dma.dma_write_sg(dev(), &p, &src)?;
+            sc += t.elapsed();
+            let t = Instant::now();
+            dst[at as usize..at as usize + src.len()].copy_from_slice(std::hint::black_box(&src));
+            std::hint::black_box(&dst);
+            m += t.elapsed();
         }
-        std::hint::black_box(&dst);
-        tm.push(t.elapsed());
+        tc.push(c);
+        ts.push(sc);
+        tm.push(m);
     }
     anyhow::ensure!(
         dma.sanitizer().is_clean(),

@@ -93,7 +93,7 @@ impl Dma {
     ) -> Result<(), DmaError> {
         let map = self.device_map(dev);
         let live = read(&map);
-        let mut plan: Vec<(&Record, Pfn, u64, u64)> = Vec::with_capacity(pieces.len());
+        let mut plan: Vec<(&Record, usize, u64, u64)> = Vec::with_capacity(pieces.len());
         for &(addr, len) in pieces {
             if len == 0 {
                 continue;
@@ -121,9 +121,23 @@ impl Dma {
         }
         let mut at = 0usize;
         let mut moved = [0u64; 3];
-        for &(rec, first, off, len) in &plan {
-            copy(&rec.region, first, off, at, len as usize);
-            at += len as usize;
+        for &(rec, first_page, off, len) in &plan {
+            // Copy each physically contiguous run of the piece in one go.
+            let (mut k, mut in_page, mut left) = (first_page, off, len);
+            while left > 0 {
+                let start = k;
+                let mut run = PAGE_SIZE - in_page;
+                while run < left && rec.pages[k + 1].0 == rec.pages[k].0 + 1 {
+                    k += 1;
+                    run += PAGE_SIZE;
+                }
+                let n = run.min(left);
+                copy(&rec.region, rec.pages[start], in_page, at, n as usize);
+                at += n as usize;
+                left -= n;
+                k += 1;
+                in_page = 0;
+            }
             let path = match (rec.kind, rec.region.kind()) {
                 (MapKind::BusAddr, _) => 0,
                 (_, RegionKind::P2p { .. }) => 1,
@@ -146,7 +160,8 @@ impl Dma {
     }
 
     /// Checks one piece against its mapping: bounds, direction, the IO page table for
-    /// an IOVA, and each frame's identity. Returns (first frame, offset in it, bytes).
+    /// an IOVA, and each frame's identity. Returns (first page index, offset in it,
+    /// bytes).
     fn check(
         &self,
         rec: &Record,
@@ -154,10 +169,10 @@ impl Dma {
         addr: DmaAddr,
         len: u64,
         write: bool,
-    ) -> Result<(Pfn, u64, u64), DmaError> {
+    ) -> Result<(usize, u64, u64), DmaError> {
         let rel0 = addr.0 - rec.start.0;
         let first_page = (rec.offset + rel0) / PAGE_SIZE;
-        let first = Pfn(rec.first.0 + first_page);
+        let first = rec.pages[first_page as usize];
         let refuse = |kind| self.violation(dev, addr, len, write, Some(first), kind);
         if rel0 + len > rec.len {
             return Err(refuse(ViolationKind::PastEnd));
@@ -171,12 +186,14 @@ impl Dma {
             return Err(refuse(ViolationKind::WrongDirection));
         }
         let last_page = (rec.offset + rel0 + len - 1) / PAGE_SIZE;
-        let pages = last_page - first_page + 1;
         if rec.kind == MapKind::Iova {
-            let ok = rec
-                .iova
-                .as_ref()
-                .is_some_and(|(d, _, _)| d.translates_to(addr, pages, first, write));
+            let ok = rec.iova.as_ref().is_some_and(|(d, _, _)| {
+                d.translates_to(
+                    addr,
+                    &rec.pages[first_page as usize..=last_page as usize],
+                    write,
+                )
+            });
             if !ok {
                 self.iommu_fault(
                     dev,
@@ -188,7 +205,7 @@ impl Dma {
             }
         }
         for k in first_page..=last_page {
-            let pfn = Pfn(rec.first.0 + k);
+            let pfn = rec.pages[k as usize];
             let now = rec.region.meta(pfn).generation();
             let then = rec.gens[k as usize];
             if now != then {
@@ -203,6 +220,6 @@ impl Dma {
                 ));
             }
         }
-        Ok((first, (rec.offset + rel0) % PAGE_SIZE, len))
+        Ok((first_page as usize, (rec.offset + rel0) % PAGE_SIZE, len))
     }
 }

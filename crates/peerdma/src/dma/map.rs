@@ -32,15 +32,19 @@ pub struct DmaSegment {
     pub kind: MapKind,
 }
 
-/// One live, physically contiguous mapped segment.
+/// One live mapped segment: contiguous in DMA address space, backed page by page by
+/// `pages` (physically contiguous except for an IOVA segment that merged several SG
+/// entries, as `iommu_dma_map_sg()` does).
 pub(crate) struct Record {
     pub(crate) id: u64,
     pub(crate) dir: Direction,
     pub(crate) start: DmaAddr,
     pub(crate) len: u64,
     pub(crate) kind: MapKind,
-    pub(crate) first: Pfn,
+    /// Offset of `start` into the first page.
     pub(crate) offset: u64,
+    /// The frame behind each page of the segment.
+    pub(crate) pages: Vec<Pfn>,
     /// Each frame's generation when mapped.
     pub(crate) gens: Vec<u32>,
     pub(crate) region: Arc<Region>,
@@ -49,7 +53,7 @@ pub(crate) struct Record {
 
 impl Record {
     pub(crate) fn frames(&self) -> impl Iterator<Item = Pfn> + '_ {
-        (0..self.gens.len() as u64).map(|i| Pfn(self.first.0 + i))
+        self.pages.iter().copied()
     }
 }
 
@@ -124,12 +128,24 @@ impl Drop for DmaMapping {
                 domain.unmap(*iova, *pages);
                 domain.free_iova(*iova, *pages);
             }
-            self.dma
-                .sanitizer
-                .unmapped(r.id, self.dev, r.first, r.gens.len() as u64);
+            for (first, n) in runs(&r.pages) {
+                self.dma.sanitizer.unmapped(r.id, self.dev, first, n);
+            }
         }
         self.dma.counters.unmappings.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// Runs of physically consecutive frames, as (first, count).
+pub(crate) fn runs(pages: &[Pfn]) -> Vec<(Pfn, u64)> {
+    let mut out: Vec<(Pfn, u64)> = Vec::new();
+    for &p in pages {
+        match out.last_mut() {
+            Some((f, n)) if f.0 + *n == p.0 => *n += 1,
+            _ => out.push((p, 1)),
+        }
+    }
+    out
 }
 
 impl Dma {
@@ -137,7 +153,8 @@ impl Dma {
     /// device-coherent memory go through the device's IOMMU domain (or by physical
     /// address in passthrough); p2p memory by the fabric's verdict between its provider
     /// and `dev`: by bus address through a switch, like RAM through an allowed host
-    /// bridge, refused with EREMOTEIO otherwise.
+    /// bridge, refused with EREMOTEIO otherwise. Through the IOMMU, entries that join
+    /// at page boundaries are merged into one IOVA segment.
     pub fn map_sg(
         self: &Arc<Self>,
         dev: Bdf,
@@ -154,15 +171,17 @@ impl Dma {
             read: dir.device_reads(),
             write: dir.device_writes(),
         };
-        for e in sg.entries() {
+        let entries = sg.entries();
+        let mut i = 0;
+        while i < entries.len() {
+            let e = entries[i];
             let region = self.phys.region(e.pfn).ok_or(DmaError::NoDevice { dev })?;
-            let frames = e.frames();
             debug_assert!(
-                region.contains(Pfn(e.pfn.0 + frames - 1)),
+                region.contains(Pfn(e.pfn.0 + e.frames() - 1)),
                 "SG entry crosses regions"
             );
             let phys = e.pfn.0 * PAGE_SIZE + e.offset;
-            let through_iommu = match region.kind() {
+            let direct = match region.kind() {
                 RegionKind::P2p {
                     provider,
                     bus_offset,
@@ -193,41 +212,64 @@ impl Dma {
                 }
                 _ => None,
             };
-            let (kind, addr, iova) = match through_iommu {
-                Some((k, a)) => (k, a, None),
-                None => match self.iommu.domain(dev) {
-                    None => (MapKind::Phys, DmaAddr(phys), None),
-                    Some(domain) => {
-                        let base = domain
-                            .alloc_iova(frames, 1)
-                            .ok_or(DmaError::NoSpace { dev, bytes: e.len })?;
-                        domain.map(base, (0..frames).map(|i| Pfn(e.pfn.0 + i)), perm);
-                        (
-                            MapKind::Iova,
-                            DmaAddr(base.0 + e.offset),
-                            Some((domain, base, frames)),
-                        )
-                    }
-                },
+            let domain = if direct.is_none() {
+                self.iommu.domain(dev)
+            } else {
+                None
+            };
+            // Through the IOMMU, following entries of the same region that join at page
+            // boundaries share one IOVA range: one segment for the device.
+            let mut j = i + 1;
+            if domain.is_some() {
+                while j < entries.len()
+                    && entries[j].offset == 0
+                    && (entries[j - 1].offset + entries[j - 1].len).is_multiple_of(PAGE_SIZE)
+                    && region.contains(entries[j].pfn)
+                {
+                    j += 1;
+                }
+            }
+            let group = &entries[i..j];
+            let pages: Vec<Pfn> = group
+                .iter()
+                .flat_map(|g| (0..g.frames()).map(move |k| Pfn(g.pfn.0 + k)))
+                .collect();
+            let len: u64 = group.iter().map(|g| g.len).sum();
+            let (kind, addr, iova) = match (direct, domain) {
+                (Some((k, a)), _) => (k, a, None),
+                (None, None) => (MapKind::Phys, DmaAddr(phys), None),
+                (None, Some(domain)) => {
+                    let n = pages.len() as u64;
+                    let base = domain
+                        .alloc_iova(n, 1)
+                        .ok_or(DmaError::NoSpace { dev, bytes: len })?;
+                    domain.map(base, pages.iter().copied(), perm);
+                    (
+                        MapKind::Iova,
+                        DmaAddr(base.0 + e.offset),
+                        Some((domain, base, n)),
+                    )
+                }
             };
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            for (first, n) in runs(&pages) {
+                self.sanitizer.mapped(id, dev, first, n, dir, addr);
+            }
             let record = Arc::new(Record {
                 id,
                 dir,
                 start: addr,
-                len: e.len,
+                len,
                 kind,
-                first: e.pfn,
                 offset: e.offset,
-                gens: (0..frames)
-                    .map(|i| region.meta(Pfn(e.pfn.0 + i)).generation())
-                    .collect(),
+                gens: pages.iter().map(|&p| region.meta(p).generation()).collect(),
+                pages,
                 region: region.clone(),
                 iova,
             });
             write(&self.device_map(dev)).insert((addr.0, id), record.clone());
-            self.sanitizer.mapped(id, dev, e.pfn, frames, dir, addr);
             mapping.records.push(record);
+            i = j;
         }
         self.counters.mappings.fetch_add(1, Ordering::Relaxed);
         Ok(mapping)

@@ -104,14 +104,14 @@ impl Domain {
         })
     }
 
-    /// Whether `pages` consecutive IOVA pages from `iova` map to consecutive frames from
-    /// `first`, each with `write` permission if asked (one lock for the whole run).
-    pub fn translates_to(&self, iova: DmaAddr, pages: u64, first: Pfn, write: bool) -> bool {
+    /// Whether consecutive IOVA pages from `iova` map to `frames`, each with `write`
+    /// permission if asked (one lock for the whole run).
+    pub fn translates_to(&self, iova: DmaAddr, frames: &[Pfn], write: bool) -> bool {
         let t = lock(&self.table);
         let base = iova.0 & !(PAGE_SIZE - 1);
-        (0..pages).all(|i| {
-            let pte = t.get(VirtAddr(base + i * PAGE_SIZE));
-            pte.is_present() && pte.pfn() == Some(Pfn(first.0 + i)) && (!write || pte.writable())
+        frames.iter().enumerate().all(|(i, &pfn)| {
+            let pte = t.get(VirtAddr(base + i as u64 * PAGE_SIZE));
+            pte.is_present() && pte.pfn() == Some(pfn) && (!write || pte.writable())
         })
     }
 
