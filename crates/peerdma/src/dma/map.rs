@@ -243,7 +243,7 @@ impl Dma {
                     let base = domain
                         .alloc_iova(n, 1)
                         .ok_or(DmaError::NoSpace { dev, bytes: len })?;
-                    domain.map(base, pages.iter().copied(), perm);
+                    domain.map(base, &pages, perm);
                     (
                         MapKind::Iova,
                         DmaAddr(base.0 + e.offset),

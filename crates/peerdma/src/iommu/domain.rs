@@ -68,16 +68,16 @@ impl Domain {
     }
 
     /// Maps consecutive IOVA pages from `iova` to `frames`.
-    pub fn map(&self, iova: DmaAddr, frames: impl IntoIterator<Item = Pfn>, perm: IoPerm) {
+    pub fn map(&self, iova: DmaAddr, frames: &[Pfn], perm: IoPerm) {
         let mut t = lock(&self.table);
-        let base = iova.0 & !(PAGE_SIZE - 1);
-        for (i, pfn) in frames.into_iter().enumerate() {
-            let prev = t.set(
-                VirtAddr(base + i as u64 * PAGE_SIZE),
-                Pte::present(pfn, perm.write),
-            );
-            debug_assert!(prev.is_empty(), "IOVA {iova} page {i} mapped twice");
-        }
+        let base = VirtAddr(iova.0 & !(PAGE_SIZE - 1));
+        debug_assert!(
+            (0..frames.len() as u64).all(|i| t.get(VirtAddr(base.0 + i * PAGE_SIZE)).is_empty()),
+            "IOVA {iova} mapped twice"
+        );
+        t.fill(base, frames.len() as u64, |i| {
+            Pte::present(frames[i as usize], perm.write)
+        });
     }
 
     /// Removes the entries of `pages` IOVA pages from `iova`.
@@ -170,7 +170,7 @@ mod tests {
         let iova = d.alloc_iova(2, 1).unwrap();
         d.map(
             iova,
-            [Pfn(10), Pfn(20)],
+            &[Pfn(10), Pfn(20)],
             IoPerm {
                 read: true,
                 write: false,

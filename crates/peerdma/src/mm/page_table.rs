@@ -122,6 +122,46 @@ impl PageTable {
         old
     }
 
+    /// Sets `count` consecutive entries from `start` to `pte(i)` for `i` in
+    /// `0..count`, creating tables as needed, one leaf lookup per 512 entries (bulk
+    /// mapping, as an IO page table is filled).
+    pub fn fill(&mut self, start: VirtAddr, count: u64, mut pte: impl FnMut(u64) -> Pte) {
+        let mut i = 0u64;
+        while i < count {
+            let va = start.0 + i * (1 << PAGE_SHIFT);
+            debug_assert!(va < TASK_SIZE);
+            let (i3, i2, i1) = (index(va, 3), index(va, 2), index(va, 1));
+            let leaf = self
+                .root
+                .child(i3, Dir::new)
+                .child(i2, Dir::new)
+                .child(i1, || Leaf {
+                    ptes: Box::new([Pte::EMPTY; FANOUT]),
+                    used: 0,
+                });
+            let first = index(va, 0);
+            let n = ((FANOUT - first) as u64).min(count - i);
+            let mut added = 0u64;
+            let mut removed = 0u64;
+            for k in 0..n {
+                let new = pte(i + k);
+                let slot = &mut leaf.ptes[first + k as usize];
+                match (slot.is_empty(), new.is_empty()) {
+                    (true, false) => added += 1,
+                    (false, true) => removed += 1,
+                    _ => {}
+                }
+                *slot = new;
+            }
+            leaf.used = leaf.used + added as u32 - removed as u32;
+            self.present = self.present + added - removed;
+            if leaf.used == 0 {
+                self.free_empty(i3, i2, i1);
+            }
+            i += n;
+        }
+    }
+
     /// Frees the leaf at `(i3, i2, i1)` if it is empty, and the directories above it
     /// that this leaves empty.
     fn free_empty(&mut self, i3: usize, i2: usize, i1: usize) {
@@ -204,7 +244,7 @@ mod tests {
         /// The page table agrees with a HashMap model under random sets, clears and
         /// range walks that write-protect or clear.
         #[test]
-        fn matches_a_hashmap_model(ops in proptest::collection::vec((0u8..4, 0u64..1u64 << 20, 1u64..3000, any::<bool>()), 1..300)) {
+        fn matches_a_hashmap_model(ops in proptest::collection::vec((0u8..5, 0u64..1u64 << 20, 1u64..3000, any::<bool>()), 1..300)) {
             let mut pt = PageTable::new();
             let mut model: HashMap<u64, Pte> = HashMap::new();
             // Spread pages over several top-level tables.
@@ -219,6 +259,23 @@ mod tests {
                     1 => {
                         let old = pt.set(va(page), Pte::EMPTY);
                         prop_assert_eq!(old, model.remove(&va(page).0).unwrap_or(Pte::EMPTY));
+                    }
+                    4 => {
+                        // Bulk fill of a run (possibly across leaves), clearing every
+                        // third entry.
+                        let s = va(page).0;
+                        let len = len % 700 + 1; // up to two leaf boundaries
+                        pt.fill(VirtAddr(s), len, |i| {
+                            if flag && i % 3 == 0 { Pte::EMPTY } else { Pte::present(Pfn(i + 7), true) }
+                        });
+                        for i in 0..len {
+                            let k = s + i * (1 << PAGE_SHIFT);
+                            if flag && i % 3 == 0 {
+                                model.remove(&k);
+                            } else {
+                                model.insert(k, Pte::present(Pfn(i + 7), true));
+                            }
+                        }
                     }
                     _ => {
                         let s = va(page).0;
