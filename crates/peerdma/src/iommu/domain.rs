@@ -108,11 +108,25 @@ impl Domain {
     /// permission if asked (one lock for the whole run).
     pub fn translates_to(&self, iova: DmaAddr, frames: &[Pfn], write: bool) -> bool {
         let t = lock(&self.table);
-        let base = iova.0 & !(PAGE_SIZE - 1);
-        frames.iter().enumerate().all(|(i, &pfn)| {
-            let pte = t.get(VirtAddr(base + i as u64 * PAGE_SIZE));
-            pte.is_present() && pte.pfn() == Some(pfn) && (!write || pte.writable())
-        })
+        let mut va = iova.0 & !(PAGE_SIZE - 1);
+        let mut rest = frames;
+        // A leaf table's run at a time.
+        while !rest.is_empty() {
+            let run = t.run(VirtAddr(va));
+            if run.is_empty() {
+                return false;
+            }
+            let n = run.len().min(rest.len());
+            let ok = run[..n].iter().zip(&rest[..n]).all(|(pte, &pfn)| {
+                pte.is_present() && pte.pfn() == Some(pfn) && (!write || pte.writable())
+            });
+            if !ok {
+                return false;
+            }
+            rest = &rest[n..];
+            va += n as u64 * PAGE_SIZE;
+        }
+        true
     }
 
     /// Entries mapped now (for tests and leak checks).
