@@ -1,4 +1,4 @@
-//! Physical memory with real bytes: page frames named by [`Pfn`](crate::addr::Pfn),
+//! Physical memory with real bytes: page frames named by [`Pfn`],
 //! their metadata (reference and pin counts, flags, generation), regions of system RAM
 //! and device page maps, and each region's allocator.
 //!

@@ -6,7 +6,7 @@ use crate::addr::{Pfn, PAGE_SHIFT};
 /// One page-table entry.
 ///
 /// # Invariants
-/// An entry that is [`present`](Pte::present) or [`device_private`](Pte::device_private)
+/// An entry that is [`present`](Pte::is_present) or [`device_private`](Pte::is_device_private)
 /// holds one reference on its frame; the empty entry holds none.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Pte(u64);

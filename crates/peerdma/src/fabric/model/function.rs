@@ -116,12 +116,12 @@ pub struct Bar {
     pub io: bool,
 }
 
-/// Index of a function inside one [`Topology`].
+/// Index of a function inside one [`Topology`](crate::fabric::Topology).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FnId(pub(crate) u32);
 
 impl FnId {
-    /// The index into [`Topology::functions`].
+    /// The index into [`Topology::functions`](crate::fabric::Topology::functions).
     pub fn index(self) -> usize {
         self.0 as usize
     }
@@ -130,7 +130,7 @@ impl FnId {
 /// What is directly above a function.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Upstream {
-    /// The function sits on a root bus: index into [`Topology::host_bridges`].
+    /// The function sits on a root bus: index into [`Topology::host_bridges`](crate::fabric::Topology::host_bridges).
     HostBridge(usize),
     /// The function sits below this bridge.
     Bridge(FnId),
@@ -139,7 +139,7 @@ pub enum Upstream {
 /// One PCI function.
 ///
 /// # Invariants
-/// Inside a [`Topology`], `upstream` names an existing host bridge or a function whose
+/// Inside a [`Topology`](crate::fabric::Topology), `upstream` names an existing host bridge or a function whose
 /// `kind` is a bridge, and following `upstream` from any function ends at a host bridge.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Function {
