@@ -111,7 +111,11 @@ pub fn run(args: &RunArgs) -> Result<()> {
     bar.finish_and_clear();
     let report = report.with_context(|| format!("p2pmem copy on {}", host.topology().source()))?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut v = serde_json::to_value(&report)?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("schema".into(), "peerdma-run/1".into());
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print(&host, &report);
     }

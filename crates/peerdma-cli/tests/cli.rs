@@ -232,6 +232,19 @@ fn json_output_has_exactly_the_documented_fields() {
     assert_eq!(keys(&explain["verdict"]), keys(&examples[1]["verdict"]));
     assert_eq!(keys(&explain["bandwidth"]), keys(&examples[1]["bandwidth"]));
     assert_eq!(keys(&explain["walk"][0]), keys(&examples[1]["walk"][0]));
+    let run: serde_json::Value = serde_json::from_str(&stdout(&peerdma(&[
+        "run",
+        "--chunk-size",
+        "16K",
+        "--chunks",
+        "1",
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(run["schema"], "peerdma-run/1");
+    assert_eq!(keys(&run), keys(&examples[2]));
+    assert_eq!(keys(&run["p2p"]), keys(&examples[2]["p2p"]));
+    assert_eq!(keys(&run["dma"]), keys(&examples[2]["dma"]));
 }
 
 #[test]
