@@ -12,8 +12,11 @@
 //! 1. `Mm::mmap` (the address-space lock, a `RwLock`; faults take it shared),
 //! 2. `Notifier::state` (held only to find subscriptions and move the sequence, never
 //!    across a subscriber's callback),
-//! 3. `Mm::page_table` (the page-table lock, a `Mutex`),
-//! 4. a region's allocator lock (`Region::free`).
+//! 3. `Mm::pt` (the page-table lock, a `Mutex`),
+//! 4. a device's live DMA mappings (`Dma` registry; a transfer holds them shared while
+//!    it copies, an unmap exclusively),
+//! 5. an IOMMU domain's IOVA allocator, then its IO page table,
+//! 6. a region's allocator lock (`Region::free`) and the sanitizer's logs (leaves).
 //!
 //! A subscriber's `invalidate` callback is called with none of 2–4 held, so it may
 //! block (to drain in-flight DMA) and may take its own locks.

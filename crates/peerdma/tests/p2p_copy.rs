@@ -143,3 +143,37 @@ fn p2pmem_copy_with_acs_redirect_goes_through_the_host_bridge_by_iova() {
     .unwrap();
     assert!(sg.segments().iter().all(|s| s.kind == MapKind::Iova));
 }
+
+#[test]
+fn find_p2pmem_picks_a_published_cmb_every_client_reaches() {
+    // pci_p2pmem_find_many: on the workstation both CMBs under the switch serve both
+    // drives (distance 0 + 4 each, a tie broken by the seed, reproducibly).
+    let h = host(preset("workstation").unwrap(), None);
+    let clients: Vec<peerdma::addr::Bdf> = ["0000:05:00.0", "0000:06:00.0"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for seed in 0..16 {
+        let p = h.find_p2pmem(&clients, seed).unwrap();
+        assert_eq!(h.find_p2pmem(&clients, seed).unwrap().dev(), p.dev());
+        seen.insert(p.dev());
+    }
+    assert_eq!(seen.len(), 2);
+    // Adding the drive on its own root port: still reachable through the allowlisted
+    // host bridge, so a provider is found.
+    let mut three = clients.clone();
+    three.push("0000:07:00.0".parse().unwrap());
+    assert!(h.find_p2pmem(&three, 1).is_some());
+    // On q35 no CMB reaches the other drive: none.
+    let q = host(preset("q35").unwrap(), None);
+    let qc: Vec<peerdma::addr::Bdf> = ["0000:00:03.0", "0000:00:04.0"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert!(q.find_p2pmem(&qc, 1).is_none());
+    assert!(
+        q.find_p2pmem(&qc[..1], 1).is_some(),
+        "a drive reaches its own CMB"
+    );
+}
