@@ -29,6 +29,15 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Logs are off unless PEERDMA_LOG asks (e.g. PEERDMA_LOG=debug, or
+    // PEERDMA_LOG=peerdma::dma=debug), and go to stderr.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("PEERDMA_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(&args),

@@ -124,6 +124,7 @@ impl Drop for DmaMapping {
             }
         }
         for r in &self.records {
+            tracing::debug!(dev = %self.dev, id = r.id, addr = %r.start, "dma unmap");
             if let Some((domain, iova, pages)) = &r.iova {
                 domain.unmap(*iova, *pages);
                 domain.free_iova(*iova, *pages);
@@ -267,6 +268,7 @@ impl Dma {
                 region: region.clone(),
                 iova,
             });
+            tracing::debug!(dev = %dev, id, addr = %addr, len, kind = ?kind, dir = ?dir, "dma map");
             write(&self.device_map(dev)).insert((addr.0, id), record.clone());
             mapping.records.push(record);
             i = j;

@@ -180,6 +180,7 @@ impl Sanitizer {
         if let Some(p) = v.frame {
             v.history = self.history(p);
         }
+        tracing::warn!(dev = %v.dev, addr = %v.addr, "DMA sanitizer: {v}");
         lock(&self.violations).push(v.clone());
         v
     }

@@ -318,6 +318,7 @@ impl Nvme {
             ));
         }
         let provider = Provider::add_resource(dma, dev, bar, size, offset)?;
+        tracing::info!(dev = %dev, bar, size, offset, "nvme: CMB registered as p2p memory");
         let published = regs.cmbsz & (CmbRegs::WDS | CmbRegs::RDS) == CmbRegs::WDS | CmbRegs::RDS;
         provider.publish(published);
         Ok((Some(provider), CmbStatus::Registered { size, published }))

@@ -14,7 +14,7 @@ const REGION_ALIGN_FRAMES: u64 = 1 << 18; // 1 GiB
 ///
 /// # Invariants
 /// `regions` is sorted by base and the regions' frame ranges are disjoint; region 0 is
-/// system RAM and is never removed.
+/// system RAM and is never removed; RAM frame 0 is allocated for good.
 pub struct PhysMem {
     /// Registered regions. Lock order: a leaf; never held while calling out.
     regions: RwLock<Vec<Arc<Region>>>,
@@ -37,8 +37,12 @@ impl PhysMem {
             RegionId(0),
             RegionKind::SystemRam,
             Pfn(0),
-            ram_bytes.div_ceil(PAGE_SIZE),
+            ram_bytes.div_ceil(PAGE_SIZE).max(2),
         )?);
+        // Frame 0 stays reserved, as page 0 is on x86 (the firmware's): no DMA or
+        // physical address handed out is ever zero.
+        let reserved = ram.alloc()?;
+        debug_assert_eq!(reserved, Pfn(0));
         Ok(Arc::new(PhysMem {
             regions: RwLock::new(vec![ram.clone()]),
             ram,

@@ -293,6 +293,7 @@ impl Mm {
         };
         drop(pt);
         drop(guard);
+        tracing::debug!(mm = self.id().0, va = %va, old = %old, new = %new, ok = result.is_ok(), "migrate page");
         match result {
             Ok(()) => {
                 // The contents moved: the old frame's identity changes now, whoever

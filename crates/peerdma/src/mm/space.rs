@@ -246,6 +246,7 @@ impl Mm {
         if vmas.overlapping(addr, end).next().is_none() {
             return Ok(());
         }
+        tracing::debug!(mm = self.id.0, addr = %addr, len, "munmap");
         let guard = self.invalidate("munmap", addr, end, NotifyEvent::Unmap)?;
         let freed = self.zap(addr, end);
         vmas.remove_range(addr, end);

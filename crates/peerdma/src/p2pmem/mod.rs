@@ -250,6 +250,7 @@ impl Provider {
     /// up). With a `timeout`, gives up with EBUSY naming what still holds pages; the
     /// provider stays half-removed and `remove` may be called again.
     pub fn remove(&self, timeout: Option<Duration>) -> Result<(), P2pError> {
+        tracing::info!(dev = %self.dev, bar = self.bar, "p2pmem: removing");
         self.removing.store(true, Ordering::Release);
         self.publish(false);
         let maps: Vec<(Weak<Mm>, VirtAddr, u64)> = lock(&self.mappings).drain(..).collect();
