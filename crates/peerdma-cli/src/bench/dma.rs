@@ -37,13 +37,6 @@ fn dev() -> Bdf {
     Bdf::new(0, 3, 0, 0).unwrap_or_else(|| unreachable!())
 }
 
-fn touch(mm: &Mm, a: VirtAddr, len: u64) -> Result<()> {
-    for off in (0..len).step_by(PAGE_SIZE as usize) {
-        mm.write(VirtAddr(a.0 + off), &[1])?;
-    }
-    Ok(())
-}
-
 /// The pieces of the transfer of `len` bytes at byte `at` of a mapped buffer, as a
 /// PRP list would describe them.
 fn pieces_at(
@@ -93,7 +86,7 @@ pub fn run(transfer: u64, sg_bytes: u64, runs: usize) -> Result<DmaFigures> {
     // Contiguous: frames handed out in order.
     let mm = Mm::new(&phys);
     let a = mm.mmap_anon(span, Prot::RW)?;
-    touch(&mm, a, span)?;
+    super::make_resident(&mm, a, span)?;
     let contig = get_user_dma_sg(
         &mm,
         a,
@@ -161,7 +154,7 @@ pub fn run(transfer: u64, sg_bytes: u64, runs: usize) -> Result<DmaFigures> {
     drop((contig, scat));
     // get_user_dma_sg of resident memory vs io_uring registration.
     let big = mm.mmap_anon(sg_bytes, Prot::RW)?;
-    touch(&mm, big, sg_bytes)?;
+    super::make_resident(&mm, big, sg_bytes)?;
     let mut ours = Vec::new();
     let mut kernel = Vec::new();
     let mut skip = None;

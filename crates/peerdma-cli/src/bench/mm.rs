@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use peerdma::addr::{VirtAddr, PAGE_SIZE};
+use peerdma::addr::PAGE_SIZE;
 use peerdma::gup::{pin_user_pages, FollFlags};
 use peerdma::mem::{PhysMem, RegionKind};
 use peerdma::mm::{Mm, Prot};
@@ -54,10 +54,7 @@ fn pin_ours(bytes: u64) -> Result<(Duration, ())> {
     let phys = PhysMem::new(bytes + (64 << 20))?;
     let mm = Mm::new(&phys);
     let a = mm.mmap_anon(bytes, Prot::RW)?;
-    // Make it resident: one write per page.
-    for off in (0..bytes).step_by(PAGE_SIZE as usize) {
-        mm.write(VirtAddr(a.0 + off), &[1])?;
-    }
+    super::make_resident(&mm, a, bytes)?;
     let n = (bytes / PAGE_SIZE) as usize;
     let t = Instant::now();
     let pin = pin_user_pages(&mm, a, n, FollFlags::WRITE | FollFlags::LONGTERM)?;
@@ -99,9 +96,7 @@ fn munmap_ours(bytes: u64) -> Result<(Duration, ())> {
     let phys = PhysMem::new(bytes + (64 << 20))?;
     let mm = Mm::new(&phys);
     let a = mm.mmap_anon(bytes, Prot::RW)?;
-    for off in (0..bytes).step_by(PAGE_SIZE as usize) {
-        mm.write(VirtAddr(a.0 + off), &[1])?;
-    }
+    super::make_resident(&mm, a, bytes)?;
     let _sub = mm.notifier().subscribe(a, bytes, Arc::new(Quiet));
     let t = Instant::now();
     mm.munmap(a, bytes)?;

@@ -52,6 +52,20 @@ enum Which {
     },
 }
 
+/// Writes one byte to every page of `[a, a + len)` of `mm`, so it is resident, as the
+/// kernel baselines' buffers are.
+pub(crate) fn make_resident(
+    mm: &peerdma::mm::Mm,
+    a: peerdma::addr::VirtAddr,
+    len: u64,
+) -> Result<()> {
+    let page = peerdma::addr::PAGE_SIZE;
+    for off in (0..len).step_by(page as usize) {
+        mm.write(peerdma::addr::VirtAddr(a.0 + off), &[1])?;
+    }
+    Ok(())
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
