@@ -77,7 +77,8 @@ fn starts(segs: &[peerdma::dma::DmaSegment]) -> Vec<u64> {
 pub fn run(transfer: u64, sg_bytes: u64, runs: usize) -> Result<DmaFigures> {
     let topo = Arc::new(preset("workstation")?);
     let span = 64 * transfer;
-    let phys = PhysMem::new(2 * span + sg_bytes + (64 << 20))?;
+    // Three buffers of `span` (one contiguous, two interleaved) and the big one.
+    let phys = PhysMem::new(3 * span + sg_bytes + (64 << 20))?;
     let dma = Dma::new(topo, phys.clone(), true);
     // A GPU driver's setting (amdgpu and nouveau allow 4 GiB segments).
     dma.set_max_segment(dev(), u64::from(u32::MAX));
