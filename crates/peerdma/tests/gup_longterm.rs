@@ -162,7 +162,7 @@ fn p2p_pages_need_pci_p2pdma_and_refuse_longterm() {
         )
         .unwrap();
     let frames: Vec<_> = (0..2).map(|_| bar.alloc().unwrap()).collect();
-    let a = mm.mmap_pages(&frames, Prot::RW).unwrap();
+    let a = mm.mmap_pages(&frames, Prot::RW, None).unwrap();
     let e = pin_user_pages(&mm, a, 2, FollFlags::WRITE).unwrap_err();
     assert!(matches!(e, GupError::RemoteIo { .. }), "{e}");
     assert_eq!(e.errno(), 121);

@@ -145,3 +145,18 @@ fn removal_timeout_reports_who_holds_the_pages() {
     drop(sg);
     p.remove(Some(Duration::from_secs(5))).unwrap();
 }
+
+#[test]
+fn removal_revokes_mappings_a_fork_copied() {
+    let (h, p) = setup();
+    let parent = h.spawn();
+    let va = p.mmap(&parent, 2 * PAGE_SIZE, true, 0, Prot::RW).unwrap();
+    parent.write(va, b"shared").unwrap();
+    let child = parent.fork().unwrap();
+    let mut b = [0u8; 6];
+    child.read(va, &mut b).unwrap();
+    assert_eq!(&b, b"shared", "the child maps the same p2p pages");
+    p.remove(Some(Duration::from_secs(5))).unwrap();
+    assert!(parent.pte(va).is_empty() && child.pte(va).is_empty());
+    assert_eq!(child.read(va, &mut b).unwrap_err().errno(), 14);
+}

@@ -177,7 +177,7 @@ impl Mm {
                 self.phys.ram().get(pfn);
                 (pfn, false)
             }
-            VmaKind::Pages => {
+            VmaKind::Pages { .. } => {
                 return Err(MmError::Fault {
                     op,
                     addr: va,

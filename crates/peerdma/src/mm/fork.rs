@@ -72,6 +72,11 @@ impl Mm {
             }
         }
         *write(&child.mmap) = vmas.clone();
+        for v in vmas.iter() {
+            if let VmaKind::Pages { owner: Some(owner) } = &v.kind {
+                owner.0.forked(&child, v.start, v.end.0 - v.start.0);
+            }
+        }
         Ok(child)
     }
 }

@@ -30,7 +30,7 @@ pub use fault::Access;
 pub use page_table::PageTable;
 pub use pte::Pte;
 pub use space::{Mm, MmId};
-pub use vma::{Prot, ShmObject, Vma, VmaKind};
+pub use vma::{PagesOwner, PagesOwnerRef, Prot, ShmObject, Vma, VmaKind};
 
 use crate::addr::VirtAddr;
 use crate::mem::MemError;

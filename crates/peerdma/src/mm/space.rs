@@ -9,7 +9,7 @@ use crate::mem::{flags, PhysMem, Region};
 use crate::mm::fault::Access;
 use crate::mm::page_table::{PageTable, TASK_SIZE};
 use crate::mm::pte::Pte;
-use crate::mm::vma::{Prot, ShmObject, Vma, VmaKind, Vmas};
+use crate::mm::vma::{PagesOwnerRef, Prot, ShmObject, Vma, VmaKind, Vmas};
 use crate::mm::MmError;
 use crate::notifier::{InvalidateGuard, Notifier, NotifyEvent, NotifyRange};
 use crate::sync::atomic::{AtomicBool, Ordering};
@@ -211,9 +211,18 @@ impl Mm {
 
     /// Maps device frames as a shared mapping, inserting every page now
     /// (`vm_insert_page` for each). Takes one reference per frame for its PTE; the caller
-    /// keeps its own.
-    pub fn mmap_pages(&self, frames: &[Pfn], prot: Prot) -> Result<VirtAddr, MmError> {
-        let (start, _) = self.mmap_vma(frames.len() as u64 * PAGE_SIZE, prot, VmaKind::Pages)?;
+    /// keeps its own. `owner`, if any, hears of every copy a fork makes.
+    pub fn mmap_pages(
+        &self,
+        frames: &[Pfn],
+        prot: Prot,
+        owner: Option<PagesOwnerRef>,
+    ) -> Result<VirtAddr, MmError> {
+        let (start, _) = self.mmap_vma(
+            frames.len() as u64 * PAGE_SIZE,
+            prot,
+            VmaKind::Pages { owner },
+        )?;
         let mut pt = lock(&self.pt);
         for (i, &pfn) in frames.iter().enumerate() {
             self.region(pfn).get(pfn);

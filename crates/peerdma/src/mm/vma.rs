@@ -99,7 +99,28 @@ pub enum VmaKind {
     },
     /// Device pages inserted at mmap time (`vm_insert_page`), shared, never faulted in:
     /// the p2p memory and device BAR mappings of later layers.
-    Pages,
+    Pages {
+        /// Who inserted them, told when a fork copies the mapping.
+        owner: Option<PagesOwnerRef>,
+    },
+}
+
+/// Whoever inserted a `Pages` mapping and must be able to revoke every copy of it (the
+/// kernel reaches them all through the provider's `address_space`; without a reverse
+/// map, the owner is told of each copy a fork makes instead).
+pub trait PagesOwner: Send + Sync {
+    /// `child` now maps `[start, start + len)` as a copy of the owner's mapping.
+    fn forked(&self, child: &Arc<crate::mm::Mm>, start: VirtAddr, len: u64);
+}
+
+/// A shared reference to a [`PagesOwner`].
+#[derive(Clone)]
+pub struct PagesOwnerRef(pub Arc<dyn PagesOwner>);
+
+impl std::fmt::Debug for PagesOwnerRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PagesOwner")
+    }
 }
 
 /// One mapped range.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crate::addr::{Bdf, BusAddr, Pfn, VirtAddr, PAGE_SIZE};
 use crate::dma::Dma;
 use crate::mem::{MemError, Region, RegionKind};
-use crate::mm::{Mm, MmError, Prot};
+use crate::mm::{Mm, MmError, PagesOwner, PagesOwnerRef, Prot};
 use crate::sync::atomic::{AtomicBool, Ordering};
 use crate::sync::{lock, sleep, Arc, Mutex, Weak};
 
@@ -215,7 +215,7 @@ impl Provider {
     /// (EINVAL otherwise). The pages go back to the pool when the last reference to
     /// them (the mapping, a pin) drops.
     pub fn mmap(
-        &self,
+        self: &Arc<Self>,
         mm: &Arc<Mm>,
         len: u64,
         shared: bool,
@@ -237,7 +237,8 @@ impl Provider {
         let first = self.alloc_frames(len)?;
         let pages = len.div_ceil(PAGE_SIZE).max(1);
         let frames: Vec<Pfn> = (0..pages).map(|i| Pfn(first.0 + i)).collect();
-        let mapped = mm.mmap_pages(&frames, prot);
+        let owner = PagesOwnerRef(self.clone());
+        let mapped = mm.mmap_pages(&frames, prot, Some(owner));
         // The mapping took its own references; the allocation's go back.
         self.region.put_many(&frames);
         let va = mapped?;
@@ -294,6 +295,14 @@ impl Provider {
         }
         let _ = self.dma.phys().memunmap_pages(self.region.id());
         Ok(())
+    }
+}
+
+impl PagesOwner for Provider {
+    /// A fork copied one of this provider's user mappings: revoke that copy on removal
+    /// too.
+    fn forked(&self, child: &Arc<Mm>, start: VirtAddr, len: u64) {
+        lock(&self.mappings).push((Arc::downgrade(child), start, len));
     }
 }
 
