@@ -1,0 +1,114 @@
+//! DMA-layer concurrency under shuttle (`--features shuttle`, `PEERDMA_SHUTTLE_ITERS`
+//! schedules, 100 by default): a transfer racing the unmap of its mapping lands whole
+//! or not at all, and p2p device removal racing a pin finishes once the pin drops.
+
+#![cfg(feature = "shuttle")]
+
+use peerdma::addr::PAGE_SIZE;
+use peerdma::dma::Direction;
+use peerdma::fabric::preset;
+use peerdma::gup::{get_user_dma_sg, pin_user_pages, FollFlags};
+use peerdma::host::{Host, HostConfig};
+use peerdma::mm::Prot;
+use peerdma::sync::{thread, Arc, Mutex};
+
+fn iterations() -> usize {
+    std::env::var("PEERDMA_SHUTTLE_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100)
+}
+
+fn host() -> Host {
+    let topo = preset("workstation").unwrap();
+    let specs = Host::nvme_specs(&topo, 1 << 20);
+    Host::build(
+        topo,
+        &HostConfig {
+            ram_bytes: 8 << 20,
+            iommu: Some(true),
+        },
+        &specs,
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_transfer_racing_its_unmap_lands_whole_or_not_at_all() {
+    shuttle::check_random(
+        || {
+            let h = host();
+            let mm = h.spawn();
+            let a = mm.mmap_anon(2 * PAGE_SIZE, Prot::RW).unwrap();
+            let gpu = "0000:03:00.0".parse().unwrap();
+            let sg = get_user_dma_sg(
+                &mm,
+                a,
+                2 * PAGE_SIZE,
+                h.dma(),
+                gpu,
+                Direction::FromDevice,
+                FollFlags::NONE,
+            )
+            .unwrap();
+            let pieces: Vec<_> = sg.segments().iter().map(|s| (s.addr, s.len)).collect();
+            let sg = Arc::new(Mutex::new(Some(sg)));
+            let dma = h.dma().clone();
+            let writer = thread::spawn(move || {
+                dma.dma_write_sg(gpu, &pieces, &[7u8; 2 * PAGE_SIZE as usize])
+                    .is_ok()
+            });
+            let unmapper = {
+                let sg = sg.clone();
+                thread::spawn(move || drop(peerdma::sync::lock(&sg).take()))
+            };
+            let landed = writer.join().unwrap();
+            unmapper.join().unwrap();
+            let mut b = vec![0u8; 2 * PAGE_SIZE as usize];
+            mm.read(a, &mut b).unwrap();
+            let expect = if landed { 7 } else { 0 };
+            assert!(
+                b.iter().all(|&x| x == expect),
+                "torn or lost transfer (landed: {landed})"
+            );
+            assert_eq!(h.dma().live_mappings(), 0);
+        },
+        iterations(),
+    );
+}
+
+#[test]
+fn p2p_removal_racing_a_pin_completes_after_the_pin_drops() {
+    shuttle::check_random(
+        || {
+            let h = host();
+            let p = h
+                .nvme("0000:05:00.0".parse().unwrap())
+                .unwrap()
+                .cmb()
+                .unwrap()
+                .clone();
+            let mm = h.spawn();
+            let va = p.mmap(&mm, PAGE_SIZE, true, 0, Prot::RW).unwrap();
+            let pinner = {
+                let mm = mm.clone();
+                thread::spawn(move || {
+                    // May find the mapping already torn down: EFAULT is fine.
+                    if let Ok(pin) = pin_user_pages(&mm, va, 1, FollFlags::PCI_P2PDMA) {
+                        thread::yield_now();
+                        drop(pin);
+                    }
+                })
+            };
+            let remover = {
+                let p = p.clone();
+                thread::spawn(move || p.remove(None))
+            };
+            pinner.join().unwrap();
+            remover.join().unwrap().unwrap();
+            assert_eq!(p.region().free_frames(), p.region().frames());
+            assert!(mm.pte(va).is_empty());
+        },
+        iterations(),
+    );
+}
