@@ -205,6 +205,18 @@ mod tests {
     }
 
     #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "freed while DMA-pinned")]
+    fn freeing_a_pinned_frame_is_caught() {
+        // An unbalanced put that would drop the reference a pin holds.
+        let pm = PhysMem::new(1 << 20).unwrap();
+        let f = pm.ram().alloc().unwrap();
+        pm.ram().pin(f);
+        pm.ram().put(f);
+        pm.ram().put(f);
+    }
+
+    #[test]
     fn a_terabyte_device_region_costs_only_what_is_touched() {
         let pm = PhysMem::new(1 << 20).unwrap();
         let dev = pm
