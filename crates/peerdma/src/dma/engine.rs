@@ -59,7 +59,6 @@ impl Dma {
         });
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn violation(
         &self,
         dev: Bdf,

@@ -313,13 +313,13 @@ impl Mm {
     }
 
     /// Moves the page at `va` to system RAM (a long-term pin of device-coherent memory).
+    /// `_held` is the caller's shared hold of the address-space lock.
     pub(crate) fn migrate_to_ram(
         &self,
-        vmas: &Vmas,
+        _held: &Vmas,
         va: VirtAddr,
         op: &'static str,
     ) -> Result<Pfn, MmError> {
-        let _ = vmas; // the caller holds the address-space lock
         let pte = lock(&self.pt).get(va);
         self.migrate_entry(va, pte, None, false, op)
     }

@@ -293,6 +293,8 @@ impl Provider {
             }
             sleep(Duration::from_millis(1));
         }
+        // Every frame is free; the only refusal left is a region already gone (a
+        // second remove), which is fine.
         let _ = self.dma.phys().memunmap_pages(self.region.id());
         Ok(())
     }

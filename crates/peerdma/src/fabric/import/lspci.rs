@@ -24,7 +24,7 @@ enum Open {
     /// More devices of one bus: (domain, bus, parent bridge).
     Bus(u32, u8, Option<Bdf>),
     /// More buses of one bridge (the host bridge when `None`).
-    Buses(Option<Bdf>, u32),
+    Buses(Option<Bdf>),
 }
 
 struct Parser<'a> {
@@ -85,8 +85,8 @@ pub fn parse(source: &str, text: &str) -> Result<Topology, FabricError> {
             Open::Bus(domain, bus, parent) => {
                 p.device(col + 2, domain, bus, parent)?;
             }
-            Open::Buses(parent, domain) => {
-                p.bus_header(col + 2, parent, domain)?;
+            Open::Buses(parent) => {
+                p.bus_header(col + 2, parent)?;
             }
         }
     }
@@ -172,13 +172,13 @@ impl Parser<'_> {
         let next = col + 1;
         match self.at(next) {
             None => Ok(()), // a bridge with no bus at all
-            Some(b'[') if parent.is_none() => self.bus_header(next, None, domain),
+            Some(b'[') if parent.is_none() => self.bus_header(next, None),
             Some(b'+') | Some(b'\\') if self.at(next + 2) == Some(b'[') => {
                 if self.at(next) == Some(b'+') {
-                    self.open.push((next, Open::Buses(parent, domain)));
+                    self.open.push((next, Open::Buses(parent)));
                 }
                 self.expect(next + 1, b'-')?;
-                self.bus_header(next + 2, parent, domain)
+                self.bus_header(next + 2, parent)
             }
             Some(_) => {
                 let Some(bridge) = parent else {
@@ -200,12 +200,7 @@ impl Parser<'_> {
     }
 
     /// `[DDDD:BB]-` then the bus.
-    fn bus_header(
-        &mut self,
-        col: usize,
-        parent: Option<Bdf>,
-        _domain: u32,
-    ) -> Result<(), FabricError> {
+    fn bus_header(&mut self, col: usize, parent: Option<Bdf>) -> Result<(), FabricError> {
         self.expect(col, b'[')?;
         let close = self.line[col..]
             .iter()
