@@ -109,8 +109,7 @@ pub fn parse(source: &str, text: &str) -> Result<Topology, FabricError> {
             numa_node: None,
         })
         .collect();
-    let mut specs = p.specs;
-    mark_bridges(&mut specs);
+    let specs = p.specs;
     let gaps = Gaps {
         acs_unknown: 0,
         numa_unknown: true,
@@ -128,16 +127,6 @@ pub fn parse(source: &str, text: &str) -> Result<Topology, FabricError> {
         specs,
         gaps,
     )
-}
-
-/// Functions with children are bridges even when the text gave no bus range.
-fn mark_bridges(specs: &mut [FunctionSpec]) {
-    let parents: std::collections::HashSet<Bdf> = specs.iter().filter_map(|s| s.parent).collect();
-    for s in specs.iter_mut() {
-        if parents.contains(&s.function.bdf) || s.function.buses.is_some() {
-            s.function.class = 0x060400;
-        }
-    }
 }
 
 impl Parser<'_> {
@@ -296,14 +285,6 @@ impl Parser<'_> {
                 });
                 self.expect(close + 1, b'-')?;
                 col = close + 2;
-                function.class = 0x060400;
-                self.specs.push(FunctionSpec {
-                    function,
-                    parent,
-                    kind_known: false,
-                });
-                self.expect(col, b'-')?;
-                return self.bridge_body(col, Some(bdf), domain);
             }
             function.class = 0x060400;
             self.specs.push(FunctionSpec {
