@@ -18,6 +18,15 @@
 //! 5. an IOMMU domain's IOVA allocator, then its IO page table,
 //! 6. a region's allocator lock (`Region::free`) and the sanitizer's logs (leaves).
 //!
+//! Besides these, a frame's page lock (the `LOCKED` flag, [`Region::trylock_page`]) is
+//! taken with a try-lock under the page-table lock and held, with no other lock, while
+//! a migration copies the page; a thread that finds it taken drops every lock but the
+//! address-space lock before waiting for it. A p2p provider's state lock
+//! (`Provider::state`) comes before the address-space lock: mmap of p2p memory holds it
+//! shared across the mmap.
+//!
+//! [`Region::trylock_page`]: crate::mem::Region::trylock_page
+//!
 //! A subscriber's `invalidate` callback is called with none of 2–4 held, so it may
 //! block (to drain in-flight DMA) and may take its own locks.
 
@@ -70,6 +79,23 @@ pub fn write<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     match m.write() {
         Ok(g) => g,
         Err(p) => p.into_inner(),
+    }
+}
+
+/// Waits on a condition variable for at most `d`; see [`lock`] on poisoning. Returns the
+/// guard and whether the wait timed out. Under shuttle, which has no clock, it never
+/// times out: it waits for a notification.
+pub fn wait_timeout<'a, T>(
+    cv: &Condvar,
+    g: MutexGuard<'a, T>,
+    d: std::time::Duration,
+) -> (MutexGuard<'a, T>, bool) {
+    match cv.wait_timeout(g, d) {
+        Ok((g, r)) => (g, r.timed_out()),
+        Err(p) => {
+            let (g, r) = p.into_inner();
+            (g, r.timed_out())
+        }
     }
 }
 

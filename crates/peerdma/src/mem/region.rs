@@ -9,8 +9,8 @@ use crate::mem::alloc::FreeRuns;
 use crate::mem::backing::Backing;
 use crate::mem::frame::{flags, FrameMeta, Sections, PIN, REF};
 use crate::mem::MemError;
-use crate::sync::atomic::Ordering;
-use crate::sync::{lock, Mutex};
+use crate::sync::atomic::{AtomicU32, Ordering};
+use crate::sync::{lock, wait, wait_timeout, Condvar, Mutex};
 
 /// Identifies a region inside one [`PhysMem`](crate::mem::PhysMem).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -78,6 +78,16 @@ pub struct Region {
     meta: Sections,
     /// The allocator. Lock order: taken last, after any page-table lock.
     free: Mutex<FreeRuns>,
+    /// Signalled when frames return to `free`, for [`Region::wait_until_free`].
+    freed: Condvar,
+    /// Threads in `wait_until_free`; frees skip the wake-up when there are none.
+    free_waiters: AtomicU32,
+    /// Where threads wait for a frame's page lock to be released. Lock order: a leaf,
+    /// held only to sleep.
+    unlocked_lock: Mutex<()>,
+    unlocked: Condvar,
+    /// Threads in `wait_page_unlocked`.
+    lock_waiters: AtomicU32,
 }
 
 impl fmt::Debug for Region {
@@ -114,6 +124,11 @@ impl Region {
             backing: Backing::new(bytes as usize)?,
             meta: Sections::new(frames),
             free: Mutex::new(FreeRuns::new(frames)),
+            freed: Condvar::new(),
+            free_waiters: AtomicU32::new(0),
+            unlocked_lock: Mutex::new(()),
+            unlocked: Condvar::new(),
+            lock_waiters: AtomicU32::new(0),
         })
     }
 
@@ -234,11 +249,89 @@ impl Region {
     pub fn put(&self, pfn: Pfn) -> bool {
         let idx = self.idx(pfn);
         if self.release(idx) {
-            lock(&self.free).free_run(idx, 1);
+            self.free_indices(&mut [idx]);
             true
         } else {
             false
         }
+    }
+
+    /// Returns frames whose last reference dropped to the allocator, under one lock,
+    /// and wakes anyone waiting for frames to come back.
+    fn free_indices(&self, idx: &mut [u64]) {
+        let mut free = lock(&self.free);
+        if let [one] = idx {
+            free.free_run(*one, 1);
+        } else {
+            free.free_many(idx);
+        }
+        if self.free_waiters.load(Ordering::SeqCst) > 0 {
+            self.freed.notify_all();
+        }
+    }
+
+    /// Waits until every frame of the region is free, or until `timeout` passes
+    /// (returns false then). The last reference to drop signals the wait; nothing polls.
+    pub fn wait_until_free(&self, timeout: Option<std::time::Duration>) -> bool {
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        self.free_waiters.fetch_add(1, Ordering::SeqCst);
+        let mut free = lock(&self.free);
+        let all = loop {
+            if free.free() == self.frames {
+                break true;
+            }
+            match deadline {
+                None => free = wait(&self.freed, free),
+                Some(d) => {
+                    let left = d.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        break false;
+                    }
+                    free = wait_timeout(&self.freed, free, left).0;
+                }
+            }
+        };
+        drop(free);
+        self.free_waiters.fetch_sub(1, Ordering::SeqCst);
+        all
+    }
+
+    /// Takes a frame's page lock if it is free (`folio_trylock`): a migration holds it
+    /// from the moment it replaces the frame's entry with a migration entry until the
+    /// new entry is in place. Returns whether it was taken.
+    pub(crate) fn trylock_page(&self, pfn: Pfn) -> bool {
+        self.meta(pfn)
+            .flags
+            .fetch_or(flags::LOCKED, Ordering::SeqCst)
+            & flags::LOCKED
+            == 0
+    }
+
+    /// Releases a page lock taken with [`trylock_page`](Self::trylock_page) and wakes
+    /// the threads waiting for it (`folio_unlock`).
+    pub(crate) fn unlock_page(&self, pfn: Pfn) {
+        let old = self
+            .meta(pfn)
+            .flags
+            .fetch_and(!flags::LOCKED, Ordering::SeqCst);
+        debug_assert!(old & flags::LOCKED != 0, "unlock of unlocked frame {pfn}");
+        if self.lock_waiters.load(Ordering::SeqCst) > 0 {
+            let _g = lock(&self.unlocked_lock);
+            self.unlocked.notify_all();
+        }
+    }
+
+    /// Sleeps until the frame's page lock is released (`folio_wait_locked`): a fault
+    /// that meets a migration entry waits here, then retries.
+    pub(crate) fn wait_page_unlocked(&self, pfn: Pfn) {
+        let m = self.meta(pfn);
+        self.lock_waiters.fetch_add(1, Ordering::SeqCst);
+        let mut g = lock(&self.unlocked_lock);
+        while m.flags.load(Ordering::SeqCst) & flags::LOCKED != 0 {
+            g = wait(&self.unlocked, g);
+        }
+        drop(g);
+        self.lock_waiters.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Drops one reference on each frame, freeing the last ones under one allocator lock.
@@ -251,7 +344,7 @@ impl Region {
             .collect();
         let n = freed.len();
         if n > 0 {
-            lock(&self.free).free_many(&mut freed);
+            self.free_indices(&mut freed);
         }
         n
     }
@@ -285,7 +378,13 @@ impl Region {
             "frame {:#x} freed while DMA-pinned",
             self.base.0 + idx
         );
-        m.flags.store(0, Ordering::Release);
+        let was = m.flags.swap(0, Ordering::AcqRel);
+        debug_assert_eq!(
+            was & flags::LOCKED,
+            0,
+            "frame {:#x} freed while page-locked",
+            self.base.0 + idx
+        );
         m.generation.fetch_add(1, Ordering::AcqRel);
         true
     }
@@ -301,7 +400,7 @@ impl Region {
     pub fn unpin(&self, pfn: Pfn) -> bool {
         let idx = self.idx(pfn);
         if self.drop_counts(idx, PIN) {
-            lock(&self.free).free_run(idx, 1);
+            self.free_indices(&mut [idx]);
             true
         } else {
             false
@@ -330,7 +429,7 @@ impl Region {
             }
         }
         if !freed.is_empty() {
-            lock(&self.free).free_many(&mut freed);
+            self.free_indices(&mut freed);
         }
     }
 

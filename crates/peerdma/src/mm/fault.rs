@@ -32,15 +32,50 @@ pub enum Access {
 enum Fix {
     Populate,
     FromDevice(Pte),
+    /// A migration entry: wait for the frame's page lock, then retry.
+    Wait(Arc<Region>, Pfn),
     MakeWritable,
-    Copy { old: Pfn, writable: bool },
+    /// Break copy-on-write; the walk took a reference on `old` (held in `region`'s
+    /// counts) under the page-table lock, so the page cannot be freed or made
+    /// exclusive by anyone else while it is copied.
+    Copy {
+        old: Pfn,
+        region: Arc<Region>,
+        writable: bool,
+    },
     MarkExclusive(Pfn),
+}
+
+/// How one attempt at migrating an entry ended, short of an error.
+pub(crate) enum Migrated {
+    /// The page moved to this frame.
+    To(Pfn),
+    /// The entry is not the one the caller saw any more: look again.
+    Changed,
+    /// Another migration holds the page: wait for its page lock, then look again.
+    Locked(Arc<Region>, Pfn),
+}
+
+impl Migrated {
+    /// Waits out a migration in progress; true when the page moved (the caller is done).
+    fn settle(self) -> Option<Pfn> {
+        match self {
+            Migrated::To(p) => Some(p),
+            Migrated::Changed => None,
+            Migrated::Locked(region, pfn) => {
+                region.wait_page_unlocked(pfn);
+                None
+            }
+        }
+    }
 }
 
 impl Mm {
     /// Makes the page at `va` satisfy `access`, then calls `f` with the page table
     /// locked and the frame, and returns its result. The caller holds the address-space
-    /// lock shared (`vmas`).
+    /// lock shared (`vmas`). A fault that races another fault or a migration of the same
+    /// page waits for it and retries, as the kernel's fault handler does; it never
+    /// reports the race.
     pub(crate) fn with_page<R>(
         &self,
         vmas: &Vmas,
@@ -72,6 +107,9 @@ impl Mm {
                 let pte = pt.get(va);
                 let fix = if pte.is_empty() {
                     Fix::Populate
+                } else if pte.is_migration() {
+                    let pfn = pte.pfn().unwrap_or_else(|| unreachable!("non-empty PTE"));
+                    Fix::Wait(self.region(pfn), pfn)
                 } else if pte.is_device_private() {
                     Fix::FromDevice(pte)
                 } else {
@@ -88,20 +126,14 @@ impl Mm {
                             if self.reusable(pfn) {
                                 Fix::MakeWritable
                             } else {
-                                Fix::Copy {
-                                    old: pfn,
-                                    writable: true,
-                                }
+                                self.copy_fix(pfn, true)
                             }
                         }
                         (Access::Unshare, true) if !self.is_exclusive(pfn) => {
                             if self.reusable(pfn) {
                                 Fix::MarkExclusive(pfn)
                             } else {
-                                Fix::Copy {
-                                    old: pfn,
-                                    writable: pte.writable(),
-                                }
+                                self.copy_fix(pfn, pte.writable())
                             }
                         }
                         _ => {
@@ -131,12 +163,30 @@ impl Mm {
             };
             match fix {
                 Fix::Populate => self.populate(vma, va, op)?,
+                Fix::Wait(region, pfn) => region.wait_page_unlocked(pfn),
                 Fix::FromDevice(pte) => {
-                    self.migrate_entry(va, pte, None, true, op)?;
+                    let ram = self.phys.ram().clone();
+                    self.migrate_entry(va, Some(pte), &ram, true, op)?.settle();
                 }
-                Fix::Copy { old, writable } => self.copy_page(va, old, writable, op)?,
+                Fix::Copy {
+                    old,
+                    region,
+                    writable,
+                } => self.copy_page(va, old, &region, writable, op)?,
                 Fix::MakeWritable | Fix::MarkExclusive(_) => unreachable!(),
             }
+        }
+    }
+
+    /// Decides a copy-on-write break of `old`, taking the reference the copy holds
+    /// (`wp_page_copy()` holds one on the old page). Called under the page-table lock.
+    fn copy_fix(&self, old: Pfn, writable: bool) -> Fix {
+        let region = self.region(old);
+        region.get(old);
+        Fix::Copy {
+            old,
+            region,
+            writable,
         }
     }
 
@@ -202,19 +252,35 @@ impl Mm {
     }
 
     /// Breaks copy-on-write (or unshares): copies `old` into a fresh exclusive page and
-    /// swaps it in after invalidating the page.
+    /// swaps it in after invalidating the page. The caller's reference on `old` (taken
+    /// when the break was decided) keeps the page from being freed, reused or made
+    /// exclusive while it is copied; this drops it.
     fn copy_page(
         &self,
         va: VirtAddr,
         old: Pfn,
+        region: &Region,
         writable: bool,
         op: &'static str,
     ) -> Result<(), MmError> {
         let ram = self.phys.ram();
-        let new = ram.alloc().map_err(|e| MmError::nomem(op, va, e))?;
-        self.region(old).copy_frame(old, ram, new);
+        let new = match ram.alloc() {
+            Ok(p) => p,
+            Err(e) => {
+                region.put(old);
+                return Err(MmError::nomem(op, va, e));
+            }
+        };
+        region.copy_frame(old, ram, new);
         ram.meta(new).set(flags::ANON_EXCLUSIVE);
-        let guard = self.invalidate(op, va, VirtAddr(va.0 + PAGE_SIZE), NotifyEvent::Clear)?;
+        let guard = match self.invalidate(op, va, VirtAddr(va.0 + PAGE_SIZE), NotifyEvent::Clear) {
+            Ok(g) => g,
+            Err(e) => {
+                ram.put(new);
+                region.put(old);
+                return Err(e);
+            }
+        };
         let mut pt = lock(&self.pt);
         let cur = pt.get(va);
         let swapped = cur.is_present() && cur.pfn() == Some(old);
@@ -224,50 +290,34 @@ impl Mm {
         drop(pt);
         drop(guard);
         if swapped {
-            self.region(old).put(old);
+            region.put(old); // the entry's reference
         } else {
-            ram.put(new);
+            ram.put(new); // another fault got there first: theirs stands
         }
+        region.put(old); // the copy's reference
         Ok(())
     }
 
-    /// Moves the page behind entry `pte` at `va` to a fresh frame of `target` (system RAM
-    /// when `None`): copy, invalidate (`Migrate`), swap the entry, drop the old frame
-    /// (freeing it bumps its generation). Refused while the old frame is pinned, or,
-    /// unless `copy_out`, referenced by anything but this entry. With `copy_out` (a CPU
-    /// fault on a device-private page that fork left shared) this address space gets
-    /// its own copy and the others keep the device page.
-    fn migrate_entry(
+    /// One attempt at moving the page behind the entry at `va` to a fresh frame of
+    /// `dst`, as mm/migrate.c does it: invalidate (`Migrate`); under the page-table
+    /// lock check the entry (against `expected`, when given) and that nothing but the
+    /// entry references the frame (unless `copy_out`), take the frame's page lock and a
+    /// reference, and replace the entry with a migration entry (faults and GUP now wait);
+    /// copy; install the new entry; unlock and drop the old frame (its generation
+    /// changes: a DMA mapping of it is now stale). Refused while the old frame is
+    /// pinned. With `copy_out` (a CPU fault on a device-private page that fork left
+    /// shared) this address space gets its own copy and the others keep the device page.
+    /// The caller holds the address-space lock shared.
+    pub(crate) fn migrate_entry(
         &self,
         va: VirtAddr,
-        pte: Pte,
-        target: Option<&Arc<Region>>,
+        expected: Option<Pte>,
+        dst: &Arc<Region>,
         copy_out: bool,
         op: &'static str,
-    ) -> Result<Pfn, MmError> {
-        let old = pte.pfn().ok_or(MmError::Fault {
-            op,
-            addr: va,
-            why: "no page to migrate",
-        })?;
-        let src = self.region(old);
+    ) -> Result<Migrated, MmError> {
         let busy = |why| MmError::Busy { op, addr: va, why };
-        let movable = |src: &Region| {
-            let m = src.meta(old);
-            if m.pincount() > 0 {
-                Err(busy("the page is DMA-pinned"))
-            } else if m.refcount() != 1 && !copy_out {
-                Err(busy(
-                    "the page is referenced elsewhere (shared after fork, or in use)",
-                ))
-            } else {
-                Ok(())
-            }
-        };
-        movable(&src)?;
-        let dst = target.unwrap_or(self.phys.ram());
         let new = dst.alloc().map_err(|e| MmError::nomem(op, va, e))?;
-        src.copy_frame(old, dst, new);
         let guard = match self.invalidate(op, va, VirtAddr(va.0 + PAGE_SIZE), NotifyEvent::Migrate)
         {
             Ok(g) => g,
@@ -276,58 +326,107 @@ impl Mm {
                 return Err(e);
             }
         };
-        let mut pt = lock(&self.pt);
-        let result = if pt.get(va) != pte {
-            Err(busy("the page changed during migration"))
-        } else {
-            movable(&src).map(|()| {
-                let writable = pte.writable();
-                let entry = if matches!(dst.kind(), RegionKind::DevicePrivate { .. }) {
-                    Pte::device(new, writable)
-                } else {
-                    Pte::present(new, writable)
-                };
-                dst.meta(new).set(flags::ANON_EXCLUSIVE);
-                pt.set(va, entry);
-            })
-        };
-        drop(pt);
-        drop(guard);
-        tracing::debug!(mm = self.id().0, va = %va, old = %old, new = %new, ok = result.is_ok(), "migrate page");
-        match result {
-            Ok(()) => {
-                // The contents moved: the old frame's identity changes now, whoever
-                // still holds it (with `copy_out`, the other sharers keep the frame and
-                // its identity).
-                if !copy_out {
-                    src.bump_generation(old);
+        // Phase 1, under the page-table lock: check, lock the page, install the
+        // migration entry. No reference can be taken through the entry after this.
+        let taken = {
+            let mut pt = lock(&self.pt);
+            let pte = pt.get(va);
+            (|| {
+                if expected.is_some_and(|e| e != pte) {
+                    return Ok(Err(Migrated::Changed));
                 }
-                src.put(old);
-                Ok(new)
+                let old = pte.pfn().ok_or(MmError::Fault {
+                    op,
+                    addr: va,
+                    why: "the page is not populated",
+                })?;
+                let src = self.region(old);
+                if pte.is_migration() {
+                    return Ok(Err(Migrated::Locked(src, old)));
+                }
+                let m = src.meta(old);
+                if m.pincount() > 0 {
+                    return Err(busy("the page is DMA-pinned"));
+                }
+                if m.refcount() != 1 && !copy_out {
+                    return Err(busy(
+                        "the page is referenced elsewhere (shared after fork, or in use)",
+                    ));
+                }
+                if !src.trylock_page(old) {
+                    return Ok(Err(Migrated::Locked(src, old)));
+                }
+                src.get(old);
+                pt.set(va, Pte::migration(old, pte.writable()));
+                Ok(Ok((src, old, pte)))
+            })()
+        };
+        let (src, old, pte) = match taken {
+            Ok(Ok(t)) => t,
+            Ok(Err(outcome)) => {
+                drop(guard);
+                dst.put(new);
+                return Ok(outcome);
             }
             Err(e) => {
+                drop(guard);
                 dst.put(new);
-                Err(e)
+                return Err(e);
             }
+        };
+        // Phase 2: the copy. Nobody can write the old frame: no entry maps it, it is
+        // not pinned, and every other reference (a fork's sharer, with `copy_out`)
+        // meets the page lock first.
+        src.copy_frame(old, dst, new);
+        dst.meta(new).set(flags::ANON_EXCLUSIVE);
+        // Phase 3: the new entry. Only the holder of the page lock changes a migration
+        // entry, and munmap, fork and exit wait for the address-space lock the caller
+        // holds, so the entry is still ours.
+        {
+            let mut pt = lock(&self.pt);
+            debug_assert_eq!(pt.get(va), Pte::migration(old, pte.writable()));
+            let entry = if matches!(dst.kind(), RegionKind::DevicePrivate { .. }) {
+                Pte::device(new, pte.writable())
+            } else {
+                Pte::present(new, pte.writable())
+            };
+            pt.set(va, entry);
         }
+        drop(guard);
+        tracing::debug!(mm = self.id().0, va = %va, old = %old, new = %new, "migrate page");
+        // The contents moved: the old frame's identity changes now, whoever still
+        // holds it (with `copy_out`, the other sharers keep the frame and its identity).
+        if !copy_out {
+            src.bump_generation(old);
+        }
+        src.unlock_page(old);
+        src.put(old); // the migration's reference
+        src.put(old); // the old entry's
+        Ok(Migrated::To(new))
     }
 
     /// Moves the page at `va` to system RAM (a long-term pin of device-coherent memory).
-    /// `_held` is the caller's shared hold of the address-space lock.
+    /// `_held` is the caller's shared hold of the address-space lock. A race with
+    /// another migration of the page is waited out and reported as success: the caller
+    /// looks at the page again either way.
     pub(crate) fn migrate_to_ram(
         &self,
         _held: &Vmas,
         va: VirtAddr,
         op: &'static str,
-    ) -> Result<Pfn, MmError> {
-        let pte = lock(&self.pt).get(va);
-        self.migrate_entry(va, pte, None, false, op)
+    ) -> Result<(), MmError> {
+        let ram = self.phys.ram().clone();
+        self.migrate_entry(va, None, &ram, false, op)?.settle();
+        Ok(())
     }
 
     /// Migrates the anonymous page at `va` to a fresh frame of `target` (system RAM, a
     /// device-coherent region, or a device-private one, after which the CPU faults it
-    /// back on access). Returns the new frame. EBUSY while the page is pinned or shared;
-    /// EINVAL for non-anonymous mappings.
+    /// back on access). Returns the new frame. EBUSY while the page is pinned or
+    /// referenced by anything but its entry (shared after fork, held by
+    /// `get_user_pages`); EINVAL for non-anonymous mappings; EFAULT when nothing is
+    /// mapped there. A migration of the same page in progress is waited for, and then
+    /// the page is moved again from wherever that one put it.
     pub fn migrate_page(&self, va: VirtAddr, target: &Arc<Region>) -> Result<Pfn, MmError> {
         let op = "migrate";
         let va = VirtAddr(va.0 & !(PAGE_SIZE - 1));
@@ -353,14 +452,10 @@ impl Mm {
                 why: "p2p memory is not a migration target",
             });
         }
-        let pte = lock(&self.pt).get(va);
-        if pte.is_empty() {
-            return Err(MmError::Fault {
-                op,
-                addr: va,
-                why: "the page is not populated",
-            });
+        loop {
+            if let Some(new) = self.migrate_entry(va, None, target, false, op)?.settle() {
+                return Ok(new);
+            }
         }
-        self.migrate_entry(va, pte, Some(target), false, op)
     }
 }

@@ -6,8 +6,11 @@ use crate::addr::{Pfn, PAGE_SHIFT};
 /// One page-table entry.
 ///
 /// # Invariants
-/// An entry that is [`present`](Pte::is_present) or [`device_private`](Pte::is_device_private)
-/// holds one reference on its frame; the empty entry holds none.
+/// Every non-empty entry — [`present`](Pte::is_present),
+/// [`device_private`](Pte::is_device_private) or a [`migration`](Pte::is_migration)
+/// entry — holds one reference on its frame; the empty entry holds none. A migration
+/// entry exists only while the thread migrating its frame holds the frame's page lock
+/// and the address-space lock shared.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Pte(u64);
 
@@ -17,6 +20,9 @@ impl Pte {
     /// A non-present entry naming a device-private frame (the kernel's
     /// device-private swap entry): a CPU access faults and migrates it to RAM.
     const DEVICE_PRIVATE: u64 = 1 << 2;
+    /// A non-present entry naming a frame being migrated (the kernel's migration swap
+    /// entry): faults and GUP wait for the migration to finish, then retry.
+    const MIGRATION: u64 = 1 << 3;
     const FLAGS: u64 = (1 << PAGE_SHIFT) - 1;
 
     /// No mapping.
@@ -32,6 +38,12 @@ impl Pte {
         Pte((pfn.0 << PAGE_SHIFT) | Self::DEVICE_PRIVATE | if writable { Self::WRITE } else { 0 })
     }
 
+    /// A migration entry for `pfn`, standing in for a present or device-private entry
+    /// while its page is copied; remembers whether the page was writable.
+    pub fn migration(pfn: Pfn, writable: bool) -> Self {
+        Pte((pfn.0 << PAGE_SHIFT) | Self::MIGRATION | if writable { Self::WRITE } else { 0 })
+    }
+
     /// Whether nothing is mapped.
     pub fn is_empty(self) -> bool {
         self.0 == 0
@@ -43,6 +55,10 @@ impl Pte {
     /// Whether it names a device-private frame.
     pub fn is_device_private(self) -> bool {
         self.0 & Self::DEVICE_PRIVATE != 0
+    }
+    /// Whether it is a migration entry: the page is being moved right now.
+    pub fn is_migration(self) -> bool {
+        self.0 & Self::MIGRATION != 0
     }
     /// Whether writes are allowed without a fault.
     pub fn writable(self) -> bool {

@@ -265,6 +265,42 @@ impl Mm {
         Ok(())
     }
 
+    /// Zaps every entry of a device-page mapping ([`VmaKind::Pages`]) that names a
+    /// frame of `region`, and nothing else: the VMAs stay, so a later access faults with
+    /// EFAULT, as `unmap_mapping_range()` on a device file leaves them. Whatever the
+    /// process mapped elsewhere, including at addresses a p2p mapping once had, is
+    /// untouched. Returns how many entries went.
+    pub fn zap_device_pages(&self, region: &Region) -> Result<u64, MmError> {
+        // Exclusive: no fault, fork or mmap of this address space runs meanwhile.
+        let vmas = write(&self.mmap);
+        let ranges: Vec<(VirtAddr, VirtAddr)> = vmas
+            .iter()
+            .filter(|v| matches!(v.kind, VmaKind::Pages { .. }))
+            .map(|v| (v.start, v.end))
+            .collect();
+        let mut freed = Vec::new();
+        for (start, end) in ranges {
+            let mut hit = false;
+            lock(&self.pt).walk_mut(start, end, |_, pte| {
+                hit |= pte.pfn().is_some_and(|p| region.contains(p));
+            });
+            if !hit {
+                continue;
+            }
+            let guard = self.invalidate("unmap_mapping_range", start, end, NotifyEvent::Clear)?;
+            lock(&self.pt).walk_mut(start, end, |_, pte| {
+                if let Some(p) = pte.pfn().filter(|p| region.contains(*p)) {
+                    freed.push(p);
+                    *pte = Pte::EMPTY;
+                }
+            });
+            drop(guard);
+        }
+        drop(vmas);
+        region.put_many(&freed);
+        Ok(freed.len() as u64)
+    }
+
     /// `mprotect(addr, len, prot)`: ENOMEM when part of the range is unmapped. Taking
     /// write away invalidates and write-protects the present entries; granting it
     /// changes no entry (the next write faults).
@@ -359,9 +395,12 @@ impl Mm {
         )
     }
 
-    /// For each page of `[addr, addr + len)`: make it satisfy `access`, take a
-    /// reference, and call `f(region, pfn, offset in page, offset in buffer, bytes)`
-    /// outside the page-table lock.
+    /// For each page of `[addr, addr + len)`: make it satisfy `access`, then call
+    /// `f(region, pfn, offset in page, offset in buffer, bytes)` with the page-table
+    /// lock held. Holding it across the copy is what makes a CPU access atomic with
+    /// respect to the entry: a migration replaces the entry under the same lock, so an
+    /// access either completes before the page is copied or finds the migration entry
+    /// and waits (on hardware, the TLB shootdown plays this part).
     fn each_page(
         &self,
         vmas: &RwLockReadGuard<'_, Vmas>,
@@ -377,13 +416,9 @@ impl Mm {
             let page = VirtAddr(va.0 & !(PAGE_SIZE - 1));
             let off = va.0 - page.0;
             let n = ((PAGE_SIZE - off) as usize).min(len - done);
-            let (region, pfn) = self.with_page(vmas, page, access, op, |_, pfn| {
-                let r = self.region(pfn);
-                r.get(pfn);
-                (r, pfn)
+            self.with_page(vmas, page, access, op, |_, pfn| {
+                f(&self.region(pfn), pfn, off, done, n)
             })?;
-            f(&region, pfn, off, done, n);
-            region.put(pfn);
             done += n;
         }
         Ok(())
