@@ -97,14 +97,35 @@ impl Dma {
             if len == 0 {
                 continue;
             }
-            // The nearest mapping starting at or below `addr` that covers it.
-            let found = live
+            // Any live mapping of the device that covers the whole piece in this
+            // direction carries it: without an IOMMU (or for p2p memory by bus
+            // address) one page mapped twice has one DMA address, and the device's
+            // access is valid through either. Nearest start first; if none can carry
+            // it, the nearest one's refusal is what the sanitizer reports.
+            let mut first_refusal = None;
+            let mut carried = None;
+            for rec in live
                 .range(..=(addr.0, u64::MAX))
                 .rev()
                 .map(|(_, r)| r)
-                .find(|r| addr.0 < r.start.0 + r.len);
-            let Some(rec) = found else {
-                drop(live);
+                .filter(|r| addr.0 < r.start.0 + r.len)
+            {
+                match self.check(rec, addr, len, write) {
+                    Ok((first, off, n)) => {
+                        carried = Some((&**rec, first, off, n));
+                        break;
+                    }
+                    Err(r) => {
+                        first_refusal.get_or_insert(r);
+                    }
+                }
+            }
+            if let Some(step) = carried {
+                plan.push(step);
+                continue;
+            }
+            drop(live);
+            let Some(refusal) = first_refusal else {
                 if self.iommu.enabled()
                     && self
                         .iommu
@@ -115,8 +136,22 @@ impl Dma {
                 }
                 return Err(self.violation(dev, addr, len, write, None, ViolationKind::Unmapped));
             };
-            let (first, off, n) = self.check(rec, dev, addr, len, write)?;
-            plan.push((rec, first, off, n));
+            if refusal.iommu {
+                self.iommu_fault(
+                    dev,
+                    addr,
+                    write,
+                    "IO page-table entry missing or without permission",
+                );
+            }
+            return Err(self.violation(
+                dev,
+                refusal.addr,
+                refusal.len,
+                write,
+                Some(refusal.frame),
+                refusal.kind,
+            ));
         }
         let mut at = 0usize;
         let mut moved = [0u64; 3];
@@ -158,21 +193,27 @@ impl Dma {
         Ok(())
     }
 
-    /// Checks one piece against its mapping: bounds, direction, the IO page table for
+    /// Checks one piece against one mapping: bounds, direction, the IO page table for
     /// an IOVA, and each frame's identity. Returns (first page index, offset in it,
-    /// bytes).
+    /// bytes), or why this mapping cannot carry the piece (nothing is recorded here:
+    /// another mapping may carry it).
     fn check(
         &self,
         rec: &Record,
-        dev: Bdf,
         addr: DmaAddr,
         len: u64,
         write: bool,
-    ) -> Result<(usize, u64, u64), DmaError> {
+    ) -> Result<(usize, u64, u64), Refusal> {
         let rel0 = addr.0 - rec.start.0;
         let first_page = (rec.offset + rel0) / PAGE_SIZE;
         let first = rec.pages[first_page as usize];
-        let refuse = |kind| self.violation(dev, addr, len, write, Some(first), kind);
+        let refuse = |kind| Refusal {
+            addr,
+            len,
+            frame: first,
+            kind,
+            iommu: false,
+        };
         if rel0 + len > rec.len {
             return Err(refuse(ViolationKind::PastEnd));
         }
@@ -194,13 +235,10 @@ impl Dma {
                 )
             });
             if !ok {
-                self.iommu_fault(
-                    dev,
-                    addr,
-                    write,
-                    "IO page-table entry missing or without permission",
-                );
-                return Err(refuse(ViolationKind::Unmapped));
+                return Err(Refusal {
+                    iommu: true,
+                    ..refuse(ViolationKind::Unmapped)
+                });
             }
         }
         for k in first_page..=last_page {
@@ -209,16 +247,25 @@ impl Dma {
             let then = rec.gens[k as usize];
             if now != then {
                 let at = (k * PAGE_SIZE).saturating_sub(rec.offset + rel0);
-                return Err(self.violation(
-                    dev,
-                    DmaAddr(addr.0 + at),
-                    len - at,
-                    write,
-                    Some(pfn),
-                    ViolationKind::StaleFrame { mapped: then, now },
-                ));
+                return Err(Refusal {
+                    addr: DmaAddr(addr.0 + at),
+                    len: len - at,
+                    frame: pfn,
+                    kind: ViolationKind::StaleFrame { mapped: then, now },
+                    iommu: false,
+                });
             }
         }
         Ok((first_page as usize, (rec.offset + rel0) % PAGE_SIZE, len))
     }
+}
+
+/// Why one mapping cannot carry an access.
+struct Refusal {
+    addr: DmaAddr,
+    len: u64,
+    frame: Pfn,
+    kind: ViolationKind,
+    /// The IO page table refused too: an IOMMU fault is reported with the violation.
+    iommu: bool,
 }
