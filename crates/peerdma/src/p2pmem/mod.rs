@@ -3,17 +3,28 @@
 //! p2p device page map with its bus offset and an allocator over it (the genalloc
 //! pool); clients allocate from it (`pci_alloc_p2pmem`) or a process maps fresh
 //! allocations of it the way the sysfs `p2pmem/allocate` file does. Removing the device
-//! tears the user mappings down, refuses new allocations, and waits for every page
-//! reference to drop; a long-lived pin holds removal up, and the report names who.
+//! refuses new allocations and mappings, zaps the provider's pages out of every
+//! process that maps them (the VMAs stay, as `unmap_mapping_range()` leaves them), and
+//! waits — woken by the last page reference, not polling — for every reference to
+//! drop; a long-lived pin holds removal up, and the report names who.
+//!
+//! Removal is ordered against new users: allocation and mmap hold the provider's state
+//! lock shared from the "removing" check until the mapping is recorded, and removal
+//! takes it exclusively to set the flag, so every mapping is either refused or
+//! recorded before removal looks. A fork copies a mapping while holding the parent's
+//! address-space lock, and records the child before releasing it; removal zaps the
+//! parent under that same lock and then looks again, until a pass finds no address
+//! space it has not zapped.
 
-use std::time::{Duration, Instant};
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 use crate::addr::{Bdf, BusAddr, Pfn, VirtAddr, PAGE_SIZE};
 use crate::dma::Dma;
 use crate::mem::{MemError, Region, RegionKind};
-use crate::mm::{Mm, MmError, PagesOwner, PagesOwnerRef, Prot};
+use crate::mm::{Mm, MmError, MmId, PagesOwner, PagesOwnerRef, Prot};
 use crate::sync::atomic::{AtomicBool, Ordering};
-use crate::sync::{lock, sleep, Arc, Mutex, Weak};
+use crate::sync::{lock, read, write, Arc, Mutex, RwLock, Weak};
 
 /// What a provider can refuse, with the kernel's error number.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -64,8 +75,9 @@ pub enum P2pError {
 /// One BAR range published (or not) as p2p memory.
 ///
 /// # Invariants
-/// Every frame of `region` that is allocated is either in a user mapping recorded in
-/// `mappings`, held by a [`P2pAlloc`], or referenced by a pin or DMA user.
+/// Every allocated frame of `region` is mapped only by address spaces in `users`, held
+/// by a [`P2pAlloc`], or referenced by a pin or DMA user. Once `removing` is set no
+/// frame is allocated again.
 pub struct Provider {
     dev: Bdf,
     bar: u8,
@@ -73,9 +85,33 @@ pub struct Provider {
     region: Arc<Region>,
     dma: Arc<Dma>,
     published: AtomicBool,
-    removing: AtomicBool,
-    /// User mappings to tear down on removal. Lock order: a leaf.
-    mappings: Mutex<Vec<(Weak<Mm>, VirtAddr, u64)>>,
+    /// Whether removal has begun. Lock order: before the address-space lock (mmap
+    /// holds it shared across the mapping); removal holds it exclusively only to set it.
+    removing: RwLock<bool>,
+    /// Address spaces that mapped this provider's pages, or inherited such a mapping
+    /// by fork: removal zaps each. One entry per address space, dead ones pruned as it
+    /// grows. Lock order: a leaf.
+    users: Mutex<Users>,
+}
+
+/// The address spaces that may map a provider's pages.
+#[derive(Default)]
+struct Users {
+    by_mm: HashMap<MmId, Weak<Mm>>,
+    /// Size after the last pruning; prune again when it doubles.
+    pruned_at: usize,
+}
+
+impl Users {
+    fn add(&mut self, mm: &Arc<Mm>) {
+        self.by_mm
+            .entry(mm.id())
+            .or_insert_with(|| Arc::downgrade(mm));
+        if self.by_mm.len() > 2 * self.pruned_at.max(16) {
+            self.by_mm.retain(|_, w| w.strong_count() > 0);
+            self.pruned_at = self.by_mm.len();
+        }
+    }
 }
 
 impl std::fmt::Debug for Provider {
@@ -144,8 +180,8 @@ impl Provider {
             region,
             dma: dma.clone(),
             published: AtomicBool::new(false),
-            removing: AtomicBool::new(false),
-            mappings: Mutex::new(Vec::new()),
+            removing: RwLock::new(false),
+            users: Mutex::new(Users::default()),
         }))
     }
 
@@ -182,10 +218,8 @@ impl Provider {
         self.region.free_frames() * PAGE_SIZE
     }
 
+    /// Allocates contiguous frames; the caller holds `removing` shared and saw it clear.
     fn alloc_frames(&self, bytes: u64) -> Result<Pfn, P2pError> {
-        if self.removing.load(Ordering::Acquire) {
-            return Err(P2pError::NoDevice { dev: self.dev });
-        }
         let pages = bytes.div_ceil(PAGE_SIZE).max(1);
         self.region.alloc_contig(pages, 1).map_err(|e| match e {
             MemError::NoMemory { .. } => P2pError::NoMemory {
@@ -201,7 +235,12 @@ impl Provider {
     }
 
     /// `pci_alloc_p2pmem(dev, size)`: contiguous p2p memory for a kernel client.
+    /// ENODEV once removal has begun.
     pub fn alloc(self: &Arc<Self>, bytes: u64) -> Result<P2pAlloc, P2pError> {
+        let removing = read(&self.removing);
+        if *removing {
+            return Err(P2pError::NoDevice { dev: self.dev });
+        }
         let first = self.alloc_frames(bytes)?;
         Ok(P2pAlloc {
             provider: self.clone(),
@@ -212,8 +251,8 @@ impl Provider {
 
     /// mmap of the sysfs `p2pmem/allocate` file: each call is a fresh allocation of
     /// `len` bytes mapped into `mm`. Only a shared mapping at offset 0 is allowed
-    /// (EINVAL otherwise). The pages go back to the pool when the last reference to
-    /// them (the mapping, a pin) drops.
+    /// (EINVAL otherwise); ENODEV once removal has begun. The pages go back to the pool
+    /// when the last reference to them (the mapping, a pin) drops.
     pub fn mmap(
         self: &Arc<Self>,
         mm: &Arc<Mm>,
@@ -234,77 +273,96 @@ impl Provider {
                 why: "p2pmem can only be mapped at offset 0".into(),
             });
         }
+        // Held until the mapping is recorded: removal cannot begin in between.
+        let removing = read(&self.removing);
+        if *removing {
+            return Err(P2pError::NoDevice { dev: self.dev });
+        }
         let first = self.alloc_frames(len)?;
         let pages = len.div_ceil(PAGE_SIZE).max(1);
         let frames: Vec<Pfn> = (0..pages).map(|i| Pfn(first.0 + i)).collect();
+        lock(&self.users).add(mm);
         let owner = PagesOwnerRef(self.clone());
         let mapped = mm.mmap_pages(&frames, prot, Some(owner));
         // The mapping took its own references; the allocation's go back.
         self.region.put_many(&frames);
-        let va = mapped?;
-        lock(&self.mappings).push((Arc::downgrade(mm), va, pages * PAGE_SIZE));
-        Ok(va)
+        drop(removing);
+        Ok(mapped?)
     }
 
-    /// Removes the device: new allocations fail with ENODEV, user mappings are torn
-    /// down, then waits for every page reference to drop (a pin held for DMA holds it
-    /// up). With a `timeout`, gives up with EBUSY naming what still holds pages; the
-    /// provider stays half-removed and `remove` may be called again.
+    /// Removes the device: new allocations and mappings fail with ENODEV, the
+    /// provider's pages are zapped from every address space that maps them (their VMAs
+    /// stay; an access then faults with EFAULT), then waits for every page reference to
+    /// drop (a pin held for DMA holds it up). With a `timeout`, gives up with EBUSY
+    /// naming what still holds pages; the provider stays half-removed and `remove` may
+    /// be called again.
     pub fn remove(&self, timeout: Option<Duration>) -> Result<(), P2pError> {
         tracing::info!(dev = %self.dev, bar = self.bar, "p2pmem: removing");
-        self.removing.store(true, Ordering::Release);
+        *write(&self.removing) = true;
         self.publish(false);
-        let maps: Vec<(Weak<Mm>, VirtAddr, u64)> = lock(&self.mappings).drain(..).collect();
-        for (mm, va, len) in maps {
-            if let Some(mm) = mm.upgrade() {
-                // The range may have been unmapped already; munmap of a hole is fine.
-                mm.munmap(va, len)?;
+        let mut zapped: HashSet<MmId> = HashSet::new();
+        loop {
+            let todo: Vec<Arc<Mm>> = lock(&self.users)
+                .by_mm
+                .iter()
+                .filter(|(id, _)| !zapped.contains(id))
+                .filter_map(|(_, w)| w.upgrade())
+                .collect();
+            if todo.is_empty() {
+                break;
+            }
+            for mm in todo {
+                mm.zap_device_pages(&self.region)?;
+                zapped.insert(mm.id());
             }
         }
-        let start = Instant::now();
-        while self.region.free_frames() != self.region.frames() {
-            if timeout.is_some_and(|t| start.elapsed() >= t) {
-                let region = self.region.clone();
-                let (mut frames, mut pinned) = (0, 0);
-                for i in 0..region.frames() {
-                    let p = Pfn(region.base().0 + i);
-                    let m = region.meta(p);
-                    if m.refcount() > 0 {
-                        frames += 1;
-                        pinned += u64::from(m.pincount() > 0);
-                    }
+        lock(&self.users).by_mm.clear();
+        if !self.region.wait_until_free(timeout) {
+            let region = self.region.clone();
+            let (mut frames, mut pinned) = (0, 0);
+            for i in 0..region.frames() {
+                let p = Pfn(region.base().0 + i);
+                let m = region.meta(p);
+                if m.refcount() > 0 {
+                    frames += 1;
+                    pinned += u64::from(m.pincount() > 0);
                 }
-                let holders: Vec<String> = self
-                    .dma
-                    .holders(|p| region.contains(p))
-                    .iter()
-                    .map(Bdf::to_string)
-                    .collect();
-                return Err(P2pError::Busy {
-                    dev: self.dev,
-                    frames,
-                    pinned,
-                    holders: if holders.is_empty() {
-                        "none".into()
-                    } else {
-                        holders.join(", ")
-                    },
-                });
             }
-            sleep(Duration::from_millis(1));
+            let holders: Vec<String> = self
+                .dma
+                .holders(|p| region.contains(p))
+                .iter()
+                .map(Bdf::to_string)
+                .collect();
+            return Err(P2pError::Busy {
+                dev: self.dev,
+                frames,
+                pinned,
+                holders: if holders.is_empty() {
+                    "none".into()
+                } else {
+                    holders.join(", ")
+                },
+            });
         }
         // Every frame is free; the only refusal left is a region already gone (a
         // second remove), which is fine.
         let _ = self.dma.phys().memunmap_pages(self.region.id());
         Ok(())
     }
+
+    /// Address spaces recorded as possibly mapping this provider's pages (for leak
+    /// checks: bounded by the live address spaces, not by how often they mapped).
+    pub fn recorded_users(&self) -> usize {
+        lock(&self.users).by_mm.len()
+    }
 }
 
 impl PagesOwner for Provider {
     /// A fork copied one of this provider's user mappings: revoke that copy on removal
     /// too.
-    fn forked(&self, child: &Arc<Mm>, start: VirtAddr, len: u64) {
-        lock(&self.mappings).push((Arc::downgrade(child), start, len));
+    fn forked(&self, child: &Arc<Mm>, _start: VirtAddr, _len: u64) {
+        lock(&self.users).add(child);
     }
 }
 
