@@ -1,0 +1,1031 @@
+//! The multi-threaded soak: real threads on one workstation host (IOMMU on and off)
+//! doing random mixes of everything that moves or holds pages at once — CPU reads and
+//! writes, migration between RAM, device-private and device-coherent memory, fork and
+//! exit, get_user_dma_sg with device DMA through the segments (held across other
+//! threads' work), mmap/munmap/mprotect/madvise, p2p memory mapped into processes and
+//! reached by peers, one provider removed mid-run, and an interval-notifier mirror that
+//! reads pages as a device would.
+//!
+//! Every thread writes only its own slot of every shared page, so what each slot must
+//! hold is always known: a byte oracle per thread, checked on every read, every DMA
+//! read and every mirror read. At the end every resource must be back: frames, pins,
+//! DMA mappings, IOVAs, p2p pages, notifier subscriptions.
+//!
+//! `cargo test` runs it briefly with fixed seeds in both IOMMU modes. For a long run:
+//! `PEERDMA_SOAK_SECS=600 cargo test --release --test soak -- --nocapture` (a random
+//! seed, printed); `PEERDMA_SOAK_SEED=N` replays a seed's operation choices;
+//! `PEERDMA_SOAK_IOMMU=on|off` runs one mode. A watchdog aborts with the seed and each
+//! thread's current operation when nothing progresses.
+
+#![cfg(not(feature = "shuttle"))]
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use peerdma::addr::{Bdf, Pfn, VirtAddr, PAGE_SIZE};
+use peerdma::dma::Direction;
+use peerdma::fabric::preset;
+use peerdma::gup::{get_user_dma_sg, FollFlags, GupError, UserDmaSg};
+use peerdma::host::{Host, HostConfig};
+use peerdma::mem::{Region, RegionKind};
+use peerdma::mm::{Mm, MmError, Prot};
+use peerdma::notifier::{IntervalNotifier, IntervalNotifierOps, NotifyRange, Subscription};
+use peerdma::p2pmem::{P2pError, Provider};
+
+const THREADS: usize = 4;
+const PROCS: usize = 3;
+/// Pages of each process's shared region; every thread owns one slot of each.
+const SHARED_PAGES: u64 = 16;
+/// Bytes of one thread's slot in a shared page.
+const SLOT: u64 = 64;
+/// Nothing finished for this long: the watchdog aborts.
+const WATCHDOG: Duration = Duration::from_secs(60);
+
+/// The operations, by name for the watchdog's report.
+const OPS: &[&str] = &[
+    "cpu write",
+    "cpu read",
+    "migrate",
+    "dma write",
+    "dma read",
+    "hold pin",
+    "dma through held pin",
+    "release pin",
+    "fork",
+    "exit child",
+    "private mmap",
+    "private munmap",
+    "private mprotect",
+    "private madvise",
+    "private check",
+    "p2p mmap",
+    "p2p check",
+    "p2p peer dma",
+    "p2p munmap",
+    "mirror fault",
+    "mirror check",
+    "remove provider",
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Op {
+    CpuWrite,
+    CpuRead,
+    Migrate,
+    DmaWrite,
+    DmaRead,
+    HoldPin,
+    DmaHeld,
+    ReleasePin,
+    Fork,
+    ExitChild,
+    PrivMmap,
+    PrivMunmap,
+    PrivMprotect,
+    PrivMadvise,
+    PrivCheck,
+    P2pMmap,
+    P2pCheck,
+    P2pPeerDma,
+    P2pMunmap,
+    MirrorFault,
+    MirrorCheck,
+}
+
+/// Weighted operation mix.
+const MIX: &[(Op, u32)] = &[
+    (Op::CpuWrite, 14),
+    (Op::CpuRead, 14),
+    (Op::Migrate, 10),
+    (Op::DmaWrite, 6),
+    (Op::DmaRead, 5),
+    (Op::HoldPin, 3),
+    (Op::DmaHeld, 5),
+    (Op::ReleasePin, 3),
+    (Op::Fork, 2),
+    (Op::ExitChild, 2),
+    (Op::PrivMmap, 3),
+    (Op::PrivMunmap, 2),
+    (Op::PrivMprotect, 2),
+    (Op::PrivMadvise, 2),
+    (Op::PrivCheck, 3),
+    (Op::P2pMmap, 2),
+    (Op::P2pCheck, 3),
+    (Op::P2pPeerDma, 3),
+    (Op::P2pMunmap, 2),
+    (Op::MirrorFault, 5),
+    (Op::MirrorCheck, 5),
+];
+
+struct Proc {
+    mm: Arc<Mm>,
+    shared: VirtAddr,
+}
+
+/// What every thread shares.
+struct World {
+    host: Host,
+    procs: Vec<Proc>,
+    dev_private: Arc<Region>,
+    dev_coherent: Arc<Region>,
+    /// Devices that DMA into process memory.
+    devices: Vec<Bdf>,
+    providers: Vec<Arc<Provider>>,
+    /// (provider index, device) pairs the fabric lets reach each other.
+    peers: Vec<(usize, Bdf)>,
+    /// Provider 0 is removed mid-run: set just before removal begins, and when done.
+    removing: AtomicBool,
+    removed: AtomicBool,
+    stop: AtomicBool,
+    done: Vec<AtomicU64>,
+    current: Vec<AtomicUsize>,
+    checks: AtomicU64,
+    /// Operations done, by kind (as in `MIX`).
+    per_op: Vec<AtomicU64>,
+    /// Refusals the kernel also gives: EBUSY migrations, p2p pages revoked by removal.
+    refused: AtomicU64,
+}
+
+impl World {
+    /// Whether provider 0's removal has begun, so its pages may be gone; counts the
+    /// refusal this excuses.
+    fn revoked(&self) -> bool {
+        let r = self.removing.load(Ordering::SeqCst);
+        if r {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+/// A device page table mirroring one process's shared region, kept with the
+/// interval-notifier sequence protocol; a "device read" through it must see the bytes
+/// the process would.
+struct Mirror {
+    table: Mutex<Vec<Option<Pfn>>>,
+}
+
+impl IntervalNotifierOps for Mirror {
+    fn invalidate(&self, sub: &Subscription, range: &NotifyRange, _seq: u64) -> bool {
+        let mut t = self.table.lock().unwrap();
+        let base = sub.range.start.0;
+        for (i, e) in t.iter_mut().enumerate() {
+            let va = base + i as u64 * PAGE_SIZE;
+            if va < range.end.0 && range.start.0 < va + PAGE_SIZE {
+                *e = None;
+            }
+        }
+        true
+    }
+}
+
+struct PrivRegion {
+    proc: usize,
+    va: VirtAddr,
+    tags: Vec<u64>,
+    writable: bool,
+}
+
+struct P2pMap {
+    proc: usize,
+    provider: usize,
+    va: VirtAddr,
+    pages: u64,
+    tag: u64,
+}
+
+struct Child {
+    mm: Arc<Mm>,
+    proc: usize,
+    /// This thread's slot of every shared page at fork time.
+    snapshot: Vec<u64>,
+}
+
+/// One thread's state: its oracle and what it holds.
+struct Worker<'w> {
+    w: &'w World,
+    t: usize,
+    rng: ChaCha8Rng,
+    next_tag: u64,
+    /// This thread's slot of every shared page of every process.
+    oracle: Vec<Vec<u64>>,
+    /// Held DMA mappings: (mapping, device, process, page).
+    held: Vec<(UserDmaSg, Bdf, usize, u64)>,
+    children: Vec<Child>,
+    private: Vec<PrivRegion>,
+    p2p: Vec<P2pMap>,
+    mirror: Arc<Mirror>,
+    sub: IntervalNotifier,
+}
+
+fn fail(seed: u64, t: usize, op: Op, what: String) -> ! {
+    panic!("soak seed {seed} thread {t} during {op:?}: {what}");
+}
+
+impl<'w> Worker<'w> {
+    fn tag(&mut self) -> u64 {
+        self.next_tag += 1;
+        ((self.t as u64 + 1) << 56) | self.next_tag
+    }
+
+    fn slot(&self, proc: usize, page: u64) -> VirtAddr {
+        VirtAddr(self.w.procs[proc].shared.0 + page * PAGE_SIZE + self.t as u64 * SLOT)
+    }
+
+    fn check(&self, seed: u64, op: Op, got: u64, want: u64, what: &str) {
+        self.w.checks.fetch_add(1, Ordering::Relaxed);
+        if got != want {
+            fail(
+                seed,
+                self.t,
+                op,
+                format!("{what}: read {got:#x}, expected {want:#x}"),
+            );
+        }
+    }
+
+    fn read_u64(mm: &Mm, va: VirtAddr) -> Result<u64, MmError> {
+        let mut b = [0u8; 8];
+        mm.read(va, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn step(&mut self, seed: u64, op: Op) {
+        let w = self.w;
+        let proc = self.rng.gen_range(0..PROCS);
+        let page = self.rng.gen_range(0..SHARED_PAGES);
+        let mm = w.procs[proc].mm.clone();
+        let slot = self.slot(proc, page);
+        let t = self.t;
+        let ok_or_fail = |r: Result<(), String>| {
+            if let Err(e) = r {
+                fail(seed, t, op, e)
+            }
+        };
+        match op {
+            Op::CpuWrite => {
+                let tag = self.tag();
+                ok_or_fail(
+                    mm.write(slot, &tag.to_le_bytes())
+                        .map_err(|e| e.to_string()),
+                );
+                self.oracle[proc][page as usize] = tag;
+            }
+            Op::CpuRead => {
+                let got = Self::read_u64(&mm, slot)
+                    .unwrap_or_else(|e| fail(seed, self.t, op, e.to_string()));
+                self.check(
+                    seed,
+                    op,
+                    got,
+                    self.oracle[proc][page as usize],
+                    "cpu read of own slot",
+                );
+            }
+            Op::Migrate => {
+                let target = match self.rng.gen_range(0..3) {
+                    0 => &w.dev_private,
+                    1 => &w.dev_coherent,
+                    _ => w.host.phys().ram(),
+                };
+                // Pinned pages, pages shared with a fork's child and pages someone holds
+                // by reference refuse with EBUSY, a page nobody touched yet with EFAULT;
+                // nothing else may fail.
+                match mm.migrate_page(slot, target) {
+                    Ok(_) => {}
+                    Err(e) if e.errno() == 16 || e.errno() == 14 => {
+                        w.refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => fail(seed, self.t, op, e.to_string()),
+                }
+            }
+            Op::DmaWrite | Op::DmaRead => {
+                let dev = w.devices[self.rng.gen_range(0..w.devices.len())];
+                let dir = if op == Op::DmaWrite {
+                    Direction::FromDevice
+                } else {
+                    Direction::ToDevice
+                };
+                let sg = get_user_dma_sg(&mm, slot, 8, w.host.dma(), dev, dir, FollFlags::NONE)
+                    .unwrap_or_else(|e| fail(seed, self.t, op, e.to_string()));
+                let seg = sg.segments()[0];
+                if op == Op::DmaWrite {
+                    let tag = self.tag();
+                    ok_or_fail(
+                        w.host
+                            .dma()
+                            .dma_write(dev, seg.addr, &tag.to_le_bytes())
+                            .map_err(|e| e.to_string()),
+                    );
+                    self.oracle[proc][page as usize] = tag;
+                } else {
+                    let mut b = [0u8; 8];
+                    ok_or_fail(
+                        w.host
+                            .dma()
+                            .dma_read(dev, seg.addr, &mut b)
+                            .map_err(|e| e.to_string()),
+                    );
+                    self.check(
+                        seed,
+                        op,
+                        u64::from_le_bytes(b),
+                        self.oracle[proc][page as usize],
+                        "device read of own slot",
+                    );
+                }
+            }
+            Op::HoldPin => {
+                if self.held.len() >= 3 || self.held.iter().any(|h| h.2 == proc && h.3 == page) {
+                    return;
+                }
+                let dev = w.devices[self.rng.gen_range(0..w.devices.len())];
+                let sg = get_user_dma_sg(
+                    &mm,
+                    slot,
+                    8,
+                    w.host.dma(),
+                    dev,
+                    Direction::Bidirectional,
+                    FollFlags::NONE,
+                )
+                .unwrap_or_else(|e| fail(seed, self.t, op, e.to_string()));
+                self.held.push((sg, dev, proc, page));
+            }
+            Op::DmaHeld => {
+                if self.held.is_empty() {
+                    return;
+                }
+                let i = self.rng.gen_range(0..self.held.len());
+                let (proc, page, bdf) = (self.held[i].2, self.held[i].3, self.held[i].1);
+                let tag = self.tag();
+                let seg = self.held[i].0.segments()[0];
+                ok_or_fail(
+                    w.host
+                        .dma()
+                        .dma_write(bdf, seg.addr, &tag.to_le_bytes())
+                        .map_err(|e| e.to_string()),
+                );
+                self.oracle[proc][page as usize] = tag;
+                // The process must see what the device wrote through its pin, whatever
+                // forks, migrations and COW breaks happened meanwhile.
+                let got = Self::read_u64(&w.procs[proc].mm, self.slot(proc, page))
+                    .unwrap_or_else(|e| fail(seed, self.t, op, e.to_string()));
+                self.check(seed, op, got, tag, "cpu read after DMA through a held pin");
+            }
+            Op::ReleasePin => {
+                if !self.held.is_empty() {
+                    let i = self.rng.gen_range(0..self.held.len());
+                    self.held.swap_remove(i);
+                }
+            }
+            Op::Fork => {
+                if self.children.len() >= 2 {
+                    return;
+                }
+                let child = mm
+                    .fork()
+                    .unwrap_or_else(|e| fail(seed, self.t, op, e.to_string()));
+                let snapshot = self.oracle[proc].clone();
+                // The child sees fork-time data; a write in it leaves the parent alone.
+                let got = Self::read_u64(&child, slot)
+                    .unwrap_or_else(|e| fail(seed, self.t, op, e.to_string()));
+                self.check(
+                    seed,
+                    op,
+                    got,
+                    snapshot[page as usize],
+                    "child's copy of own slot",
+                );
+                let mut snapshot = snapshot;
+                let tag = self.tag();
+                ok_or_fail(
+                    child
+                        .write(slot, &tag.to_le_bytes())
+                        .map_err(|e| e.to_string()),
+                );
+                snapshot[page as usize] = tag;
+                let got = Self::read_u64(&mm, slot)
+                    .unwrap_or_else(|e| fail(seed, self.t, op, e.to_string()));
+                self.check(
+                    seed,
+                    op,
+                    got,
+                    self.oracle[proc][page as usize],
+                    "parent after a write in the child",
+                );
+                self.children.push(Child {
+                    mm: child,
+                    proc,
+                    snapshot,
+                });
+            }
+            Op::ExitChild => {
+                if self.children.is_empty() {
+                    return;
+                }
+                let i = self.rng.gen_range(0..self.children.len());
+                let c = self.children.swap_remove(i);
+                for (pg, want) in c.snapshot.iter().enumerate() {
+                    let got = Self::read_u64(&c.mm, self.slot(c.proc, pg as u64))
+                        .unwrap_or_else(|e| fail(seed, self.t, op, e.to_string()));
+                    self.check(seed, op, got, *want, "child's own slot at exit");
+                }
+                c.mm.exit();
+            }
+            Op::PrivMmap => {
+                if self.private.len() >= 4 {
+                    return;
+                }
+                let pages = self.rng.gen_range(1..=8u64);
+                let va = mm
+                    .mmap_anon(pages * PAGE_SIZE, Prot::RW)
+                    .unwrap_or_else(|e| fail(seed, self.t, op, e.to_string()));
+                let mut tags = Vec::new();
+                for pg in 0..pages {
+                    let tag = self.tag();
+                    ok_or_fail(
+                        mm.write(VirtAddr(va.0 + pg * PAGE_SIZE), &tag.to_le_bytes())
+                            .map_err(|e| e.to_string()),
+                    );
+                    tags.push(tag);
+                }
+                self.private.push(PrivRegion {
+                    proc,
+                    va,
+                    tags,
+                    writable: true,
+                });
+            }
+            Op::PrivMunmap | Op::PrivMprotect | Op::PrivMadvise | Op::PrivCheck => {
+                if self.private.is_empty() {
+                    return;
+                }
+                let i = self.rng.gen_range(0..self.private.len());
+                let r = &mut self.private[i];
+                let pmm = w.procs[r.proc].mm.clone();
+                let len = r.tags.len() as u64 * PAGE_SIZE;
+                match op {
+                    Op::PrivMunmap => {
+                        ok_or_fail(pmm.munmap(r.va, len).map_err(|e| e.to_string()));
+                        self.private.swap_remove(i);
+                        return;
+                    }
+                    Op::PrivMprotect => {
+                        let prot = if r.writable { Prot::READ } else { Prot::RW };
+                        ok_or_fail(pmm.mprotect(r.va, len, prot).map_err(|e| e.to_string()));
+                        r.writable = !r.writable;
+                        if !r.writable {
+                            match pmm.write(r.va, &[0]) {
+                                Err(e) if e.errno() == 13 => {}
+                                other => fail(
+                                    seed,
+                                    self.t,
+                                    op,
+                                    format!("write to a read-only mapping: {other:?}"),
+                                ),
+                            }
+                        }
+                    }
+                    Op::PrivMadvise => {
+                        let pg = self.rng.gen_range(0..r.tags.len());
+                        ok_or_fail(
+                            pmm.madvise_dontneed(
+                                VirtAddr(r.va.0 + pg as u64 * PAGE_SIZE),
+                                PAGE_SIZE,
+                            )
+                            .map_err(|e| e.to_string()),
+                        );
+                        r.tags[pg] = 0;
+                    }
+                    _ => {}
+                }
+                let r = &self.private[i];
+                for (pg, want) in r.tags.iter().enumerate() {
+                    let got = Self::read_u64(&pmm, VirtAddr(r.va.0 + pg as u64 * PAGE_SIZE))
+                        .unwrap_or_else(|e| fail(seed, self.t, op, e.to_string()));
+                    self.check(seed, op, got, *want, "private page");
+                }
+            }
+            Op::P2pMmap => {
+                if self.p2p.len() >= 3 {
+                    return;
+                }
+                let pi = self.rng.gen_range(0..w.providers.len());
+                let pages = self.rng.gen_range(1..=4u64);
+                match w.providers[pi].mmap(&mm, pages * PAGE_SIZE, true, 0, Prot::RW) {
+                    Ok(va) => {
+                        if pi == 0 && w.removed.load(Ordering::SeqCst) {
+                            fail(
+                                seed,
+                                self.t,
+                                op,
+                                "mmap of a removed provider succeeded".into(),
+                            );
+                        }
+                        let tag = self.tag();
+                        match mm.write(va, &tag.to_le_bytes()) {
+                            Ok(()) => {}
+                            // Removal began after the mmap and zapped it already.
+                            Err(e) if pi == 0 && e.errno() == 14 && w.revoked() => {}
+                            Err(e) => fail(seed, self.t, op, e.to_string()),
+                        }
+                        self.p2p.push(P2pMap {
+                            proc,
+                            provider: pi,
+                            va,
+                            pages,
+                            tag,
+                        });
+                    }
+                    Err(P2pError::NoDevice { .. }) if pi == 0 && w.revoked() => {}
+                    Err(P2pError::NoMemory { .. }) => {}
+                    Err(e) => fail(seed, self.t, op, e.to_string()),
+                }
+            }
+            Op::P2pCheck | Op::P2pPeerDma | Op::P2pMunmap => {
+                if self.p2p.is_empty() {
+                    return;
+                }
+                let i = self.rng.gen_range(0..self.p2p.len());
+                let (pproc, pi, va, pages) = (
+                    self.p2p[i].proc,
+                    self.p2p[i].provider,
+                    self.p2p[i].va,
+                    self.p2p[i].pages,
+                );
+                let pmm = w.procs[pproc].mm.clone();
+                // Provider 0's pages may vanish at any point once its removal began.
+                let revocable = pi == 0;
+                match op {
+                    Op::P2pMunmap => {
+                        ok_or_fail(pmm.munmap(va, pages * PAGE_SIZE).map_err(|e| e.to_string()));
+                        self.p2p.swap_remove(i);
+                    }
+                    Op::P2pCheck => match Self::read_u64(&pmm, va) {
+                        Ok(got) => {
+                            let want = self.p2p[i].tag;
+                            self.check(seed, op, got, want, "p2p page read by the CPU");
+                        }
+                        Err(e) if revocable && e.errno() == 14 && w.revoked() => {}
+                        Err(e) => fail(seed, self.t, op, e.to_string()),
+                    },
+                    _ => {
+                        let peers: Vec<Bdf> = w
+                            .peers
+                            .iter()
+                            .filter(|(p, _)| *p == pi)
+                            .map(|(_, d)| *d)
+                            .collect();
+                        if peers.is_empty() {
+                            return;
+                        }
+                        let dev = peers[self.rng.gen_range(0..peers.len())];
+                        let sg = match get_user_dma_sg(
+                            &pmm,
+                            va,
+                            8,
+                            w.host.dma(),
+                            dev,
+                            Direction::Bidirectional,
+                            FollFlags::NONE,
+                        ) {
+                            Ok(sg) => sg,
+                            Err(GupError::Mm(e)) if revocable && e.errno() == 14 && w.revoked() => {
+                                return
+                            }
+                            Err(e) => fail(seed, self.t, op, e.to_string()),
+                        };
+                        let tag = self.tag();
+                        ok_or_fail(
+                            w.host
+                                .dma()
+                                .dma_write(dev, sg.segments()[0].addr, &tag.to_le_bytes())
+                                .map_err(|e| e.to_string()),
+                        );
+                        let mut b = [0u8; 8];
+                        ok_or_fail(
+                            w.host
+                                .dma()
+                                .dma_read(dev, sg.segments()[0].addr, &mut b)
+                                .map_err(|e| e.to_string()),
+                        );
+                        self.check(
+                            seed,
+                            op,
+                            u64::from_le_bytes(b),
+                            tag,
+                            "peer read back of its p2p write",
+                        );
+                        self.p2p[i].tag = tag;
+                        drop(sg);
+                    }
+                }
+            }
+            Op::MirrorFault => {
+                // Only process 0 is mirrored.
+                let va = self.slot(0, page);
+                let seq = self.sub.read_begin();
+                let pte = w.procs[0].mm.pte(va);
+                let Some(pfn) = pte.pfn().filter(|_| pte.is_present()) else {
+                    return;
+                };
+                let mut t = self.mirror.table.lock().unwrap();
+                if !self.sub.read_retry(seq) {
+                    t[page as usize] = Some(pfn);
+                }
+            }
+            Op::MirrorCheck => {
+                let t = self.mirror.table.lock().unwrap();
+                for (pg, e) in t.iter().enumerate() {
+                    let Some(pfn) = *e else { continue };
+                    // Under the mirror's lock no invalidation of the page can finish, so
+                    // the entry must still be what the process maps, with its bytes.
+                    let va = self.slot(0, pg as u64);
+                    let pte = w.procs[0].mm.pte(va);
+                    if !(pte.is_present() && pte.pfn() == Some(pfn)) {
+                        fail(
+                            seed,
+                            self.t,
+                            op,
+                            format!("mirror holds {pfn} for {va}, the process maps {pte:?}"),
+                        );
+                    }
+                    let region =
+                        w.host.phys().region(pfn).unwrap_or_else(|| {
+                            fail(seed, self.t, op, format!("{pfn} in no region"))
+                        });
+                    let mut b = [0u8; 8];
+                    region.read(pfn, self.t as u64 * SLOT, &mut b);
+                    self.check(
+                        seed,
+                        op,
+                        u64::from_le_bytes(b),
+                        self.oracle[0][pg],
+                        "device read through the mirror",
+                    );
+                }
+            }
+        }
+    }
+
+    /// Gives everything back, checking what is checkable.
+    fn finish(mut self, seed: u64) {
+        self.held.clear();
+        for c in std::mem::take(&mut self.children) {
+            for (pg, want) in c.snapshot.iter().enumerate() {
+                let got = Self::read_u64(&c.mm, self.slot(c.proc, pg as u64)).unwrap();
+                self.check(
+                    seed,
+                    Op::ExitChild,
+                    got,
+                    *want,
+                    "child's own slot at the end",
+                );
+            }
+            c.mm.exit();
+        }
+        for r in std::mem::take(&mut self.private) {
+            self.w.procs[r.proc]
+                .mm
+                .munmap(r.va, r.tags.len() as u64 * PAGE_SIZE)
+                .unwrap();
+        }
+        for m in std::mem::take(&mut self.p2p) {
+            self.w.procs[m.proc]
+                .mm
+                .munmap(m.va, m.pages * PAGE_SIZE)
+                .unwrap();
+        }
+        for proc in 0..PROCS {
+            for page in 0..SHARED_PAGES {
+                let got = Self::read_u64(&self.w.procs[proc].mm, self.slot(proc, page)).unwrap();
+                self.check(
+                    seed,
+                    Op::CpuRead,
+                    got,
+                    self.oracle[proc][page as usize],
+                    "own slot at the end",
+                );
+            }
+        }
+    }
+}
+
+fn pick(rng: &mut ChaCha8Rng) -> Op {
+    let total: u32 = MIX.iter().map(|(_, w)| w).sum();
+    let mut x = rng.gen_range(0..total);
+    for &(op, w) in MIX {
+        if x < w {
+            return op;
+        }
+        x -= w;
+    }
+    unreachable!()
+}
+
+fn build(iommu: bool) -> World {
+    let topo = preset("workstation").unwrap();
+    let specs = Host::nvme_specs(&topo, 1 << 20);
+    let host = Host::build(
+        topo,
+        &HostConfig {
+            ram_bytes: 256 << 20,
+            iommu: Some(iommu),
+        },
+        &specs,
+    )
+    .unwrap();
+    let phys = host.phys().clone();
+    let dev_private = phys
+        .memremap_pages(RegionKind::DevicePrivate { owner: 0xd1 }, 8 << 20)
+        .unwrap();
+    let dev_coherent = phys
+        .memremap_pages(RegionKind::DeviceCoherent { owner: 0xd2 }, 8 << 20)
+        .unwrap();
+    let procs = (0..PROCS)
+        .map(|_| {
+            let mm = host.spawn();
+            let shared = mm.mmap_anon(SHARED_PAGES * PAGE_SIZE, Prot::RW).unwrap();
+            Proc { mm, shared }
+        })
+        .collect();
+    let devices: Vec<Bdf> = [
+        "0000:03:00.0",
+        "0000:04:00.0",
+        "0000:05:00.0",
+        "0000:06:00.0",
+        "0000:07:00.0",
+    ]
+    .iter()
+    .map(|s| s.parse().unwrap())
+    .collect();
+    let providers: Vec<Arc<Provider>> = host.nvmes().filter_map(|n| n.cmb().cloned()).collect();
+    assert!(providers.len() >= 2, "the workstation has two CMBs");
+    // Which peers reach which provider, found by trying once.
+    let probe = host.spawn();
+    let mut peers = Vec::new();
+    for (pi, p) in providers.iter().enumerate() {
+        let va = p.mmap(&probe, PAGE_SIZE, true, 0, Prot::RW).unwrap();
+        for &d in &devices {
+            if d != p.dev()
+                && get_user_dma_sg(
+                    &probe,
+                    va,
+                    8,
+                    host.dma(),
+                    d,
+                    Direction::Bidirectional,
+                    FollFlags::NONE,
+                )
+                .is_ok()
+            {
+                peers.push((pi, d));
+            }
+        }
+    }
+    probe.exit();
+    assert!(peers.iter().any(|(p, _)| *p == 0), "provider 0 has a peer");
+    World {
+        host,
+        procs,
+        dev_private,
+        dev_coherent,
+        devices,
+        providers,
+        peers,
+        removing: AtomicBool::new(false),
+        removed: AtomicBool::new(false),
+        stop: AtomicBool::new(false),
+        done: (0..THREADS).map(|_| AtomicU64::new(0)).collect(),
+        current: (0..THREADS).map(|_| AtomicUsize::new(usize::MAX)).collect(),
+        checks: AtomicU64::new(0),
+        per_op: MIX.iter().map(|_| AtomicU64::new(0)).collect(),
+        refused: AtomicU64::new(0),
+    }
+}
+
+fn op_index(op: Op) -> usize {
+    MIX.iter().position(|(o, _)| *o == op).unwrap()
+}
+
+/// What one soak did.
+struct Report {
+    ops: u64,
+    checks: u64,
+    refused: u64,
+    per_op: Vec<(Op, u64)>,
+}
+
+/// Runs one soak.
+fn soak(seed: u64, iommu: bool, secs: f64) -> Report {
+    let w = build(iommu);
+    let ram_free = w.host.phys().ram().free_frames();
+    let started = Instant::now();
+    let run_for = Duration::from_secs_f64(secs);
+    thread::scope(|s| {
+        let w = &w;
+        for t in 0..THREADS {
+            s.spawn(move || {
+                let mirror = Arc::new(Mirror {
+                    table: Mutex::new(vec![None; SHARED_PAGES as usize]),
+                });
+                let sub = w.procs[0].mm.notifier().subscribe(
+                    w.procs[0].shared,
+                    SHARED_PAGES * PAGE_SIZE,
+                    mirror.clone(),
+                );
+                let mut me = Worker {
+                    w,
+                    t,
+                    rng: ChaCha8Rng::seed_from_u64(
+                        seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ t as u64,
+                    ),
+                    next_tag: 0,
+                    oracle: vec![vec![0; SHARED_PAGES as usize]; PROCS],
+                    held: Vec::new(),
+                    children: Vec::new(),
+                    private: Vec::new(),
+                    p2p: Vec::new(),
+                    mirror,
+                    sub,
+                };
+                while !w.stop.load(Ordering::Relaxed) {
+                    let op = pick(&mut me.rng);
+                    w.current[t].store(op_index(op), Ordering::Relaxed);
+                    me.step(seed, op);
+                    w.done[t].fetch_add(1, Ordering::Relaxed);
+                    w.per_op[op_index(op)].fetch_add(1, Ordering::Relaxed);
+                }
+                w.current[t].store(usize::MAX, Ordering::Relaxed);
+                me.finish(seed);
+            });
+        }
+        // Provider 0 goes away part way through, while everything runs.
+        let remover = s.spawn(move || {
+            thread::sleep(run_for.mul_f64(0.4));
+            w.removing.store(true, Ordering::SeqCst);
+            w.providers[0].remove(None).unwrap();
+            w.removed.store(true, Ordering::SeqCst);
+        });
+        // The watchdog, and the clock.
+        let mut last = (0u64, Instant::now());
+        while started.elapsed() < run_for {
+            thread::sleep(Duration::from_millis(50));
+            let total: u64 = w.done.iter().map(|d| d.load(Ordering::Relaxed)).sum();
+            if total != last.0 {
+                last = (total, Instant::now());
+            } else if last.1.elapsed() > WATCHDOG {
+                eprintln!(
+                    "soak watchdog: no progress for {WATCHDOG:?}; seed {seed}, iommu {iommu}"
+                );
+                for t in 0..THREADS {
+                    let c = w.current[t].load(Ordering::Relaxed);
+                    eprintln!(
+                        "  thread {t}: {} operations done, now in {}",
+                        w.done[t].load(Ordering::Relaxed),
+                        OPS.get(c).copied().unwrap_or("(between operations)")
+                    );
+                }
+                eprintln!(
+                    "  provider removal: {}",
+                    if remover.is_finished() {
+                        "done"
+                    } else {
+                        "in progress"
+                    }
+                );
+                std::process::abort();
+            }
+        }
+        w.stop.store(true, Ordering::Relaxed);
+        // The workers release what they hold as they stop; removal must then finish.
+        let deadline = Instant::now() + WATCHDOG;
+        while !remover.is_finished() {
+            if Instant::now() > deadline {
+                eprintln!(
+                    "soak watchdog: provider removal did not finish; seed {seed}, iommu {iommu}"
+                );
+                std::process::abort();
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    });
+    let ops: u64 = w.done.iter().map(|d| d.load(Ordering::Relaxed)).sum();
+    // Leak checks: everything the run took is back.
+    let dma = w.host.dma();
+    assert_eq!(dma.live_mappings(), 0, "DMA mappings leaked");
+    for &d in &w.devices {
+        if let Some(dom) = dma.iommu().domain(d) {
+            assert_eq!(dom.allocated_iova_pages(), 0, "IOVAs of {d} leaked");
+            assert_eq!(dom.mapped_pages(), 0, "IO page-table entries of {d} leaked");
+        }
+    }
+    assert!(
+        dma.sanitizer().is_clean(),
+        "DMA violations: {:?}",
+        dma.sanitizer().violations()
+    );
+    assert!(
+        dma.iommu().faults().is_empty(),
+        "IOMMU faults: {:?}",
+        dma.iommu().faults()
+    );
+    for p in &w.procs {
+        assert_eq!(
+            p.mm.notifier().subscriptions(),
+            0,
+            "notifier subscriptions leaked"
+        );
+    }
+    assert!(w.removed.load(Ordering::SeqCst));
+    assert!(
+        w.host
+            .phys()
+            .regions()
+            .iter()
+            .all(|r| r.id() != w.providers[0].region().id()),
+        "the removed provider's page map is gone"
+    );
+    for p in &w.providers[1..] {
+        assert_eq!(p.available(), p.size(), "p2p pages of {} leaked", p.dev());
+    }
+    for p in &w.procs {
+        p.mm.exit();
+    }
+    assert_eq!(
+        w.host.phys().ram().free_frames(),
+        ram_free,
+        "RAM frames leaked"
+    );
+    for r in [&w.dev_private, &w.dev_coherent] {
+        assert_eq!(r.free_frames(), r.frames(), "{} frames leaked", r.kind());
+    }
+    Report {
+        ops,
+        checks: w.checks.load(Ordering::Relaxed),
+        refused: w.refused.load(Ordering::Relaxed),
+        per_op: MIX
+            .iter()
+            .zip(&w.per_op)
+            .map(|((op, _), n)| (*op, n.load(Ordering::Relaxed)))
+            .collect(),
+    }
+}
+
+fn run(iommu: bool, default_seeds: &[u64]) {
+    let secs: f64 = std::env::var("PEERDMA_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.5);
+    if let Ok(mode) = std::env::var("PEERDMA_SOAK_IOMMU") {
+        if (mode == "on") != iommu {
+            return;
+        }
+    }
+    let seeds: Vec<u64> = match std::env::var("PEERDMA_SOAK_SEED") {
+        Ok(s) => vec![s.parse().expect("PEERDMA_SOAK_SEED is a number")],
+        Err(_) if std::env::var("PEERDMA_SOAK_SECS").is_ok() => {
+            vec![rand::thread_rng().gen()]
+        }
+        Err(_) => default_seeds.to_vec(),
+    };
+    for seed in seeds {
+        eprintln!(
+            "soak: seed {seed}, iommu {}, {secs} s",
+            if iommu { "on" } else { "off" }
+        );
+        let t = Instant::now();
+        let r = soak(seed, iommu, secs);
+        let el = t.elapsed().as_secs_f64();
+        eprintln!(
+            "soak: seed {seed}, iommu {}: {} operations ({:.0}/s), {} checks, {} refusals the kernel also gives, clean",
+            if iommu { "on" } else { "off" },
+            r.ops,
+            r.ops as f64 / el,
+            r.checks,
+            r.refused,
+        );
+        let mix: Vec<String> = r
+            .per_op
+            .iter()
+            .map(|(op, n)| format!("{op:?} {n}"))
+            .collect();
+        eprintln!("soak: mix: {}", mix.join(", "));
+    }
+}
+
+#[test]
+fn soak_with_iommu() {
+    run(true, &[1]);
+}
+
+#[test]
+fn soak_without_iommu() {
+    run(false, &[2]);
+}
