@@ -1,6 +1,8 @@
 //! DMA-layer concurrency under shuttle (`--features shuttle`, `PEERDMA_SHUTTLE_ITERS`
 //! schedules, 100 by default): a transfer racing the unmap of its mapping lands whole
-//! or not at all, and p2p device removal racing a pin finishes once the pin drops.
+//! or not at all, p2p device removal racing a pin finishes once the pin drops, removal
+//! racing an mmap and a fork of the mapping leaves no entry naming the provider's pages,
+//! and removal racing an munmap whose address is reused leaves the new memory alone.
 
 #![cfg(feature = "shuttle")]
 
@@ -108,6 +110,82 @@ fn p2p_removal_racing_a_pin_completes_after_the_pin_drops() {
             remover.join().unwrap().unwrap();
             assert_eq!(p.region().free_frames(), p.region().frames());
             assert!(mm.pte(va).is_empty());
+        },
+        iterations(),
+    );
+}
+
+fn cmb(h: &Host) -> Arc<peerdma::p2pmem::Provider> {
+    h.nvme("0000:05:00.0".parse().unwrap())
+        .unwrap()
+        .cmb()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn removal_racing_mmap_and_fork_zaps_every_copy() {
+    shuttle::check_random(
+        || {
+            let h = host();
+            let p = cmb(&h);
+            let parent = h.spawn();
+            let va = p.mmap(&parent, PAGE_SIZE, true, 0, Prot::RW).unwrap();
+            let mapper = {
+                let (p, parent) = (p.clone(), parent.clone());
+                thread::spawn(move || p.mmap(&parent, PAGE_SIZE, true, 0, Prot::RW).ok())
+            };
+            let forker = {
+                let parent = parent.clone();
+                thread::spawn(move || parent.fork().unwrap())
+            };
+            let remover = {
+                let p = p.clone();
+                thread::spawn(move || p.remove(None))
+            };
+            let late = mapper.join().unwrap();
+            let child = forker.join().unwrap();
+            remover.join().unwrap().unwrap();
+            for mm in [&parent, &child] {
+                for v in [Some(va), late].into_iter().flatten() {
+                    assert!(
+                        mm.pte(v).is_empty(),
+                        "a copy of the mapping survived removal"
+                    );
+                }
+            }
+            assert_eq!(p.region().free_frames(), p.region().frames());
+        },
+        iterations(),
+    );
+}
+
+#[test]
+fn removal_racing_munmap_leaves_reused_addresses_alone() {
+    shuttle::check_random(
+        || {
+            let h = host();
+            let p = cmb(&h);
+            let mm = h.spawn();
+            let va = p.mmap(&mm, PAGE_SIZE, true, 0, Prot::RW).unwrap();
+            let reuser = {
+                let mm = mm.clone();
+                thread::spawn(move || {
+                    mm.munmap(va, PAGE_SIZE).unwrap();
+                    let anon = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+                    mm.write(anon, b"mine").unwrap();
+                    anon
+                })
+            };
+            let remover = {
+                let p = p.clone();
+                thread::spawn(move || p.remove(None))
+            };
+            let anon = reuser.join().unwrap();
+            remover.join().unwrap().unwrap();
+            let mut b = [0u8; 4];
+            mm.read(anon, &mut b).unwrap();
+            assert_eq!(&b, b"mine");
         },
         iterations(),
     );

@@ -5,7 +5,13 @@
 //! - pin racing munmap and migration: no pinned page moves or is freed while pinned,
 //!   and every frame comes back when all is done;
 //! - read_begin/read_retry racing invalidation: a mirror never commits a stale page;
-//! - fork racing pin: the pinned page stays coherent with the parent either way.
+//! - fork racing pin: the pinned page stays coherent with the parent either way;
+//! - a CPU write racing a migration of its page lands in the page the process maps
+//!   afterwards (migration entry + page lock);
+//! - two migrations of one page both succeed, keep the data and leak no frame;
+//! - a copy-on-write break racing the other sharer's exit and a pin leaves the process
+//!   mapping the pinned page, with every write;
+//! - two faults on one device-private page both succeed (the loser retries).
 
 #![cfg(feature = "shuttle")]
 
@@ -162,6 +168,141 @@ fn fork_racing_pin_keeps_the_pinned_page_coherent() {
             drop(pin);
             child.exit();
             parent.exit();
+        },
+        iterations(),
+    );
+}
+
+fn read8(mm: &Mm, va: peerdma::addr::VirtAddr) -> [u8; 8] {
+    let mut b = [0u8; 8];
+    mm.read(va, &mut b).unwrap();
+    b
+}
+
+#[test]
+fn cpu_write_racing_migration_is_never_lost() {
+    shuttle::check_random(
+        || {
+            let phys = PhysMem::new(8 << 20).unwrap();
+            let dev = phys
+                .memremap_pages(RegionKind::DeviceCoherent { owner: 1 }, 1 << 20)
+                .unwrap();
+            let mm = Mm::new(&phys);
+            let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+            mm.write(a, &[1; 8]).unwrap();
+            let writer = {
+                let mm = mm.clone();
+                thread::spawn(move || mm.write(a, &[2; 8]).unwrap())
+            };
+            let migrator = {
+                let mm = mm.clone();
+                thread::spawn(move || mm.migrate_page(a, &dev).unwrap())
+            };
+            writer.join().unwrap();
+            let new = migrator.join().unwrap();
+            assert_eq!(mm.pte(a).pfn(), Some(new));
+            assert_eq!(read8(&mm, a), [2; 8], "the write was lost");
+        },
+        iterations(),
+    );
+}
+
+#[test]
+fn two_migrations_of_one_page_keep_data_and_frames() {
+    shuttle::check_random(
+        || {
+            let phys = PhysMem::new(8 << 20).unwrap();
+            let dev = phys
+                .memremap_pages(RegionKind::DevicePrivate { owner: 1 }, 1 << 20)
+                .unwrap();
+            let free0 = phys.ram().free_frames();
+            let mm = Mm::new(&phys);
+            let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+            mm.write(a, b"payload!").unwrap();
+            let to_dev = {
+                let (mm, dev) = (mm.clone(), dev.clone());
+                thread::spawn(move || mm.migrate_page(a, &dev).unwrap())
+            };
+            let to_ram = {
+                let (mm, phys) = (mm.clone(), phys.clone());
+                thread::spawn(move || mm.migrate_page(a, phys.ram()).unwrap())
+            };
+            to_dev.join().unwrap();
+            to_ram.join().unwrap();
+            assert_eq!(&read8(&mm, a), b"payload!");
+            mm.exit();
+            assert_eq!(phys.ram().free_frames(), free0, "a frame leaked");
+            assert_eq!(dev.free_frames(), dev.frames());
+        },
+        iterations(),
+    );
+}
+
+#[test]
+fn cow_break_racing_exit_and_pin_keeps_the_pinned_page_mapped() {
+    shuttle::check_random(
+        || {
+            let phys = PhysMem::new(8 << 20).unwrap();
+            let parent = Mm::new(&phys);
+            let a = parent.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+            parent.write(a, &[1; 16]).unwrap();
+            let child = parent.fork().unwrap();
+            let writer = {
+                let parent = parent.clone();
+                thread::spawn(move || parent.write(a, &[3; 8]).unwrap())
+            };
+            let pinner = {
+                let (parent, phys) = (parent.clone(), phys.clone());
+                thread::spawn(move || {
+                    child.exit();
+                    let pin = pin_user_pages(&parent, a, 1, FollFlags::WRITE).unwrap();
+                    let p = pin.pages()[0];
+                    phys.region(p).unwrap().write(p, 8, &[9; 8]);
+                    pin
+                })
+            };
+            writer.join().unwrap();
+            let pin = pinner.join().unwrap();
+            assert_eq!(parent.pte(a).pfn(), Some(pin.pages()[0]));
+            let mut b = [0u8; 16];
+            parent.read(a, &mut b).unwrap();
+            assert_eq!(
+                &b[8..],
+                &[9; 8],
+                "the device's write through the pin was lost"
+            );
+            assert!(b[..8] == [3; 8], "the CPU write was lost");
+        },
+        iterations(),
+    );
+}
+
+#[test]
+fn two_faults_on_one_device_private_page_both_succeed() {
+    shuttle::check_random(
+        || {
+            let phys = PhysMem::new(8 << 20).unwrap();
+            let dev = phys
+                .memremap_pages(RegionKind::DevicePrivate { owner: 1 }, 1 << 20)
+                .unwrap();
+            let mm = Mm::new(&phys);
+            let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+            mm.write(a, b"on-dev!!").unwrap();
+            mm.migrate_page(a, &dev).unwrap();
+            let reader = {
+                let mm = mm.clone();
+                thread::spawn(move || read8(&mm, a))
+            };
+            let pinner = {
+                let mm = mm.clone();
+                thread::spawn(move || {
+                    pin_user_pages(&mm, a, 1, FollFlags::NONE).map(|p| p.pages()[0])
+                })
+            };
+            assert_eq!(&reader.join().unwrap(), b"on-dev!!");
+            let pinned = pinner.join().unwrap().unwrap();
+            assert_eq!(mm.pte(a).pfn(), Some(pinned));
+            assert_eq!(dev.free_frames(), dev.frames());
         },
         iterations(),
     );

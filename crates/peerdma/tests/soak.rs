@@ -145,7 +145,7 @@ struct World {
     done: Vec<AtomicU64>,
     current: Vec<AtomicUsize>,
     checks: AtomicU64,
-    /// Operations done, by kind (as in `MIX`).
+    /// Operations that did something, by kind (as in `MIX`).
     per_op: Vec<AtomicU64>,
     /// Refusals the kernel also gives: EBUSY migrations, p2p pages revoked by removal.
     refused: AtomicU64,
@@ -255,7 +255,9 @@ impl<'w> Worker<'w> {
         Ok(u64::from_le_bytes(b))
     }
 
-    fn step(&mut self, seed: u64, op: Op) {
+    /// Does one operation; false when there was nothing to do it on (no pin held, no
+    /// child, the limit reached), which the report counts apart.
+    fn step(&mut self, seed: u64, op: Op) -> bool {
         let w = self.w;
         let proc = self.rng.gen_range(0..PROCS);
         let page = self.rng.gen_range(0..SHARED_PAGES);
@@ -342,7 +344,7 @@ impl<'w> Worker<'w> {
             }
             Op::HoldPin => {
                 if self.held.len() >= 3 || self.held.iter().any(|h| h.2 == proc && h.3 == page) {
-                    return;
+                    return false;
                 }
                 let dev = w.devices[self.rng.gen_range(0..w.devices.len())];
                 let sg = get_user_dma_sg(
@@ -359,7 +361,7 @@ impl<'w> Worker<'w> {
             }
             Op::DmaHeld => {
                 if self.held.is_empty() {
-                    return;
+                    return false;
                 }
                 let i = self.rng.gen_range(0..self.held.len());
                 let (proc, page, bdf) = (self.held[i].2, self.held[i].3, self.held[i].1);
@@ -386,7 +388,7 @@ impl<'w> Worker<'w> {
             }
             Op::Fork => {
                 if self.children.len() >= 2 {
-                    return;
+                    return false;
                 }
                 let child = mm
                     .fork()
@@ -427,7 +429,7 @@ impl<'w> Worker<'w> {
             }
             Op::ExitChild => {
                 if self.children.is_empty() {
-                    return;
+                    return false;
                 }
                 let i = self.rng.gen_range(0..self.children.len());
                 let c = self.children.swap_remove(i);
@@ -440,7 +442,7 @@ impl<'w> Worker<'w> {
             }
             Op::PrivMmap => {
                 if self.private.len() >= 4 {
-                    return;
+                    return false;
                 }
                 let pages = self.rng.gen_range(1..=8u64);
                 let va = mm
@@ -464,7 +466,7 @@ impl<'w> Worker<'w> {
             }
             Op::PrivMunmap | Op::PrivMprotect | Op::PrivMadvise | Op::PrivCheck => {
                 if self.private.is_empty() {
-                    return;
+                    return false;
                 }
                 let i = self.rng.gen_range(0..self.private.len());
                 let r = &mut self.private[i];
@@ -474,7 +476,7 @@ impl<'w> Worker<'w> {
                     Op::PrivMunmap => {
                         ok_or_fail(pmm.munmap(r.va, len).map_err(|e| e.to_string()));
                         self.private.swap_remove(i);
-                        return;
+                        return true;
                     }
                     Op::PrivMprotect => {
                         let prot = if r.writable { Prot::READ } else { Prot::RW };
@@ -514,7 +516,7 @@ impl<'w> Worker<'w> {
             }
             Op::P2pMmap => {
                 if self.p2p.len() >= 3 {
-                    return;
+                    return false;
                 }
                 let pi = self.rng.gen_range(0..w.providers.len());
                 let pages = self.rng.gen_range(1..=4u64);
@@ -550,7 +552,7 @@ impl<'w> Worker<'w> {
             }
             Op::P2pCheck | Op::P2pPeerDma | Op::P2pMunmap => {
                 if self.p2p.is_empty() {
-                    return;
+                    return false;
                 }
                 let i = self.rng.gen_range(0..self.p2p.len());
                 let (pproc, pi, va, pages) = (
@@ -583,7 +585,7 @@ impl<'w> Worker<'w> {
                             .map(|(_, d)| *d)
                             .collect();
                         if peers.is_empty() {
-                            return;
+                            return false;
                         }
                         let dev = peers[self.rng.gen_range(0..peers.len())];
                         let sg = match get_user_dma_sg(
@@ -597,7 +599,7 @@ impl<'w> Worker<'w> {
                         ) {
                             Ok(sg) => sg,
                             Err(GupError::Mm(e)) if revocable && e.errno() == 14 && w.revoked() => {
-                                return
+                                return true;
                             }
                             Err(e) => fail(seed, self.t, op, e.to_string()),
                         };
@@ -633,7 +635,7 @@ impl<'w> Worker<'w> {
                 let seq = self.sub.read_begin();
                 let pte = w.procs[0].mm.pte(va);
                 let Some(pfn) = pte.pfn().filter(|_| pte.is_present()) else {
-                    return;
+                    return false;
                 };
                 let mut t = self.mirror.table.lock().unwrap();
                 if !self.sub.read_retry(seq) {
@@ -672,6 +674,7 @@ impl<'w> Worker<'w> {
                 }
             }
         }
+        true
     }
 
     /// Gives everything back, checking what is checkable.
@@ -858,9 +861,11 @@ fn soak(seed: u64, iommu: bool, secs: f64) -> Report {
                 while !w.stop.load(Ordering::Relaxed) {
                     let op = pick(&mut me.rng);
                     w.current[t].store(op_index(op), Ordering::Relaxed);
-                    me.step(seed, op);
+                    let did = me.step(seed, op);
                     w.done[t].fetch_add(1, Ordering::Relaxed);
-                    w.per_op[op_index(op)].fetch_add(1, Ordering::Relaxed);
+                    if did {
+                        w.per_op[op_index(op)].fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 w.current[t].store(usize::MAX, Ordering::Relaxed);
                 me.finish(seed);
@@ -1004,10 +1009,11 @@ fn run(iommu: bool, default_seeds: &[u64]) {
         let r = soak(seed, iommu, secs);
         let el = t.elapsed().as_secs_f64();
         eprintln!(
-            "soak: seed {seed}, iommu {}: {} operations ({:.0}/s), {} checks, {} refusals the kernel also gives, clean",
+            "soak: seed {seed}, iommu {}: {} operations chosen, {} done ({:.0}/s), {} checks, {} refusals the kernel also gives, clean",
             if iommu { "on" } else { "off" },
             r.ops,
-            r.ops as f64 / el,
+            r.per_op.iter().map(|(_, n)| n).sum::<u64>(),
+            r.per_op.iter().map(|(_, n)| n).sum::<u64>() as f64 / el,
             r.checks,
             r.refused,
         );
@@ -1016,7 +1022,7 @@ fn run(iommu: bool, default_seeds: &[u64]) {
             .iter()
             .map(|(op, n)| format!("{op:?} {n}"))
             .collect();
-        eprintln!("soak: mix: {}", mix.join(", "));
+        eprintln!("soak: done by kind: {}", mix.join(", "));
     }
 }
 
