@@ -18,14 +18,12 @@
 //! 5. an IOMMU domain's IOVA allocator, then its IO page table,
 //! 6. a region's allocator lock (`Region::free`) and the sanitizer's logs (leaves).
 //!
-//! Besides these, a frame's page lock (the `LOCKED` flag, [`Region::trylock_page`]) is
+//! Besides these, a frame's page lock (the `LOCKED` flag, `Region::trylock_page`) is
 //! taken with a try-lock under the page-table lock and held, with no other lock, while
 //! a migration copies the page; a thread that finds it taken drops every lock but the
 //! address-space lock before waiting for it. A p2p provider's state lock
 //! (`Provider::state`) comes before the address-space lock: mmap of p2p memory holds it
 //! shared across the mmap.
-//!
-//! [`Region::trylock_page`]: crate::mem::Region::trylock_page
 //!
 //! A subscriber's `invalidate` callback is called with none of 2–4 held, so it may
 //! block (to drain in-flight DMA) and may take its own locks.
