@@ -17,19 +17,19 @@
 //! - p2p removal zaps only the provider's pages (`unmap_mapping_range`), keeps the
 //!   VMAs, and orders itself against mmaps and forks in progress.
 
+mod common;
+
 use std::time::Duration;
 
 use peerdma::addr::{Bdf, Pfn, VirtAddr, PAGE_SIZE};
 use peerdma::dma::{Direction, DmaError, ViolationKind};
-use peerdma::fabric::preset;
 use peerdma::gup::{get_user_dma_sg, pin_user_pages, FollFlags};
-use peerdma::host::{Host, HostConfig};
+use peerdma::host::Host;
 use peerdma::mem::{PhysMem, RegionKind};
 use peerdma::mm::{Mm, Prot};
 use peerdma::notifier::{
     IntervalNotifier, IntervalNotifierOps, NotifyEvent, NotifyRange, Subscription,
 };
-use peerdma::p2pmem::Provider;
 use peerdma::sync::{lock, Arc, Mutex};
 use std::thread;
 
@@ -80,13 +80,7 @@ fn read8(mm: &Mm, va: VirtAddr) -> [u8; 8] {
 /// used to go to the old frame, after the copy, and be lost.
 #[test]
 fn migration_keeps_a_cpu_write_that_raced_it() {
-    let phys = PhysMem::new(8 << 20).unwrap();
-    let dev = phys
-        .memremap_pages(RegionKind::DeviceCoherent { owner: 1 }, 1 << 20)
-        .unwrap();
-    let mm = Mm::new(&phys);
-    let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
-    mm.write(a, &[1; 8]).unwrap();
+    let (_phys, dev, mm, a) = common::one_page(RegionKind::DeviceCoherent { owner: 1 }, &[1; 8]);
     let writer = mm.clone();
     let (_sub, ops) = hook(&mm, a, NotifyEvent::Migrate, move || {
         // Another thread's write, finished before the migration goes on.
@@ -207,13 +201,7 @@ fn cow_break_keeps_a_reference_so_a_racing_pin_keeps_its_page() {
 }
 
 fn device_private_page() -> (Arc<PhysMem>, Arc<Mm>, VirtAddr) {
-    let phys = PhysMem::new(8 << 20).unwrap();
-    let dev = phys
-        .memremap_pages(RegionKind::DevicePrivate { owner: 1 }, 1 << 20)
-        .unwrap();
-    let mm = Mm::new(&phys);
-    let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
-    mm.write(a, b"on-dev!!").unwrap();
+    let (phys, dev, mm, a) = common::one_page(RegionKind::DevicePrivate { owner: 1 }, b"on-dev!!");
     mm.migrate_page(a, &dev).unwrap();
     assert!(mm.pte(a).is_device_private());
     (phys, mm, a)
@@ -253,17 +241,7 @@ fn pin_of_device_private_page_retries_after_a_racing_write() {
 }
 
 fn host(iommu: bool) -> Host {
-    let topo = preset("workstation").unwrap();
-    let specs = Host::nvme_specs(&topo, 1 << 20);
-    Host::build(
-        topo,
-        &HostConfig {
-            ram_bytes: 32 << 20,
-            iommu: Some(iommu),
-        },
-        &specs,
-    )
-    .unwrap()
+    common::workstation(32 << 20, iommu)
 }
 
 fn nic() -> Bdf {
@@ -317,21 +295,13 @@ fn dma_through_overlapping_mappings_uses_one_that_allows_it() {
     assert_eq!(h.dma().live_mappings(), 0);
 }
 
-fn cmb(h: &Host) -> Arc<Provider> {
-    h.nvme("0000:05:00.0".parse().unwrap())
-        .unwrap()
-        .cmb()
-        .unwrap()
-        .clone()
-}
-
 /// Bug 6: removal munmapped every range ever recorded, whatever was mapped there now:
 /// anonymous memory the process mapped where its p2p buffer had been was lost. The
 /// kernel zaps only the device file's pages and keeps the VMAs.
 #[test]
 fn p2p_removal_zaps_only_the_providers_pages() {
     let h = host(false);
-    let p = cmb(&h);
+    let p = common::cmb(&h);
     let mm = h.spawn();
     let old = p.mmap(&mm, 2 * PAGE_SIZE, true, 0, Prot::RW).unwrap();
     mm.munmap(old, 2 * PAGE_SIZE).unwrap();
@@ -365,7 +335,7 @@ fn p2p_removal_zaps_only_the_providers_pages() {
 #[test]
 fn p2p_removal_waits_for_an_mmap_in_progress_and_zaps_it() {
     let h = host(false);
-    let p = cmb(&h);
+    let p = common::cmb(&h);
     let mm = h.spawn();
     let other = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
     // A munmap that holds the address-space lock until released.
@@ -401,7 +371,7 @@ fn p2p_removal_waits_for_an_mmap_in_progress_and_zaps_it() {
 #[test]
 fn p2p_removal_zaps_a_forked_child_and_completes() {
     let h = host(false);
-    let p = cmb(&h);
+    let p = common::cmb(&h);
     let parent = h.spawn();
     let va = p.mmap(&parent, PAGE_SIZE, true, 0, Prot::RW).unwrap();
     parent.write(va, b"x").unwrap();

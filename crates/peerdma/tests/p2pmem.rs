@@ -3,36 +3,22 @@
 //! pages back to the pool when the last reference drops, and device removal that tears
 //! down user mappings, refuses new allocations and waits for pins to drop.
 
+mod common;
+
 use std::time::Duration;
 
 use peerdma::addr::PAGE_SIZE;
 use peerdma::dma::Direction;
-use peerdma::fabric::preset;
 use peerdma::gup::{get_user_dma_sg, pin_user_pages, FollFlags};
-use peerdma::host::{Host, HostConfig};
+use peerdma::host::Host;
 use peerdma::mm::Prot;
 use peerdma::p2pmem::{P2pError, Provider};
 use peerdma::sync::Arc;
 use std::thread;
 
 fn setup() -> (Host, Arc<Provider>) {
-    let topo = preset("workstation").unwrap();
-    let specs = Host::nvme_specs(&topo, 1 << 20);
-    let h = Host::build(
-        topo,
-        &HostConfig {
-            ram_bytes: 16 << 20,
-            iommu: None,
-        },
-        &specs,
-    )
-    .unwrap();
-    let p = h
-        .nvme("0000:05:00.0".parse().unwrap())
-        .unwrap()
-        .cmb()
-        .unwrap()
-        .clone();
+    let h = common::workstation(16 << 20, false);
+    let p = common::cmb(&h);
     (h, p)
 }
 

@@ -6,11 +6,12 @@
 
 #![cfg(feature = "shuttle")]
 
+mod common;
+
 use peerdma::addr::PAGE_SIZE;
 use peerdma::dma::Direction;
-use peerdma::fabric::preset;
 use peerdma::gup::{get_user_dma_sg, pin_user_pages, FollFlags};
-use peerdma::host::{Host, HostConfig};
+use peerdma::host::Host;
 use peerdma::mm::Prot;
 use peerdma::sync::{thread, Arc, Mutex};
 
@@ -22,17 +23,7 @@ fn iterations() -> usize {
 }
 
 fn host() -> Host {
-    let topo = preset("workstation").unwrap();
-    let specs = Host::nvme_specs(&topo, 1 << 20);
-    Host::build(
-        topo,
-        &HostConfig {
-            ram_bytes: 8 << 20,
-            iommu: Some(true),
-        },
-        &specs,
-    )
-    .unwrap()
+    common::workstation(8 << 20, true)
 }
 
 #[test]
@@ -84,12 +75,7 @@ fn p2p_removal_racing_a_pin_completes_after_the_pin_drops() {
     shuttle::check_random(
         || {
             let h = host();
-            let p = h
-                .nvme("0000:05:00.0".parse().unwrap())
-                .unwrap()
-                .cmb()
-                .unwrap()
-                .clone();
+            let p = common::cmb(&h);
             let mm = h.spawn();
             let va = p.mmap(&mm, PAGE_SIZE, true, 0, Prot::RW).unwrap();
             let pinner = {
@@ -115,20 +101,12 @@ fn p2p_removal_racing_a_pin_completes_after_the_pin_drops() {
     );
 }
 
-fn cmb(h: &Host) -> Arc<peerdma::p2pmem::Provider> {
-    h.nvme("0000:05:00.0".parse().unwrap())
-        .unwrap()
-        .cmb()
-        .unwrap()
-        .clone()
-}
-
 #[test]
 fn removal_racing_mmap_and_fork_zaps_every_copy() {
     shuttle::check_random(
         || {
             let h = host();
-            let p = cmb(&h);
+            let p = common::cmb(&h);
             let parent = h.spawn();
             let va = p.mmap(&parent, PAGE_SIZE, true, 0, Prot::RW).unwrap();
             let mapper = {
@@ -165,7 +143,7 @@ fn removal_racing_munmap_leaves_reused_addresses_alone() {
     shuttle::check_random(
         || {
             let h = host();
-            let p = cmb(&h);
+            let p = common::cmb(&h);
             let mm = h.spawn();
             let va = p.mmap(&mm, PAGE_SIZE, true, 0, Prot::RW).unwrap();
             let reuser = {

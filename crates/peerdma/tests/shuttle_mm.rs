@@ -15,6 +15,8 @@
 
 #![cfg(feature = "shuttle")]
 
+mod common;
+
 use peerdma::addr::{Pfn, PAGE_SIZE};
 use peerdma::gup::{pin_user_pages, FollFlags};
 use peerdma::mem::{PhysMem, RegionKind};
@@ -96,13 +98,8 @@ impl IntervalNotifierOps for Mirror {
 fn read_retry_never_lets_a_mirror_commit_a_stale_page() {
     shuttle::check_random(
         || {
-            let phys = PhysMem::new(8 << 20).unwrap();
-            let dev = phys
-                .memremap_pages(RegionKind::DeviceCoherent { owner: 1 }, 1 << 20)
-                .unwrap();
-            let mm = Mm::new(&phys);
-            let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
-            mm.write(a, &[1]).unwrap();
+            let (_phys, dev, mm, a) =
+                common::one_page(RegionKind::DeviceCoherent { owner: 1 }, &[1]);
             let mirror = Arc::new(Mirror {
                 table: Mutex::new(None),
             });
@@ -183,13 +180,8 @@ fn read8(mm: &Mm, va: peerdma::addr::VirtAddr) -> [u8; 8] {
 fn cpu_write_racing_migration_is_never_lost() {
     shuttle::check_random(
         || {
-            let phys = PhysMem::new(8 << 20).unwrap();
-            let dev = phys
-                .memremap_pages(RegionKind::DeviceCoherent { owner: 1 }, 1 << 20)
-                .unwrap();
-            let mm = Mm::new(&phys);
-            let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
-            mm.write(a, &[1; 8]).unwrap();
+            let (_phys, dev, mm, a) =
+                common::one_page(RegionKind::DeviceCoherent { owner: 1 }, &[1; 8]);
             let writer = {
                 let mm = mm.clone();
                 thread::spawn(move || mm.write(a, &[2; 8]).unwrap())
@@ -281,13 +273,8 @@ fn cow_break_racing_exit_and_pin_keeps_the_pinned_page_mapped() {
 fn two_faults_on_one_device_private_page_both_succeed() {
     shuttle::check_random(
         || {
-            let phys = PhysMem::new(8 << 20).unwrap();
-            let dev = phys
-                .memremap_pages(RegionKind::DevicePrivate { owner: 1 }, 1 << 20)
-                .unwrap();
-            let mm = Mm::new(&phys);
-            let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
-            mm.write(a, b"on-dev!!").unwrap();
+            let (_phys, dev, mm, a) =
+                common::one_page(RegionKind::DevicePrivate { owner: 1 }, b"on-dev!!");
             mm.migrate_page(a, &dev).unwrap();
             let reader = {
                 let mm = mm.clone();

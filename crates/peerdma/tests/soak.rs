@@ -19,6 +19,8 @@
 
 #![cfg(not(feature = "shuttle"))]
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -29,9 +31,8 @@ use rand_chacha::ChaCha8Rng;
 
 use peerdma::addr::{Bdf, Pfn, VirtAddr, PAGE_SIZE};
 use peerdma::dma::Direction;
-use peerdma::fabric::preset;
 use peerdma::gup::{get_user_dma_sg, FollFlags, GupError, UserDmaSg};
-use peerdma::host::{Host, HostConfig};
+use peerdma::host::Host;
 use peerdma::mem::{Region, RegionKind};
 use peerdma::mm::{Mm, MmError, Prot};
 use peerdma::notifier::{IntervalNotifier, IntervalNotifierOps, NotifyRange, Subscription};
@@ -249,6 +250,12 @@ impl<'w> Worker<'w> {
         }
     }
 
+    /// Reads `va` in `mm` as the CPU would and checks it holds `want`.
+    fn expect(&self, seed: u64, op: Op, mm: &Mm, va: VirtAddr, want: u64, what: &str) {
+        let got = Self::read_u64(mm, va).unwrap_or_else(|e| fail(seed, self.t, op, e.to_string()));
+        self.check(seed, op, got, want, what);
+    }
+
     fn read_u64(mm: &Mm, va: VirtAddr) -> Result<u64, MmError> {
         let mut b = [0u8; 8];
         mm.read(va, &mut b)?;
@@ -279,12 +286,11 @@ impl<'w> Worker<'w> {
                 self.oracle[proc][page as usize] = tag;
             }
             Op::CpuRead => {
-                let got = Self::read_u64(&mm, slot)
-                    .unwrap_or_else(|e| fail(seed, self.t, op, e.to_string()));
-                self.check(
+                self.expect(
                     seed,
                     op,
-                    got,
+                    &mm,
+                    slot,
                     self.oracle[proc][page as usize],
                     "cpu read of own slot",
                 );
@@ -376,9 +382,14 @@ impl<'w> Worker<'w> {
                 self.oracle[proc][page as usize] = tag;
                 // The process must see what the device wrote through its pin, whatever
                 // forks, migrations and COW breaks happened meanwhile.
-                let got = Self::read_u64(&w.procs[proc].mm, self.slot(proc, page))
-                    .unwrap_or_else(|e| fail(seed, self.t, op, e.to_string()));
-                self.check(seed, op, got, tag, "cpu read after DMA through a held pin");
+                self.expect(
+                    seed,
+                    op,
+                    &w.procs[proc].mm,
+                    self.slot(proc, page),
+                    tag,
+                    "cpu read after DMA through a held pin",
+                );
             }
             Op::ReleasePin => {
                 if !self.held.is_empty() {
@@ -395,12 +406,11 @@ impl<'w> Worker<'w> {
                     .unwrap_or_else(|e| fail(seed, self.t, op, e.to_string()));
                 let snapshot = self.oracle[proc].clone();
                 // The child sees fork-time data; a write in it leaves the parent alone.
-                let got = Self::read_u64(&child, slot)
-                    .unwrap_or_else(|e| fail(seed, self.t, op, e.to_string()));
-                self.check(
+                self.expect(
                     seed,
                     op,
-                    got,
+                    &child,
+                    slot,
                     snapshot[page as usize],
                     "child's copy of own slot",
                 );
@@ -412,12 +422,11 @@ impl<'w> Worker<'w> {
                         .map_err(|e| e.to_string()),
                 );
                 snapshot[page as usize] = tag;
-                let got = Self::read_u64(&mm, slot)
-                    .unwrap_or_else(|e| fail(seed, self.t, op, e.to_string()));
-                self.check(
+                self.expect(
                     seed,
                     op,
-                    got,
+                    &mm,
+                    slot,
                     self.oracle[proc][page as usize],
                     "parent after a write in the child",
                 );
@@ -433,12 +442,7 @@ impl<'w> Worker<'w> {
                 }
                 let i = self.rng.gen_range(0..self.children.len());
                 let c = self.children.swap_remove(i);
-                for (pg, want) in c.snapshot.iter().enumerate() {
-                    let got = Self::read_u64(&c.mm, self.slot(c.proc, pg as u64))
-                        .unwrap_or_else(|e| fail(seed, self.t, op, e.to_string()));
-                    self.check(seed, op, got, *want, "child's own slot at exit");
-                }
-                c.mm.exit();
+                self.exit_child(seed, op, c);
             }
             Op::PrivMmap => {
                 if self.private.len() >= 4 {
@@ -509,9 +513,14 @@ impl<'w> Worker<'w> {
                 }
                 let r = &self.private[i];
                 for (pg, want) in r.tags.iter().enumerate() {
-                    let got = Self::read_u64(&pmm, VirtAddr(r.va.0 + pg as u64 * PAGE_SIZE))
-                        .unwrap_or_else(|e| fail(seed, self.t, op, e.to_string()));
-                    self.check(seed, op, got, *want, "private page");
+                    self.expect(
+                        seed,
+                        op,
+                        &pmm,
+                        VirtAddr(r.va.0 + pg as u64 * PAGE_SIZE),
+                        *want,
+                        "private page",
+                    );
                 }
             }
             Op::P2pMmap => {
@@ -677,21 +686,21 @@ impl<'w> Worker<'w> {
         true
     }
 
+    /// Checks a child still holds its fork-time copy of this thread's slots, then
+    /// exits it.
+    fn exit_child(&self, seed: u64, op: Op, c: Child) {
+        for (pg, want) in c.snapshot.iter().enumerate() {
+            let va = self.slot(c.proc, pg as u64);
+            self.expect(seed, op, &c.mm, va, *want, "child's own slot at exit");
+        }
+        c.mm.exit();
+    }
+
     /// Gives everything back, checking what is checkable.
     fn finish(mut self, seed: u64) {
         self.held.clear();
         for c in std::mem::take(&mut self.children) {
-            for (pg, want) in c.snapshot.iter().enumerate() {
-                let got = Self::read_u64(&c.mm, self.slot(c.proc, pg as u64)).unwrap();
-                self.check(
-                    seed,
-                    Op::ExitChild,
-                    got,
-                    *want,
-                    "child's own slot at the end",
-                );
-            }
-            c.mm.exit();
+            self.exit_child(seed, Op::ExitChild, c);
         }
         for r in std::mem::take(&mut self.private) {
             self.w.procs[r.proc]
@@ -707,11 +716,12 @@ impl<'w> Worker<'w> {
         }
         for proc in 0..PROCS {
             for page in 0..SHARED_PAGES {
-                let got = Self::read_u64(&self.w.procs[proc].mm, self.slot(proc, page)).unwrap();
-                self.check(
+                let mm = &self.w.procs[proc].mm;
+                self.expect(
                     seed,
                     Op::CpuRead,
-                    got,
+                    mm,
+                    self.slot(proc, page),
                     self.oracle[proc][page as usize],
                     "own slot at the end",
                 );
@@ -733,17 +743,7 @@ fn pick(rng: &mut ChaCha8Rng) -> Op {
 }
 
 fn build(iommu: bool) -> World {
-    let topo = preset("workstation").unwrap();
-    let specs = Host::nvme_specs(&topo, 1 << 20);
-    let host = Host::build(
-        topo,
-        &HostConfig {
-            ram_bytes: 256 << 20,
-            iommu: Some(iommu),
-        },
-        &specs,
-    )
-    .unwrap();
+    let host = common::workstation(256 << 20, iommu);
     let phys = host.phys().clone();
     let dev_private = phys
         .memremap_pages(RegionKind::DevicePrivate { owner: 0xd1 }, 8 << 20)

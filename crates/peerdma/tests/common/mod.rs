@@ -46,3 +46,50 @@ pub fn unpack(name: &str) -> (tempfile::TempDir, PathBuf) {
     let root = tmp.path().join(name);
     (tmp, root)
 }
+
+/// The workstation preset booted with `ram_bytes` of RAM, the IOMMU on or off, and an
+/// NVMe controller (1 MiB namespace, a CMB where BAR 2 allows) on every NVMe endpoint.
+pub fn workstation(ram_bytes: u64, iommu: bool) -> peerdma::host::Host {
+    use peerdma::host::{Host, HostConfig};
+    let topo = peerdma::fabric::preset("workstation").unwrap();
+    let specs = Host::nvme_specs(&topo, 1 << 20);
+    Host::build(
+        topo,
+        &HostConfig {
+            ram_bytes,
+            iommu: Some(iommu),
+        },
+        &specs,
+    )
+    .unwrap()
+}
+
+/// The CMB of the workstation's NVMe drive at 0000:05:00.0, under the switch.
+pub fn cmb(h: &peerdma::host::Host) -> peerdma::sync::Arc<peerdma::p2pmem::Provider> {
+    h.nvme("0000:05:00.0".parse().unwrap())
+        .unwrap()
+        .cmb()
+        .unwrap()
+        .clone()
+}
+
+/// 8 MiB of RAM, a 1 MiB device region of `kind`, and a process with one anonymous
+/// page holding `data` at its start.
+pub fn one_page(
+    kind: peerdma::mem::RegionKind,
+    data: &[u8],
+) -> (
+    peerdma::sync::Arc<peerdma::mem::PhysMem>,
+    peerdma::sync::Arc<peerdma::mem::Region>,
+    peerdma::sync::Arc<peerdma::mm::Mm>,
+    peerdma::addr::VirtAddr,
+) {
+    let phys = peerdma::mem::PhysMem::new(8 << 20).unwrap();
+    let dev = phys.memremap_pages(kind, 1 << 20).unwrap();
+    let mm = peerdma::mm::Mm::new(&phys);
+    let a = mm
+        .mmap_anon(peerdma::addr::PAGE_SIZE, peerdma::mm::Prot::RW)
+        .unwrap();
+    mm.write(a, data).unwrap();
+    (phys, dev, mm, a)
+}
