@@ -2,8 +2,8 @@
 //! into process memory a GPU may move, modelled on Linux's PCI P2PDMA, HMM, RDMA ODP and
 //! dma-buf. See DESIGN.md for the layers; each module here is one of them.
 //!
-//! Layers present so far: [`addr`] (address newtypes), [`sync`] (std or shuttle
-//! primitives), [`fabric`] (the PCIe tree and the kernel's peer-to-peer rules),
+//! Layers present so far: [`addr`] (address newtypes), [`errno`] (the kernel's error
+//! numbers, which every layer's error maps to), [`sync`] (std or shuttle primitives), [`fabric`] (the PCIe tree and the kernel's peer-to-peer rules),
 //! [`mem`] (frames with real bytes), [`notifier`] (interval notifiers), [`mm`]
 //! (address spaces), [`iommu`], [`dma`] (mapping, the engine, the sanitizer),
 //! [`p2pmem`] (p2p memory providers), [`gup`] (pinning, `get_user_dma_sg`),
@@ -15,6 +15,7 @@
 pub mod addr;
 pub mod dma;
 pub mod drivers;
+pub mod errno;
 pub mod fabric;
 pub mod gup;
 pub mod host;

@@ -141,6 +141,13 @@ pub struct Again {
     pub end: VirtAddr,
 }
 
+impl Again {
+    /// The kernel's error number (EAGAIN).
+    pub fn errno(&self) -> crate::errno::Errno {
+        crate::errno::Errno::EAGAIN
+    }
+}
+
 impl Notifier {
     /// No subscriptions.
     pub fn new() -> Arc<Self> {

@@ -5,6 +5,7 @@
 
 use peerdma::addr::{Bdf, DmaAddr, Pfn, PAGE_SIZE};
 use peerdma::dma::{Direction, Dma, DmaError, SgTable, ViolationKind};
+use peerdma::errno::Errno;
 use peerdma::fabric::preset;
 use peerdma::gup::{get_user_dma_sg, FollFlags};
 use peerdma::mem::{PhysMem, RegionKind};
@@ -173,9 +174,11 @@ fn device_private_memory_cannot_be_mapped_for_dma() {
         .unwrap();
     let f = dev_mem.alloc().unwrap();
     let sg = SgTable::from_runs(&[(f, 1)], 0, PAGE_SIZE, d.max_segment(gpu()));
-    assert!(matches!(
-        d.map_sg(gpu(), &sg, Direction::ToDevice),
-        Err(DmaError::RemoteIo { .. })
-    ));
+    let e = d.map_sg(gpu(), &sg, Direction::ToDevice).unwrap_err();
+    assert!(
+        matches!(&e, DmaError::NotAddressable { pfn, .. } if *pfn == f),
+        "{e}"
+    );
+    assert_eq!(e.errno(), Errno::EREMOTEIO);
     dev_mem.put(f);
 }

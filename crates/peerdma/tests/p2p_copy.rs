@@ -71,7 +71,16 @@ fn p2pmem_copy_on_q35_is_refused_naming_the_host_bridge() {
     let e = p2p_copy::run(&h, &params(), &mut |_, _| {}).unwrap_err();
     match &e {
         CopyError::Gup(GupError::Dma(d)) => {
-            assert_eq!(GupError::Dma(d.clone()).errno(), 121, "EREMOTEIO")
+            assert_eq!(GupError::Dma(d.clone()).errno(), 121, "EREMOTEIO");
+            assert_eq!(e.errno(), peerdma::errno::Errno::EREMOTEIO);
+            // The refusal keeps the fabric's verdict, not a string.
+            match d {
+                peerdma::dma::DmaError::RemoteIo { verdict } => {
+                    assert_eq!(verdict.map_type, MapType::NotSupported);
+                    assert!(!verdict.host_bridges.is_empty(), "{verdict:?}");
+                }
+                other => panic!("{other}"),
+            }
         }
         other => panic!("{other}"),
     }

@@ -176,7 +176,10 @@ impl Dma {
         let mut i = 0;
         while i < entries.len() {
             let e = entries[i];
-            let region = self.phys.region(e.pfn).ok_or(DmaError::NoDevice { dev })?;
+            let region = self
+                .phys
+                .region(e.pfn)
+                .ok_or(DmaError::NoSuchFrame { dev, pfn: e.pfn })?;
             debug_assert!(
                 region.contains(Pfn(e.pfn.0 + e.frames() - 1)),
                 "SG entry crosses regions"
@@ -188,27 +191,27 @@ impl Dma {
                     bus_offset,
                     ..
                 } => {
-                    let refuse = |reason: String| DmaError::RemoteIo {
+                    let p = self.topo.lookup(*provider).ok_or(DmaError::NoProvider {
                         dev,
+                        pfn: e.pfn,
                         provider: *provider,
-                        reason,
-                    };
-                    let p = self
-                        .topo
-                        .lookup(*provider)
-                        .ok_or_else(|| refuse("the provider is not in the fabric".into()))?;
+                    })?;
                     let v = calc_map_type_and_dist(&self.topo, p, client);
                     match v.map_type {
                         MapType::BusAddr => Some((MapKind::BusAddr, DmaAddr(phys + bus_offset))),
                         MapType::ThruHostBridge => None,
-                        MapType::NotSupported => return Err(refuse(v.reason())),
+                        MapType::NotSupported => {
+                            return Err(DmaError::RemoteIo {
+                                verdict: Box::new(v),
+                            })
+                        }
                     }
                 }
                 RegionKind::DevicePrivate { .. } => {
-                    return Err(DmaError::RemoteIo {
+                    return Err(DmaError::NotAddressable {
                         dev,
-                        provider: dev,
-                        reason: "device-private memory is not addressable on the bus".into(),
+                        pfn: e.pfn,
+                        kind: region.kind().to_string(),
                     })
                 }
                 _ => None,

@@ -19,8 +19,9 @@ pub use sg::{SgEntry, SgTable};
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::addr::Bdf;
-use crate::fabric::Topology;
+use crate::addr::{Bdf, Pfn};
+use crate::errno::Errno;
+use crate::fabric::{Topology, Verdict};
 use crate::iommu::Iommu;
 use crate::mem::PhysMem;
 use crate::sync::atomic::{AtomicU64, Ordering};
@@ -51,21 +52,47 @@ impl Direction {
 /// What DMA mapping and the engine can refuse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DmaError {
-    /// The peer cannot be reached (EREMOTEIO: will not succeed if retried).
-    #[error("{dev} cannot reach memory of {provider} (EREMOTEIO): {reason}")]
+    /// The fabric does not let the device reach the peer's memory (EREMOTEIO: will not
+    /// succeed if retried). The verdict says which bridge or ACS setting is in the way.
+    #[error("{} cannot reach memory of {} (EREMOTEIO): {}", .verdict.client, .verdict.provider, .verdict.reason())]
     RemoteIo {
+        /// The fabric's verdict for this provider/client pair.
+        verdict: Box<Verdict>,
+    },
+    /// The memory is not addressable on the bus at all: device-private pages live
+    /// only in their device (EREMOTEIO).
+    #[error("{dev} cannot map {pfn} (EREMOTEIO): {kind} is not addressable on the bus")]
+    NotAddressable {
         /// The DMA-ing device.
         dev: Bdf,
-        /// The memory's provider.
-        provider: Bdf,
-        /// The fabric's reason.
-        reason: String,
+        /// The frame.
+        pfn: Pfn,
+        /// What memory it is.
+        kind: String,
     },
     /// The device is not in the host's fabric (ENODEV).
     #[error("{dev}: no such device (ENODEV)")]
     NoDevice {
         /// The device.
         dev: Bdf,
+    },
+    /// The p2p memory's provider is not in the fabric (ENODEV).
+    #[error("{dev} cannot map {pfn}: its provider {provider} is not in the fabric (ENODEV)")]
+    NoProvider {
+        /// The DMA-ing device.
+        dev: Bdf,
+        /// The frame.
+        pfn: Pfn,
+        /// The provider the frame's page map names.
+        provider: Bdf,
+    },
+    /// An SG entry names a frame in no memory region (EFAULT).
+    #[error("{dev}: cannot map {pfn}, which is in no memory region (EFAULT)")]
+    NoSuchFrame {
+        /// The device.
+        dev: Bdf,
+        /// The frame.
+        pfn: Pfn,
     },
     /// The IOVA space is exhausted (ENOMEM).
     #[error("{dev}: out of IOVA space for {bytes:#x} bytes (ENOMEM)")]
@@ -78,6 +105,18 @@ pub enum DmaError {
     /// A device access broke a rule; the sanitizer recorded it (EFAULT).
     #[error("DMA fault: {0}")]
     Fault(Box<Violation>),
+}
+
+impl DmaError {
+    /// The kernel's error number.
+    pub fn errno(&self) -> Errno {
+        match self {
+            DmaError::RemoteIo { .. } | DmaError::NotAddressable { .. } => Errno::EREMOTEIO,
+            DmaError::NoDevice { .. } | DmaError::NoProvider { .. } => Errno::ENODEV,
+            DmaError::NoSuchFrame { .. } | DmaError::Fault(_) => Errno::EFAULT,
+            DmaError::NoSpace { .. } => Errno::ENOMEM,
+        }
+    }
 }
 
 /// One device's live mappings by (first DMA address, mapping id).

@@ -6,6 +6,7 @@
 //! Not modelled: queues and doorbells (commands are calls), and PRP lists living in
 //! host memory (the list is handed over with the command).
 
+use crate::errno::Errno;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -94,7 +95,7 @@ pub enum NvmeError {
         why: String,
     },
     /// The namespace file failed.
-    #[error("NVMe {dev}: namespace file: {source}")]
+    #[error("NVMe {dev}: namespace file")]
     Io {
         /// The controller.
         dev: Bdf,
@@ -124,7 +125,7 @@ pub enum NvmeError {
         need: u64,
     },
     /// A DMA the engine refused (the NVMe status Data Transfer Error).
-    #[error("NVMe {dev}: data transfer error: {source}")]
+    #[error("NVMe {dev}: data transfer error")]
     Dma {
         /// The controller.
         dev: Bdf,
@@ -134,6 +135,22 @@ pub enum NvmeError {
     /// Registering the CMB failed.
     #[error(transparent)]
     P2p(#[from] P2pError),
+}
+
+impl NvmeError {
+    /// The error number the kernel's block layer returns for it (`nvme_error_status`
+    /// then `blk_status_to_errno`): an LBA out of range is `BLK_STS_TARGET`, which is
+    /// EREMOTEIO; transfer and data-pointer errors are `BLK_STS_IOERR`, EIO.
+    pub fn errno(&self) -> Errno {
+        match self {
+            NvmeError::Config { .. } => Errno::EINVAL,
+            NvmeError::Io { .. } | NvmeError::DataPointer { .. } | NvmeError::Dma { .. } => {
+                Errno::EIO
+            }
+            NvmeError::LbaOutOfRange { .. } => Errno::EREMOTEIO,
+            NvmeError::P2p(e) => e.errno(),
+        }
+    }
 }
 
 /// A command's data pointer.

@@ -65,7 +65,7 @@ pub enum FabricError {
         bdf: Bdf,
     },
     /// A file or sysfs attribute could not be read or written.
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
@@ -111,6 +111,17 @@ pub enum FabricError {
 }
 
 impl FabricError {
+    /// The kernel's error number: ENODEV for a function that is not there, EIO for a
+    /// file that could not be read, EINVAL for input that makes no sense.
+    pub fn errno(&self) -> crate::errno::Errno {
+        use crate::errno::Errno;
+        match self {
+            FabricError::NoSuchFunction { .. } => Errno::ENODEV,
+            FabricError::Io { .. } => Errno::EIO,
+            _ => Errno::EINVAL,
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         FabricError::Io {
             path: path.into(),

@@ -20,7 +20,8 @@ mod pin;
 pub use dma_sg::{get_user_dma_sg, UserDmaSg};
 pub use pin::{get_user_pages, pin_user_pages, FollFlags, GotPages, PinnedPages};
 
-use crate::addr::VirtAddr;
+use crate::addr::{Bdf, VirtAddr};
+use crate::errno::Errno;
 use crate::mm::MmError;
 
 /// What pinning can refuse, with the kernel's error number.
@@ -30,14 +31,16 @@ pub enum GupError {
     #[error(transparent)]
     Mm(#[from] MmError),
     /// A p2p page without `PCI_P2PDMA` (EREMOTEIO: will not succeed if retried).
-    #[error("{op} at {addr}: remote I/O (EREMOTEIO): {why}")]
+    #[error(
+        "{op} at {addr}: remote I/O (EREMOTEIO): p2p memory of {provider} needs FOLL_PCI_P2PDMA"
+    )]
     RemoteIo {
         /// The operation.
         op: &'static str,
         /// The page.
         addr: VirtAddr,
-        /// Why.
-        why: String,
+        /// The device whose p2p memory it is.
+        provider: Bdf,
     },
     /// Mapping the pinned pages for the device failed (EREMOTEIO for an unreachable
     /// peer, ENOMEM for IOVA space, ENODEV).
@@ -55,15 +58,12 @@ pub enum GupError {
 
 impl GupError {
     /// The kernel's error number.
-    pub fn errno(&self) -> i32 {
+    pub fn errno(&self) -> Errno {
         match self {
             GupError::Mm(e) => e.errno(),
-            GupError::RemoteIo { .. } => 121,
-            GupError::Dma(crate::dma::DmaError::RemoteIo { .. }) => 121,
-            GupError::Dma(crate::dma::DmaError::NoDevice { .. }) => 19,
-            GupError::Dma(crate::dma::DmaError::NoSpace { .. }) => 12,
-            GupError::Dma(crate::dma::DmaError::Fault(_)) => 14,
-            GupError::Invalid { .. } => 22,
+            GupError::RemoteIo { .. } => Errno::EREMOTEIO,
+            GupError::Dma(e) => e.errno(),
+            GupError::Invalid { .. } => Errno::EINVAL,
         }
     }
 }

@@ -120,13 +120,13 @@ fn walk(
     let vmas = mm.mmap_read();
     let mut cur: Option<Arc<Region>> = None;
     // Whether frames of a region may be held with these flags.
-    let take_check = |region: &Region| -> Check {
+    let take_check = |region: &Region, va: VirtAddr| -> Check {
         match region.kind() {
             RegionKind::P2p { provider, .. } if !gup.contains(FollFlags::PCI_P2PDMA) => {
                 Check::Refused(GupError::RemoteIo {
                     op,
-                    addr: VirtAddr(0),
-                    why: format!("p2p memory of {provider} needs FOLL_PCI_P2PDMA"),
+                    addr: va,
+                    provider: *provider,
                 })
             }
             RegionKind::DeviceCoherent { .. } if gup.contains(FollFlags::LONGTERM) => {
@@ -136,8 +136,8 @@ fn walk(
         }
     };
     // Holds one frame the page table maps, under the page-table lock.
-    let take = |pfn: Pfn, region: &Region| -> Step {
-        match take_check(region) {
+    let take = |pfn: Pfn, region: &Region, va: VirtAddr| -> Step {
+        match take_check(region, va) {
             Check::Refused(e) => return Step::Refused(e),
             Check::NeedsMigration => return Step::NeedsMigration,
             Check::Ok => {}
@@ -147,12 +147,6 @@ fn walk(
             Hold::Get => region.get(pfn),
         }
         Step::Held
-    };
-    let refused = |mut e: GupError, va: VirtAddr| {
-        if let GupError::RemoteIo { addr, .. } = &mut e {
-            *addr = va;
-        }
-        e
     };
     let mut i = 0;
     while i < npages {
@@ -199,10 +193,10 @@ fn walk(
                     break;
                 }
                 // The region decides for the whole batch whether it may be held.
-                match take_check(region) {
+                match take_check(region, va) {
                     Check::Ok => {}
                     Check::NeedsMigration => break,
-                    Check::Refused(e) => return (pages, Some(refused(e, va))),
+                    Check::Refused(e) => return (pages, Some(e)),
                 }
                 // Pass 2: the pins, touching only frame metadata. Pass 3: the frame list.
                 // Kept apart so the locked adds never wait behind stores to the list.
@@ -227,7 +221,7 @@ fn walk(
         let va = VirtAddr(start.0 + i as u64 * PAGE_SIZE);
         let step = mm.with_page(&vmas, va, access, op, |_, pfn| {
             let region = mm.region(pfn);
-            (take(pfn, &region), pfn)
+            (take(pfn, &region, va), pfn)
         });
         match step {
             Ok((Step::Held, pfn)) => {
@@ -239,7 +233,7 @@ fn walk(
                     return (pages, Some(e.into()));
                 }
             }
-            Ok((Step::Refused(e), _)) => return (pages, Some(refused(e, va))),
+            Ok((Step::Refused(e), _)) => return (pages, Some(e)),
             Err(e) => return (pages, Some(e.into())),
         }
     }

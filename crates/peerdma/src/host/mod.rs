@@ -20,7 +20,7 @@ use crate::sync::Arc;
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
     /// Memory could not be set up.
-    #[error("host memory: {0}")]
+    #[error(transparent)]
     Mem(#[from] MemError),
     /// A device spec names a function the fabric lacks.
     #[error(transparent)]
@@ -28,6 +28,17 @@ pub enum HostError {
     /// A device model failed to come up.
     #[error(transparent)]
     Nvme(#[from] NvmeError),
+}
+
+impl HostError {
+    /// The kernel's error number.
+    pub fn errno(&self) -> crate::errno::Errno {
+        match self {
+            HostError::Mem(e) => e.errno(),
+            HostError::Fabric(e) => e.errno(),
+            HostError::Nvme(e) => e.errno(),
+        }
+    }
 }
 
 /// A device model to bind to an endpoint.

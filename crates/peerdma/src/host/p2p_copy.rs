@@ -114,13 +114,29 @@ pub enum CopyError {
     #[error(transparent)]
     Mm(#[from] MmError),
     /// Test data could not be written or read back.
-    #[error("namespace file of {dev}: {source}")]
+    #[error("namespace file of {dev}")]
     Io {
         /// The drive.
         dev: Bdf,
         /// The OS error.
         source: std::io::Error,
     },
+}
+
+impl CopyError {
+    /// The kernel's error number.
+    pub fn errno(&self) -> crate::errno::Errno {
+        use crate::errno::Errno;
+        match self {
+            CopyError::NoPair(_) => Errno::ENODEV,
+            CopyError::Params(_) => Errno::EINVAL,
+            CopyError::Gup(e) => e.errno(),
+            CopyError::Nvme(e) => e.errno(),
+            CopyError::P2p(e) => e.errno(),
+            CopyError::Mm(e) => e.errno(),
+            CopyError::Io { .. } => Errno::EIO,
+        }
+    }
 }
 
 /// Deterministic test bytes for chunk `i`.

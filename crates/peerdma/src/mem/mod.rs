@@ -18,6 +18,7 @@ pub use phys::PhysMem;
 pub use region::{Region, RegionId, RegionKind};
 
 use crate::addr::Pfn;
+use crate::errno::Errno;
 
 /// What the memory layer can refuse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -56,4 +57,16 @@ pub enum MemError {
         /// What was wrong.
         what: String,
     },
+}
+
+impl MemError {
+    /// The kernel's error number.
+    pub fn errno(&self) -> Errno {
+        match self {
+            MemError::NoMemory { .. } | MemError::Backing { .. } => Errno::ENOMEM,
+            MemError::NoSuchFrame { .. } => Errno::EFAULT,
+            MemError::Busy { .. } => Errno::EBUSY,
+            MemError::Invalid { .. } => Errno::EINVAL,
+        }
+    }
 }

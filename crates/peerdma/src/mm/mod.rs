@@ -33,6 +33,7 @@ pub use space::{Mm, MmId};
 pub use vma::{PagesOwner, PagesOwnerRef, Prot, ShmObject, Vma, VmaKind};
 
 use crate::addr::VirtAddr;
+use crate::errno::Errno;
 use crate::mem::MemError;
 use crate::notifier::Again;
 
@@ -69,6 +70,9 @@ pub enum MmError {
         addr: VirtAddr,
         /// Why.
         why: String,
+        /// The allocator's refusal, when a frame could not be had.
+        #[source]
+        source: Option<MemError>,
     },
     /// A malformed request (EINVAL).
     #[error("{op} {addr}+{len:#x}: invalid argument (EINVAL): {why}")]
@@ -93,7 +97,7 @@ pub enum MmError {
         why: &'static str,
     },
     /// A subscriber refused a non-blockable invalidation (EAGAIN).
-    #[error("{op}: try again (EAGAIN): {source}")]
+    #[error("{op}: try again (EAGAIN)")]
     Again {
         /// The operation.
         op: &'static str,
@@ -104,14 +108,14 @@ pub enum MmError {
 
 impl MmError {
     /// The kernel's error number.
-    pub fn errno(&self) -> i32 {
+    pub fn errno(&self) -> Errno {
         match self {
-            MmError::Fault { .. } => 14,
-            MmError::Access { .. } => 13,
-            MmError::NoMemory { .. } => 12,
-            MmError::Invalid { .. } => 22,
-            MmError::Busy { .. } => 16,
-            MmError::Again { .. } => 11,
+            MmError::Fault { .. } => Errno::EFAULT,
+            MmError::Access { .. } => Errno::EACCES,
+            MmError::NoMemory { .. } => Errno::ENOMEM,
+            MmError::Invalid { .. } => Errno::EINVAL,
+            MmError::Busy { .. } => Errno::EBUSY,
+            MmError::Again { .. } => Errno::EAGAIN,
         }
     }
 
@@ -119,7 +123,8 @@ impl MmError {
         MmError::NoMemory {
             op,
             addr,
-            why: e.to_string(),
+            why: "no frame could be allocated".into(),
+            source: Some(e),
         }
     }
 }

@@ -164,6 +164,7 @@ impl Mm {
                 op: "mmap",
                 addr: VirtAddr(0),
                 why: format!("no free range of {len:#x} bytes"),
+                source: None,
             })?;
         let end = VirtAddr(start.0 + len);
         vmas.insert(Vma {
@@ -312,6 +313,7 @@ impl Mm {
                 op: "mprotect",
                 addr,
                 why: "part of the range is not mapped".into(),
+                source: None,
             });
         }
         let guard = if prot.writable() && prot.readable() {
@@ -339,6 +341,7 @@ impl Mm {
                 op: "madvise",
                 addr,
                 why: "part of the range is not mapped".into(),
+                source: None,
             });
         }
         let guard = self.invalidate("madvise", addr, end, NotifyEvent::Clear)?;

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use crate::addr::{Bdf, BusAddr, Pfn, VirtAddr, PAGE_SIZE};
 use crate::dma::Dma;
+use crate::errno::Errno;
 use crate::mem::{MemError, Region, RegionKind};
 use crate::mm::{Mm, MmError, MmId, PagesOwner, PagesOwnerRef, Prot};
 use crate::sync::atomic::{AtomicBool, Ordering};
@@ -67,9 +68,31 @@ pub enum P2pError {
         /// Devices holding DMA mappings of them.
         holders: String,
     },
+    /// The page map could not be set up or an allocation failed oddly.
+    #[error("p2pmem of {dev}: the page map refused")]
+    Mem {
+        /// The provider.
+        dev: Bdf,
+        /// The memory layer's refusal.
+        source: MemError,
+    },
     /// The address space refused.
     #[error(transparent)]
     Mm(#[from] MmError),
+}
+
+impl P2pError {
+    /// The kernel's error number.
+    pub fn errno(&self) -> Errno {
+        match self {
+            P2pError::Invalid { .. } => Errno::EINVAL,
+            P2pError::NoMemory { .. } => Errno::ENOMEM,
+            P2pError::NoDevice { .. } => Errno::ENODEV,
+            P2pError::Busy { .. } => Errno::EBUSY,
+            P2pError::Mem { source, .. } => source.errno(),
+            P2pError::Mm(e) => e.errno(),
+        }
+    }
 }
 
 /// One BAR range published (or not) as p2p memory.
@@ -168,7 +191,7 @@ impl Provider {
                 bar,
                 bus_offset: bus.0.wrapping_sub(base.addr().0),
             })
-            .map_err(|e| bad(e.to_string()))?;
+            .map_err(|source| P2pError::Mem { dev, source })?;
         let RegionKind::P2p { bus_offset, .. } = *region.kind() else {
             unreachable!("made as p2p above")
         };
@@ -227,9 +250,9 @@ impl Provider {
                 bytes,
                 available: self.available(),
             },
-            other => P2pError::Invalid {
+            source => P2pError::Mem {
                 dev: self.dev,
-                why: other.to_string(),
+                source,
             },
         })
     }
