@@ -2,7 +2,8 @@
 //!
 //! Every address space of the system has its own type, the way rust-vmm's vm-memory
 //! separates guest and host addresses: a CPU physical address ([`PhysAddr`]) can never be
-//! handed to a device where a bus address ([`BusAddr`]) or an IOVA ([`DmaAddr`]) is meant.
+//! handed to a device where a bus address ([`BusAddr`]) or a DMA address ([`DmaAddr`],
+//! an [`Iova`] behind a translating IOMMU) is meant.
 //! Arithmetic is explicit (`checked_add`, `offset_from`) and `Display` prints hex the way
 //! the kernel and lspci do. This module owns no state and knows nothing of devices.
 
@@ -89,9 +90,29 @@ address_type!(
     DmaAddr
 );
 address_type!(
+    /// An I/O virtual address inside one IOMMU domain: what a device behind a
+    /// translating IOMMU puts on the wire, and what the IO page table translates.
+    Iova
+);
+address_type!(
     /// A user-space virtual address inside one address space.
     VirtAddr
 );
+
+impl Iova {
+    /// The DMA address a device uses for this IOVA.
+    pub const fn dma(self) -> DmaAddr {
+        DmaAddr(self.0)
+    }
+}
+
+impl DmaAddr {
+    /// This DMA address read as an IOVA (what it is for a device behind a translating
+    /// IOMMU).
+    pub const fn iova(self) -> Iova {
+        Iova(self.0)
+    }
+}
 
 /// A page frame number: a physical address divided by [`PAGE_SIZE`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -7,7 +7,7 @@ use crate::addr::{Bdf, DmaAddr, Pfn, PAGE_SIZE};
 use crate::dma::map::{MapKind, Record};
 use crate::dma::sanitizer::{Violation, ViolationKind};
 use crate::dma::{Dma, DmaError};
-use crate::iommu::DmaFault;
+use crate::iommu::{DmaFault, FaultReason};
 use crate::mem::{Region, RegionKind};
 use crate::sync::read;
 
@@ -50,12 +50,12 @@ impl Dma {
         })
     }
 
-    fn iommu_fault(&self, dev: Bdf, addr: DmaAddr, write: bool, reason: &str) {
+    fn iommu_fault(&self, dev: Bdf, addr: DmaAddr, write: bool, reason: FaultReason) {
         self.iommu.report_fault(DmaFault {
             dev,
             addr,
             write,
-            reason: reason.to_string(),
+            reason,
         });
     }
 
@@ -130,19 +130,14 @@ impl Dma {
                     && self
                         .iommu
                         .domain(dev)
-                        .is_some_and(|d| d.translate(addr).is_none())
+                        .is_some_and(|d| d.translate(addr.iova()).is_none())
                 {
-                    self.iommu_fault(dev, addr, write, "no IO page-table entry");
+                    self.iommu_fault(dev, addr, write, FaultReason::NoEntry);
                 }
                 return Err(self.violation(dev, addr, len, write, None, ViolationKind::Unmapped));
             };
             if refusal.iommu {
-                self.iommu_fault(
-                    dev,
-                    addr,
-                    write,
-                    "IO page-table entry missing or without permission",
-                );
+                self.iommu_fault(dev, addr, write, FaultReason::Mismatch);
             }
             return Err(self.violation(
                 dev,
@@ -227,9 +222,9 @@ impl Dma {
         }
         let last_page = (rec.offset + rel0 + len - 1) / PAGE_SIZE;
         if rec.kind == MapKind::Iova {
-            let ok = rec.iova.as_ref().is_some_and(|(d, _, _)| {
-                d.translates_to(
-                    addr,
+            let ok = rec.iova.as_ref().is_some_and(|r| {
+                r.domain().translates_to(
+                    addr.iova(),
                     &rec.pages[first_page as usize..=last_page as usize],
                     write,
                 )

@@ -5,7 +5,7 @@ use crate::addr::{Bdf, DmaAddr, Pfn, PAGE_SIZE};
 use crate::dma::sg::SgTable;
 use crate::dma::{Direction, Dma, DmaError};
 use crate::fabric::{calc_map_type_and_dist, MapType};
-use crate::iommu::{Domain, IoPerm};
+use crate::iommu::{IoPerm, IovaRange};
 use crate::mem::{Region, RegionKind};
 use crate::sync::atomic::Ordering;
 use crate::sync::{write, Arc};
@@ -48,7 +48,10 @@ pub(crate) struct Record {
     /// Each frame's generation when mapped.
     pub(crate) gens: Vec<u32>,
     pub(crate) region: Arc<Region>,
-    pub(crate) iova: Option<(Arc<Domain>, DmaAddr, u64)>,
+    /// The IOVA range the segment is linked in, for a translated mapping; dropping the
+    /// record (after it left the live mappings, so no transfer can use it) unlinks and
+    /// frees it.
+    pub(crate) iova: Option<IovaRange>,
 }
 
 impl Record {
@@ -125,10 +128,6 @@ impl Drop for DmaMapping {
         }
         for r in &self.records {
             tracing::debug!(dev = %self.dev, id = r.id, addr = %r.start, "dma unmap");
-            if let Some((domain, iova, pages)) = &r.iova {
-                domain.unmap(*iova, *pages);
-                domain.free_iova(*iova, *pages);
-            }
             for (first, n) in runs(&r.pages) {
                 self.dma.sanitizer.unmapped(r.id, self.dev, first, n);
             }
@@ -243,16 +242,15 @@ impl Dma {
                 (Some((k, a)), _) => (k, a, None),
                 (None, None) => (MapKind::Phys, DmaAddr(phys), None),
                 (None, Some(domain)) => {
-                    let n = pages.len() as u64;
-                    let base = domain
-                        .alloc_iova(n, 1)
-                        .ok_or(DmaError::NoSpace { dev, bytes: len })?;
-                    domain.map(base, &pages, perm);
-                    (
-                        MapKind::Iova,
-                        DmaAddr(base.0 + e.offset),
-                        Some((domain, base, n)),
-                    )
+                    let iommu = |source| DmaError::Iommu {
+                        dev,
+                        bytes: len,
+                        source,
+                    };
+                    let range = domain.reserve(pages.len() as u64, 1).map_err(iommu)?;
+                    range.link(0, &pages, perm).map_err(iommu)?;
+                    let addr = DmaAddr(range.iova().0 + e.offset);
+                    (MapKind::Iova, addr, Some(range))
                 }
             };
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);

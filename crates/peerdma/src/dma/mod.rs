@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, HashMap};
 use crate::addr::{Bdf, Pfn};
 use crate::errno::Errno;
 use crate::fabric::{Topology, Verdict};
-use crate::iommu::Iommu;
+use crate::iommu::{Iommu, IommuError};
 use crate::mem::PhysMem;
 use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::{Arc, RwLock};
@@ -94,13 +94,15 @@ pub enum DmaError {
         /// The frame.
         pfn: Pfn,
     },
-    /// The IOVA space is exhausted (ENOMEM).
-    #[error("{dev}: out of IOVA space for {bytes:#x} bytes (ENOMEM)")]
-    NoSpace {
+    /// The device's IOMMU domain refused: its IOVA space is exhausted (ENOMEM).
+    #[error("{dev}: cannot map {bytes:#x} bytes through the IOMMU")]
+    Iommu {
         /// The device.
         dev: Bdf,
         /// Bytes asked for.
         bytes: u64,
+        /// The IOMMU's refusal.
+        source: IommuError,
     },
     /// A device access broke a rule; the sanitizer recorded it (EFAULT).
     #[error("DMA fault: {0}")]
@@ -114,7 +116,7 @@ impl DmaError {
             DmaError::RemoteIo { .. } | DmaError::NotAddressable { .. } => Errno::EREMOTEIO,
             DmaError::NoDevice { .. } | DmaError::NoProvider { .. } => Errno::ENODEV,
             DmaError::NoSuchFrame { .. } | DmaError::Fault(_) => Errno::EFAULT,
-            DmaError::NoSpace { .. } => Errno::ENOMEM,
+            DmaError::Iommu { source, .. } => source.errno(),
         }
     }
 }

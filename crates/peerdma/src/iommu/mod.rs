@@ -9,13 +9,87 @@
 
 mod domain;
 
-pub use domain::{Domain, IoPerm};
+pub use domain::{Domain, IoPerm, IovaRange};
 
 use std::collections::HashMap;
+use std::fmt;
 
-use crate::addr::{Bdf, DmaAddr};
+use crate::addr::{Bdf, DmaAddr, Iova};
+use crate::errno::Errno;
 use crate::fabric::Topology;
 use crate::sync::{lock, Arc, Mutex};
+
+/// An IOMMU group: the functions the IOMMU cannot tell apart, which share one domain
+/// (`/sys/kernel/iommu_groups/N`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub struct IommuGroup(pub u32);
+
+impl fmt::Display for IommuGroup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "IOMMU group {}", self.0)
+    }
+}
+
+/// What the IOMMU can refuse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IommuError {
+    /// The domain's IOVA space has no free range of this size (ENOMEM).
+    #[error("{group}: no free IOVA range of {pages} pages (ENOMEM)")]
+    NoSpace {
+        /// The domain's group.
+        group: IommuGroup,
+        /// Pages asked for.
+        pages: u64,
+    },
+    /// A page of a reserved range is linked already (EBUSY).
+    #[error("{group}: IOVA {iova} is linked already (EBUSY)")]
+    AlreadyLinked {
+        /// The domain's group.
+        group: IommuGroup,
+        /// The page.
+        iova: Iova,
+    },
+    /// An index past the end of a reserved range (ERANGE).
+    #[error("{group}: page {index} is outside a reservation of {pages} pages (ERANGE)")]
+    OutOfRange {
+        /// The domain's group.
+        group: IommuGroup,
+        /// The index asked for.
+        index: u64,
+        /// The reservation's size.
+        pages: u64,
+    },
+}
+
+impl IommuError {
+    /// The kernel's error number.
+    pub fn errno(&self) -> Errno {
+        match self {
+            IommuError::NoSpace { .. } => Errno::ENOMEM,
+            IommuError::AlreadyLinked { .. } => Errno::EBUSY,
+            IommuError::OutOfRange { .. } => Errno::ERANGE,
+        }
+    }
+}
+
+/// Why the IOMMU refused a DMA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultReason {
+    /// No IO page-table entry translates the address.
+    NoEntry,
+    /// The entries do not map what the device's mapping says, or lack write
+    /// permission for a write.
+    Mismatch,
+}
+
+impl fmt::Display for FaultReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FaultReason::NoEntry => "no IO page-table entry",
+            FaultReason::Mismatch => "IO page-table entry missing or without permission",
+        })
+    }
+}
 
 /// One DMA the IOMMU refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,7 +101,7 @@ pub struct DmaFault {
     /// Whether it was a write to memory.
     pub write: bool,
     /// Why it was refused.
-    pub reason: String,
+    pub reason: FaultReason,
 }
 
 /// The host's IOMMU.
@@ -37,9 +111,9 @@ pub struct DmaFault {
 /// first use and shared by the group's functions.
 pub struct Iommu {
     enabled: bool,
-    groups: HashMap<Bdf, u32>,
+    groups: HashMap<Bdf, IommuGroup>,
     /// Domains by group. Lock order: a leaf.
-    domains: Mutex<HashMap<u32, Arc<Domain>>>,
+    domains: Mutex<HashMap<IommuGroup, Arc<Domain>>>,
     faults: Mutex<Vec<DmaFault>>,
 }
 
@@ -67,7 +141,7 @@ impl Iommu {
                 next += 1;
                 next - 1
             });
-            groups.insert(f.bdf, g);
+            groups.insert(f.bdf, IommuGroup(g));
         }
         Iommu {
             enabled,
@@ -83,7 +157,7 @@ impl Iommu {
     }
 
     /// The IOMMU group of a function.
-    pub fn group(&self, dev: Bdf) -> Option<u32> {
+    pub fn group(&self, dev: Bdf) -> Option<IommuGroup> {
         self.groups.get(&dev).copied()
     }
 
