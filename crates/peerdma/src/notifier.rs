@@ -24,7 +24,8 @@ use iset::IntervalMap;
 
 use crate::addr::VirtAddr;
 use crate::sync::atomic::{AtomicU64, Ordering};
-use crate::sync::{lock, wait, Arc, Condvar, Mutex};
+use crate::sync::{order, OrderedMutex};
+use crate::sync::{Arc, Condvar};
 
 /// Why page-table entries are about to change (`enum mmu_notifier_event`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -116,13 +117,13 @@ struct State {
 pub struct Notifier {
     /// Lock order: after the address-space lock, before the page-table lock; never held
     /// across a callback.
-    state: Mutex<State>,
+    state: OrderedMutex<State>,
     done: Condvar,
 }
 
 impl std::fmt::Debug for Notifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = lock(&self.state);
+        let s = self.state.lock();
         f.debug_struct("Notifier")
             .field("subscriptions", &s.subs.len())
             .field("invalidate_seq", &s.invalidate_seq)
@@ -152,13 +153,16 @@ impl Notifier {
     /// No subscriptions.
     pub fn new() -> Arc<Self> {
         Arc::new(Notifier {
-            state: Mutex::new(State {
-                tree: IntervalMap::new(),
-                subs: HashMap::new(),
-                invalidate_seq: 2,
-                active: 0,
-                next_id: 1,
-            }),
+            state: OrderedMutex::new(
+                &order::NOTIFIER,
+                State {
+                    tree: IntervalMap::new(),
+                    subs: HashMap::new(),
+                    invalidate_seq: 2,
+                    active: 0,
+                    next_id: 1,
+                },
+            ),
             done: Condvar::new(),
         })
     }
@@ -172,7 +176,7 @@ impl Notifier {
         ops: Arc<dyn IntervalNotifierOps>,
     ) -> IntervalNotifier {
         let end = start.0.saturating_add(len.max(1));
-        let mut s = lock(&self.state);
+        let mut s = self.state.lock();
         let id = s.next_id;
         s.next_id += 1;
         // Inserted during an invalidation: readers wait for it to finish, as if it had
@@ -198,7 +202,7 @@ impl Notifier {
 
     /// Number of live subscriptions.
     pub fn subscriptions(&self) -> usize {
-        lock(&self.state).subs.len()
+        self.state.lock().subs.len()
     }
 
     /// `mmu_notifier_invalidate_range_start`: tells every overlapping subscriber the
@@ -209,7 +213,7 @@ impl Notifier {
         range: NotifyRange,
     ) -> Result<InvalidateGuard, Again> {
         let (cur_seq, hit) = {
-            let mut s = lock(&self.state);
+            let mut s = self.state.lock();
             if s.active == 0 {
                 s.invalidate_seq |= 1;
             }
@@ -224,6 +228,9 @@ impl Notifier {
         let guard = InvalidateGuard {
             notifier: self.clone(),
         };
+        if range.blockable && !hit.is_empty() {
+            crate::sync::might_sleep("a blockable interval-notifier callback");
+        }
         for sub in hit {
             sub.seq.store(cur_seq, Ordering::Release);
             let info = Subscription {
@@ -246,7 +253,7 @@ impl Notifier {
     }
 
     fn invalidate_range_end(&self) {
-        let mut s = lock(&self.state);
+        let mut s = self.state.lock();
         debug_assert!(s.active > 0);
         s.active -= 1;
         if s.active == 0 {
@@ -256,7 +263,7 @@ impl Notifier {
     }
 
     fn remove(&self, inner: &SubInner) {
-        let mut s = lock(&self.state);
+        let mut s = self.state.lock();
         s.tree
             .remove_where(inner.range.clone(), |id| *id == inner.id);
         s.subs.remove(&inner.id);
@@ -265,7 +272,7 @@ impl Notifier {
         if s.active > 0 {
             let seq = s.invalidate_seq;
             while s.invalidate_seq == seq {
-                s = wait(&self.done, s);
+                s = s.wait(&self.done);
             }
         }
     }
@@ -304,13 +311,13 @@ impl IntervalNotifier {
     /// `mmu_interval_read_begin`: waits while an invalidation that hit this range is in
     /// progress, then returns the sequence to check with [`read_retry`](Self::read_retry).
     pub fn read_begin(&self) -> u64 {
-        let mut s = lock(&self.notifier.state);
+        let mut s = self.notifier.state.lock();
         loop {
             let seq = self.inner.seq.load(Ordering::Acquire);
             if seq != s.invalidate_seq {
                 return seq;
             }
-            s = wait(&self.notifier.done, s);
+            s = s.wait(&self.notifier.done);
         }
     }
 
@@ -331,6 +338,7 @@ impl Drop for IntervalNotifier {
 mod tests {
     use super::*;
     use crate::sync::atomic::AtomicUsize;
+    use crate::sync::{lock, Mutex};
 
     #[derive(Default)]
     struct Count {
@@ -420,7 +428,7 @@ mod tests {
         // The invalidation ended: read_begin does not wait forever.
         let seq = sub.read_begin();
         assert!(!sub.read_retry(seq));
-        assert_eq!(lock(&n.state).active, 0);
+        assert_eq!(n.state.lock().active, 0);
     }
 
     #[test]

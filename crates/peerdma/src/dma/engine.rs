@@ -9,7 +9,6 @@ use crate::dma::sanitizer::{Violation, ViolationKind};
 use crate::dma::{Dma, DmaError};
 use crate::iommu::{DmaFault, FaultReason};
 use crate::mem::{Region, RegionKind};
-use crate::sync::read;
 
 impl Dma {
     /// The device reads `buf.len()` bytes of memory at `addr` (a DMA to the device).
@@ -91,7 +90,7 @@ impl Dma {
         mut copy: impl FnMut(&Region, Pfn, u64, usize, usize),
     ) -> Result<(), DmaError> {
         let map = self.device_map(dev);
-        let live = read(&map);
+        let live = map.read();
         let mut plan: Vec<(&Record, usize, u64, u64)> = Vec::with_capacity(pieces.len());
         for &(addr, len) in pieces {
             if len == 0 {

@@ -8,7 +8,7 @@ use crate::fabric::{calc_map_type_and_dist, MapType};
 use crate::iommu::{IoPerm, IovaRange};
 use crate::mem::{Region, RegionKind};
 use crate::sync::atomic::Ordering;
-use crate::sync::{write, Arc};
+use crate::sync::Arc;
 
 /// How a segment is addressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -121,7 +121,7 @@ impl Drop for DmaMapping {
             // Taking the device's map exclusively waits for every transfer in flight
             // (each holds it shared); after this no DMA can find the records.
             let map = self.dma.device_map(self.dev);
-            let mut m = write(&map);
+            let mut m = map.write();
             for r in &self.records {
                 m.remove(&(r.start.0, r.id));
             }
@@ -270,7 +270,9 @@ impl Dma {
                 iova,
             });
             tracing::debug!(dev = %dev, id, addr = %addr, len, kind = ?kind, dir = ?dir, "dma map");
-            write(&self.device_map(dev)).insert((addr.0, id), record.clone());
+            self.device_map(dev)
+                .write()
+                .insert((addr.0, id), record.clone());
             mapping.records.push(record);
             i = j;
         }

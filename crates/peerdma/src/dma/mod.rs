@@ -25,7 +25,7 @@ use crate::fabric::{Topology, Verdict};
 use crate::iommu::{Iommu, IommuError};
 use crate::mem::PhysMem;
 use crate::sync::atomic::{AtomicU64, Ordering};
-use crate::sync::{Arc, RwLock};
+use crate::sync::{order, Arc, OrderedRwLock, RwLock};
 
 /// Which way the data of a mapping flows (`enum dma_data_direction`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -161,7 +161,7 @@ pub struct Dma {
     iommu: Iommu,
     /// Live mappings per device. Lock order: after the page-table lock, before a
     /// mapping's in-flight lock.
-    live: RwLock<HashMap<Bdf, Arc<RwLock<LiveMap>>>>,
+    live: OrderedRwLock<HashMap<Bdf, Arc<OrderedRwLock<LiveMap>>>>,
     sanitizer: Sanitizer,
     counters: Counters,
     next_id: AtomicU64,
@@ -184,7 +184,7 @@ impl Dma {
             topo,
             phys,
             iommu,
-            live: RwLock::new(HashMap::new()),
+            live: OrderedRwLock::new(&order::DMA_DEVICES, HashMap::new()),
             sanitizer: Sanitizer::default(),
             counters: Counters::default(),
             next_id: AtomicU64::new(1),
@@ -235,21 +235,14 @@ impl Dma {
     }
     /// Live mappings of all devices.
     pub fn live_mappings(&self) -> usize {
-        crate::sync::read(&self.live)
-            .values()
-            .map(|m| crate::sync::read(m).len())
-            .sum()
+        self.live.read().values().map(|m| m.read().len()).sum()
     }
     /// Devices with a live mapping of any of `frames`, for reports of who holds memory.
     pub fn holders(&self, contains: impl Fn(crate::addr::Pfn) -> bool) -> Vec<Bdf> {
-        let live = crate::sync::read(&self.live);
+        let live = self.live.read();
         let mut out: Vec<Bdf> = live
             .iter()
-            .filter(|(_, m)| {
-                crate::sync::read(m)
-                    .values()
-                    .any(|r| r.frames().any(&contains))
-            })
+            .filter(|(_, m)| m.read().values().any(|r| r.frames().any(&contains)))
             .map(|(d, _)| *d)
             .collect();
         out.sort();
@@ -257,13 +250,14 @@ impl Dma {
     }
 
     /// The live-mapping map of `dev`, created empty on first use.
-    fn device_map(&self, dev: Bdf) -> Arc<RwLock<LiveMap>> {
-        if let Some(m) = crate::sync::read(&self.live).get(&dev) {
+    fn device_map(&self, dev: Bdf) -> Arc<OrderedRwLock<LiveMap>> {
+        if let Some(m) = self.live.read().get(&dev) {
             return m.clone();
         }
-        crate::sync::write(&self.live)
+        self.live
+            .write()
             .entry(dev)
-            .or_default()
+            .or_insert_with(|| Arc::new(OrderedRwLock::new(&order::DMA_MAPPINGS, LiveMap::new())))
             .clone()
     }
 

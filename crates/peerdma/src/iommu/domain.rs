@@ -13,7 +13,8 @@ use crate::addr::{Iova, Pfn, VirtAddr, PAGE_SHIFT, PAGE_SIZE};
 use crate::iommu::{IommuError, IommuGroup};
 use crate::mem::alloc::FreeRuns;
 use crate::mm::{PageTable, Pte};
-use crate::sync::{lock, Arc, Mutex};
+use crate::sync::Arc;
+use crate::sync::{order, OrderedMutex};
 
 /// What a device may do through an IO page-table entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -37,8 +38,8 @@ const IOVA_PAGES: u64 = (1 << (47 - PAGE_SHIFT)) - IOVA_BASE_PAGE;
 pub struct Domain {
     id: IommuGroup,
     /// Lock order: `iova` before `table`, both leaves otherwise.
-    iova: Mutex<FreeRuns>,
-    table: Mutex<PageTable>,
+    iova: OrderedMutex<FreeRuns>,
+    table: OrderedMutex<PageTable>,
 }
 
 impl std::fmt::Debug for Domain {
@@ -51,8 +52,8 @@ impl Domain {
     pub(crate) fn new(id: IommuGroup) -> Self {
         Domain {
             id,
-            iova: Mutex::new(FreeRuns::new(IOVA_PAGES)),
-            table: Mutex::new(PageTable::new()),
+            iova: OrderedMutex::new(&order::IOVA, FreeRuns::new(IOVA_PAGES)),
+            table: OrderedMutex::new(&order::IO_PAGE_TABLE, PageTable::new()),
         }
     }
 
@@ -63,7 +64,9 @@ impl Domain {
 
     /// Allocates `pages` IOVA pages aligned to `align_pages` (a power of two).
     pub fn alloc_iova(&self, pages: u64, align_pages: u64) -> Result<Iova, IommuError> {
-        let idx = lock(&self.iova)
+        let idx = self
+            .iova
+            .lock()
             .alloc_contig(pages, align_pages)
             .ok_or(IommuError::NoSpace {
                 group: self.id,
@@ -75,12 +78,12 @@ impl Domain {
     /// Returns an IOVA range to the allocator (its entries must be unmapped first).
     pub fn free_iova(&self, iova: Iova, pages: u64) {
         let idx = (iova.0 >> PAGE_SHIFT) - IOVA_BASE_PAGE;
-        lock(&self.iova).free_run(idx, pages);
+        self.iova.lock().free_run(idx, pages);
     }
 
     /// Maps consecutive IOVA pages from `iova` to `frames`.
     pub fn map(&self, iova: Iova, frames: &[Pfn], perm: IoPerm) {
-        let mut t = lock(&self.table);
+        let mut t = self.table.lock();
         let base = VirtAddr(iova.0 & !(PAGE_SIZE - 1));
         debug_assert!(
             (0..frames.len() as u64).all(|i| t.get(VirtAddr(base.0 + i * PAGE_SIZE)).is_empty()),
@@ -94,7 +97,7 @@ impl Domain {
     /// Removes the entries of `pages` IOVA pages from `iova`.
     pub fn unmap(&self, iova: Iova, pages: u64) {
         let base = iova.0 & !(PAGE_SIZE - 1);
-        lock(&self.table).walk_mut(
+        self.table.lock().walk_mut(
             VirtAddr(base),
             VirtAddr(base + pages * PAGE_SIZE),
             |_, p| *p = Pte::EMPTY,
@@ -103,7 +106,7 @@ impl Domain {
 
     /// The frame and permission behind the page of `iova`.
     pub fn translate(&self, iova: Iova) -> Option<(Pfn, IoPerm)> {
-        let pte = lock(&self.table).get(VirtAddr(iova.0 & !(PAGE_SIZE - 1)));
+        let pte = self.table.lock().get(VirtAddr(iova.0 & !(PAGE_SIZE - 1)));
         pte.pfn().filter(|_| pte.is_present()).map(|p| {
             (
                 p,
@@ -118,7 +121,7 @@ impl Domain {
     /// Whether consecutive IOVA pages from `iova` map to `frames`, each with `write`
     /// permission if asked (one lock for the whole run).
     pub fn translates_to(&self, iova: Iova, frames: &[Pfn], write: bool) -> bool {
-        let t = lock(&self.table);
+        let t = self.table.lock();
         let mut va = iova.0 & !(PAGE_SIZE - 1);
         let mut rest = frames;
         // A leaf table's run at a time.
@@ -142,12 +145,12 @@ impl Domain {
 
     /// Entries mapped now (for tests and leak checks).
     pub fn mapped_pages(&self) -> usize {
-        lock(&self.table).entries() as usize
+        self.table.lock().entries() as usize
     }
 
     /// IOVA pages currently handed out.
     pub fn allocated_iova_pages(&self) -> u64 {
-        IOVA_PAGES - lock(&self.iova).free()
+        IOVA_PAGES - self.iova.lock().free()
     }
 
     /// Reserves `pages` IOVA pages aligned to `align_pages` with nothing linked yet
@@ -220,7 +223,7 @@ impl IovaRange {
     /// already.
     pub fn link(&self, index: u64, frames: &[Pfn], perm: IoPerm) -> Result<(), IommuError> {
         let at = self.check(index, frames.len() as u64)?;
-        let mut t = lock(&self.domain.table);
+        let mut t = self.domain.table.lock();
         for i in 0..frames.len() as u64 {
             let va = VirtAddr(at.0 + i * PAGE_SIZE);
             if !t.get(va).is_empty() {

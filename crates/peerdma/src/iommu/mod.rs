@@ -18,6 +18,7 @@ use crate::addr::{Bdf, DmaAddr, Iova};
 use crate::errno::Errno;
 use crate::fabric::Topology;
 use crate::sync::{lock, Arc, Mutex};
+use crate::sync::{order, OrderedMutex};
 
 /// An IOMMU group: the functions the IOMMU cannot tell apart, which share one domain
 /// (`/sys/kernel/iommu_groups/N`).
@@ -113,7 +114,7 @@ pub struct Iommu {
     enabled: bool,
     groups: HashMap<Bdf, IommuGroup>,
     /// Domains by group. Lock order: a leaf.
-    domains: Mutex<HashMap<IommuGroup, Arc<Domain>>>,
+    domains: OrderedMutex<HashMap<IommuGroup, Arc<Domain>>>,
     faults: Mutex<Vec<DmaFault>>,
 }
 
@@ -146,7 +147,7 @@ impl Iommu {
         Iommu {
             enabled,
             groups,
-            domains: Mutex::new(HashMap::new()),
+            domains: OrderedMutex::new(&order::IOMMU_DOMAINS, HashMap::new()),
             faults: Mutex::new(Vec::new()),
         }
     }
@@ -169,7 +170,8 @@ impl Iommu {
         }
         let g = self.group(dev)?;
         Some(
-            lock(&self.domains)
+            self.domains
+                .lock()
                 .entry(g)
                 .or_insert_with(|| Arc::new(Domain::new(g)))
                 .clone(),

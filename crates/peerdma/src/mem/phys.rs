@@ -6,7 +6,8 @@ use crate::addr::{Pfn, PAGE_SIZE};
 use crate::mem::region::{Region, RegionId, RegionKind};
 use crate::mem::MemError;
 use crate::sync::atomic::{AtomicU64, Ordering};
-use crate::sync::{read, write, Arc, RwLock};
+use crate::sync::Arc;
+use crate::sync::{order, OrderedRwLock};
 
 const REGION_ALIGN_FRAMES: u64 = 1 << 18; // 1 GiB
 
@@ -17,7 +18,7 @@ const REGION_ALIGN_FRAMES: u64 = 1 << 18; // 1 GiB
 /// system RAM and is never removed; RAM frame 0 is allocated for good.
 pub struct PhysMem {
     /// Registered regions. Lock order: a leaf; never held while calling out.
-    regions: RwLock<Vec<Arc<Region>>>,
+    regions: OrderedRwLock<Vec<Arc<Region>>>,
     ram: Arc<Region>,
     ids: AtomicU64,
 }
@@ -25,7 +26,7 @@ pub struct PhysMem {
 impl std::fmt::Debug for PhysMem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PhysMem")
-            .field("regions", &*read(&self.regions))
+            .field("regions", &*self.regions.read())
             .finish()
     }
 }
@@ -44,7 +45,7 @@ impl PhysMem {
         let reserved = ram.alloc()?;
         debug_assert_eq!(reserved, Pfn(0));
         Ok(Arc::new(PhysMem {
-            regions: RwLock::new(vec![ram.clone()]),
+            regions: OrderedRwLock::new(&order::PHYS_REGIONS, vec![ram.clone()]),
             ram,
             ids: AtomicU64::new(1),
         }))
@@ -74,7 +75,7 @@ impl PhysMem {
         kind_at: impl FnOnce(Pfn) -> RegionKind,
     ) -> Result<Arc<Region>, MemError> {
         let frames = bytes.div_ceil(PAGE_SIZE);
-        let mut regions = write(&self.regions);
+        let mut regions = self.regions.write();
         let last = regions.last().map_or(0, |r| r.base().0 + r.frames());
         let base = Pfn(last.next_multiple_of(REGION_ALIGN_FRAMES));
         let kind = kind_at(base);
@@ -92,7 +93,7 @@ impl PhysMem {
     /// Removes a device region (`memunmap_pages()`); refused while any frame of it is
     /// still allocated.
     pub fn memunmap_pages(&self, id: RegionId) -> Result<(), MemError> {
-        let mut regions = write(&self.regions);
+        let mut regions = self.regions.write();
         let pos = regions
             .iter()
             .position(|r| r.id() == id && id != RegionId(0))
@@ -115,7 +116,7 @@ impl PhysMem {
 
     /// The region holding `pfn`.
     pub fn region(&self, pfn: Pfn) -> Option<Arc<Region>> {
-        let regions = read(&self.regions);
+        let regions = self.regions.read();
         let i = regions.partition_point(|r| r.base().0 <= pfn.0);
         let r = regions.get(i.checked_sub(1)?)?;
         r.contains(pfn).then(|| r.clone())
@@ -128,12 +129,12 @@ impl PhysMem {
 
     /// Every region, RAM first.
     pub fn regions(&self) -> Vec<Arc<Region>> {
-        read(&self.regions).clone()
+        self.regions.read().clone()
     }
 
     /// Bytes of frame metadata allocated across all regions.
     pub fn metadata_bytes(&self) -> u64 {
-        read(&self.regions).iter().map(|r| r.metadata_bytes()).sum()
+        self.regions.read().iter().map(|r| r.metadata_bytes()).sum()
     }
 }
 

@@ -10,7 +10,8 @@ use crate::mem::backing::Backing;
 use crate::mem::frame::{flags, FrameMeta, Sections, PIN, REF};
 use crate::mem::MemError;
 use crate::sync::atomic::{AtomicU32, Ordering};
-use crate::sync::{lock, wait, wait_timeout, Condvar, Mutex};
+use crate::sync::Condvar;
+use crate::sync::{order, OrderedMutex};
 
 /// Identifies a region inside one [`PhysMem`](crate::mem::PhysMem).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -77,14 +78,14 @@ pub struct Region {
     backing: Backing,
     meta: Sections,
     /// The allocator. Lock order: taken last, after any page-table lock.
-    free: Mutex<FreeRuns>,
+    free: OrderedMutex<FreeRuns>,
     /// Signalled when frames return to `free`, for [`Region::wait_until_free`].
     freed: Condvar,
     /// Threads in `wait_until_free`; frees skip the wake-up when there are none.
     free_waiters: AtomicU32,
     /// Where threads wait for a frame's page lock to be released. Lock order: a leaf,
     /// held only to sleep.
-    unlocked_lock: Mutex<()>,
+    unlocked_lock: OrderedMutex<()>,
     unlocked: Condvar,
     /// Threads in `wait_page_unlocked`.
     lock_waiters: AtomicU32,
@@ -123,10 +124,10 @@ impl Region {
             frames,
             backing: Backing::new(bytes as usize)?,
             meta: Sections::new(frames),
-            free: Mutex::new(FreeRuns::new(frames)),
+            free: OrderedMutex::new(&order::REGION_FREE, FreeRuns::new(frames)),
             freed: Condvar::new(),
             free_waiters: AtomicU32::new(0),
-            unlocked_lock: Mutex::new(()),
+            unlocked_lock: OrderedMutex::new(&order::LEAF, ()),
             unlocked: Condvar::new(),
             lock_waiters: AtomicU32::new(0),
         })
@@ -154,7 +155,7 @@ impl Region {
     }
     /// Free frames.
     pub fn free_frames(&self) -> u64 {
-        lock(&self.free).free()
+        self.free.lock().free()
     }
     /// Bytes of frame metadata allocated so far.
     pub fn metadata_bytes(&self) -> u64 {
@@ -198,7 +199,7 @@ impl Region {
     pub fn alloc_bulk(&self, n: u64, out: &mut Vec<Pfn>) -> Result<(), MemError> {
         let mut idx = Vec::with_capacity(n as usize);
         let high_water = {
-            let mut free = lock(&self.free);
+            let mut free = self.free.lock();
             if free.free() < n {
                 return Err(MemError::NoMemory {
                     region: self.kind.to_string(),
@@ -221,7 +222,7 @@ impl Region {
     /// reference; returns the first.
     pub fn alloc_contig(&self, n: u64, align: u64) -> Result<Pfn, MemError> {
         let (start, high_water) = {
-            let mut free = lock(&self.free);
+            let mut free = self.free.lock();
             let hw = free.high_water();
             let s = free
                 .alloc_contig(n, align.max(1))
@@ -259,7 +260,7 @@ impl Region {
     /// Returns frames whose last reference dropped to the allocator, under one lock,
     /// and wakes anyone waiting for frames to come back.
     fn free_indices(&self, idx: &mut [u64]) {
-        let mut free = lock(&self.free);
+        let mut free = self.free.lock();
         if let [one] = idx {
             free.free_run(*one, 1);
         } else {
@@ -273,21 +274,22 @@ impl Region {
     /// Waits until every frame of the region is free, or until `timeout` passes
     /// (returns false then). The last reference to drop signals the wait; nothing polls.
     pub fn wait_until_free(&self, timeout: Option<std::time::Duration>) -> bool {
+        crate::sync::might_sleep("waiting for a region's frames");
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         self.free_waiters.fetch_add(1, Ordering::SeqCst);
-        let mut free = lock(&self.free);
+        let mut free = self.free.lock();
         let all = loop {
             if free.free() == self.frames {
                 break true;
             }
             match deadline {
-                None => free = wait(&self.freed, free),
+                None => free = free.wait(&self.freed),
                 Some(d) => {
                     let left = d.saturating_duration_since(std::time::Instant::now());
                     if left.is_zero() {
                         break false;
                     }
-                    free = wait_timeout(&self.freed, free, left).0;
+                    free = free.wait_timeout(&self.freed, left).0;
                 }
             }
         };
@@ -316,7 +318,7 @@ impl Region {
             .fetch_and(!flags::LOCKED, Ordering::SeqCst);
         debug_assert!(old & flags::LOCKED != 0, "unlock of unlocked frame {pfn}");
         if self.lock_waiters.load(Ordering::SeqCst) > 0 {
-            let _g = lock(&self.unlocked_lock);
+            let _g = self.unlocked_lock.lock();
             self.unlocked.notify_all();
         }
     }
@@ -324,11 +326,12 @@ impl Region {
     /// Sleeps until the frame's page lock is released (`folio_wait_locked`): a fault
     /// that meets a migration entry waits here, then retries.
     pub(crate) fn wait_page_unlocked(&self, pfn: Pfn) {
+        crate::sync::might_sleep("waiting for a page lock");
         let m = self.meta(pfn);
         self.lock_waiters.fetch_add(1, Ordering::SeqCst);
-        let mut g = lock(&self.unlocked_lock);
+        let mut g = self.unlocked_lock.lock();
         while m.flags.load(Ordering::SeqCst) & flags::LOCKED != 0 {
-            g = wait(&self.unlocked, g);
+            g = g.wait(&self.unlocked);
         }
         drop(g);
         self.lock_waiters.fetch_sub(1, Ordering::SeqCst);
@@ -511,7 +514,7 @@ impl Region {
 
     /// Returns the backing of free runs to the host, so they cost no memory.
     pub fn trim(&self) {
-        let free = lock(&self.free);
+        let free = self.free.lock();
         for (s, l) in free.runs().filter(|(s, _)| *s < free.high_water()) {
             let l = l.min(free.high_water() - s);
             self.backing

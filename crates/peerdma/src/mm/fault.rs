@@ -15,7 +15,7 @@ use crate::mm::space::Mm;
 use crate::mm::vma::{VmaKind, Vmas};
 use crate::mm::MmError;
 use crate::notifier::NotifyEvent;
-use crate::sync::{lock, Arc};
+use crate::sync::Arc;
 
 /// What the caller needs of a page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,7 +103,7 @@ impl Mm {
         let mut f = Some(f);
         loop {
             let fix = {
-                let mut pt = lock(&self.pt);
+                let mut pt = self.pt.lock();
                 let pte = pt.get(va);
                 let fix = if pte.is_empty() {
                     Fix::Populate
@@ -239,7 +239,7 @@ impl Mm {
         if exclusive {
             region.meta(pfn).set(flags::ANON_EXCLUSIVE);
         }
-        let mut pt = lock(&self.pt);
+        let mut pt = self.pt.lock();
         if pt.get(va).is_empty() {
             // Anonymous pages are exclusive when new; shared ones need no COW: both
             // map writable when the VMA allows it.
@@ -281,7 +281,7 @@ impl Mm {
                 return Err(e);
             }
         };
-        let mut pt = lock(&self.pt);
+        let mut pt = self.pt.lock();
         let cur = pt.get(va);
         let swapped = cur.is_present() && cur.pfn() == Some(old);
         if swapped {
@@ -329,7 +329,7 @@ impl Mm {
         // Phase 1, under the page-table lock: check, lock the page, install the
         // migration entry. No reference can be taken through the entry after this.
         let taken = {
-            let mut pt = lock(&self.pt);
+            let mut pt = self.pt.lock();
             let pte = pt.get(va);
             (|| {
                 if expected.is_some_and(|e| e != pte) {
@@ -383,7 +383,7 @@ impl Mm {
         // entry, and munmap, fork and exit wait for the address-space lock the caller
         // holds, so the entry is still ours.
         {
-            let mut pt = lock(&self.pt);
+            let mut pt = self.pt.lock();
             debug_assert_eq!(pt.get(va), Pte::migration(old, pte.writable()));
             let entry = if matches!(dst.kind(), RegionKind::DevicePrivate { .. }) {
                 Pte::device(new, pte.writable())

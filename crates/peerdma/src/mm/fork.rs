@@ -10,13 +10,13 @@ use crate::mm::space::Mm;
 use crate::mm::vma::VmaKind;
 use crate::mm::MmError;
 use crate::notifier::NotifyEvent;
-use crate::sync::{lock, write, Arc};
+use crate::sync::Arc;
 
 impl Mm {
     /// Forks the address space; returns the child's.
     pub fn fork(&self) -> Result<Arc<Mm>, MmError> {
         let op = "fork";
-        let vmas = write(&self.mmap);
+        let vmas = self.mmap.write();
         let child = Mm::new(&self.phys);
         // Write-protecting the parent's anonymous entries is a protection change its
         // subscribers must hear of first.
@@ -28,7 +28,7 @@ impl Mm {
         let mut copies: Vec<(VirtAddr, Pfn, Pfn, bool)> = Vec::new();
         let mut child_entries: Vec<(VirtAddr, Pte)> = Vec::new();
         {
-            let mut pt = lock(&self.pt);
+            let mut pt = self.pt.lock();
             for v in vmas.iter() {
                 let anon = matches!(v.kind, VmaKind::Anon);
                 let writable = v.prot.writable();
@@ -63,7 +63,7 @@ impl Mm {
         }
         drop(guards);
         {
-            let mut cpt = lock(&child.pt);
+            let mut cpt = child.pt.lock();
             for (va, pte) in child_entries {
                 cpt.set(va, pte);
             }
@@ -71,7 +71,7 @@ impl Mm {
                 cpt.set(va, Pte::present(new, writable));
             }
         }
-        *write(&child.mmap) = vmas.clone();
+        *child.mmap.write() = vmas.clone();
         for v in vmas.iter() {
             if let VmaKind::Pages { owner: Some(owner) } = &v.kind {
                 owner.0.forked(&child, v.start, v.end.0 - v.start.0);

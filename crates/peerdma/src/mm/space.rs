@@ -13,7 +13,7 @@ use crate::mm::vma::{PagesOwnerRef, Prot, ShmObject, Vma, VmaKind, Vmas};
 use crate::mm::MmError;
 use crate::notifier::{InvalidateGuard, Notifier, NotifyEvent, NotifyRange};
 use crate::sync::atomic::{AtomicBool, Ordering};
-use crate::sync::{lock, read, write, Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use crate::sync::{order, Arc, Held, MutexGuard, OrderedMutex, OrderedRwLock, RwLockReadGuard};
 
 /// Identifies an address space within a host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -30,10 +30,10 @@ pub struct Mm {
     notifier: Arc<Notifier>,
     /// The address-space lock (`mmap_lock`): shared for faults and CPU access,
     /// exclusive for mmap, munmap, mprotect, fork and exit. Lock order: first.
-    pub(crate) mmap: RwLock<Vmas>,
+    pub(crate) mmap: OrderedRwLock<Vmas>,
     /// The page-table lock: taken after `mmap` and after any notifier work, never held
     /// across an invalidation callback.
-    pub(crate) pt: Mutex<PageTable>,
+    pub(crate) pt: OrderedMutex<PageTable>,
     /// Set once any page was pinned (`MMF_HAS_PINNED`): fork then checks pins.
     pub(crate) has_pinned: AtomicBool,
     exited: AtomicBool,
@@ -68,8 +68,8 @@ impl Mm {
             id: MmId(phys.next_id()),
             phys: phys.clone(),
             notifier: Notifier::new(),
-            mmap: RwLock::new(Vmas::default()),
-            pt: Mutex::new(PageTable::new()),
+            mmap: OrderedRwLock::new(&order::MMAP, Vmas::default()),
+            pt: OrderedMutex::new(&order::PAGE_TABLE, PageTable::new()),
             has_pinned: AtomicBool::new(false),
             exited: AtomicBool::new(false),
         })
@@ -89,15 +89,15 @@ impl Mm {
     }
     /// Mapped pages (non-empty PTEs).
     pub fn resident_pages(&self) -> u64 {
-        lock(&self.pt).entries()
+        self.pt.lock().entries()
     }
     /// The VMA holding `va`, if any.
     pub fn vma(&self, va: VirtAddr) -> Option<Vma> {
-        read(&self.mmap).find(va).cloned()
+        self.mmap.read().find(va).cloned()
     }
     /// The PTE for `va` (for tests and the sanitizer).
     pub fn pte(&self, va: VirtAddr) -> Pte {
-        lock(&self.pt).get(va)
+        self.pt.lock().get(va)
     }
 
     pub(crate) fn invalidate(
@@ -157,7 +157,7 @@ impl Mm {
             });
         }
         let len = len.next_multiple_of(PAGE_SIZE);
-        let mut vmas = write(&self.mmap);
+        let mut vmas = self.mmap.write();
         let start = vmas
             .find_gap(len, TASK_SIZE)
             .ok_or_else(|| MmError::NoMemory {
@@ -224,7 +224,7 @@ impl Mm {
             prot,
             VmaKind::Pages { owner },
         )?;
-        let mut pt = lock(&self.pt);
+        let mut pt = self.pt.lock();
         for (i, &pfn) in frames.iter().enumerate() {
             self.region(pfn).get(pfn);
             pt.set(
@@ -239,7 +239,7 @@ impl Mm {
     /// invalidation of the range.
     fn zap(&self, start: VirtAddr, end: VirtAddr) -> Vec<Pfn> {
         let mut freed = Vec::new();
-        lock(&self.pt).walk_mut(start, end, |_, pte| {
+        self.pt.lock().walk_mut(start, end, |_, pte| {
             if let Some(p) = pte.pfn() {
                 freed.push(p);
             }
@@ -252,7 +252,7 @@ impl Mm {
     /// Pinned frames stay allocated until their pins drop.
     pub fn munmap(&self, addr: VirtAddr, len: u64) -> Result<(), MmError> {
         let end = check_range("munmap", addr, len)?;
-        let mut vmas = write(&self.mmap);
+        let mut vmas = self.mmap.write();
         if vmas.overlapping(addr, end).next().is_none() {
             return Ok(());
         }
@@ -273,7 +273,7 @@ impl Mm {
     /// untouched. Returns how many entries went.
     pub fn zap_device_pages(&self, region: &Region) -> Result<u64, MmError> {
         // Exclusive: no fault, fork or mmap of this address space runs meanwhile.
-        let vmas = write(&self.mmap);
+        let vmas = self.mmap.write();
         let ranges: Vec<(VirtAddr, VirtAddr)> = vmas
             .iter()
             .filter(|v| matches!(v.kind, VmaKind::Pages { .. }))
@@ -282,14 +282,14 @@ impl Mm {
         let mut freed = Vec::new();
         for (start, end) in ranges {
             let mut hit = false;
-            lock(&self.pt).walk_mut(start, end, |_, pte| {
+            self.pt.lock().walk_mut(start, end, |_, pte| {
                 hit |= pte.pfn().is_some_and(|p| region.contains(p));
             });
             if !hit {
                 continue;
             }
             let guard = self.invalidate("unmap_mapping_range", start, end, NotifyEvent::Clear)?;
-            lock(&self.pt).walk_mut(start, end, |_, pte| {
+            self.pt.lock().walk_mut(start, end, |_, pte| {
                 if let Some(p) = pte.pfn().filter(|p| region.contains(*p)) {
                     freed.push(p);
                     *pte = Pte::EMPTY;
@@ -307,7 +307,7 @@ impl Mm {
     /// changes no entry (the next write faults).
     pub fn mprotect(&self, addr: VirtAddr, len: u64, prot: Prot) -> Result<(), MmError> {
         let end = check_range("mprotect", addr, len)?;
-        let mut vmas = write(&self.mmap);
+        let mut vmas = self.mmap.write();
         if !vmas.covers(addr, end) {
             return Err(MmError::NoMemory {
                 op: "mprotect",
@@ -324,7 +324,9 @@ impl Mm {
         if guard.is_some() {
             // PROT_NONE keeps the pages (the VMA refuses every access); losing write
             // access write-protects the entries.
-            lock(&self.pt).walk_mut(addr, end, |_, pte| *pte = pte.wrprotect());
+            self.pt
+                .lock()
+                .walk_mut(addr, end, |_, pte| *pte = pte.wrprotect());
         }
         vmas.update_range(addr, end, |v| v.prot = prot);
         drop(guard);
@@ -335,7 +337,7 @@ impl Mm {
     /// zeros afterwards, shared memory re-reads its object.
     pub fn madvise_dontneed(&self, addr: VirtAddr, len: u64) -> Result<(), MmError> {
         let end = check_range("madvise", addr, len)?;
-        let vmas = write(&self.mmap);
+        let vmas = self.mmap.write();
         if !vmas.covers(addr, end) {
             return Err(MmError::NoMemory {
                 op: "madvise",
@@ -357,7 +359,7 @@ impl Mm {
         if self.exited.swap(true, Ordering::AcqRel) {
             return;
         }
-        let mut vmas = write(&self.mmap);
+        let mut vmas = self.mmap.write();
         let all = NotifyRange::new(VirtAddr(0), VirtAddr(TASK_SIZE), NotifyEvent::Release);
         // Release cannot be refused: it is always blockable.
         let guard = self.notifier.invalidate_range_start(all).ok();
@@ -370,7 +372,7 @@ impl Mm {
 
     /// Reads `buf.len()` bytes at `addr` as the CPU would, faulting pages in.
     pub fn read(&self, addr: VirtAddr, buf: &mut [u8]) -> Result<(), MmError> {
-        let vmas = read(&self.mmap);
+        let vmas = self.mmap.read();
         self.each_page(
             &vmas,
             addr,
@@ -385,7 +387,7 @@ impl Mm {
 
     /// Writes `data` at `addr` as the CPU would, faulting and breaking COW.
     pub fn write(&self, addr: VirtAddr, data: &[u8]) -> Result<(), MmError> {
-        let vmas = read(&self.mmap);
+        let vmas = self.mmap.read();
         self.each_page(
             &vmas,
             addr,
@@ -406,7 +408,7 @@ impl Mm {
     /// and waits (on hardware, the TLB shootdown plays this part).
     fn each_page(
         &self,
-        vmas: &RwLockReadGuard<'_, Vmas>,
+        vmas: &Vmas,
         addr: VirtAddr,
         len: usize,
         access: Access,
@@ -428,13 +430,13 @@ impl Mm {
     }
 
     /// Takes the address-space lock shared.
-    pub(crate) fn mmap_read(&self) -> RwLockReadGuard<'_, Vmas> {
-        read(&self.mmap)
+    pub(crate) fn mmap_read(&self) -> Held<RwLockReadGuard<'_, Vmas>> {
+        self.mmap.read()
     }
 
     /// Takes the page-table lock.
-    pub(crate) fn pt_lock(&self) -> MutexGuard<'_, PageTable> {
-        lock(&self.pt)
+    pub(crate) fn pt_lock(&self) -> Held<MutexGuard<'_, PageTable>> {
+        self.pt.lock()
     }
 
     /// Whether the anonymous frame `pfn` is exclusive to this address space.

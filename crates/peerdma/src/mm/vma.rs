@@ -7,7 +7,8 @@ use std::ops::Bound;
 
 use crate::addr::{Pfn, VirtAddr, PAGE_SIZE};
 use crate::mem::{MemError, PhysMem};
-use crate::sync::{lock, Arc, Mutex};
+use crate::sync::Arc;
+use crate::sync::{order, OrderedMutex};
 
 /// Page protection (`PROT_*`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -40,13 +41,13 @@ impl Prot {
 /// Each `Some(pfn)` in `pages` holds one reference on its frame.
 pub struct ShmObject {
     phys: Arc<PhysMem>,
-    pages: Mutex<Vec<Option<Pfn>>>,
+    pages: OrderedMutex<Vec<Option<Pfn>>>,
 }
 
 impl std::fmt::Debug for ShmObject {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ShmObject")
-            .field("pages", &lock(&self.pages).len())
+            .field("pages", &self.pages.lock().len())
             .finish()
     }
 }
@@ -56,18 +57,21 @@ impl ShmObject {
     pub fn new(phys: &Arc<PhysMem>, len: u64) -> Arc<Self> {
         Arc::new(ShmObject {
             phys: phys.clone(),
-            pages: Mutex::new(vec![None; len.div_ceil(PAGE_SIZE) as usize]),
+            pages: OrderedMutex::new(
+                &order::SHM_PAGES,
+                vec![None; len.div_ceil(PAGE_SIZE) as usize],
+            ),
         })
     }
 
     /// Size in pages.
     pub fn pages(&self) -> u64 {
-        lock(&self.pages).len() as u64
+        self.pages.lock().len() as u64
     }
 
     /// The frame of page `idx`, allocated zeroed on first use.
     pub fn page(&self, idx: u64) -> Result<Option<Pfn>, MemError> {
-        let mut pages = lock(&self.pages);
+        let mut pages = self.pages.lock();
         let Some(slot) = pages.get_mut(idx as usize) else {
             return Ok(None);
         };
@@ -80,7 +84,7 @@ impl ShmObject {
 
 impl Drop for ShmObject {
     fn drop(&mut self) {
-        let pages: Vec<Pfn> = lock(&self.pages).iter().flatten().copied().collect();
+        let pages: Vec<Pfn> = self.pages.lock().iter().flatten().copied().collect();
         self.phys.ram().put_many(&pages);
     }
 }

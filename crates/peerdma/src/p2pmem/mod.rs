@@ -25,7 +25,8 @@ use crate::errno::Errno;
 use crate::mem::{MemError, Region, RegionKind};
 use crate::mm::{Mm, MmError, MmId, PagesOwner, PagesOwnerRef, Prot};
 use crate::sync::atomic::{AtomicBool, Ordering};
-use crate::sync::{lock, read, write, Arc, Mutex, RwLock, Weak};
+use crate::sync::{order, OrderedMutex, OrderedRwLock};
+use crate::sync::{Arc, Weak};
 
 /// What a provider can refuse, with the kernel's error number.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -110,11 +111,11 @@ pub struct Provider {
     published: AtomicBool,
     /// Whether removal has begun. Lock order: before the address-space lock (mmap
     /// holds it shared across the mapping); removal holds it exclusively only to set it.
-    removing: RwLock<bool>,
+    removing: OrderedRwLock<bool>,
     /// Address spaces that mapped this provider's pages, or inherited such a mapping
     /// by fork: removal zaps each. One entry per address space, dead ones pruned as it
     /// grows. Lock order: a leaf.
-    users: Mutex<Users>,
+    users: OrderedMutex<Users>,
 }
 
 /// The address spaces that may map a provider's pages.
@@ -203,8 +204,8 @@ impl Provider {
             region,
             dma: dma.clone(),
             published: AtomicBool::new(false),
-            removing: RwLock::new(false),
-            users: Mutex::new(Users::default()),
+            removing: OrderedRwLock::new(&order::P2P_STATE, false),
+            users: OrderedMutex::new(&order::LEAF, Users::default()),
         }))
     }
 
@@ -260,7 +261,7 @@ impl Provider {
     /// `pci_alloc_p2pmem(dev, size)`: contiguous p2p memory for a kernel client.
     /// ENODEV once removal has begun.
     pub fn alloc(self: &Arc<Self>, bytes: u64) -> Result<P2pAlloc, P2pError> {
-        let removing = read(&self.removing);
+        let removing = self.removing.read();
         if *removing {
             return Err(P2pError::NoDevice { dev: self.dev });
         }
@@ -297,14 +298,14 @@ impl Provider {
             });
         }
         // Held until the mapping is recorded: removal cannot begin in between.
-        let removing = read(&self.removing);
+        let removing = self.removing.read();
         if *removing {
             return Err(P2pError::NoDevice { dev: self.dev });
         }
         let first = self.alloc_frames(len)?;
         let pages = len.div_ceil(PAGE_SIZE).max(1);
         let frames: Vec<Pfn> = (0..pages).map(|i| Pfn(first.0 + i)).collect();
-        lock(&self.users).add(mm);
+        self.users.lock().add(mm);
         let owner = PagesOwnerRef(self.clone());
         let mapped = mm.mmap_pages(&frames, prot, Some(owner));
         // The mapping took its own references; the allocation's go back.
@@ -321,11 +322,13 @@ impl Provider {
     /// be called again.
     pub fn remove(&self, timeout: Option<Duration>) -> Result<(), P2pError> {
         tracing::info!(dev = %self.dev, bar = self.bar, "p2pmem: removing");
-        *write(&self.removing) = true;
+        *self.removing.write() = true;
         self.publish(false);
         let mut zapped: HashSet<MmId> = HashSet::new();
         loop {
-            let todo: Vec<Arc<Mm>> = lock(&self.users)
+            let todo: Vec<Arc<Mm>> = self
+                .users
+                .lock()
                 .by_mm
                 .iter()
                 .filter(|(id, _)| !zapped.contains(id))
@@ -339,7 +342,7 @@ impl Provider {
                 zapped.insert(mm.id());
             }
         }
-        lock(&self.users).by_mm.clear();
+        self.users.lock().by_mm.clear();
         if !self.region.wait_until_free(timeout) {
             let region = self.region.clone();
             let (mut frames, mut pinned) = (0, 0);
@@ -377,7 +380,7 @@ impl Provider {
     /// Address spaces recorded as possibly mapping this provider's pages (for leak
     /// checks: bounded by the live address spaces, not by how often they mapped).
     pub fn recorded_users(&self) -> usize {
-        lock(&self.users).by_mm.len()
+        self.users.lock().by_mm.len()
     }
 }
 
@@ -385,7 +388,7 @@ impl PagesOwner for Provider {
     /// A fork copied one of this provider's user mappings: revoke that copy on removal
     /// too.
     fn forked(&self, child: &Arc<Mm>, _start: VirtAddr, _len: u64) {
-        lock(&self.users).add(child);
+        self.users.lock().add(child);
     }
 }
 
