@@ -118,6 +118,64 @@ pub fn wait<'a, T>(cv: &Condvar, g: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
     }
 }
 
+/// Operations in progress that another thread can wait to drain: DMA transfers
+/// through one mapping, which an unmap or an invalidation waits for. `enter` and `exit`
+/// are one atomic each; the last `exit` wakes the waiters, nothing polls.
+///
+/// # Invariants
+/// `count` is the number of `enter`s not yet matched by an `exit`; `waiters` counts the
+/// threads inside `wait_idle`, so an `exit` that drains the count wakes them.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    count: atomic::AtomicU64,
+    waiters: atomic::AtomicU32,
+    lock: Mutex<()>,
+    idle: Condvar,
+}
+
+impl InFlight {
+    /// Nothing in flight.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// One more operation in flight. Check afterwards whatever a waiter changes before
+    /// it waits (a revocation flag): `enter` and that check are ordered against it.
+    pub fn enter(&self) {
+        self.count.fetch_add(1, atomic::Ordering::SeqCst);
+    }
+
+    /// One operation done; the last one wakes the waiters.
+    pub fn exit(&self) {
+        let before = self.count.fetch_sub(1, atomic::Ordering::SeqCst);
+        debug_assert!(before > 0, "InFlight::exit without enter");
+        if before == 1 && self.waiters.load(atomic::Ordering::SeqCst) > 0 {
+            let _g = lock(&self.lock);
+            self.idle.notify_all();
+        }
+    }
+
+    /// Operations in flight now.
+    pub fn count(&self) -> u64 {
+        self.count.load(atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until nothing is in flight.
+    pub fn wait_idle(&self) {
+        if self.count() == 0 {
+            return;
+        }
+        might_sleep("waiting for operations in flight");
+        self.waiters.fetch_add(1, atomic::Ordering::SeqCst);
+        let mut g = lock(&self.lock);
+        while self.count() != 0 {
+            g = wait(&self.idle, g);
+        }
+        drop(g);
+        self.waiters.fetch_sub(1, atomic::Ordering::SeqCst);
+    }
+}
+
 /// A kind of lock and its place in the lock order.
 #[derive(Debug)]
 pub struct LockClass {

@@ -2,7 +2,10 @@
 //! schedules, 100 by default): a transfer racing the unmap of its mapping lands whole
 //! or not at all, p2p device removal racing a pin finishes once the pin drops, removal
 //! racing an mmap and a fork of the mapping leaves no entry naming the provider's pages,
-//! and removal racing an munmap whose address is reused leaves the new memory alone.
+//! removal racing an munmap whose address is reused leaves the new memory alone, and a
+//! transfer through a mapping protected by a notifier (not by pins) racing a migration
+//! of its page lands before the invalidation returns — and migrates with the page — or
+//! is refused, never after.
 
 #![cfg(feature = "shuttle")]
 
@@ -164,6 +167,92 @@ fn removal_racing_munmap_leaves_reused_addresses_alone() {
             let mut b = [0u8; 4];
             mm.read(anon, &mut b).unwrap();
             assert_eq!(&b, b"mine");
+        },
+        iterations(),
+    );
+}
+
+/// An ODP-style mirror: the device maps a page it does not pin, and the notifier's
+/// `invalidate` callback revokes the mapping, waiting for transfers through it.
+struct OdpMirror {
+    mapping: Mutex<Option<peerdma::dma::DmaMapping>>,
+}
+
+impl peerdma::notifier::IntervalNotifierOps for OdpMirror {
+    fn invalidate(
+        &self,
+        _s: &peerdma::notifier::Subscription,
+        _r: &peerdma::notifier::NotifyRange,
+        _seq: u64,
+    ) -> bool {
+        if let Some(m) = peerdma::sync::lock(&self.mapping).as_ref() {
+            m.revoke();
+        }
+        true
+    }
+}
+
+#[test]
+fn a_transfer_through_a_notifier_protected_mapping_racing_migration_lands_before_or_not_at_all() {
+    shuttle::check_random(
+        || {
+            let h = host();
+            let gpu: peerdma::addr::Bdf = "0000:03:00.0".parse().unwrap();
+            let dev_mem = h
+                .phys()
+                .memremap_pages(
+                    peerdma::mem::RegionKind::DeviceCoherent { owner: 1 },
+                    1 << 20,
+                )
+                .unwrap();
+            let mm = h.spawn();
+            let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+            mm.write(a, &[1; 8]).unwrap();
+            let mirror = Arc::new(OdpMirror {
+                mapping: Mutex::new(None),
+            });
+            let sub = mm.notifier().subscribe(a, PAGE_SIZE, mirror.clone());
+            // Fault the page in for the device under the sequence protocol: no pin.
+            let seq = sub.read_begin();
+            let pfn = mm.pte(a).pfn().unwrap();
+            let sg = peerdma::dma::SgTable::from_runs(
+                &[(pfn, 1)],
+                0,
+                PAGE_SIZE,
+                h.dma().max_segment(gpu),
+            );
+            let mapping = h.dma().map_sg(gpu, &sg, Direction::FromDevice).unwrap();
+            let addr = mapping.segments()[0].addr;
+            {
+                let mut m = peerdma::sync::lock(&mirror.mapping);
+                assert!(!sub.read_retry(seq));
+                *m = Some(mapping);
+            }
+            let writer = {
+                let dma = h.dma().clone();
+                thread::spawn(move || dma.dma_write(gpu, addr, &[7; 8]))
+            };
+            let migrator = {
+                let mm = mm.clone();
+                thread::spawn(move || mm.migrate_page(a, &dev_mem).unwrap())
+            };
+            let wrote = writer.join().unwrap();
+            migrator.join().unwrap();
+            let mut got = [0u8; 8];
+            mm.read(a, &mut got).unwrap();
+            match wrote {
+                Ok(()) => assert_eq!(got, [7; 8], "a completed transfer's bytes were lost"),
+                Err(peerdma::dma::DmaError::Revoked { .. }) => assert_eq!(got, [1; 8]),
+                Err(e) => panic!("{e}"),
+            }
+            assert!(
+                h.dma().sanitizer().is_clean(),
+                "{:?}",
+                h.dma().sanitizer().violations()
+            );
+            drop(sub);
+            peerdma::sync::lock(&mirror.mapping).take();
+            assert_eq!(h.dma().live_mappings(), 0);
         },
         iterations(),
     );

@@ -30,7 +30,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use peerdma::addr::{Bdf, Pfn, VirtAddr, PAGE_SIZE};
-use peerdma::dma::Direction;
+use peerdma::dma::{Direction, DmaError, DmaMapping, SgTable};
 use peerdma::gup::{get_user_dma_sg, FollFlags, GupError, UserDmaSg};
 use peerdma::host::Host;
 use peerdma::mem::{Region, RegionKind};
@@ -70,6 +70,7 @@ const OPS: &[&str] = &[
     "p2p munmap",
     "mirror fault",
     "mirror check",
+    "odp write",
     "remove provider",
 ];
 
@@ -96,6 +97,7 @@ enum Op {
     P2pMunmap,
     MirrorFault,
     MirrorCheck,
+    OdpWrite,
 }
 
 /// Weighted operation mix.
@@ -121,6 +123,7 @@ const MIX: &[(Op, u32)] = &[
     (Op::P2pMunmap, 2),
     (Op::MirrorFault, 5),
     (Op::MirrorCheck, 5),
+    (Op::OdpWrite, 5),
 ];
 
 struct Proc {
@@ -167,18 +170,36 @@ impl World {
 /// A device page table mirroring one process's shared region, kept with the
 /// interval-notifier sequence protocol; a "device read" through it must see the bytes
 /// the process would.
+///
+/// Beside the frames it also keeps, per page, a DMA mapping of the frame that holds no
+/// pin (on-demand paging): the device writes through it without any lock, and the
+/// `invalidate` callback revokes it, waiting for the writes in flight, so none lands
+/// in a page after it moved.
 struct Mirror {
     table: Mutex<Vec<Option<Pfn>>>,
+    /// Lock order: after `table`.
+    odp: Mutex<Vec<Option<Arc<DmaMapping>>>>,
+    dev: Bdf,
 }
 
 impl IntervalNotifierOps for Mirror {
     fn invalidate(&self, sub: &Subscription, range: &NotifyRange, _seq: u64) -> bool {
-        let mut t = self.table.lock().unwrap();
         let base = sub.range.start.0;
-        for (i, e) in t.iter_mut().enumerate() {
+        let hit = |i: usize| {
             let va = base + i as u64 * PAGE_SIZE;
-            if va < range.end.0 && range.start.0 < va + PAGE_SIZE {
+            va < range.end.0 && range.start.0 < va + PAGE_SIZE
+        };
+        let mut t = self.table.lock().unwrap();
+        for (i, e) in t.iter_mut().enumerate() {
+            if hit(i) {
                 *e = None;
+            }
+        }
+        drop(t);
+        let odp = self.odp.lock().unwrap();
+        for (i, m) in odp.iter().enumerate() {
+            if let Some(m) = m.as_ref().filter(|_| hit(i)) {
+                m.revoke();
             }
         }
         true
@@ -639,16 +660,56 @@ impl<'w> Worker<'w> {
                 }
             }
             Op::MirrorFault => {
-                // Only process 0 is mirrored.
+                // Only process 0 is mirrored: the device's page table and an ODP
+                // mapping of the page, both committed only if no invalidation raced.
                 let va = self.slot(0, page);
                 let seq = self.sub.read_begin();
                 let pte = w.procs[0].mm.pte(va);
                 let Some(pfn) = pte.pfn().filter(|_| pte.is_present()) else {
                     return false;
                 };
+                // Writable for the device only where the CPU may write without a fault
+                // (hmm_range_fault reports HMM_PFN_WRITE only then): a copy-on-write
+                // page shared with a child must not be written in place.
+                let dir = if pte.writable() {
+                    Direction::Bidirectional
+                } else {
+                    Direction::ToDevice
+                };
+                let sg = SgTable::from_runs(&[(pfn, 1)], 0, PAGE_SIZE, PAGE_SIZE);
+                let mapping = w
+                    .host
+                    .dma()
+                    .map_sg(self.mirror.dev, &sg, dir)
+                    .map(Arc::new)
+                    .unwrap_or_else(|e| fail(seed, self.t, op, e.to_string()));
                 let mut t = self.mirror.table.lock().unwrap();
-                if !self.sub.read_retry(seq) {
+                let replaced = if !self.sub.read_retry(seq) {
                     t[page as usize] = Some(pfn);
+                    self.mirror.odp.lock().unwrap()[page as usize].replace(mapping)
+                } else {
+                    Some(mapping)
+                };
+                drop(t);
+                drop(replaced);
+            }
+            Op::OdpWrite => {
+                // The device writes its slot through the ODP mapping, holding no lock:
+                // done, or refused because an invalidation revoked the mapping.
+                let mapping = {
+                    let odp = self.mirror.odp.lock().unwrap();
+                    match odp[page as usize].as_ref() {
+                        Some(m) if m.direction() != Direction::ToDevice => m.clone(),
+                        _ => return false,
+                    }
+                };
+                let tag = self.tag();
+                match mapping.dma_write(self.t as u64 * SLOT, &tag.to_le_bytes()) {
+                    Ok(()) => self.oracle[0][page as usize] = tag,
+                    Err(DmaError::Revoked { .. }) => {
+                        w.refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => fail(seed, self.t, op, e.to_string()),
                 }
             }
             Op::MirrorCheck => {
@@ -837,6 +898,8 @@ fn soak(seed: u64, iommu: bool, secs: f64) -> Report {
             s.spawn(move || {
                 let mirror = Arc::new(Mirror {
                     table: Mutex::new(vec![None; SHARED_PAGES as usize]),
+                    odp: Mutex::new((0..SHARED_PAGES).map(|_| None).collect()),
+                    dev: w.devices[t % w.devices.len()],
                 });
                 let sub = w.procs[0].mm.notifier().subscribe(
                     w.procs[0].shared,

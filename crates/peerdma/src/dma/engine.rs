@@ -9,6 +9,8 @@ use crate::dma::sanitizer::{Violation, ViolationKind};
 use crate::dma::{Dma, DmaError};
 use crate::iommu::{DmaFault, FaultReason};
 use crate::mem::{Region, RegionKind};
+use crate::sync::atomic::Ordering;
+use crate::sync::Arc;
 
 impl Dma {
     /// The device reads `buf.len()` bytes of memory at `addr` (a DMA to the device).
@@ -78,20 +80,23 @@ impl Dma {
         })
     }
 
-    /// Holds the device's live mappings shared for the whole transfer (so an unmap,
-    /// which takes them exclusively, waits for it), resolves and checks every piece,
-    /// then copies them all. Checking before copying means a refused transfer moves no
-    /// byte; copying with no lock or atomic in between keeps the copies at memcpy speed.
+    /// Resolves and checks every piece under the device's live mappings (shared), marks
+    /// the transfer in flight on each mapping it uses, checks none was revoked, then
+    /// drops the lock and copies. An unmap or revocation sets the mapping's flag and
+    /// then waits for the mapping's transfers in flight, so a transfer either completes
+    /// before it returns or is refused; an unmap of another mapping waits for nothing.
+    /// Checking before copying means a refused transfer moves no byte; copying with no
+    /// lock or atomic in between keeps the copies at memcpy speed.
     fn access(
         &self,
         dev: Bdf,
         pieces: &[(DmaAddr, u64)],
         write: bool,
-        mut copy: impl FnMut(&Region, Pfn, u64, usize, usize),
+        copy: impl FnMut(&Region, Pfn, u64, usize, usize),
     ) -> Result<(), DmaError> {
         let map = self.device_map(dev);
         let live = map.read();
-        let mut plan: Vec<(&Record, usize, u64, u64)> = Vec::with_capacity(pieces.len());
+        let mut plan: Vec<(Arc<Record>, usize, u64, u64)> = Vec::with_capacity(pieces.len());
         for &(addr, len) in pieces {
             if len == 0 {
                 continue;
@@ -100,8 +105,11 @@ impl Dma {
             // direction carries it: without an IOMMU (or for p2p memory by bus
             // address) one page mapped twice has one DMA address, and the device's
             // access is valid through either. Nearest start first; if none can carry
-            // it, the nearest one's refusal is what the sanitizer reports.
+            // it, the nearest one's refusal is what the sanitizer reports — unless a
+            // revoked mapping covers it: then the device has to fault and retry, which
+            // is no violation.
             let mut first_refusal = None;
+            let mut revoked = None;
             let mut carried = None;
             for rec in live
                 .range(..=(addr.0, u64::MAX))
@@ -109,9 +117,13 @@ impl Dma {
                 .map(|(_, r)| r)
                 .filter(|r| addr.0 < r.start.0 + r.len)
             {
+                if rec.revoked.load(Ordering::SeqCst) {
+                    revoked.get_or_insert(rec.start);
+                    continue;
+                }
                 match self.check(rec, addr, len, write) {
                     Ok((first, off, n)) => {
-                        carried = Some((&**rec, first, off, n));
+                        carried = Some((rec.clone(), first, off, n));
                         break;
                     }
                     Err(r) => {
@@ -124,6 +136,9 @@ impl Dma {
                 continue;
             }
             drop(live);
+            if let Some(start) = revoked {
+                return Err(DmaError::Revoked { dev, addr: start });
+            }
             let Some(refusal) = first_refusal else {
                 if self.iommu.enabled()
                     && self
@@ -147,9 +162,82 @@ impl Dma {
                 refusal.kind,
             ));
         }
+        drop(live);
+        self.run(dev, plan, copy)
+    }
+
+    /// One transfer through one mapping the device names directly (a memory region's
+    /// key, a device page-table entry), at `offset` bytes into it: nothing but that
+    /// mapping can carry it, so a revoked mapping refuses it even where another
+    /// mapping covers the same DMA address.
+    pub(crate) fn access_mapping(
+        &self,
+        dev: Bdf,
+        records: &[Arc<Record>],
+        offset: u64,
+        len: u64,
+        write: bool,
+        copy: impl FnMut(&Region, Pfn, u64, usize, usize),
+    ) -> Result<(), DmaError> {
+        let mut base = 0u64;
+        let found = records.iter().find(|r| {
+            let hit = offset >= base && offset < base + r.len;
+            if !hit {
+                base += r.len;
+            }
+            hit
+        });
+        let Some(rec) = found else {
+            let addr = records
+                .last()
+                .map_or(DmaAddr(0), |r| DmaAddr(r.start.0 + r.len));
+            return Err(self.violation(dev, addr, len, write, None, ViolationKind::PastEnd));
+        };
+        if rec.revoked.load(Ordering::SeqCst) {
+            return Err(DmaError::Revoked {
+                dev,
+                addr: rec.start,
+            });
+        }
+        let addr = DmaAddr(rec.start.0 + (offset - base));
+        let step = match self.check(rec, addr, len, write) {
+            Ok((first, off, n)) => (rec.clone(), first, off, n),
+            Err(r) => {
+                if r.iommu {
+                    self.iommu_fault(dev, addr, write, FaultReason::Mismatch);
+                }
+                return Err(self.violation(dev, r.addr, r.len, write, Some(r.frame), r.kind));
+            }
+        };
+        self.run(dev, vec![step], copy)
+    }
+
+    /// Runs a checked plan: counts it in flight on each mapping, refuses it if one was
+    /// revoked meanwhile, copies, and counts the bytes by path.
+    fn run(
+        &self,
+        dev: Bdf,
+        plan: Vec<(Arc<Record>, usize, u64, u64)>,
+        mut copy: impl FnMut(&Region, Pfn, u64, usize, usize),
+    ) -> Result<(), DmaError> {
+        for (rec, ..) in &plan {
+            rec.inflight.enter();
+        }
+        let exit = |plan: &[(Arc<Record>, usize, u64, u64)]| {
+            for (rec, ..) in plan {
+                rec.inflight.exit();
+            }
+        };
+        if let Some((rec, ..)) = plan.iter().find(|p| p.0.revoked.load(Ordering::SeqCst)) {
+            let start = rec.start;
+            exit(&plan);
+            return Err(DmaError::Revoked { dev, addr: start });
+        }
+        self.run_transfer_hook(dev);
         let mut at = 0usize;
         let mut moved = [0u64; 3];
-        for &(rec, first_page, off, len) in &plan {
+        for (rec, first_page, off, len) in &plan {
+            let (rec, first_page, off, len) = (&**rec, *first_page, *off, *len);
             // Copy each physically contiguous run of the piece in one go.
             let (mut k, mut in_page, mut left) = (first_page, off, len);
             while left > 0 {
@@ -173,8 +261,8 @@ impl Dma {
             };
             moved[path] += len;
         }
+        exit(&plan);
         drop(plan);
-        drop(live);
         let c = &self.counters;
         for (n, counter) in moved
             .iter()

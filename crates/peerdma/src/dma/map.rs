@@ -7,8 +7,9 @@ use crate::dma::{Direction, Dma, DmaError};
 use crate::fabric::{calc_map_type_and_dist, MapType};
 use crate::iommu::{IoPerm, IovaRange};
 use crate::mem::{Region, RegionKind};
-use crate::sync::atomic::Ordering;
+use crate::sync::atomic::{AtomicBool, Ordering};
 use crate::sync::Arc;
+use crate::sync::InFlight;
 
 /// How a segment is addressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -52,6 +53,11 @@ pub(crate) struct Record {
     /// record (after it left the live mappings, so no transfer can use it) unlinks and
     /// frees it.
     pub(crate) iova: Option<IovaRange>,
+    /// Transfers through this record now: unmap and revocation wait for them.
+    pub(crate) inflight: InFlight,
+    /// Set by unmap or revocation before they wait: a transfer that enters afterwards
+    /// sees it and is refused, so none completes after they return.
+    pub(crate) revoked: AtomicBool,
 }
 
 impl Record {
@@ -61,7 +67,7 @@ impl Record {
 }
 
 /// A scatter-gather table mapped for one device; dropping it unmaps, first waiting for
-/// DMA in progress on the device to finish.
+/// the transfers through it that are in progress (and only those) to finish.
 ///
 /// # Invariants
 /// Every record is registered in the host's live mappings until drop.
@@ -84,6 +90,13 @@ impl DmaMapping {
     /// The device it is mapped for.
     pub fn dev(&self) -> Bdf {
         self.dev
+    }
+
+    /// The direction it was mapped for.
+    pub fn direction(&self) -> Direction {
+        self.records
+            .first()
+            .map_or(Direction::Bidirectional, |r| r.dir)
     }
 
     /// The segments in order, as the device addresses them.
@@ -112,20 +125,75 @@ impl DmaMapping {
     pub fn unmap(self) {}
 }
 
+impl DmaMapping {
+    /// Revokes the mapping without unmapping it: transfers that began through it
+    /// finish first, later ones are refused with [`DmaError::Revoked`]. What a
+    /// mapping protected by an interval notifier rather than by pins calls from the
+    /// notifier's `invalidate` callback, so that no transfer lands in a page after the
+    /// invalidation returns and the page moves. Waits only for this mapping's
+    /// transfers, not for the device's others.
+    pub fn revoke(&self) {
+        for r in &self.records {
+            r.revoked.store(true, Ordering::SeqCst);
+        }
+        for r in &self.records {
+            r.inflight.wait_idle();
+        }
+    }
+
+    /// The device writes `data` through this mapping at `offset` bytes into it, as a
+    /// device that names the mapping (an RDMA key, a device page-table entry) rather
+    /// than a bare DMA address does: only this mapping can carry it, so once revoked it
+    /// refuses with [`DmaError::Revoked`] even where another mapping covers the same
+    /// address. The access must lie inside one segment.
+    pub fn dma_write(&self, offset: u64, data: &[u8]) -> Result<(), DmaError> {
+        self.dma.access_mapping(
+            self.dev,
+            &self.records,
+            offset,
+            data.len() as u64,
+            true,
+            |r, first, off, at, n| r.write_span(first, off, &data[at..at + n]),
+        )
+    }
+
+    /// The device reads `buf.len()` bytes through this mapping at `offset`; see
+    /// [`dma_write`](Self::dma_write).
+    pub fn dma_read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        let len = buf.len() as u64;
+        self.dma.access_mapping(
+            self.dev,
+            &self.records,
+            offset,
+            len,
+            false,
+            |r, first, off, at, n| r.read_span(first, off, &mut buf[at..at + n]),
+        )
+    }
+
+    /// Whether [`revoke`](Self::revoke) was called.
+    pub fn is_revoked(&self) -> bool {
+        self.records
+            .iter()
+            .any(|r| r.revoked.load(Ordering::SeqCst))
+    }
+}
+
 impl Drop for DmaMapping {
     fn drop(&mut self) {
         if self.records.is_empty() {
             return;
         }
         {
-            // Taking the device's map exclusively waits for every transfer in flight
-            // (each holds it shared); after this no DMA can find the records.
+            // After this no transfer can find the records; the ones that found them
+            // before are waited for below, each record for its own.
             let map = self.dma.device_map(self.dev);
             let mut m = map.write();
             for r in &self.records {
                 m.remove(&(r.start.0, r.id));
             }
         }
+        self.revoke();
         for r in &self.records {
             tracing::debug!(dev = %self.dev, id = r.id, addr = %r.start, "dma unmap");
             for (first, n) in runs(&r.pages) {
@@ -268,6 +336,8 @@ impl Dma {
                 pages,
                 region: region.clone(),
                 iova,
+                inflight: InFlight::new(),
+                revoked: AtomicBool::new(false),
             });
             tracing::debug!(dev = %dev, id, addr = %addr, len, kind = ?kind, dir = ?dir, "dma map");
             self.device_map(dev)

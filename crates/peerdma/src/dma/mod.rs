@@ -19,12 +19,12 @@ pub use sg::{SgEntry, SgTable};
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::addr::{Bdf, Pfn};
+use crate::addr::{Bdf, DmaAddr, Pfn};
 use crate::errno::Errno;
 use crate::fabric::{Topology, Verdict};
 use crate::iommu::{Iommu, IommuError};
 use crate::mem::PhysMem;
-use crate::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use crate::sync::{order, Arc, OrderedRwLock, RwLock};
 
 /// Which way the data of a mapping flows (`enum dma_data_direction`).
@@ -104,6 +104,16 @@ pub enum DmaError {
         /// The IOMMU's refusal.
         source: IommuError,
     },
+    /// The mapping the access went through was revoked (an invalidation of memory it
+    /// is not pinning): the device must fault the range in again and retry (EAGAIN).
+    /// Not a violation: an ODP device meets this in normal operation.
+    #[error("{dev}: the mapping at {addr} was revoked by an invalidation (EAGAIN)")]
+    Revoked {
+        /// The device.
+        dev: Bdf,
+        /// The first DMA address of the revoked mapping segment.
+        addr: DmaAddr,
+    },
     /// A device access broke a rule; the sanitizer recorded it (EFAULT).
     #[error("DMA fault: {0}")]
     Fault(Box<Violation>),
@@ -116,6 +126,7 @@ impl DmaError {
             DmaError::RemoteIo { .. } | DmaError::NotAddressable { .. } => Errno::EREMOTEIO,
             DmaError::NoDevice { .. } | DmaError::NoProvider { .. } => Errno::ENODEV,
             DmaError::NoSuchFrame { .. } | DmaError::Fault(_) => Errno::EFAULT,
+            DmaError::Revoked { .. } => Errno::EAGAIN,
             DmaError::Iommu { source, .. } => source.errno(),
         }
     }
@@ -167,7 +178,14 @@ pub struct Dma {
     next_id: AtomicU64,
     /// Per-device maximum segment sizes set by drivers. Lock order: a leaf.
     max_segment: RwLock<HashMap<Bdf, u64>>,
+    /// Hooks run in the middle of a device's transfers (after they are checked and in
+    /// flight, before any byte moves), for fault injection and tests.
+    transfer_hooks: OrderedRwLock<HashMap<Bdf, TransferHook>>,
+    has_hooks: AtomicBool,
 }
+
+/// What [`Dma::set_transfer_hook`] runs in the middle of a transfer.
+pub type TransferHook = Arc<dyn Fn() + Send + Sync>;
 
 impl std::fmt::Debug for Dma {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -189,6 +207,8 @@ impl Dma {
             counters: Counters::default(),
             next_id: AtomicU64::new(1),
             max_segment: RwLock::new(HashMap::new()),
+            transfer_hooks: OrderedRwLock::new(&order::LEAF, HashMap::new()),
+            has_hooks: AtomicBool::new(false),
         })
     }
 
@@ -247,6 +267,29 @@ impl Dma {
             .collect();
         out.sort();
         out
+    }
+
+    /// Runs `hook` in the middle of every transfer of `dev` from now on — after the
+    /// transfer is checked and counted in flight on its mappings, before any byte moves
+    /// — or stops with `None`. For fault injection and for tests that need a transfer to
+    /// stand still (an unmap of another mapping must not wait for it).
+    pub fn set_transfer_hook(&self, dev: Bdf, hook: Option<TransferHook>) {
+        let mut hooks = self.transfer_hooks.write();
+        match hook {
+            Some(h) => hooks.insert(dev, h),
+            None => hooks.remove(&dev),
+        };
+        self.has_hooks.store(!hooks.is_empty(), Ordering::SeqCst);
+    }
+
+    fn run_transfer_hook(&self, dev: Bdf) {
+        if !self.has_hooks.load(Ordering::Relaxed) {
+            return;
+        }
+        let hook = self.transfer_hooks.read().get(&dev).cloned();
+        if let Some(h) = hook {
+            h();
+        }
     }
 
     /// The live-mapping map of `dev`, created empty on first use.

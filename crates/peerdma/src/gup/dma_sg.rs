@@ -41,6 +41,10 @@ impl UserDmaSg {
     pub fn segments(&self) -> Vec<DmaSegment> {
         self.mapping.segments()
     }
+    /// The DMA mapping (to revoke it, or to ask which device it is for).
+    pub fn mapping(&self) -> &DmaMapping {
+        &self.mapping
+    }
     /// The physical scatter-gather table behind them.
     pub fn sg(&self) -> &SgTable {
         &self.sg
