@@ -126,6 +126,11 @@ impl Dma {
                         carried = Some((rec.clone(), first, off, n));
                         break;
                     }
+                    // Revoked since the flag was read: the frame may have moved
+                    // already, legitimately. That is the revocation, not a violation.
+                    Err(_) if rec.revoked.load(Ordering::SeqCst) => {
+                        revoked.get_or_insert(rec.start);
+                    }
                     Err(r) => {
                         first_refusal.get_or_insert(r);
                     }
@@ -202,6 +207,12 @@ impl Dma {
         let addr = DmaAddr(rec.start.0 + (offset - base));
         let step = match self.check(rec, addr, len, write) {
             Ok((first, off, n)) => (rec.clone(), first, off, n),
+            Err(_) if rec.revoked.load(Ordering::SeqCst) => {
+                return Err(DmaError::Revoked {
+                    dev,
+                    addr: rec.start,
+                });
+            }
             Err(r) => {
                 if r.iommu {
                     self.iommu_fault(dev, addr, write, FaultReason::Mismatch);
