@@ -108,7 +108,10 @@ fn read_retry_never_lets_a_mirror_commit_a_stale_page() {
                 let (mm, mirror, sub) = (mm.clone(), mirror.clone(), sub.clone());
                 thread::spawn(move || loop {
                     let seq = sub.read_begin();
-                    let pfn = mm.pte(a).pfn();
+                    // Only a present entry maps: a migration entry's frame is on its
+                    // way out (hmm_range_fault waits on it instead).
+                    let pte = mm.pte(a);
+                    let pfn = pte.pfn().filter(|_| pte.is_present());
                     thread::yield_now();
                     let mut t = lock(&mirror.table);
                     if sub.read_retry(seq) {

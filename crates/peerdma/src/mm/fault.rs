@@ -9,6 +9,7 @@
 
 use crate::addr::{Pfn, VirtAddr, PAGE_SIZE};
 use crate::mem::{flags, Region, RegionKind};
+use crate::mm::migrate::Select;
 use crate::mm::page_table::PageTable;
 use crate::mm::pte::Pte;
 use crate::mm::space::Mm;
@@ -426,23 +427,26 @@ impl Mm {
     /// referenced by anything but its entry (shared after fork, held by
     /// `get_user_pages`); EINVAL for non-anonymous mappings; EFAULT when nothing is
     /// mapped there. A migration of the same page in progress is waited for, and then
-    /// the page is moved again from wherever that one put it.
+    /// the page is moved again from wherever that one put it. A one-page use of
+    /// [`Mm::migrate_vma_setup`] in which this address space does the copy.
     pub fn migrate_page(&self, va: VirtAddr, target: &Arc<Region>) -> Result<Pfn, MmError> {
         let op = "migrate";
         let va = VirtAddr(va.0 & !(PAGE_SIZE - 1));
-        let vmas = self.mmap_read();
-        let vma = vmas.find(va).ok_or(MmError::Fault {
-            op,
-            addr: va,
-            why: "no mapping",
-        })?;
-        if !vma.is_anon() {
-            return Err(MmError::Invalid {
+        {
+            let vmas = self.mmap_read();
+            let vma = vmas.find(va).ok_or(MmError::Fault {
                 op,
                 addr: va,
-                len: PAGE_SIZE,
-                why: "only private anonymous pages migrate",
-            });
+                why: "no mapping",
+            })?;
+            if !vma.is_anon() {
+                return Err(MmError::Invalid {
+                    op,
+                    addr: va,
+                    len: PAGE_SIZE,
+                    why: "only private anonymous pages migrate",
+                });
+            }
         }
         if matches!(target.kind(), RegionKind::P2p { .. }) {
             return Err(MmError::Invalid {
@@ -452,8 +456,43 @@ impl Mm {
                 why: "p2p memory is not a migration target",
             });
         }
+        let all = Select::SYSTEM | Select::DEVICE_PRIVATE | Select::DEVICE_COHERENT;
+        let end = VirtAddr(va.0 + PAGE_SIZE);
         loop {
-            if let Some(new) = self.migrate_entry(va, None, target, false, op)?.settle() {
+            let mut m = self.migrate_vma_setup(va, end, all, None)?;
+            let src = m.src()[0];
+            let Some(old) = src.pfn else {
+                return Err(MmError::Fault {
+                    op,
+                    addr: va,
+                    why: "the page is not populated",
+                });
+            };
+            let region = self.region(old);
+            if !src.migrate {
+                if m.busy(0) {
+                    drop(m);
+                    region.wait_page_unlocked(old);
+                    continue;
+                }
+                return Err(MmError::Busy {
+                    op,
+                    addr: va,
+                    why: if region.meta(old).pincount() > 0 {
+                        "the page is DMA-pinned"
+                    } else {
+                        "the page is referenced elsewhere (shared after fork, or in use)"
+                    },
+                });
+            }
+            let new = target.alloc().map_err(|e| MmError::nomem(op, va, e))?;
+            region.copy_frame(old, target, new);
+            m.set_dst(0, target, new);
+            m.pages();
+            let moved = m.src()[0].migrate;
+            m.finalize();
+            tracing::debug!(mm = self.id().0, va = %va, old = %old, new = %new, moved, "migrate page");
+            if moved {
                 return Ok(new);
             }
         }

@@ -21,12 +21,14 @@
 
 mod fault;
 mod fork;
+mod migrate;
 pub mod page_table;
 pub mod pte;
 mod space;
 pub mod vma;
 
 pub use fault::Access;
+pub use migrate::{MigrateSrc, MigrateVma, Select};
 pub use page_table::PageTable;
 pub use pte::Pte;
 pub use space::{Mm, MmId};

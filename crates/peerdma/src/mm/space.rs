@@ -112,6 +112,23 @@ impl Mm {
             .map_err(|source| MmError::Again { op, source })
     }
 
+    /// An invalidation carrying the device-private owner that causes it (a migration
+    /// by that owner's driver), so its own mirror may skip it.
+    pub(crate) fn invalidate_owned(
+        &self,
+        op: &'static str,
+        start: VirtAddr,
+        end: VirtAddr,
+        event: NotifyEvent,
+        owner: Option<u64>,
+    ) -> Result<InvalidateGuard, MmError> {
+        let mut range = NotifyRange::new(start, end, event);
+        range.owner = owner;
+        self.notifier
+            .invalidate_range_start(range)
+            .map_err(|source| MmError::Again { op, source })
+    }
+
     pub(crate) fn region(&self, pfn: Pfn) -> Arc<Region> {
         self.phys
             .region(pfn)

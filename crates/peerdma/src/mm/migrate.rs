@@ -1,0 +1,334 @@
+//! Migrating a range of an address space the way a device driver does it
+//! (mm/migrate_device.c): [`Mm::migrate_vma_setup`] collects the pages of a range that
+//! the caller selected (system RAM, device-private or device-coherent pages of one
+//! owner), locks each, takes a reference and replaces its entry with a migration entry,
+//! all under one `Migrate` invalidation that carries the owner; the caller allocates
+//! destination frames and copies (with its copy engine, or `Region::copy_frame`);
+//! [`MigrateVma::pages`] re-checks what may move and [`MigrateVma::finalize`] installs
+//! the new entries, restores the ones that stay, unlocks and drops the old pages.
+//! Dropping a `MigrateVma` without finalizing restores every entry.
+//!
+//! What is left out on purpose: compound (huge) pages, the zero page and page-cache
+//! pages — none are modelled. Where the kernel requires the device-private owner to
+//! match, `owner: None` is peerdma's "any owner", which the one-page
+//! [`Mm::migrate_page`] uses.
+
+use crate::addr::{Pfn, VirtAddr, PAGE_SIZE};
+use crate::mem::{flags, Region, RegionKind};
+use crate::mm::pte::Pte;
+use crate::mm::space::Mm;
+use crate::mm::vma::Vmas;
+use crate::mm::MmError;
+use crate::notifier::NotifyEvent;
+use crate::sync::{Arc, Held, RwLockReadGuard};
+
+/// Which pages `migrate_vma_setup` collects (`MIGRATE_VMA_SELECT_*`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Select(u8);
+
+impl Select {
+    /// System RAM pages (and empty entries of anonymous memory).
+    pub const SYSTEM: Select = Select(1);
+    /// Device-private pages of the owner.
+    pub const DEVICE_PRIVATE: Select = Select(2);
+    /// Device-coherent pages of the owner.
+    pub const DEVICE_COHERENT: Select = Select(4);
+
+    /// Whether all of `other` is selected.
+    pub fn contains(self, other: Select) -> bool {
+        self.0 & other.0 == other.0
+    }
+}
+
+impl std::ops::BitOr for Select {
+    type Output = Select;
+    fn bitor(self, rhs: Select) -> Select {
+        Select(self.0 | rhs.0)
+    }
+}
+
+/// One page of the range as collected (a `migrate_pfn` source entry).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MigrateSrc {
+    /// The page, when there is one (an empty entry of anonymous memory has none and
+    /// may still be migrated: the destination is inserted as a new page).
+    pub pfn: Option<Pfn>,
+    /// Whether the page will move (`MIGRATE_PFN_MIGRATE`).
+    pub migrate: bool,
+    /// Whether it was mapped writable (`MIGRATE_PFN_WRITE`).
+    pub write: bool,
+}
+
+/// One collected page: what the caller sees, and what finalize needs.
+struct Entry {
+    src: MigrateSrc,
+    /// The entry before the migration entry replaced it.
+    old: Pte,
+    region: Option<Arc<Region>>,
+    /// The destination the caller handed over (its reference now ours).
+    dst: Option<(Arc<Region>, Pfn)>,
+    /// Left out because another migration holds the page.
+    busy: bool,
+}
+
+/// A range under migration (`struct migrate_vma`). Holds the address-space lock
+/// shared from setup to finalize, as the kernel's caller must.
+///
+/// # Invariants
+/// Every entry with a source page and `migrate` set holds that page's page lock and
+/// one reference, and its page-table entry is a migration entry naming it; no other
+/// thread changes such an entry. Every `dst` holds one reference owned by this value.
+pub struct MigrateVma<'m> {
+    mm: &'m Mm,
+    _held: Held<RwLockReadGuard<'m, Vmas>>,
+    start: VirtAddr,
+    /// Whether the VMA allows writes: a page inserted for an empty entry maps so.
+    writable: bool,
+    entries: Vec<Entry>,
+    done: bool,
+}
+
+impl std::fmt::Debug for MigrateVma<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MigrateVma")
+            .field("start", &self.start)
+            .field("pages", &self.entries.len())
+            .field("cpages", &self.cpages())
+            .finish()
+    }
+}
+
+impl Mm {
+    /// `migrate_vma_setup()`: collects the pages of `[start, end)` selected by `select`
+    /// (device pages only when their owner is `owner`, or any owner for `None`) under
+    /// one `Migrate` invalidation carrying `owner`, and replaces each collected page's
+    /// entry with a migration entry. Pages that are pinned, referenced by anything but
+    /// their entry, or being migrated already are left out, as are entries of
+    /// non-anonymous mappings. EINVAL when the range is not page aligned, empty, or not
+    /// inside one VMA; EFAULT when nothing is mapped there.
+    pub fn migrate_vma_setup(
+        &self,
+        start: VirtAddr,
+        end: VirtAddr,
+        select: Select,
+        owner: Option<u64>,
+    ) -> Result<MigrateVma<'_>, MmError> {
+        let op = "migrate_vma_setup";
+        let bad = |why| MmError::Invalid {
+            op,
+            addr: start,
+            len: end.0.saturating_sub(start.0),
+            why,
+        };
+        if !start.is_aligned(PAGE_SIZE) || !end.is_aligned(PAGE_SIZE) {
+            return Err(bad("the range is not page aligned"));
+        }
+        if end.0 <= start.0 {
+            return Err(bad("the range is empty"));
+        }
+        let held = self.mmap_read();
+        let vma = held.find(start).ok_or(MmError::Fault {
+            op,
+            addr: start,
+            why: "no mapping",
+        })?;
+        if end.0 > vma.end.0 {
+            return Err(bad("the range is not inside one mapping"));
+        }
+        let (anon, writable) = (vma.is_anon(), vma.prot.writable());
+        let guard = self.invalidate_owned(op, start, end, NotifyEvent::Migrate, owner)?;
+        let npages = ((end.0 - start.0) / PAGE_SIZE) as usize;
+        let mut entries = Vec::with_capacity(npages);
+        {
+            let mut pt = self.pt_lock();
+            for i in 0..npages {
+                let va = VirtAddr(start.0 + i as u64 * PAGE_SIZE);
+                let pte = pt.get(va);
+                let mut e = Entry {
+                    src: MigrateSrc::default(),
+                    old: pte,
+                    region: None,
+                    dst: None,
+                    busy: false,
+                };
+                if pte.is_empty() {
+                    e.src.migrate = anon && select.contains(Select::SYSTEM);
+                    entries.push(e);
+                    continue;
+                }
+                let pfn = pte.pfn().unwrap_or_else(|| unreachable!("non-empty entry"));
+                let region = self.region(pfn);
+                let owned = |o: &u64| owner.is_none_or(|w| w == *o);
+                e.busy = pte.is_migration();
+                let selected = anon
+                    && !e.busy
+                    && match region.kind() {
+                        RegionKind::SystemRam => select.contains(Select::SYSTEM),
+                        RegionKind::DevicePrivate { owner: o } => {
+                            select.contains(Select::DEVICE_PRIVATE) && owned(o)
+                        }
+                        RegionKind::DeviceCoherent { owner: o } => {
+                            select.contains(Select::DEVICE_COHERENT) && owned(o)
+                        }
+                        RegionKind::P2p { .. } => false,
+                    };
+                e.src.pfn = Some(pfn);
+                e.src.write = pte.writable();
+                let m = region.meta(pfn);
+                // A possibly pinned page, or one referenced by anything but its entry
+                // (shared after fork, held by get_user_pages), stays.
+                if selected && m.pincount() == 0 && m.refcount() == 1 {
+                    if region.trylock_page(pfn) {
+                        region.get(pfn);
+                        pt.set(va, Pte::migration(pfn, pte.writable()));
+                        e.src.migrate = true;
+                        e.region = Some(region);
+                    } else {
+                        e.busy = true;
+                    }
+                }
+                entries.push(e);
+            }
+        }
+        drop(guard);
+        Ok(MigrateVma {
+            mm: self,
+            _held: held,
+            start,
+            writable,
+            entries,
+            done: false,
+        })
+    }
+}
+
+impl MigrateVma<'_> {
+    /// The first address of the range.
+    pub fn start(&self) -> VirtAddr {
+        self.start
+    }
+
+    /// The collected source entries, one per page.
+    pub fn src(&self) -> Vec<MigrateSrc> {
+        self.entries.iter().map(|e| e.src).collect()
+    }
+
+    /// Whether page `i` was left out because another migration holds it (the caller
+    /// may wait for its page lock and try again).
+    pub fn busy(&self, i: usize) -> bool {
+        self.entries[i].busy
+    }
+
+    /// Pages that will move (`cpages`): collected pages and empty anonymous entries.
+    pub fn cpages(&self) -> usize {
+        self.entries.iter().filter(|e| e.src.migrate).count()
+    }
+
+    /// Hands over the destination of page `i`: a frame of `region` holding one
+    /// reference, which this value now owns, already filled by the caller (copied from
+    /// the source, or zeroed for an empty entry). Ignored — and freed at finalize —
+    /// for a page that does not migrate.
+    pub fn set_dst(&mut self, i: usize, region: &Arc<Region>, pfn: Pfn) {
+        assert!(region.contains(pfn), "{pfn} is not in {}", region.kind());
+        let e = &mut self.entries[i];
+        if let Some((r, old)) = e.dst.replace((region.clone(), pfn)) {
+            r.put(old);
+        }
+    }
+
+    /// `migrate_vma_pages()`: decides, for each page, whether it moves: it needs a
+    /// destination, and a source page must still be referenced only by its entry and
+    /// the migration (references can only have dropped since setup).
+    pub fn pages(&mut self) {
+        for e in &mut self.entries {
+            if !e.src.migrate {
+                continue;
+            }
+            if e.dst.is_none() {
+                e.src.migrate = false;
+                continue;
+            }
+            if let (Some(p), Some(r)) = (e.src.pfn, &e.region) {
+                let m = r.meta(p);
+                if m.pincount() > 0 || m.refcount() != 2 {
+                    e.src.migrate = false;
+                }
+            }
+        }
+    }
+
+    /// `migrate_vma_finalize()`: installs the destination of every page that moves,
+    /// restores the entry of every collected page that does not, unlocks the sources
+    /// and drops them (a moved page's old frame changes identity: DMA mappings of it
+    /// are stale), and frees destinations that were not used.
+    pub fn finalize(mut self) {
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let mut pt = self.mm.pt_lock();
+        let vma_writable = self.writable;
+        for (i, e) in self.entries.iter_mut().enumerate() {
+            let va = VirtAddr(self.start.0 + i as u64 * PAGE_SIZE);
+            let new_entry = |r: &Region, p: Pfn, write: bool| {
+                r.meta(p).set(flags::ANON_EXCLUSIVE);
+                if matches!(r.kind(), RegionKind::DevicePrivate { .. }) {
+                    Pte::device(p, write)
+                } else {
+                    Pte::present(p, write)
+                }
+            };
+            match (e.src.pfn, e.region.take()) {
+                (Some(old), Some(src)) => {
+                    // A collected page: ours to switch or restore.
+                    debug_assert_eq!(pt.get(va), Pte::migration(old, e.src.write));
+                    let dst = if e.src.migrate { e.dst.take() } else { None };
+                    if let Some((r, p)) = dst {
+                        pt.set(va, new_entry(&r, p, e.src.write));
+                        src.bump_generation(old);
+                        src.unlock_page(old);
+                        src.put(old); // the migration's reference
+                        src.put(old); // the old entry's
+                    } else {
+                        pt.set(va, e.old);
+                        src.unlock_page(old);
+                        src.put(old);
+                    }
+                }
+                (None, _) if e.src.migrate => {
+                    // An empty entry: the destination goes in unless a fault filled it.
+                    if let Some((r, p)) = e.dst.take() {
+                        if pt.get(va).is_empty() {
+                            pt.set(va, new_entry(&r, p, vma_writable));
+                        } else {
+                            e.dst = Some((r, p));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        drop(pt);
+        for e in &mut self.entries {
+            if let Some((r, p)) = e.dst.take() {
+                r.put(p);
+            }
+        }
+    }
+}
+
+impl Drop for MigrateVma<'_> {
+    fn drop(&mut self) {
+        // Without `pages`, nothing is marked to move unless the caller set
+        // destinations; an abandoned migration restores whatever it did not switch.
+        if !self.done {
+            for e in &mut self.entries {
+                e.src.migrate = false;
+            }
+            self.finish();
+        }
+    }
+}
