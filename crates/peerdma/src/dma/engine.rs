@@ -8,7 +8,7 @@ use crate::dma::map::{MapKind, Record};
 use crate::dma::sanitizer::{Violation, ViolationKind};
 use crate::dma::{Dma, DmaError};
 use crate::iommu::{DmaFault, FaultReason};
-use crate::mem::{Region, RegionKind};
+use crate::mem::Region;
 use crate::sync::atomic::Ordering;
 use crate::sync::Arc;
 
@@ -265,10 +265,12 @@ impl Dma {
                 k += 1;
                 in_page = 0;
             }
-            let path = match (rec.kind, rec.region.kind()) {
-                (MapKind::BusAddr, _) => 0,
-                (_, RegionKind::P2p { .. }) => 1,
-                _ => 2,
+            let path = if rec.kind == MapKind::BusAddr {
+                0
+            } else if rec.region.kind().is_p2p() {
+                1
+            } else {
+                2
             };
             moved[path] += len;
         }

@@ -6,7 +6,7 @@ use crate::dma::sg::SgTable;
 use crate::dma::{Direction, Dma, DmaError};
 use crate::fabric::{calc_map_type_and_dist, MapType};
 use crate::iommu::{IoPerm, IovaRange};
-use crate::mem::{Region, RegionKind};
+use crate::mem::Region;
 use crate::sync::atomic::{AtomicBool, Ordering};
 use crate::sync::Arc;
 use crate::sync::InFlight;
@@ -252,16 +252,20 @@ impl Dma {
                 "SG entry crosses regions"
             );
             let phys = e.pfn.0 * PAGE_SIZE + e.offset;
-            let direct = match region.kind() {
-                RegionKind::P2p {
-                    provider,
-                    bus_offset,
-                    ..
-                } => {
-                    let p = self.topo.lookup(*provider).ok_or(DmaError::NoProvider {
+            let kind = region.kind();
+            if !kind.bus_addressable() {
+                return Err(DmaError::NotAddressable {
+                    dev,
+                    pfn: e.pfn,
+                    kind: kind.to_string(),
+                });
+            }
+            let direct = match kind.p2p() {
+                Some((provider, bus_offset)) => {
+                    let p = self.topo.lookup(provider).ok_or(DmaError::NoProvider {
                         dev,
                         pfn: e.pfn,
-                        provider: *provider,
+                        provider,
                     })?;
                     let v = calc_map_type_and_dist(&self.topo, p, client);
                     match v.map_type {
@@ -274,14 +278,7 @@ impl Dma {
                         }
                     }
                 }
-                RegionKind::DevicePrivate { .. } => {
-                    return Err(DmaError::NotAddressable {
-                        dev,
-                        pfn: e.pfn,
-                        kind: region.kind().to_string(),
-                    })
-                }
-                _ => None,
+                None => None,
             };
             let domain = if direct.is_none() {
                 self.iommu.domain(dev)

@@ -4,7 +4,7 @@ use std::ops::BitOr;
 
 use crate::addr::{Pfn, VirtAddr, PAGE_SIZE};
 use crate::gup::GupError;
-use crate::mem::{flags, Region, RegionKind};
+use crate::mem::{flags, Region};
 use crate::mm::{Access, Mm, MmError, Pte};
 use crate::sync::atomic::Ordering;
 use crate::sync::Arc;
@@ -119,17 +119,27 @@ fn walk(
     let mut pages = PageRuns::default();
     let vmas = mm.mmap_read();
     let mut cur: Option<Arc<Region>> = None;
+    // A count at its limit: the kernel's try_grab_folio fails with ENOMEM.
+    let overflow = |va: VirtAddr| {
+        GupError::Mm(MmError::NoMemory {
+            op,
+            addr: va,
+            why: "the page's reference or pin count is at its limit".into(),
+            source: None,
+        })
+    };
     // Whether frames of a region may be held with these flags.
     let take_check = |region: &Region, va: VirtAddr| -> Check {
-        match region.kind() {
-            RegionKind::P2p { provider, .. } if !gup.contains(FollFlags::PCI_P2PDMA) => {
+        let kind = region.kind();
+        match kind.p2p() {
+            Some((provider, _)) if !gup.contains(FollFlags::PCI_P2PDMA) => {
                 Check::Refused(GupError::RemoteIo {
                     op,
                     addr: va,
-                    provider: *provider,
+                    provider,
                 })
             }
-            RegionKind::DeviceCoherent { .. } if gup.contains(FollFlags::LONGTERM) => {
+            _ if kind.is_device_coherent() && gup.contains(FollFlags::LONGTERM) => {
                 Check::NeedsMigration
             }
             _ => Check::Ok,
@@ -142,11 +152,11 @@ fn walk(
             Check::NeedsMigration => return Step::NeedsMigration,
             Check::Ok => {}
         }
-        match hold {
-            Hold::Pin => region.pin(pfn),
-            Hold::Get => region.get(pfn),
+        if region.try_grab(pfn, hold == Hold::Pin) {
+            Step::Held
+        } else {
+            Step::Refused(overflow(va))
         }
-        Step::Held
     };
     let mut i = 0;
     while i < npages {
@@ -200,17 +210,21 @@ fn walk(
                 }
                 // Pass 2: the pins, touching only frame metadata. Pass 3: the frame list.
                 // Kept apart so the locked adds never wait behind stores to the list.
-                for pte in &run[..m] {
-                    let pfn = pte.pfn().unwrap_or_else(|| unreachable!());
-                    match hold {
-                        Hold::Pin => region.pin(pfn),
-                        Hold::Get => region.get(pfn),
-                    }
-                }
-                for pte in &run[..m] {
+                let grabbed = run[..m]
+                    .iter()
+                    .take_while(|pte| {
+                        let pfn = pte.pfn().unwrap_or_else(|| unreachable!());
+                        region.try_grab(pfn, hold == Hold::Pin)
+                    })
+                    .count();
+                for pte in &run[..grabbed] {
                     pages.push(pte.pfn().unwrap_or_else(|| unreachable!()));
                 }
-                i += m;
+                i += grabbed;
+                if grabbed < m {
+                    let va = VirtAddr(start.0 + i as u64 * PAGE_SIZE);
+                    return (pages, Some(overflow(va)));
+                }
             }
             drop(pt);
             if i >= npages {

@@ -54,6 +54,9 @@ const _: () = assert!(std::mem::size_of::<FrameMeta>() == 16);
 pub(crate) const REF: u64 = 1;
 /// One pin and the reference it carries.
 pub(crate) const PIN: u64 = (1 << 32) | 1;
+/// The most references, or pins, a frame may hold: half the counter's range, so an
+/// attempt to go past it is caught long before it could carry into the pin count.
+pub const REF_LIMIT: u32 = 1 << 31;
 
 impl FrameMeta {
     /// Current references (pins included).

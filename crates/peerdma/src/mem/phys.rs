@@ -233,4 +233,54 @@ mod tests {
             after - before
         );
     }
+
+    #[test]
+    fn a_count_at_its_limit_refuses_another_grab_and_changes_nothing() {
+        use crate::mem::frame::REF_LIMIT;
+        let pm = PhysMem::new(1 << 20).unwrap();
+        let ram = pm.ram();
+        let f = ram.alloc().unwrap();
+        assert!(ram.try_grab(f, true));
+        let m = ram.meta(f);
+        // Pretend the frame already carries the most references allowed.
+        let at_limit = u64::from(REF_LIMIT) | (1 << 32);
+        m.counts.store(at_limit, Ordering::SeqCst);
+        assert!(!ram.try_grab(f, false) && !ram.try_grab(f, true));
+        assert_eq!(m.counts.load(Ordering::SeqCst), at_limit, "nothing taken");
+        // Pins at the limit refuse too, before they could carry into anything.
+        m.counts.store((u64::from(REF_LIMIT) << 32) | 5, Ordering::SeqCst);
+        assert!(!ram.try_grab(f, true));
+        m.counts.store(super::super::frame::PIN + 1, Ordering::SeqCst);
+        assert!(ram.try_grab(f, false));
+    }
+
+    struct Freed(crate::sync::Mutex<Vec<Pfn>>);
+
+    impl crate::mem::PageMapOps for Freed {
+        fn page_free(&self, pfn: Pfn) {
+            crate::sync::lock(&self.0).push(pfn);
+        }
+    }
+
+    #[test]
+    fn the_owner_hears_of_each_frame_its_last_reference_frees() {
+        let pm = PhysMem::new(1 << 20).unwrap();
+        let dev = pm
+            .memremap_pages(RegionKind::DevicePrivate { owner: 3 }, 1 << 20)
+            .unwrap();
+        let ops = Arc::new(Freed(crate::sync::Mutex::new(Vec::new())));
+        assert!(dev.set_page_map_ops(ops.clone()));
+        assert!(!dev.set_page_map_ops(ops.clone()), "once");
+        assert!(!pm.ram().set_page_map_ops(ops.clone()), "RAM has no owner");
+        let mut frames = Vec::new();
+        dev.alloc_bulk(3, &mut frames).unwrap();
+        dev.get(frames[0]);
+        assert_eq!(dev.put_many(&frames), 2);
+        assert_eq!(*crate::sync::lock(&ops.0), frames[1..].to_vec());
+        assert!(dev.put(frames[0]));
+        assert_eq!(crate::sync::lock(&ops.0).len(), 3);
+        assert!(dev.kind().is_device_private() && !dev.kind().bus_addressable());
+        assert_eq!(dev.kind().owner(), Some(3));
+        assert!(pm.ram().kind().p2p().is_none() && !pm.ram().kind().is_device());
+    }
 }

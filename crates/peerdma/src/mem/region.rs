@@ -7,11 +7,11 @@ use std::fmt;
 use crate::addr::{Bdf, Pfn, PAGE_SIZE};
 use crate::mem::alloc::FreeRuns;
 use crate::mem::backing::Backing;
-use crate::mem::frame::{flags, FrameMeta, Sections, PIN, REF};
+use crate::mem::frame::{flags, FrameMeta, Sections, PIN, REF, REF_LIMIT};
 use crate::mem::MemError;
 use crate::sync::atomic::{AtomicU32, Ordering};
 use crate::sync::Condvar;
-use crate::sync::{order, OrderedMutex};
+use crate::sync::{order, Arc, OnceLock, OrderedMutex};
 
 /// Identifies a region inside one [`PhysMem`](crate::mem::PhysMem).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -50,6 +50,52 @@ impl RegionKind {
     pub fn is_device(&self) -> bool {
         !matches!(self, RegionKind::SystemRam)
     }
+    /// Device memory the CPU cannot address (`is_device_private_page`): a CPU access
+    /// or a pin migrates the page to RAM first, and no peer reaches it on the bus.
+    pub fn is_device_private(&self) -> bool {
+        matches!(self, RegionKind::DevicePrivate { .. })
+    }
+    /// Device memory the CPU addresses coherently (`is_device_coherent_page`): it may
+    /// be mapped and pinned, but a long-term pin moves it to RAM first.
+    pub fn is_device_coherent(&self) -> bool {
+        matches!(self, RegionKind::DeviceCoherent { .. })
+    }
+    /// A BAR published as p2p memory (`is_pci_p2pdma_page`).
+    pub fn is_p2p(&self) -> bool {
+        matches!(self, RegionKind::P2p { .. })
+    }
+    /// For p2p memory, its provider and the bus offset a peer adds to a physical
+    /// address to reach it.
+    pub fn p2p(&self) -> Option<(Bdf, u64)> {
+        match self {
+            RegionKind::P2p {
+                provider,
+                bus_offset,
+                ..
+            } => Some((*provider, *bus_offset)),
+            _ => None,
+        }
+    }
+    /// The owner cookie of device-private or device-coherent memory (`pgmap->owner`).
+    pub fn owner(&self) -> Option<u64> {
+        match self {
+            RegionKind::DevicePrivate { owner } | RegionKind::DeviceCoherent { owner } => {
+                Some(*owner)
+            }
+            _ => None,
+        }
+    }
+    /// Whether a device can reach it on the bus at all (all but device-private).
+    pub fn bus_addressable(&self) -> bool {
+        !self.is_device_private()
+    }
+}
+
+/// What the owner of a device page map supplies (the kernel's `dev_pagemap_ops`).
+pub trait PageMapOps: Send + Sync {
+    /// A frame of the map lost its last reference and went back to the region's free
+    /// frames (`page_free` / `folio_free`). Called with no lock held.
+    fn page_free(&self, pfn: Pfn);
 }
 
 impl fmt::Display for RegionKind {
@@ -89,6 +135,8 @@ pub struct Region {
     unlocked: Condvar,
     /// Threads in `wait_page_unlocked`.
     lock_waiters: AtomicU32,
+    /// The owner's ops, for a device page map that has them.
+    ops: OnceLock<Arc<dyn PageMapOps>>,
 }
 
 impl fmt::Debug for Region {
@@ -130,6 +178,7 @@ impl Region {
             unlocked_lock: OrderedMutex::new(&order::LEAF, ()),
             unlocked: Condvar::new(),
             lock_waiters: AtomicU32::new(0),
+            ops: OnceLock::new(),
         })
     }
 
@@ -238,11 +287,32 @@ impl Region {
         Ok(Pfn(self.base.0 + start))
     }
 
-    /// Takes a reference to an allocated frame (`get_page`).
-    pub fn get(&self, pfn: Pfn) {
+    /// Takes a reference to an allocated frame (`get_page`). A reference count
+    /// reaching [`REF_LIMIT`] is a bug that would otherwise spill into the pin count:
+    /// it panics.
+    pub(crate) fn get(&self, pfn: Pfn) {
         let m = self.meta(pfn);
         let old = m.counts.fetch_add(REF, Ordering::AcqRel);
         debug_assert!(old as u32 > 0, "get_page on free frame {pfn}");
+        assert!(
+            (old as u32) < REF_LIMIT,
+            "reference count overflow on {pfn}"
+        );
+    }
+
+    /// Takes a reference (`try_get_page`) or a pin and its reference (`try_grab_folio`
+    /// with `FOLL_PIN`) unless either count is at [`REF_LIMIT`]; false then, and
+    /// nothing is taken. What GUP uses, so that user space cannot overflow a count.
+    pub(crate) fn try_grab(&self, pfn: Pfn, pin: bool) -> bool {
+        let m = self.meta(pfn);
+        let what = if pin { PIN } else { REF };
+        let old = m.counts.fetch_add(what, Ordering::AcqRel);
+        debug_assert!(old as u32 > 0, "grab of free frame {pfn}");
+        if (old as u32) >= REF_LIMIT || ((old >> 32) as u32) >= REF_LIMIT {
+            m.counts.fetch_sub(what, Ordering::AcqRel);
+            return false;
+        }
+        true
     }
 
     /// Drops a reference (`put_page`); the last one frees the frame, bumping its
@@ -257,8 +327,14 @@ impl Region {
         }
     }
 
+    /// Gives a device page map its owner's ops; once, at set-up. Refused (returns
+    /// false) for system RAM or when ops are set already.
+    pub fn set_page_map_ops(&self, ops: Arc<dyn PageMapOps>) -> bool {
+        self.kind.is_device() && self.ops.set(ops).is_ok()
+    }
+
     /// Returns frames whose last reference dropped to the allocator, under one lock,
-    /// and wakes anyone waiting for frames to come back.
+    /// wakes anyone waiting for frames to come back, and tells the owner.
     fn free_indices(&self, idx: &mut [u64]) {
         let mut free = self.free.lock();
         if let [one] = idx {
@@ -268,6 +344,12 @@ impl Region {
         }
         if self.free_waiters.load(Ordering::SeqCst) > 0 {
             self.freed.notify_all();
+        }
+        drop(free);
+        if let Some(ops) = self.ops.get() {
+            for &i in idx.iter() {
+                ops.page_free(Pfn(self.base.0 + i));
+            }
         }
     }
 
@@ -393,14 +475,16 @@ impl Region {
     }
 
     /// Pins a frame for DMA (`FOLL_PIN`): a pin is also a reference.
-    pub fn pin(&self, pfn: Pfn) {
+    #[cfg(test)]
+    pub(crate) fn pin(&self, pfn: Pfn) {
         let m = self.meta(pfn);
         let old = m.counts.fetch_add(PIN, Ordering::AcqRel);
         debug_assert!(old as u32 > 0, "pin of free frame {pfn}");
     }
 
     /// Drops a pin and its reference (`unpin_user_page`); returns whether that freed it.
-    pub fn unpin(&self, pfn: Pfn) -> bool {
+    #[cfg(test)]
+    pub(crate) fn unpin(&self, pfn: Pfn) -> bool {
         let idx = self.idx(pfn);
         if self.drop_counts(idx, PIN) {
             self.free_indices(&mut [idx]);
@@ -413,7 +497,7 @@ impl Region {
     /// Unpins `n` frames from `first` (marking them dirty first when `dirty`), freeing
     /// the ones whose last reference that was under one allocator lock
     /// (`unpin_user_pages_dirty_lock` over a contiguous run).
-    pub fn unpin_run(&self, first: Pfn, n: u64, dirty: bool) {
+    pub(crate) fn unpin_run(&self, first: Pfn, n: u64, dirty: bool) {
         let mut freed = Vec::new();
         let start = self.idx(first);
         assert!(
@@ -508,7 +592,7 @@ impl Region {
 
     /// Marks a frame's contents as moved elsewhere: the generation changes, so a DMA
     /// mapping taken before is stale.
-    pub fn bump_generation(&self, pfn: Pfn) {
+    pub(crate) fn bump_generation(&self, pfn: Pfn) {
         self.meta(pfn).generation.fetch_add(1, Ordering::AcqRel);
     }
 

@@ -8,7 +8,7 @@
 //! invalidation callbacks may sleep, and the entry may have changed meanwhile.
 
 use crate::addr::{Pfn, VirtAddr, PAGE_SIZE};
-use crate::mem::{flags, Region, RegionKind};
+use crate::mem::{flags, Region};
 use crate::mm::migrate::Select;
 use crate::mm::page_table::PageTable;
 use crate::mm::pte::Pte;
@@ -386,7 +386,7 @@ impl Mm {
         {
             let mut pt = self.pt.lock();
             debug_assert_eq!(pt.get(va), Pte::migration(old, pte.writable()));
-            let entry = if matches!(dst.kind(), RegionKind::DevicePrivate { .. }) {
+            let entry = if dst.kind().is_device_private() {
                 Pte::device(new, pte.writable())
             } else {
                 Pte::present(new, pte.writable())
@@ -448,7 +448,7 @@ impl Mm {
                 });
             }
         }
-        if matches!(target.kind(), RegionKind::P2p { .. }) {
+        if target.kind().is_p2p() {
             return Err(MmError::Invalid {
                 op,
                 addr: va,

@@ -14,7 +14,7 @@
 //! [`Mm::migrate_page`] uses.
 
 use crate::addr::{Pfn, VirtAddr, PAGE_SIZE};
-use crate::mem::{flags, Region, RegionKind};
+use crate::mem::{flags, Region};
 use crate::mm::pte::Pte;
 use crate::mm::space::Mm;
 use crate::mm::vma::Vmas;
@@ -158,19 +158,17 @@ impl Mm {
                 }
                 let pfn = pte.pfn().unwrap_or_else(|| unreachable!("non-empty entry"));
                 let region = self.region(pfn);
-                let owned = |o: &u64| owner.is_none_or(|w| w == *o);
+                let kind = region.kind();
+                let owned = owner.is_none() || kind.owner() == owner;
                 e.busy = pte.is_migration();
                 let selected = anon
                     && !e.busy
-                    && match region.kind() {
-                        RegionKind::SystemRam => select.contains(Select::SYSTEM),
-                        RegionKind::DevicePrivate { owner: o } => {
-                            select.contains(Select::DEVICE_PRIVATE) && owned(o)
-                        }
-                        RegionKind::DeviceCoherent { owner: o } => {
-                            select.contains(Select::DEVICE_COHERENT) && owned(o)
-                        }
-                        RegionKind::P2p { .. } => false,
+                    && if kind.is_device_private() {
+                        select.contains(Select::DEVICE_PRIVATE) && owned
+                    } else if kind.is_device_coherent() {
+                        select.contains(Select::DEVICE_COHERENT) && owned
+                    } else {
+                        !kind.is_device() && select.contains(Select::SYSTEM)
                     };
                 e.src.pfn = Some(pfn);
                 e.src.write = pte.writable();
@@ -275,7 +273,7 @@ impl MigrateVma<'_> {
             let va = VirtAddr(self.start.0 + i as u64 * PAGE_SIZE);
             let new_entry = |r: &Region, p: Pfn, write: bool| {
                 r.meta(p).set(flags::ANON_EXCLUSIVE);
-                if matches!(r.kind(), RegionKind::DevicePrivate { .. }) {
+                if r.kind().is_device_private() {
                     Pte::device(p, write)
                 } else {
                     Pte::present(p, write)
