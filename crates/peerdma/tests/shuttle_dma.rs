@@ -257,3 +257,48 @@ fn a_transfer_through_a_notifier_protected_mapping_racing_migration_lands_before
         iterations(),
     );
 }
+
+/// Without an IOMMU one page mapped twice for a device has one DMA address. A transfer
+/// to it racing the revocation of one mapping is carried by the other: the device's
+/// access is valid as long as some live mapping covers it.
+#[test]
+fn a_transfer_racing_the_revocation_of_one_of_two_mappings_of_a_page_succeeds() {
+    shuttle::check_random(
+        || {
+            let h = common::workstation(8 << 20, false);
+            let gpu: peerdma::addr::Bdf = "0000:03:00.0".parse().unwrap();
+            let mm = h.spawn();
+            let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+            let pinned = get_user_dma_sg(
+                &mm,
+                a,
+                PAGE_SIZE,
+                h.dma(),
+                gpu,
+                Direction::Bidirectional,
+                FollFlags::NONE,
+            )
+            .unwrap();
+            let pfn = mm.pte(a).pfn().unwrap();
+            let sg = peerdma::dma::SgTable::from_runs(&[(pfn, 1)], 0, PAGE_SIZE, PAGE_SIZE);
+            let odp = Arc::new(h.dma().map_sg(gpu, &sg, Direction::FromDevice).unwrap());
+            let addr = pinned.segments()[0].addr;
+            assert_eq!(addr, odp.segments()[0].addr, "one DMA address");
+            let writer = {
+                let dma = h.dma().clone();
+                thread::spawn(move || dma.dma_write(gpu, addr, &[5; 8]))
+            };
+            let revoker = {
+                let odp = odp.clone();
+                thread::spawn(move || odp.revoke())
+            };
+            writer.join().unwrap().unwrap();
+            revoker.join().unwrap();
+            let mut b = [0u8; 8];
+            mm.read(a, &mut b).unwrap();
+            assert_eq!(b, [5; 8]);
+            assert!(h.dma().sanitizer().is_clean());
+        },
+        iterations(),
+    );
+}

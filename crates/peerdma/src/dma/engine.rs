@@ -92,8 +92,29 @@ impl Dma {
         dev: Bdf,
         pieces: &[(DmaAddr, u64)],
         write: bool,
-        copy: impl FnMut(&Region, Pfn, u64, usize, usize),
+        mut copy: impl FnMut(&Region, Pfn, u64, usize, usize),
     ) -> Result<(), DmaError> {
+        // A mapping chosen for a piece may be revoked before the transfer counts itself
+        // in flight on it; another live mapping may still carry the address (one page
+        // mapped twice without an IOMMU), so resolve again. Each retry follows a
+        // revocation, and a piece only revoked mappings cover is refused at once.
+        loop {
+            let plan = self.resolve(dev, pieces, write)?;
+            match self.run(dev, plan, &mut copy) {
+                Err(DmaError::Revoked { .. }) => continue,
+                done => return done,
+            }
+        }
+    }
+
+    /// Finds, for every piece, a live mapping of the device that can carry it, under
+    /// the device's mappings' shared lock; records the violation when none can.
+    fn resolve(
+        &self,
+        dev: Bdf,
+        pieces: &[(DmaAddr, u64)],
+        write: bool,
+    ) -> Result<Vec<(Arc<Record>, usize, u64, u64)>, DmaError> {
         let map = self.device_map(dev);
         let live = map.read();
         let mut plan: Vec<(Arc<Record>, usize, u64, u64)> = Vec::with_capacity(pieces.len());
@@ -168,7 +189,7 @@ impl Dma {
             ));
         }
         drop(live);
-        self.run(dev, plan, copy)
+        Ok(plan)
     }
 
     /// One transfer through one mapping the device names directly (a memory region's
