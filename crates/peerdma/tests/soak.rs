@@ -550,9 +550,12 @@ impl<'w> Worker<'w> {
                 }
                 let pi = self.rng.gen_range(0..w.providers.len());
                 let pages = self.rng.gen_range(1..=4u64);
+                // Removal that had finished before the mmap began must refuse it; one
+                // that finishes while the mmap returns proves nothing.
+                let removed_before = w.removed.load(Ordering::SeqCst);
                 match w.providers[pi].mmap(&mm, pages * PAGE_SIZE, true, 0, Prot::RW) {
                     Ok(va) => {
-                        if pi == 0 && w.removed.load(Ordering::SeqCst) {
+                        if pi == 0 && removed_before {
                             fail(
                                 seed,
                                 self.t,

@@ -248,9 +248,11 @@ mod tests {
         assert!(!ram.try_grab(f, false) && !ram.try_grab(f, true));
         assert_eq!(m.counts.load(Ordering::SeqCst), at_limit, "nothing taken");
         // Pins at the limit refuse too, before they could carry into anything.
-        m.counts.store((u64::from(REF_LIMIT) << 32) | 5, Ordering::SeqCst);
+        m.counts
+            .store((u64::from(REF_LIMIT) << 32) | 5, Ordering::SeqCst);
         assert!(!ram.try_grab(f, true));
-        m.counts.store(super::super::frame::PIN + 1, Ordering::SeqCst);
+        m.counts
+            .store(super::super::frame::PIN + 1, Ordering::SeqCst);
         assert!(ram.try_grab(f, false));
     }
 
