@@ -12,6 +12,10 @@ use crate::mem::Region;
 use crate::sync::atomic::Ordering;
 use crate::sync::Arc;
 
+/// One checked piece of a transfer: the mapping that carries it, the index of its
+/// first page in the mapping, the offset into that page, and the bytes.
+type Step = (Arc<Record>, usize, u64, u64);
+
 impl Dma {
     /// The device reads `buf.len()` bytes of memory at `addr` (a DMA to the device).
     pub fn dma_read(&self, dev: Bdf, addr: DmaAddr, buf: &mut [u8]) -> Result<(), DmaError> {
@@ -114,10 +118,10 @@ impl Dma {
         dev: Bdf,
         pieces: &[(DmaAddr, u64)],
         write: bool,
-    ) -> Result<Vec<(Arc<Record>, usize, u64, u64)>, DmaError> {
+    ) -> Result<Vec<Step>, DmaError> {
         let map = self.device_map(dev);
         let live = map.read();
-        let mut plan: Vec<(Arc<Record>, usize, u64, u64)> = Vec::with_capacity(pieces.len());
+        let mut plan: Vec<Step> = Vec::with_capacity(pieces.len());
         for &(addr, len) in pieces {
             if len == 0 {
                 continue;
@@ -249,13 +253,13 @@ impl Dma {
     fn run(
         &self,
         dev: Bdf,
-        plan: Vec<(Arc<Record>, usize, u64, u64)>,
+        plan: Vec<Step>,
         mut copy: impl FnMut(&Region, Pfn, u64, usize, usize),
     ) -> Result<(), DmaError> {
         for (rec, ..) in &plan {
             rec.inflight.enter();
         }
-        let exit = |plan: &[(Arc<Record>, usize, u64, u64)]| {
+        let exit = |plan: &[Step]| {
             for (rec, ..) in plan {
                 rec.inflight.exit();
             }
