@@ -193,3 +193,57 @@ fn exit_releases_every_frame() {
         "nothing leaks after both exit"
     );
 }
+
+/// `handle_mm_fault` is the one fault entry: a read fault populates, a write fault on a
+/// page shared after fork breaks copy-on-write (the child keeps the old page), an
+/// unshare fault makes the page exclusive, a fault on a device-private page brings it
+/// back to RAM, and the refusals carry the kernel's numbers.
+#[test]
+fn handle_mm_fault_resolves_each_kind_of_fault() {
+    use peerdma::mem::RegionKind;
+    use peerdma::mm::Access;
+    let phys = PhysMem::new(16 << 20).unwrap();
+    let mm = Mm::new(&phys);
+    let a = mm.mmap_anon(2 * PAGE_SIZE, Prot::RW).unwrap();
+    assert!(mm.pte(a).is_empty());
+    let p = mm.handle_mm_fault(a, Access::Read).unwrap();
+    assert_eq!(mm.pte(a).pfn(), Some(p), "populated");
+    mm.write(a, b"orig").unwrap();
+    let child = mm.fork().unwrap();
+    let shared = mm.pte(a).pfn().unwrap();
+    assert!(!mm.pte(a).writable());
+    let q = mm.handle_mm_fault(a, Access::Write).unwrap();
+    assert_ne!(q, shared, "the write fault copied");
+    assert!(mm.pte(a).writable());
+    assert_eq!(
+        child.pte(a).pfn(),
+        Some(shared),
+        "the child keeps the old page"
+    );
+    let mut b = [0u8; 4];
+    mm.read(a, &mut b).unwrap();
+    assert_eq!(&b, b"orig");
+    // Device-private: the fault brings the page back.
+    let dev = phys
+        .memremap_pages(RegionKind::DevicePrivate { owner: 1 }, 1 << 20)
+        .unwrap();
+    mm.migrate_page(a, &dev).unwrap();
+    assert!(mm.pte(a).is_device_private());
+    let r = mm.handle_mm_fault(a, Access::Unshare).unwrap();
+    assert!(phys.ram().contains(r) && mm.pte(a).is_present());
+    mm.read(a, &mut b).unwrap();
+    assert_eq!(&b, b"orig");
+    // Refusals.
+    assert_eq!(
+        mm.handle_mm_fault(VirtAddr(0x1000), Access::Read)
+            .unwrap_err()
+            .errno(),
+        14
+    );
+    mm.mprotect(a, PAGE_SIZE, Prot::READ).unwrap();
+    assert_eq!(
+        mm.handle_mm_fault(a, Access::Write).unwrap_err().errno(),
+        13
+    );
+    drop(child);
+}

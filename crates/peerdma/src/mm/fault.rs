@@ -72,6 +72,19 @@ impl Migrated {
 }
 
 impl Mm {
+    /// `handle_mm_fault(va, flags)`: resolves a fault at `va` as the CPU (or a device
+    /// faulting through HMM or ODP) would meet it — populates an empty entry, breaks
+    /// copy-on-write for a write, makes an anonymous page exclusive for `Unshare`,
+    /// brings a device-private page back to RAM, waits out a migration — and returns
+    /// the frame now mapped there. EFAULT where nothing is mapped, EACCES where the
+    /// mapping forbids the access. Takes the address-space lock shared; the same path
+    /// CPU reads and writes and GUP's slow path take.
+    pub fn handle_mm_fault(&self, va: VirtAddr, access: Access) -> Result<Pfn, MmError> {
+        let va = VirtAddr(va.0 & !(PAGE_SIZE - 1));
+        let vmas = self.mmap_read();
+        self.with_page(&vmas, va, access, "handle_mm_fault", |_, pfn| pfn)
+    }
+
     /// Makes the page at `va` satisfy `access`, then calls `f` with the page table
     /// locked and the frame, and returns its result. The caller holds the address-space
     /// lock shared (`vmas`). A fault that races another fault or a migration of the same
