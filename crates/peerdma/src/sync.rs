@@ -30,7 +30,7 @@
 //!    while it copies, an unmap exclusively),
 //! 7. the IOMMU's domain table, then a domain's IOVA allocator, then its IO page table,
 //! 8. physical memory's region list (held across a new region's set-up),
-//! 9. a region's allocator (`Region::free`), then the leaves: page-lock wait queues, a
+//! 9. a region's allocator (`Region::free`), then the leaves: a
 //!    provider's user list, the sanitizer's logs, IOMMU faults.
 //!
 //! Besides these, a frame's page lock (the `LOCKED` flag, `Region::trylock_page`) is
@@ -118,19 +118,64 @@ pub fn wait<'a, T>(cv: &Condvar, g: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
     }
 }
 
+/// Threads sleeping until a condition on atomics holds, woken by whoever makes it
+/// hold (the kernel's wait queues): a page lock released, transfers drained. A wake-up
+/// with nobody waiting costs one atomic load.
+///
+/// # Invariants
+/// `waiters` counts the threads inside [`wait_until`](Self::wait_until). A waiter
+/// counts itself before it checks the condition and a waker changes the condition
+/// (with a `SeqCst` atomic) before it reads the count, so either the waiter sees the
+/// change or the waker sees the waiter and wakes it under `lock`.
+#[derive(Debug, Default)]
+pub struct WaitQueue {
+    waiters: atomic::AtomicU32,
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+impl WaitQueue {
+    /// An empty queue.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sleeps until `done()` holds; `what` names the wait for the lock checker (no
+    /// lock that forbids sleeping may be held).
+    pub fn wait_until(&self, what: &str, mut done: impl FnMut() -> bool) {
+        if done() {
+            return;
+        }
+        might_sleep(what);
+        self.waiters.fetch_add(1, atomic::Ordering::SeqCst);
+        let mut g = lock(&self.lock);
+        while !done() {
+            g = wait(&self.cv, g);
+        }
+        drop(g);
+        self.waiters.fetch_sub(1, atomic::Ordering::SeqCst);
+    }
+
+    /// Wakes every waiter; call after the `SeqCst` change that may make their
+    /// condition hold.
+    pub fn wake_all(&self) {
+        if self.waiters.load(atomic::Ordering::SeqCst) > 0 {
+            let _g = lock(&self.lock);
+            self.cv.notify_all();
+        }
+    }
+}
+
 /// Operations in progress that another thread can wait to drain: DMA transfers
 /// through one mapping, which an unmap or an invalidation waits for. `enter` and `exit`
 /// are one atomic each; the last `exit` wakes the waiters, nothing polls.
 ///
 /// # Invariants
-/// `count` is the number of `enter`s not yet matched by an `exit`; `waiters` counts the
-/// threads inside `wait_idle`, so an `exit` that drains the count wakes them.
+/// `count` is the number of `enter`s not yet matched by an `exit`.
 #[derive(Debug, Default)]
 pub struct InFlight {
     count: atomic::AtomicU64,
-    waiters: atomic::AtomicU32,
-    lock: Mutex<()>,
-    idle: Condvar,
+    idle: WaitQueue,
 }
 
 impl InFlight {
@@ -149,9 +194,8 @@ impl InFlight {
     pub fn exit(&self) {
         let before = self.count.fetch_sub(1, atomic::Ordering::SeqCst);
         debug_assert!(before > 0, "InFlight::exit without enter");
-        if before == 1 && self.waiters.load(atomic::Ordering::SeqCst) > 0 {
-            let _g = lock(&self.lock);
-            self.idle.notify_all();
+        if before == 1 {
+            self.idle.wake_all();
         }
     }
 
@@ -162,17 +206,8 @@ impl InFlight {
 
     /// Waits until nothing is in flight.
     pub fn wait_idle(&self) {
-        if self.count() == 0 {
-            return;
-        }
-        might_sleep("waiting for operations in flight");
-        self.waiters.fetch_add(1, atomic::Ordering::SeqCst);
-        let mut g = lock(&self.lock);
-        while self.count() != 0 {
-            g = wait(&self.idle, g);
-        }
-        drop(g);
-        self.waiters.fetch_sub(1, atomic::Ordering::SeqCst);
+        self.idle
+            .wait_until("waiting for operations in flight", || self.count() == 0);
     }
 }
 
@@ -220,7 +255,7 @@ pub mod order {
     pub static PHYS_REGIONS: LockClass = class("PhysMem::regions", 70, true);
     /// A region's frame allocator.
     pub static REGION_FREE: LockClass = class("Region::free", 80, true);
-    /// Leaves: page-lock wait queues, a provider's user list, logs.
+    /// Leaves: a provider's user list, transfer hooks, logs.
     pub static LEAF: LockClass = class("leaf", 90, true);
 }
 

@@ -11,7 +11,7 @@ use crate::mem::frame::{flags, FrameMeta, Sections, PIN, REF, REF_LIMIT};
 use crate::mem::MemError;
 use crate::sync::atomic::{AtomicU32, Ordering};
 use crate::sync::Condvar;
-use crate::sync::{order, Arc, OnceLock, OrderedMutex};
+use crate::sync::{order, Arc, OnceLock, OrderedMutex, WaitQueue};
 
 /// Identifies a region inside one [`PhysMem`](crate::mem::PhysMem).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -131,10 +131,7 @@ pub struct Region {
     free_waiters: AtomicU32,
     /// Where threads wait for a frame's page lock to be released. Lock order: a leaf,
     /// held only to sleep.
-    unlocked_lock: OrderedMutex<()>,
-    unlocked: Condvar,
-    /// Threads in `wait_page_unlocked`.
-    lock_waiters: AtomicU32,
+    unlocked: WaitQueue,
     /// The owner's ops, for a device page map that has them.
     ops: OnceLock<Arc<dyn PageMapOps>>,
 }
@@ -175,9 +172,7 @@ impl Region {
             free: OrderedMutex::new(&order::REGION_FREE, FreeRuns::new(frames)),
             freed: Condvar::new(),
             free_waiters: AtomicU32::new(0),
-            unlocked_lock: OrderedMutex::new(&order::LEAF, ()),
-            unlocked: Condvar::new(),
-            lock_waiters: AtomicU32::new(0),
+            unlocked: WaitQueue::new(),
             ops: OnceLock::new(),
         })
     }
@@ -399,24 +394,16 @@ impl Region {
             .flags
             .fetch_and(!flags::LOCKED, Ordering::SeqCst);
         debug_assert!(old & flags::LOCKED != 0, "unlock of unlocked frame {pfn}");
-        if self.lock_waiters.load(Ordering::SeqCst) > 0 {
-            let _g = self.unlocked_lock.lock();
-            self.unlocked.notify_all();
-        }
+        self.unlocked.wake_all();
     }
 
     /// Sleeps until the frame's page lock is released (`folio_wait_locked`): a fault
     /// that meets a migration entry waits here, then retries.
     pub(crate) fn wait_page_unlocked(&self, pfn: Pfn) {
-        crate::sync::might_sleep("waiting for a page lock");
         let m = self.meta(pfn);
-        self.lock_waiters.fetch_add(1, Ordering::SeqCst);
-        let mut g = self.unlocked_lock.lock();
-        while m.flags.load(Ordering::SeqCst) & flags::LOCKED != 0 {
-            g = g.wait(&self.unlocked);
-        }
-        drop(g);
-        self.lock_waiters.fetch_sub(1, Ordering::SeqCst);
+        self.unlocked.wait_until("waiting for a page lock", || {
+            m.flags.load(Ordering::SeqCst) & flags::LOCKED == 0
+        });
     }
 
     /// Drops one reference on each frame, freeing the last ones under one allocator lock.
