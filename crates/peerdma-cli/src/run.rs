@@ -11,8 +11,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use peerdma::addr::Bdf;
 use peerdma::fabric::import::file;
 use peerdma::fabric::{preset, Topology};
-use peerdma::host::p2p_copy::{self, P2pCopyParams, P2pCopyReport};
 use peerdma::host::{Host, HostConfig};
+use peerdma::scenario::p2p_copy::{self, P2pCopyParams, P2pCopyReport};
 
 /// What to run.
 #[derive(Args)]

@@ -6,9 +6,9 @@
 use std::os::unix::fs::FileExt;
 
 use peerdma::dma::Direction;
-use peerdma::drivers::nvme::DataPointer;
+use peerdma::drivers::nvme::{DataPointer, Nvme};
 use peerdma::fabric::preset;
-use peerdma::gup::{get_user_dma_sg, FollFlags};
+use peerdma::gup::{get_user_dma_sg, UserSg};
 use peerdma::host::{Host, HostConfig};
 use peerdma::mm::Prot;
 
@@ -24,13 +24,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &devices,
     )?;
     let a = host
-        .nvme("0000:06:00.0".parse()?)
-        .ok_or("no drive A")?
-        .clone();
+        .device::<Nvme>("0000:06:00.0".parse()?)
+        .ok_or("no drive A")?;
     let b = host
-        .nvme("0000:05:00.0".parse()?)
-        .ok_or("no drive B")?
-        .clone();
+        .device::<Nvme>("0000:05:00.0".parse()?)
+        .ok_or("no drive B")?;
     a.backing().write_all_at(b"hello from drive A", 0)?;
 
     // p2p memory from B's CMB, mapped into a process like the sysfs allocate file.
@@ -41,12 +39,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Pin it and map it for drive A in one call, then let A read block 0 into it.
     let sg = get_user_dma_sg(
         &process,
-        buf,
-        4096,
-        host.dma(),
-        a.dev(),
-        Direction::FromDevice,
-        FollFlags::NONE,
+        a.dma(),
+        UserSg::new(buf, 4096, Direction::FromDevice),
     )?;
     for s in sg.segments() {
         println!(

@@ -24,4 +24,5 @@ pub mod mem;
 pub mod mm;
 pub mod notifier;
 pub mod p2pmem;
+pub mod scenario;
 pub mod sync;

@@ -23,9 +23,8 @@ use std::time::Duration;
 
 use peerdma::addr::{Bdf, Pfn, VirtAddr, PAGE_SIZE};
 use peerdma::dma::{Direction, DmaError, ViolationKind};
-use peerdma::gup::{get_user_dma_sg, pin_user_pages, FollFlags};
-use peerdma::host::Host;
-use peerdma::mem::{PhysMem, RegionKind};
+use peerdma::gup::{get_user_dma_sg, pin_user_pages, FollFlags, UserSg};
+use peerdma::mem::RegionKind;
 use peerdma::mm::{Mm, Prot};
 use peerdma::notifier::{
     IntervalNotifier, IntervalNotifierOps, NotifyEvent, NotifyRange, Subscription,
@@ -80,7 +79,7 @@ fn read8(mm: &Mm, va: VirtAddr) -> [u8; 8] {
 /// used to go to the old frame, after the copy, and be lost.
 #[test]
 fn migration_keeps_a_cpu_write_that_raced_it() {
-    let (_phys, dev, mm, a) = common::one_page(RegionKind::DeviceCoherent { owner: 1 }, &[1; 8]);
+    let (_h, dev, mm, a) = common::one_page(RegionKind::DeviceCoherent { owner: 1 }, &[1; 8]);
     let writer = mm.clone();
     let (_sub, ops) = hook(&mm, a, NotifyEvent::Migrate, move || {
         // Another thread's write, finished before the migration goes on.
@@ -99,12 +98,12 @@ fn migration_keeps_a_cpu_write_that_raced_it() {
 /// its data, and no frame is lost or handed out twice.
 #[test]
 fn a_migration_nested_in_another_of_the_same_page_moves_it_twice() {
-    let phys = PhysMem::new(8 << 20).unwrap();
+    let h = common::host(8 << 20);
+    let phys = h.phys().clone();
     let dev = phys
         .memremap_pages(RegionKind::DeviceCoherent { owner: 1 }, 1 << 20)
         .unwrap();
-    let free_ram = phys.ram().free_frames();
-    let mm = Mm::new(&phys);
+    let mm = h.spawn();
     let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
     mm.write(a, b"payload!").unwrap();
     let (inner_mm, inner_dev) = (mm.clone(), dev.clone());
@@ -126,26 +125,24 @@ fn a_migration_nested_in_another_of_the_same_page_moves_it_twice() {
     );
     assert_eq!(mm.pte(a).pfn(), Some(outer));
     assert_eq!(&read8(&mm, a), b"payload!");
-    assert_eq!(
-        dev.free_frames(),
-        dev.frames(),
-        "the device frame was freed"
-    );
+    let q = h.quiescent();
+    assert_eq!(q.regions.len(), 1, "the device frame was freed: {q}");
+    assert_eq!(q.frames(), 1, "one RAM frame, the page's: {q}");
     drop(sub);
     mm.exit();
-    assert_eq!(phys.ram().free_frames(), free_ram, "a RAM frame leaked");
+    h.quiescent().assert_clean();
 }
 
 /// Bug 2 as the soak met it: two threads migrating one page back and forth used to
 /// free the source under each other and panic on an overlapping copy.
 #[test]
 fn concurrent_migrations_of_one_page_keep_data_and_frames() {
-    let phys = PhysMem::new(8 << 20).unwrap();
+    let h = common::host(8 << 20);
+    let phys = h.phys().clone();
     let dev = phys
         .memremap_pages(RegionKind::DevicePrivate { owner: 1 }, 1 << 20)
         .unwrap();
-    let free_ram = phys.ram().free_frames();
-    let mm = Mm::new(&phys);
+    let mm = h.spawn();
     let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
     mm.write(a, b"payload!").unwrap();
     thread::scope(|s| {
@@ -160,9 +157,9 @@ fn concurrent_migrations_of_one_page_keep_data_and_frames() {
         }
     });
     assert_eq!(&read8(&mm, a), b"payload!");
+    assert_eq!(h.quiescent().frames(), 1, "one frame, wherever it ended");
     mm.exit();
-    assert_eq!(phys.ram().free_frames(), free_ram);
-    assert_eq!(dev.free_frames(), dev.frames());
+    h.quiescent().assert_clean();
 }
 
 /// Bug 3: the copy-on-write break decided to copy, then the other sharer exited and a
@@ -170,8 +167,9 @@ fn concurrent_migrations_of_one_page_keep_data_and_frames() {
 /// stale copy, so the process no longer mapped its pinned page and lost the write.
 #[test]
 fn cow_break_keeps_a_reference_so_a_racing_pin_keeps_its_page() {
-    let phys = PhysMem::new(8 << 20).unwrap();
-    let parent = Mm::new(&phys);
+    let h = common::host(8 << 20);
+    let phys = h.phys().clone();
+    let parent = h.spawn();
     let a = parent.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
     parent.write(a, &[1; 8]).unwrap();
     let child = parent.fork().unwrap();
@@ -200,18 +198,18 @@ fn cow_break_keeps_a_reference_so_a_racing_pin_keeps_its_page() {
     assert_eq!(b, [[3u8; 8], [9u8; 8]].concat()[..], "a write was lost");
 }
 
-fn device_private_page() -> (Arc<PhysMem>, Arc<Mm>, VirtAddr) {
-    let (phys, dev, mm, a) = common::one_page(RegionKind::DevicePrivate { owner: 1 }, b"on-dev!!");
+fn device_private_page() -> (common::Checked, peerdma::host::Process, VirtAddr) {
+    let (h, dev, mm, a) = common::one_page(RegionKind::DevicePrivate { owner: 1 }, b"on-dev!!");
     mm.migrate_page(a, &dev).unwrap();
     assert!(mm.pte(a).is_device_private());
-    (phys, mm, a)
+    (h, mm, a)
 }
 
 /// Bug 4: a CPU read of a device-private page whose migration back to RAM raced
 /// another fault of the same page returned EBUSY; the kernel retries the fault.
 #[test]
 fn cpu_fault_on_device_private_page_retries_after_a_racing_fault() {
-    let (_phys, mm, a) = device_private_page();
+    let (_h, mm, a) = device_private_page();
     let other = mm.clone();
     let (_sub, ops) = hook(&mm, a, NotifyEvent::Migrate, move || {
         thread::scope(|s| {
@@ -227,7 +225,7 @@ fn cpu_fault_on_device_private_page_retries_after_a_racing_fault() {
 /// faults the same page back succeeds, and both see one page.
 #[test]
 fn pin_of_device_private_page_retries_after_a_racing_write() {
-    let (_phys, mm, a) = device_private_page();
+    let (_h, mm, a) = device_private_page();
     let other = mm.clone();
     let (_sub, ops) = hook(&mm, a, NotifyEvent::Migrate, move || {
         thread::scope(|s| {
@@ -240,7 +238,7 @@ fn pin_of_device_private_page_retries_after_a_racing_write() {
     assert_eq!(&read8(&mm, a), b"cpudev!!");
 }
 
-fn host(iommu: bool) -> Host {
+fn host(iommu: bool) -> common::Checked {
     common::workstation(32 << 20, iommu)
 }
 
@@ -258,15 +256,29 @@ fn dma_through_overlapping_mappings_uses_one_that_allows_it() {
     let mm = h.spawn();
     let a = mm.mmap_anon(2 * PAGE_SIZE, Prot::RW).unwrap();
     mm.write(a, &[5; 16]).unwrap();
-    let map =
-        |len, dir| get_user_dma_sg(&mm, a, len, h.dma(), nic(), dir, FollFlags::NONE).unwrap();
+    let map = |len, dir| {
+        get_user_dma_sg(
+            &mm,
+            &h.dma().attach(nic()).unwrap(),
+            UserSg::new(a, len, dir),
+        )
+        .unwrap()
+    };
     let to = map(PAGE_SIZE, Direction::ToDevice);
     let from = map(PAGE_SIZE, Direction::FromDevice);
     let addr = to.segments()[0].addr;
     assert_eq!(addr, from.segments()[0].addr, "no IOMMU: one DMA address");
-    h.dma().dma_write(nic(), addr, &[7; 8]).unwrap();
+    h.dma()
+        .attach(nic())
+        .unwrap()
+        .dma_write(addr, &[7; 8])
+        .unwrap();
     let mut b = [0u8; 8];
-    h.dma().dma_read(nic(), addr, &mut b).unwrap();
+    h.dma()
+        .attach(nic())
+        .unwrap()
+        .dma_read(addr, &mut b)
+        .unwrap();
     assert_eq!(b, [7; 8]);
     drop((to, from));
     for order in [[1, 2], [2, 1]] {
@@ -275,7 +287,11 @@ fn dma_through_overlapping_mappings_uses_one_that_allows_it() {
             .map(|&n| map(n * PAGE_SIZE, Direction::Bidirectional))
             .collect();
         let mut two = vec![0u8; 2 * PAGE_SIZE as usize];
-        h.dma().dma_read(nic(), addr, &mut two).unwrap();
+        h.dma()
+            .attach(nic())
+            .unwrap()
+            .dma_read(addr, &mut two)
+            .unwrap();
         assert_eq!(&two[..8], &[7; 8]);
         drop(maps);
     }
@@ -287,12 +303,12 @@ fn dma_through_overlapping_mappings_uses_one_that_allows_it() {
     // Only ToDevice mappings: a device write is a real violation, and says so.
     let to1 = map(PAGE_SIZE, Direction::ToDevice);
     let to2 = map(PAGE_SIZE, Direction::ToDevice);
-    match h.dma().dma_write(nic(), addr, &[1; 8]) {
+    match h.dma().attach(nic()).unwrap().dma_write(addr, &[1; 8]) {
         Err(DmaError::Fault(v)) => assert_eq!(v.kind, ViolationKind::WrongDirection),
         other => panic!("expected a WrongDirection fault, got {other:?}"),
     }
     drop((to1, to2));
-    assert_eq!(h.dma().live_mappings(), 0);
+    assert_eq!(h.quiescent().dma_mappings, 0);
 }
 
 /// Bug 6: removal munmapped every range ever recorded, whatever was mapped there now:
@@ -362,7 +378,7 @@ fn p2p_removal_waits_for_an_mmap_in_progress_and_zaps_it() {
         remover.join().unwrap().unwrap();
         assert!(mm.pte(va).is_empty(), "removal zapped the late mapping");
     });
-    assert_eq!(p.available(), p.size());
+    assert!(h.quiescent().p2p.is_empty());
 }
 
 /// Bug 7 for forks: a child forked from a process mapping the CMB, whose parent then
@@ -392,5 +408,8 @@ fn p2p_removal_zaps_a_forked_child_and_completes() {
         remover.join().unwrap().unwrap();
     });
     assert!(child.vma(va).is_some(), "zapped, not unmapped");
-    assert_eq!(p.available(), p.size());
+    assert!(
+        h.quiescent().p2p.is_empty(),
+        "the removed provider holds nothing"
+    );
 }

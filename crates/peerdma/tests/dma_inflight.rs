@@ -10,7 +10,7 @@ use std::time::Duration;
 use peerdma::addr::{Bdf, PAGE_SIZE};
 use peerdma::dma::{Direction, DmaError};
 use peerdma::errno::Errno;
-use peerdma::gup::{get_user_dma_sg, FollFlags};
+use peerdma::gup::{get_user_dma_sg, UserSg};
 use peerdma::mm::Prot;
 use peerdma::sync::{Arc, Mutex};
 use std::thread;
@@ -48,7 +48,12 @@ fn unmapping_one_mapping_does_not_wait_for_a_transfer_through_another() {
         let mm = h.spawn();
         let a = mm.mmap_anon(2 * PAGE_SIZE, Prot::RW).unwrap();
         let map = |va, dir| {
-            get_user_dma_sg(&mm, va, PAGE_SIZE, h.dma(), gpu(), dir, FollFlags::NONE).unwrap()
+            get_user_dma_sg(
+                &mm,
+                &h.dma().attach(gpu()).unwrap(),
+                UserSg::new(va, PAGE_SIZE, dir),
+            )
+            .unwrap()
         };
         let busy = map(a, Direction::FromDevice);
         let other = map(
@@ -57,10 +62,11 @@ fn unmapping_one_mapping_does_not_wait_for_a_transfer_through_another() {
         );
         let addr = busy.segments()[0].addr;
         let (hook, parked, release) = park_first_transfer();
-        h.dma().set_transfer_hook(gpu(), Some(hook));
+        h.dma().attach(gpu()).unwrap().set_transfer_hook(Some(hook));
         thread::scope(|s| {
             let dma = h.dma().clone();
-            let transfer = s.spawn(move || dma.dma_write(gpu(), addr, b"in flight"));
+            let transfer =
+                s.spawn(move || dma.attach(gpu()).unwrap().dma_write(addr, b"in flight"));
             parked.recv().unwrap();
             // The other mapping goes at once, with the first transfer still in flight.
             let (done_tx, done_rx) = mpsc::channel();
@@ -85,11 +91,11 @@ fn unmapping_one_mapping_does_not_wait_for_a_transfer_through_another() {
             transfer.join().unwrap().unwrap();
             done_rx.recv_timeout(Duration::from_secs(5)).unwrap();
         });
-        h.dma().set_transfer_hook(gpu(), None);
+        h.dma().attach(gpu()).unwrap().set_transfer_hook(None);
         let mut b = [0u8; 9];
         mm.read(a, &mut b).unwrap();
         assert_eq!(&b, b"in flight", "the transfer completed before the unmap");
-        assert_eq!(h.dma().live_mappings(), 0);
+        assert_eq!(h.quiescent().dma_mappings, 0);
         assert!(h.dma().sanitizer().is_clean());
     }
 }
@@ -101,21 +107,17 @@ fn revoke_waits_for_transfers_in_flight_and_refuses_later_ones() {
     let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
     let sg = get_user_dma_sg(
         &mm,
-        a,
-        PAGE_SIZE,
-        h.dma(),
-        gpu(),
-        Direction::Bidirectional,
-        FollFlags::NONE,
+        &h.dma().attach(gpu()).unwrap(),
+        UserSg::new(a, PAGE_SIZE, Direction::Bidirectional),
     )
     .unwrap();
     let addr = sg.segments()[0].addr;
     let (hook, parked, release) = park_first_transfer();
-    h.dma().set_transfer_hook(gpu(), Some(hook));
+    h.dma().attach(gpu()).unwrap().set_transfer_hook(Some(hook));
     let sg = Arc::new(sg);
     thread::scope(|s| {
         let dma = h.dma().clone();
-        let transfer = s.spawn(move || dma.dma_write(gpu(), addr, b"first"));
+        let transfer = s.spawn(move || dma.attach(gpu()).unwrap().dma_write(addr, b"first"));
         parked.recv().unwrap();
         let (done_tx, done_rx) = mpsc::channel();
         let sg2 = sg.clone();
@@ -128,7 +130,7 @@ fn revoke_waits_for_transfers_in_flight_and_refuses_later_ones() {
         transfer.join().unwrap().unwrap();
         done_rx.recv_timeout(Duration::from_secs(5)).unwrap();
     });
-    match h.dma().dma_write(gpu(), addr, b"late") {
+    match h.dma().attach(gpu()).unwrap().dma_write(addr, b"late") {
         Err(e @ DmaError::Revoked { .. }) => assert_eq!(e.errno(), Errno::EAGAIN),
         other => panic!("a transfer after revocation: {other:?}"),
     }

@@ -3,18 +3,17 @@
 //! wrong direction, and running past a mapping are recorded violations with the
 //! frame's history, and no byte moves.
 
-use peerdma::addr::{Bdf, DmaAddr, Pfn, PAGE_SIZE};
-use peerdma::dma::{Direction, Dma, DmaError, SgTable, ViolationKind};
-use peerdma::errno::Errno;
-use peerdma::fabric::preset;
-use peerdma::gup::{get_user_dma_sg, FollFlags};
-use peerdma::mem::{PhysMem, RegionKind};
-use peerdma::mm::{Mm, Prot};
-use peerdma::sync::Arc;
+mod common;
 
-fn dma(iommu: bool) -> Arc<Dma> {
-    let topo = Arc::new(preset("workstation").unwrap());
-    Dma::new(topo, PhysMem::new(16 << 20).unwrap(), iommu)
+use peerdma::addr::{Bdf, DmaAddr, Pfn, PAGE_SIZE};
+use peerdma::dma::{Direction, DmaError, SgTable, ViolationKind};
+use peerdma::errno::Errno;
+use peerdma::gup::{get_user_dma_sg, UserSg};
+use peerdma::mem::RegionKind;
+use peerdma::mm::Prot;
+
+fn host(iommu: bool) -> common::Checked {
+    common::bare(16 << 20, iommu)
 }
 
 fn gpu() -> Bdf {
@@ -24,23 +23,24 @@ fn gpu() -> Bdf {
 #[test]
 fn use_after_unmap_is_caught_with_iommu_and_without() {
     for iommu in [true, false] {
-        let d = dma(iommu);
-        let mm = Mm::new(d.phys());
+        let h = host(iommu);
+        let d = h.dma().clone();
+        let mm = h.spawn();
         let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
         let sg = get_user_dma_sg(
             &mm,
-            a,
-            PAGE_SIZE,
-            &d,
-            gpu(),
-            Direction::FromDevice,
-            FollFlags::NONE,
+            &d.attach(gpu()).unwrap(),
+            UserSg::new(a, PAGE_SIZE, Direction::FromDevice),
         )
         .unwrap();
         let addr = sg.segments()[0].addr;
-        d.dma_write(gpu(), addr, b"ok").unwrap();
+        d.attach(gpu()).unwrap().dma_write(addr, b"ok").unwrap();
         drop(sg);
-        let e = d.dma_write(gpu(), addr, b"late").unwrap_err();
+        let e = d
+            .attach(gpu())
+            .unwrap()
+            .dma_write(addr, b"late")
+            .unwrap_err();
         let DmaError::Fault(v) = e else { panic!("{e}") };
         assert_eq!(v.kind, ViolationKind::Unmapped);
         assert_eq!(d.sanitizer().violations().len(), 1);
@@ -55,8 +55,9 @@ fn use_after_unmap_is_caught_with_iommu_and_without() {
 
 #[test]
 fn dma_to_a_frame_migrated_since_mapping_is_caught() {
-    let d = dma(true);
-    let mm = Mm::new(d.phys());
+    let h = host(true);
+    let d = h.dma().clone();
+    let mm = h.spawn();
     let dev_mem = d
         .phys()
         .memremap_pages(RegionKind::DeviceCoherent { owner: 1 }, 1 << 20)
@@ -65,11 +66,20 @@ fn dma_to_a_frame_migrated_since_mapping_is_caught() {
     mm.write(a, &[1]).unwrap();
     // A driver that maps without pinning (the bug the rules forbid).
     let pfn: Pfn = mm.pte(a).pfn().unwrap();
-    let sg = SgTable::from_runs(&[(pfn, 1)], 0, PAGE_SIZE, d.max_segment(gpu()));
-    let mapping = d.map_sg(gpu(), &sg, Direction::Bidirectional).unwrap();
+    let sg = SgTable::from_runs(
+        &[(pfn, 1)],
+        0,
+        PAGE_SIZE,
+        d.attach(gpu()).unwrap().max_segment(),
+    );
+    let mapping = d
+        .attach(gpu())
+        .unwrap()
+        .map_sg(&sg, Direction::Bidirectional)
+        .unwrap();
     let addr = mapping.segments()[0].addr;
     mm.migrate_page(a, &dev_mem).unwrap();
-    let e = d.dma_write(gpu(), addr, &[9]).unwrap_err();
+    let e = d.attach(gpu()).unwrap().dma_write(addr, &[9]).unwrap_err();
     let DmaError::Fault(v) = e else { panic!("{e}") };
     assert!(matches!(v.kind, ViolationKind::StaleFrame { .. }), "{v}");
     assert_eq!(v.frame, Some(pfn));
@@ -86,20 +96,28 @@ fn dma_to_a_frame_migrated_since_mapping_is_caught() {
 
 #[test]
 fn wrong_direction_and_past_the_end_are_caught() {
-    let d = dma(false);
-    let mm = Mm::new(d.phys());
+    let h = host(false);
+    let d = h.dma().clone();
+    let mm = h.spawn();
     let a = mm.mmap_anon(2 * PAGE_SIZE, Prot::RW).unwrap();
-    let sg = get_user_dma_sg(&mm, a, 100, &d, gpu(), Direction::ToDevice, FollFlags::NONE).unwrap();
+    let sg = get_user_dma_sg(
+        &mm,
+        &d.attach(gpu()).unwrap(),
+        UserSg::new(a, 100, Direction::ToDevice),
+    )
+    .unwrap();
     let addr = sg.segments()[0].addr;
     let mut buf = [0u8; 100];
-    d.dma_read(gpu(), addr, &mut buf).unwrap();
-    let e = d.dma_write(gpu(), addr, &[1]).unwrap_err();
+    d.attach(gpu()).unwrap().dma_read(addr, &mut buf).unwrap();
+    let e = d.attach(gpu()).unwrap().dma_write(addr, &[1]).unwrap_err();
     assert!(
         matches!(e, DmaError::Fault(ref v) if v.kind == ViolationKind::WrongDirection),
         "{e}"
     );
     let e = d
-        .dma_read(gpu(), DmaAddr(addr.0 + 50), &mut buf)
+        .attach(gpu())
+        .unwrap()
+        .dma_read(DmaAddr(addr.0 + 50), &mut buf)
         .unwrap_err();
     assert!(
         matches!(e, DmaError::Fault(ref v) if v.kind == ViolationKind::PastEnd),
@@ -107,24 +125,25 @@ fn wrong_direction_and_past_the_end_are_caught() {
     );
     // Another device cannot use this device's mapping.
     let other: Bdf = "0000:04:00.0".parse().unwrap();
-    assert!(d.dma_read(other, addr, &mut buf[..1]).is_err());
+    assert!(d
+        .attach(other)
+        .unwrap()
+        .dma_read(addr, &mut buf[..1])
+        .is_err());
     assert_eq!(d.sanitizer().violations().len(), 3);
 }
 
 #[test]
 fn unmap_waits_for_dma_in_flight() {
     // A DMA holds its mapping: an unmap started meanwhile completes only after it.
-    let d = dma(true);
-    let mm = Mm::new(d.phys());
+    let h = host(true);
+    let d = h.dma().clone();
+    let mm = h.spawn();
     let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
     let sg = get_user_dma_sg(
         &mm,
-        a,
-        PAGE_SIZE,
-        &d,
-        gpu(),
-        Direction::FromDevice,
-        FollFlags::NONE,
+        &d.attach(gpu()).unwrap(),
+        UserSg::new(a, PAGE_SIZE, Direction::FromDevice),
     )
     .unwrap();
     let addr = sg.segments()[0].addr;
@@ -136,7 +155,11 @@ fn unmap_waits_for_dma_in_flight() {
             peerdma::sync::thread::spawn(move || {
                 let mut ok = 0;
                 for _ in 0..200 {
-                    if d.dma_write(gpu(), addr, &[i as u8 + 1; 64]).is_ok() {
+                    if d.attach(gpu())
+                        .unwrap()
+                        .dma_write(addr, &[i as u8 + 1; 64])
+                        .is_ok()
+                    {
                         ok += 1;
                     }
                 }
@@ -167,14 +190,24 @@ fn unmap_waits_for_dma_in_flight() {
 
 #[test]
 fn device_private_memory_cannot_be_mapped_for_dma() {
-    let d = dma(true);
+    let h = host(true);
+    let d = h.dma().clone();
     let dev_mem = d
         .phys()
         .memremap_pages(RegionKind::DevicePrivate { owner: 1 }, 1 << 20)
         .unwrap();
     let f = dev_mem.alloc().unwrap();
-    let sg = SgTable::from_runs(&[(f, 1)], 0, PAGE_SIZE, d.max_segment(gpu()));
-    let e = d.map_sg(gpu(), &sg, Direction::ToDevice).unwrap_err();
+    let sg = SgTable::from_runs(
+        &[(f, 1)],
+        0,
+        PAGE_SIZE,
+        d.attach(gpu()).unwrap().max_segment(),
+    );
+    let e = d
+        .attach(gpu())
+        .unwrap()
+        .map_sg(&sg, Direction::ToDevice)
+        .unwrap_err();
     assert!(
         matches!(&e, DmaError::NotAddressable { pfn, .. } if *pfn == f),
         "{e}"

@@ -8,8 +8,8 @@ use std::error::Error;
 use peerdma::addr::PAGE_SIZE;
 use peerdma::errno::Errno;
 use peerdma::gup::{pin_user_pages, FollFlags, GupError};
-use peerdma::mem::{MemError, PhysMem};
-use peerdma::mm::{Mm, MmError, Prot};
+use peerdma::mem::MemError;
+use peerdma::mm::{MmError, Prot};
 use peerdma::p2pmem::P2pError;
 
 mod common;
@@ -17,8 +17,9 @@ mod common;
 #[test]
 fn out_of_memory_keeps_the_allocators_refusal_as_its_source() {
     // Two frames of RAM, one of them reserved: the second fault has nothing left.
-    let phys = PhysMem::new(2 * PAGE_SIZE).unwrap();
-    let mm = Mm::new(&phys);
+    let h = common::host(2 * PAGE_SIZE);
+    let _phys = h.phys().clone();
+    let mm = h.spawn();
     let a = mm.mmap_anon(2 * PAGE_SIZE, Prot::RW).unwrap();
     mm.write(a, &[1]).unwrap();
     let e = mm

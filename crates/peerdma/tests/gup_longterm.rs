@@ -3,21 +3,25 @@
 //! migrated to RAM by any pin, device-coherent ones by a long-term pin, and p2p pages
 //! need FOLL_PCI_P2PDMA and never take FOLL_LONGTERM.
 
+mod common;
+
 use peerdma::addr::{Bdf, VirtAddr, PAGE_SIZE};
 use peerdma::gup::{get_user_pages, pin_user_pages, FollFlags, GupError};
-use peerdma::mem::{PhysMem, RegionKind};
-use peerdma::mm::{Mm, Prot, ShmObject};
-use peerdma::sync::Arc;
+use peerdma::mem::RegionKind;
+use peerdma::mm::{Prot, ShmObject};
 
-fn host() -> (Arc<PhysMem>, Arc<Mm>) {
-    let phys = PhysMem::new(64 << 20).unwrap();
-    let mm = Mm::new(&phys);
-    (phys, mm)
+fn host() -> (common::Checked, peerdma::host::Process) {
+    let h = common::host(64 << 20);
+    let _phys = h.phys().clone();
+    let mm = h.spawn();
+    (h, mm)
 }
 
 #[test]
 fn longterm_pin_of_anonymous_memory_works() {
-    let (phys, mm) = host();
+    let (h, mm) = host();
+
+    let phys = h.phys().clone();
     let a = mm.mmap_anon(8 * PAGE_SIZE, Prot::RW).unwrap();
     let pin = pin_user_pages(&mm, a, 8, FollFlags::WRITE | FollFlags::LONGTERM).unwrap();
     assert_eq!(pin.len(), 8, "faulted in and pinned");
@@ -31,12 +35,12 @@ fn longterm_pin_of_anonymous_memory_works() {
 #[test]
 fn longterm_pin_of_shared_memory_object_works() {
     // gup_longterm.c: memfd / shmem may be long-term pinned.
-    let (_phys, mm) = host();
+    let (h, mm) = host();
     let obj = ShmObject::new(mm.phys(), 4 * PAGE_SIZE);
     let a = mm.mmap_shared(&obj, 0, 4 * PAGE_SIZE, Prot::RW).unwrap();
     let pin = pin_user_pages(&mm, a, 4, FollFlags::WRITE | FollFlags::LONGTERM).unwrap();
     assert_eq!(pin.len(), 4);
-    let other = Mm::new(mm.phys());
+    let other = h.spawn();
     let b = other.mmap_shared(&obj, 0, 4 * PAGE_SIZE, Prot::RW).unwrap();
     assert_eq!(other.pte(b).pfn(), None);
     other.write(b, b"dma").unwrap();
@@ -49,7 +53,7 @@ fn longterm_pin_of_shared_memory_object_works() {
 
 #[test]
 fn longterm_without_pin_is_invalid() {
-    let (_phys, mm) = host();
+    let (_h, mm) = host();
     let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
     let e = get_user_pages(&mm, a, 1, FollFlags::LONGTERM).unwrap_err();
     assert_eq!(e.errno(), 22);
@@ -57,7 +61,7 @@ fn longterm_without_pin_is_invalid() {
 
 #[test]
 fn write_pin_of_read_only_mapping_is_refused() {
-    let (_phys, mm) = host();
+    let (_h, mm) = host();
     let a = mm.mmap_anon(PAGE_SIZE, Prot::READ).unwrap();
     let e = pin_user_pages(&mm, a, 1, FollFlags::WRITE).unwrap_err();
     assert_eq!(e.errno(), 13, "{e}");
@@ -66,7 +70,7 @@ fn write_pin_of_read_only_mapping_is_refused() {
 
 #[test]
 fn partial_pin_reports_how_many_and_why() {
-    let (_phys, mm) = host();
+    let (_h, mm) = host();
     let a = mm.mmap_anon(3 * PAGE_SIZE, Prot::RW).unwrap();
     let pin = pin_user_pages(&mm, a, 5, FollFlags::WRITE).unwrap();
     assert_eq!((pin.len(), pin.requested()), (3, 5));
@@ -81,7 +85,9 @@ fn partial_pin_reports_how_many_and_why() {
 
 #[test]
 fn any_pin_migrates_device_private_pages_to_ram_first() {
-    let (phys, mm) = host();
+    let (h, mm) = host();
+
+    let phys = h.phys().clone();
     let dev = phys
         .memremap_pages(RegionKind::DevicePrivate { owner: 0xd1 }, 16 << 20)
         .unwrap();
@@ -101,7 +107,9 @@ fn any_pin_migrates_device_private_pages_to_ram_first() {
 
 #[test]
 fn cpu_access_migrates_device_private_pages_back() {
-    let (phys, mm) = host();
+    let (h, mm) = host();
+
+    let phys = h.phys().clone();
     let dev = phys
         .memremap_pages(RegionKind::DevicePrivate { owner: 1 }, 1 << 20)
         .unwrap();
@@ -122,7 +130,9 @@ fn cpu_access_migrates_device_private_pages_back() {
 
 #[test]
 fn longterm_pin_migrates_device_coherent_pages_but_a_short_pin_does_not() {
-    let (phys, mm) = host();
+    let (h, mm) = host();
+
+    let phys = h.phys().clone();
     let coh = phys
         .memremap_pages(RegionKind::DeviceCoherent { owner: 2 }, 1 << 20)
         .unwrap();
@@ -150,7 +160,9 @@ fn longterm_pin_migrates_device_coherent_pages_but_a_short_pin_does_not() {
 
 #[test]
 fn p2p_pages_need_pci_p2pdma_and_refuse_longterm() {
-    let (phys, mm) = host();
+    let (h, mm) = host();
+
+    let phys = h.phys().clone();
     let bar = phys
         .memremap_pages(
             RegionKind::P2p {
@@ -178,11 +190,16 @@ fn p2p_pages_need_pci_p2pdma_and_refuse_longterm() {
             .errno(),
         14
     );
+    // The driver's own references (vm_insert_page took the mapping's).
+    drop(pin);
+    bar.put_many(&frames);
 }
 
 #[test]
 fn a_pinned_page_is_never_migrated() {
-    let (phys, mm) = host();
+    let (h, mm) = host();
+
+    let phys = h.phys().clone();
     let dev = phys
         .memremap_pages(RegionKind::DevicePrivate { owner: 3 }, 1 << 20)
         .unwrap();

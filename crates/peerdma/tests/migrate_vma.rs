@@ -5,12 +5,14 @@
 //! finalize installs the new entries, restores the rest, unlocks and drops the old
 //! pages. Pinned pages, pages shared after fork and other owners' device pages stay.
 
+mod common;
+
 use std::sync::mpsc;
 use std::time::Duration;
 
 use peerdma::addr::{Pfn, VirtAddr, PAGE_SIZE};
 use peerdma::gup::{pin_user_pages, FollFlags};
-use peerdma::mem::{PhysMem, Region, RegionKind};
+use peerdma::mem::{Region, RegionKind};
 use peerdma::mm::{Mm, Prot, Select};
 use peerdma::notifier::{IntervalNotifierOps, NotifyEvent, NotifyRange, Subscription};
 use peerdma::sync::{lock, Arc, Mutex};
@@ -18,14 +20,22 @@ use std::thread;
 
 const OWNER: u64 = 0xd1;
 
-fn setup(pages: u64) -> (Arc<PhysMem>, Arc<Region>, Arc<Mm>, VirtAddr) {
-    let phys = PhysMem::new(16 << 20).unwrap();
+fn setup(
+    pages: u64,
+) -> (
+    common::Checked,
+    Arc<Region>,
+    peerdma::host::Process,
+    VirtAddr,
+) {
+    let h = common::host(16 << 20);
+    let phys = h.phys().clone();
     let dev = phys
         .memremap_pages(RegionKind::DevicePrivate { owner: OWNER }, 4 << 20)
         .unwrap();
-    let mm = Mm::new(&phys);
+    let mm = h.spawn();
     let a = mm.mmap_anon(pages * PAGE_SIZE, Prot::RW).unwrap();
-    (phys, dev, mm, a)
+    (h, dev, mm, a)
 }
 
 fn page(a: VirtAddr, i: u64) -> VirtAddr {
@@ -56,7 +66,9 @@ fn migrate_to_dev(mm: &Mm, dev: &Arc<Region>, start: VirtAddr, n: u64) -> usize 
 
 #[test]
 fn migrate_to_device_moves_data_and_the_cpu_faults_it_back() {
-    let (phys, dev, mm, a) = setup(4);
+    let (h, dev, mm, a) = setup(4);
+
+    let phys = h.phys().clone();
     for i in 0..4 {
         mm.write(page(a, i), &[i as u8 + 1; 16]).unwrap();
     }
@@ -85,7 +97,7 @@ fn migrate_to_device_moves_data_and_the_cpu_faults_it_back() {
 
 #[test]
 fn empty_entries_of_anonymous_memory_are_migrated_as_new_pages() {
-    let (_phys, dev, mm, a) = setup(2);
+    let (_h, dev, mm, a) = setup(2);
     mm.write(a, b"x").unwrap();
     let m = mm
         .migrate_vma_setup(a, page(a, 2), Select::SYSTEM, Some(OWNER))
@@ -109,7 +121,9 @@ fn empty_entries_of_anonymous_memory_are_migrated_as_new_pages() {
 
 #[test]
 fn pinned_pages_shared_pages_and_other_owners_pages_stay() {
-    let (phys, dev, mm, a) = setup(4);
+    let (h, dev, mm, a) = setup(4);
+
+    let phys = h.phys().clone();
     for i in 0..4 {
         mm.write(page(a, i), &[7]).unwrap();
     }
@@ -143,7 +157,9 @@ fn pinned_pages_shared_pages_and_other_owners_pages_stay() {
 
 #[test]
 fn an_abandoned_migration_restores_every_entry() {
-    let (phys, dev, mm, a) = setup(3);
+    let (h, dev, mm, a) = setup(3);
+
+    let phys = h.phys().clone();
     for i in 0..3 {
         mm.write(page(a, i), &[i as u8]).unwrap();
     }
@@ -185,7 +201,7 @@ impl IntervalNotifierOps for Events {
 
 #[test]
 fn one_migrate_invalidation_covers_the_range_and_names_the_owner() {
-    let (_phys, dev, mm, a) = setup(8);
+    let (_h, dev, mm, a) = setup(8);
     for i in 0..8 {
         mm.write(page(a, i), &[1]).unwrap();
     }
@@ -202,7 +218,9 @@ fn one_migrate_invalidation_covers_the_range_and_names_the_owner() {
 
 #[test]
 fn a_cpu_access_during_migration_waits_and_sees_the_new_page() {
-    let (phys, dev, mm, a) = setup(1);
+    let (h, dev, mm, a) = setup(1);
+
+    let phys = h.phys().clone();
     mm.write(a, b"before").unwrap();
     let mut m = mm
         .migrate_vma_setup(a, page(a, 1), Select::SYSTEM, None)
@@ -235,7 +253,7 @@ fn a_cpu_access_during_migration_waits_and_sees_the_new_page() {
 
 #[test]
 fn setup_refuses_ranges_the_kernel_refuses() {
-    let (_phys, _dev, mm, a) = setup(2);
+    let (_h, _dev, mm, a) = setup(2);
     let e = |s, e| {
         mm.migrate_vma_setup(s, e, Select::SYSTEM, None)
             .unwrap_err()

@@ -2,18 +2,28 @@
 //! the order of pin, fork and write, a DMA-pinned page stays coherent with what the
 //! pinning process sees, and the child sees the data as of fork time.
 
+mod common;
+
 use peerdma::addr::{VirtAddr, PAGE_SIZE};
 use peerdma::gup::{get_user_pages, pin_user_pages, FollFlags};
+use peerdma::host::{Host, Process};
 use peerdma::mem::PhysMem;
 use peerdma::mm::{Mm, MmError, Prot, ShmObject};
-use peerdma::sync::Arc;
 
-fn setup() -> (Arc<PhysMem>, Arc<Mm>, VirtAddr) {
-    let phys = PhysMem::new(64 << 20).unwrap();
-    let mm = Mm::new(&phys);
+/// Every process exits; then the host must hold nothing.
+fn finish(h: &Host, procs: impl IntoIterator<Item = Process>) {
+    for p in procs {
+        p.exit();
+    }
+    h.quiescent().assert_clean();
+}
+
+fn setup() -> (common::Checked, Process, VirtAddr) {
+    let h = common::host(64 << 20);
+    let mm = h.spawn();
     let a = mm.mmap_anon(4 * PAGE_SIZE, Prot::RW).unwrap();
     mm.write(a, &[0xaa; 4096]).unwrap();
-    (phys, mm, a)
+    (h, mm, a)
 }
 
 fn read_byte(mm: &Mm, va: VirtAddr) -> u8 {
@@ -30,29 +40,33 @@ fn frame_byte(phys: &PhysMem, pfn: peerdma::addr::Pfn) -> u8 {
 
 #[test]
 fn cow_child_and_parent_writes_stay_private() {
-    let (_phys, parent, a) = setup();
+    let (h, parent, a) = setup();
     let child = parent.fork().unwrap();
     child.write(a, &[1]).unwrap();
     parent.write(a, &[2]).unwrap();
     assert_eq!((read_byte(&parent, a), read_byte(&child, a)), (2, 1));
     assert_ne!(parent.pte(a).pfn(), child.pte(a).pfn());
+    finish(&h, [parent, child]);
 }
 
 #[test]
 fn cow_last_user_reuses_the_page_without_copying() {
-    let (_phys, parent, a) = setup();
+    let (h, parent, a) = setup();
     let before = parent.pte(a).pfn();
     let child = parent.fork().unwrap();
     assert!(!parent.pte(a).writable(), "fork write-protects the parent");
-    drop(child); // the child exits: the parent is the page's only user again
+    child.exit(); // the parent is the page's only user again
     parent.write(a, &[3]).unwrap();
     assert_eq!(parent.pte(a).pfn(), before, "reused, not copied");
+    finish(&h, [parent]);
 }
 
 #[test]
 fn cow_ro_pin_then_fork_then_parent_write_keeps_the_pin_coherent() {
     // cow.c: "R/O-mapping a page registered as iouring fixed buffer" / ro pin + fork.
-    let (phys, parent, a) = setup();
+    let (h, parent, a) = setup();
+
+    let phys = h.phys().clone();
     let pin = pin_user_pages(&parent, a, 1, FollFlags::LONGTERM).unwrap();
     let pinned = pin.pages()[0];
     let child = parent.fork().unwrap();
@@ -72,12 +86,16 @@ fn cow_ro_pin_then_fork_then_parent_write_keeps_the_pin_coherent() {
         0xaa,
         "the child got a copy at fork time"
     );
+    drop(pin);
+    finish(&h, [parent, child]);
 }
 
 #[test]
 fn cow_write_pin_then_fork_gives_the_child_a_copy() {
     // cow.c: "R/W longterm GUP pin ... fork": the child must not share the pinned page.
-    let (phys, parent, a) = setup();
+    let (h, parent, a) = setup();
+
+    let phys = h.phys().clone();
     let pin = pin_user_pages(&parent, a, 1, FollFlags::WRITE | FollFlags::LONGTERM).unwrap();
     let pinned = pin.pages()[0];
     let child = parent.fork().unwrap();
@@ -93,13 +111,17 @@ fn cow_write_pin_then_fork_gives_the_child_a_copy() {
     let b = VirtAddr(a.0 + PAGE_SIZE);
     parent.write(b, &[9]).unwrap();
     assert_eq!(read_byte(&child, b), 0);
+    drop(pin);
+    finish(&h, [parent, child]);
 }
 
 #[test]
 fn cow_ro_pin_of_a_shared_page_unshares_it_first() {
     // cow.c: "R/O GUP pin on R/O-mapped shared page": the pin must not stay on a page
     // the next write fault would copy away from.
-    let (phys, parent, a) = setup();
+    let (h, parent, a) = setup();
+
+    let phys = h.phys().clone();
     let child = parent.fork().unwrap();
     let shared = parent.pte(a).pfn().unwrap();
     assert_eq!(child.pte(a).pfn(), Some(shared));
@@ -113,33 +135,39 @@ fn cow_ro_pin_of_a_shared_page_unshares_it_first() {
         "the write landed in the pinned page"
     );
     assert_eq!(read_byte(&child, a), 0xaa);
+    drop(pin);
+    finish(&h, [parent, child]);
 }
 
 #[test]
 fn cow_get_without_pin_does_not_unshare() {
     // FOLL_GET has no coherency promise: it takes the shared page as it is.
-    let (_phys, parent, a) = setup();
+    let (h, parent, a) = setup();
     let child = parent.fork().unwrap();
     let shared = parent.pte(a).pfn().unwrap();
     let got = get_user_pages(&parent, a, 1, FollFlags::NONE).unwrap();
     assert_eq!(got.pages(), [shared]);
-    drop(child);
+    drop(got);
+    finish(&h, [parent, child]);
 }
 
 #[test]
 fn cow_write_gup_breaks_cow_before_taking_the_page() {
-    let (_phys, parent, a) = setup();
+    let (h, parent, a) = setup();
     let child = parent.fork().unwrap();
     let got = get_user_pages(&parent, a, 1, FollFlags::WRITE).unwrap();
     assert_eq!(parent.pte(a).pfn(), Some(got.pages()[0]));
     assert_ne!(child.pte(a).pfn(), Some(got.pages()[0]));
     assert!(parent.pte(a).writable());
+    drop(got);
+    finish(&h, [parent, child]);
 }
 
 #[test]
 fn shared_mappings_stay_shared_across_fork() {
-    let phys = PhysMem::new(16 << 20).unwrap();
-    let mm = Mm::new(&phys);
+    let h = common::host(16 << 20);
+    let phys = h.phys().clone();
+    let mm = h.spawn();
     let obj = ShmObject::new(&phys, 2 * PAGE_SIZE);
     let a = mm.mmap_shared(&obj, 0, 2 * PAGE_SIZE, Prot::RW).unwrap();
     mm.write(a, b"hello").unwrap();
@@ -149,7 +177,7 @@ fn shared_mappings_stay_shared_across_fork() {
     mm.read(a, &mut buf).unwrap();
     assert_eq!(&buf, b"HEllo");
     // A second mapping of the object in another process sees the same bytes.
-    let other = Mm::new(&phys);
+    let other = h.spawn();
     let b = other.mmap_shared(&obj, 0, PAGE_SIZE, Prot::READ).unwrap();
     other.read(b, &mut buf).unwrap();
     assert_eq!(&buf, b"HEllo");
@@ -158,40 +186,45 @@ fn shared_mappings_stay_shared_across_fork() {
         13,
         "EACCES on a read-only mapping"
     );
+    for p in [mm, child, other] {
+        p.exit();
+    }
+    // The object outlives every mapping (a file would); its one touched page goes
+    // with it.
+    assert_eq!(h.quiescent().frames(), 1);
+    drop(obj);
+    h.quiescent().assert_clean();
 }
 
 #[test]
 fn munmap_of_a_pinned_range_keeps_the_frames_until_unpin() {
-    let (phys, mm, a) = setup();
+    let (h, mm, a) = setup();
+
+    let phys = h.phys().clone();
     let ram = phys.ram().clone();
-    let free0 = ram.free_frames();
     let pin = pin_user_pages(&mm, a, 1, FollFlags::WRITE).unwrap();
     let pfn = pin.pages()[0];
     mm.munmap(a, 4 * PAGE_SIZE).unwrap();
     assert!(matches!(mm.read(a, &mut [0u8]), Err(MmError::Fault { .. })));
     assert_eq!(ram.meta(pfn).refcount(), 1, "only the pin holds it now");
     assert_eq!(frame_byte(&phys, pfn), 0xaa, "still holding the data");
+    assert_eq!(h.quiescent().frames(), 1);
     drop(pin);
-    assert_eq!(ram.free_frames(), free0 + 1, "freed at unpin");
+    finish(&h, [mm]);
 }
 
 #[test]
 fn exit_releases_every_frame() {
-    let phys = PhysMem::new(16 << 20).unwrap();
-    let free0 = phys.ram().free_frames();
-    {
-        let mm = Mm::new(&phys);
-        let a = mm.mmap_anon(64 * PAGE_SIZE, Prot::RW).unwrap();
-        mm.write(a, &vec![1u8; 64 * PAGE_SIZE as usize]).unwrap();
-        let child = mm.fork().unwrap();
-        child.write(a, &[2]).unwrap();
-        assert!(phys.ram().free_frames() < free0);
-    }
-    assert_eq!(
-        phys.ram().free_frames(),
-        free0,
-        "nothing leaks after both exit"
-    );
+    let h = common::host(16 << 20);
+    let mm = h.spawn();
+    let a = mm.mmap_anon(64 * PAGE_SIZE, Prot::RW).unwrap();
+    mm.write(a, &vec![1u8; 64 * PAGE_SIZE as usize]).unwrap();
+    let child = mm.fork().unwrap();
+    child.write(a, &[2]).unwrap();
+    assert_eq!(h.quiescent().frames(), 65, "64 shared, one copied");
+    mm.exit();
+    assert_eq!(h.quiescent().frames(), 64, "the child's own now");
+    finish(&h, [child]);
 }
 
 /// `handle_mm_fault` is the one fault entry: a read fault populates, a write fault on a
@@ -202,8 +235,9 @@ fn exit_releases_every_frame() {
 fn handle_mm_fault_resolves_each_kind_of_fault() {
     use peerdma::mem::RegionKind;
     use peerdma::mm::Access;
-    let phys = PhysMem::new(16 << 20).unwrap();
-    let mm = Mm::new(&phys);
+    let h = common::host(16 << 20);
+    let phys = h.phys().clone();
+    let mm = h.spawn();
     let a = mm.mmap_anon(2 * PAGE_SIZE, Prot::RW).unwrap();
     assert!(mm.pte(a).is_empty());
     let p = mm.handle_mm_fault(a, Access::Read).unwrap();
@@ -245,5 +279,5 @@ fn handle_mm_fault_resolves_each_kind_of_fault() {
         mm.handle_mm_fault(a, Access::Write).unwrap_err().errno(),
         13
     );
-    drop(child);
+    finish(&h, [mm, child]);
 }

@@ -3,13 +3,15 @@
 //! map of page -> (protection, byte) per process. Data written by the CPU must read
 //! back after fork, COW and migration; nothing may leak once every process exits.
 
+mod common;
+
 use std::collections::BTreeMap;
 
 use peerdma::addr::{VirtAddr, PAGE_SIZE};
 use peerdma::gup::{pin_user_pages, FollFlags};
-use peerdma::mem::{PhysMem, RegionKind};
-use peerdma::mm::{Mm, Prot};
-use peerdma::sync::Arc;
+use peerdma::host::Process;
+use peerdma::mem::RegionKind;
+use peerdma::mm::Prot;
 use proptest::prelude::*;
 
 #[derive(Clone, Debug)]
@@ -111,14 +113,14 @@ proptest! {
 
     #[test]
     fn address_spaces_match_the_model(ops in proptest::collection::vec(op(), 1..60)) {
-        let phys = PhysMem::new(32 << 20).unwrap();
-        let free0 = phys.ram().free_frames();
+        let h = common::host(32 << 20);
+    let phys = h.phys().clone();
         let coherent = phys.memremap_pages(RegionKind::DeviceCoherent { owner: 1 }, 4 << 20).unwrap();
         let private = phys.memremap_pages(RegionKind::DevicePrivate { owner: 2 }, 4 << 20).unwrap();
-        let mut procs: Vec<(Arc<Mm>, Model)> = vec![(Mm::new(&phys), Model::new())];
+        let mut procs: Vec<(Process, Model)> = vec![(h.spawn(), Model::new())];
         // Every mapping any process made, so page indices pick real pages.
         for op in ops {
-            let pick = |procs: &Vec<(Arc<Mm>, Model)>, proc: usize| proc % procs.len();
+            let pick = |procs: &Vec<(Process, Model)>, proc: usize| proc % procs.len();
             match op {
                 Op::Mmap { pages, writable } => {
                     let (mm, model) = &mut procs[0];
@@ -227,8 +229,7 @@ proptest! {
         for (mm, _) in procs.drain(..) {
             mm.exit();
         }
-        prop_assert_eq!(phys.ram().free_frames(), free0, "frames leaked");
-        prop_assert_eq!(coherent.free_frames(), coherent.frames());
-        prop_assert_eq!(private.free_frames(), private.frames());
+        let q = h.quiescent();
+        prop_assert!(q.is_clean(), "{}", q);
     }
 }

@@ -3,8 +3,10 @@
 //! old entry is still in place, with the event that names the change, and a blocking
 //! callback (a device draining DMA) holds the change back until it returns.
 
+mod common;
+
 use peerdma::addr::{Pfn, VirtAddr, PAGE_SIZE};
-use peerdma::mem::{PhysMem, RegionKind};
+use peerdma::mem::RegionKind;
 use peerdma::mm::{Mm, Prot, Pte};
 use peerdma::notifier::{IntervalNotifierOps, NotifyEvent, NotifyRange, Subscription};
 use peerdma::sync::{lock, Arc, Mutex, Weak};
@@ -28,14 +30,15 @@ impl IntervalNotifierOps for Recorder {
 }
 
 fn setup() -> (
-    Arc<PhysMem>,
-    Arc<Mm>,
+    common::Checked,
+    peerdma::host::Process,
     VirtAddr,
     Arc<Recorder>,
     peerdma::notifier::IntervalNotifier,
 ) {
-    let phys = PhysMem::new(16 << 20).unwrap();
-    let mm = Mm::new(&phys);
+    let h = common::host(16 << 20);
+    let _phys = h.phys().clone();
+    let mm = h.spawn();
     let a = mm.mmap_anon(2 * PAGE_SIZE, Prot::RW).unwrap();
     mm.write(a, &[1]).unwrap();
     let rec = Arc::new(Recorder {
@@ -43,7 +46,7 @@ fn setup() -> (
         seen: Mutex::new(Vec::new()),
     });
     let sub = mm.notifier().subscribe(a, 2 * PAGE_SIZE, rec.clone());
-    (phys, mm, a, rec, sub)
+    (h, mm, a, rec, sub)
 }
 
 fn last(rec: &Recorder) -> (NotifyEvent, Pte) {
@@ -103,7 +106,9 @@ fn fork_notifies_before_write_protecting_and_cow_break_before_replacing() {
 
 #[test]
 fn migration_notifies_migrate_before_moving() {
-    let (phys, mm, a, rec, _sub) = setup();
+    let (h, mm, a, rec, _sub) = setup();
+
+    let phys = h.phys().clone();
     let dev = phys
         .memremap_pages(RegionKind::DevicePrivate { owner: 9 }, 1 << 20)
         .unwrap();
@@ -152,8 +157,9 @@ impl IntervalNotifierOps for Draining {
 
 #[test]
 fn munmap_waits_for_in_flight_dma_to_drain() {
-    let phys = PhysMem::new(16 << 20).unwrap();
-    let mm = Mm::new(&phys);
+    let h = common::host(16 << 20);
+    let phys = h.phys().clone();
+    let mm = h.spawn();
     let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
     mm.write(a, &[5]).unwrap();
     let pfn: Pfn = mm.pte(a).pfn().unwrap();

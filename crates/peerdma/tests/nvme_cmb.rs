@@ -1,15 +1,18 @@
 //! The NVMe model: CMB registration by nvme_map_cmb()'s rules, and read/write commands
 //! whose PRP or SGL data pointers move real bytes between the namespace file and memory.
 
+mod common;
+
 use std::os::unix::fs::FileExt;
 
 use peerdma::addr::{Bdf, PAGE_SIZE};
 use peerdma::dma::{Direction, Dma};
 use peerdma::drivers::nvme::{CmbRegs, CmbStatus, DataPointer, Nvme, NvmeConfig, NvmeError};
 use peerdma::fabric::preset;
-use peerdma::gup::{get_user_dma_sg, FollFlags};
+use peerdma::gup::{get_user_dma_sg, UserSg};
 use peerdma::mem::PhysMem;
-use peerdma::mm::{Mm, Prot};
+use peerdma::mm::Prot;
+use peerdma::p2pmem::P2pRegistry;
 use peerdma::sync::Arc;
 
 fn dma() -> Arc<Dma> {
@@ -22,7 +25,7 @@ fn dma() -> Arc<Dma> {
 
 fn drive(d: &Arc<Dma>, cmb: Option<CmbRegs>) -> Arc<Nvme> {
     Nvme::new(
-        d,
+        &P2pRegistry::new(d),
         "0000:05:00.0".parse().unwrap(),
         NvmeConfig {
             capacity: 1 << 20,
@@ -100,22 +103,19 @@ fn cmb_without_both_data_directions_is_not_published() {
 
 #[test]
 fn read_and_write_commands_move_bytes_with_prps_and_sgls() {
-    let d = dma();
+    let h = common::bare(16 << 20, true);
+    let d = h.dma().clone();
     let n = drive(&d, None);
     let dev: Bdf = n.dev();
     let pattern: Vec<u8> = (0..3 * PAGE_SIZE).map(|i| (i * 13 % 251) as u8).collect();
     n.backing().write_all_at(&pattern, 8 * 4096).unwrap();
-    let mm = Mm::new(d.phys());
+    let mm = h.spawn();
     let buf = mm.mmap_anon(4 * PAGE_SIZE, Prot::RW).unwrap();
     // Page-aligned buffer: PRPs.
     let sg = get_user_dma_sg(
         &mm,
-        buf,
-        3 * PAGE_SIZE,
-        &d,
-        dev,
-        Direction::FromDevice,
-        FollFlags::NONE,
+        &d.attach(dev).unwrap(),
+        UserSg::new(buf, 3 * PAGE_SIZE, Direction::FromDevice),
     )
     .unwrap();
     let dp = DataPointer::for_segments(&sg.segments());
@@ -130,12 +130,12 @@ fn read_and_write_commands_move_bytes_with_prps_and_sgls() {
         .unwrap();
     let sg = get_user_dma_sg(
         &mm,
-        peerdma::addr::VirtAddr(buf.0 + 100),
-        4096,
-        &d,
-        dev,
-        Direction::ToDevice,
-        FollFlags::NONE,
+        &d.attach(dev).unwrap(),
+        UserSg::new(
+            peerdma::addr::VirtAddr(buf.0 + 100),
+            4096,
+            Direction::ToDevice,
+        ),
     )
     .unwrap();
     let dp = DataPointer::for_segments(&sg.segments());

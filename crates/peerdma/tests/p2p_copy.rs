@@ -8,8 +8,8 @@ use peerdma::dma::MapKind;
 use peerdma::fabric::import::file;
 use peerdma::fabric::{preset, MapType, PRESETS};
 use peerdma::gup::GupError;
-use peerdma::host::p2p_copy::{self, CopyError, P2pCopyParams};
 use peerdma::host::{Host, HostConfig};
+use peerdma::scenario::p2p_copy::{self, CopyError, P2pCopyParams};
 
 fn host(topo: peerdma::fabric::Topology, iommu: Option<bool>) -> Host {
     let specs = Host::nvme_specs(&topo, 16 << 20);
@@ -57,7 +57,7 @@ fn p2pmem_copy_crosses_the_switch_by_bus_address_and_verifies() {
     assert_eq!(calls, 16);
     // The CMB pages went back to the pool.
     let cmb = h
-        .nvme(r.target.parse().unwrap())
+        .device::<peerdma::drivers::nvme::Nvme>(r.target.parse().unwrap())
         .unwrap()
         .cmb()
         .unwrap()
@@ -134,7 +134,7 @@ fn p2pmem_copy_with_acs_redirect_goes_through_the_host_bridge_by_iova() {
     // And the mapping A gets for the CMB is an IOVA.
     let mm = h.spawn();
     let cmb = h
-        .nvme(r.target.parse().unwrap())
+        .device::<peerdma::drivers::nvme::Nvme>(r.target.parse().unwrap())
         .unwrap()
         .cmb()
         .unwrap()
@@ -142,12 +142,8 @@ fn p2pmem_copy_with_acs_redirect_goes_through_the_host_bridge_by_iova() {
     let va = cmb.mmap(&mm, 8192, true, 0, peerdma::mm::Prot::RW).unwrap();
     let sg = peerdma::gup::get_user_dma_sg(
         &mm,
-        va,
-        8192,
-        h.dma(),
-        r.source.parse().unwrap(),
-        peerdma::dma::Direction::FromDevice,
-        peerdma::gup::FollFlags::NONE,
+        &h.dma().attach(r.source.parse().unwrap()).unwrap(),
+        peerdma::gup::UserSg::new(va, 8192, peerdma::dma::Direction::FromDevice),
     )
     .unwrap();
     assert!(sg.segments().iter().all(|s| s.kind == MapKind::Iova));

@@ -9,14 +9,13 @@ use std::time::Duration;
 
 use peerdma::addr::PAGE_SIZE;
 use peerdma::dma::Direction;
-use peerdma::gup::{get_user_dma_sg, pin_user_pages, FollFlags};
-use peerdma::host::Host;
+use peerdma::gup::{get_user_dma_sg, pin_user_pages, FollFlags, UserSg};
 use peerdma::mm::Prot;
 use peerdma::p2pmem::{P2pError, Provider};
 use peerdma::sync::Arc;
 use std::thread;
 
-fn setup() -> (Host, Arc<Provider>) {
+fn setup() -> (common::Checked, Arc<Provider>) {
     let h = common::workstation(16 << 20, false);
     let p = common::cmb(&h);
     (h, p)
@@ -107,12 +106,8 @@ fn removal_timeout_reports_who_holds_the_pages() {
     let nic: peerdma::addr::Bdf = "0000:03:00.0".parse().unwrap();
     let sg = get_user_dma_sg(
         &mm,
-        va,
-        2 * PAGE_SIZE,
-        h.dma(),
-        nic,
-        Direction::FromDevice,
-        FollFlags::NONE,
+        &h.dma().attach(nic).unwrap(),
+        UserSg::new(va, 2 * PAGE_SIZE, Direction::FromDevice),
     )
     .unwrap();
     let e = p.remove(Some(Duration::from_millis(20))).unwrap_err();

@@ -13,8 +13,7 @@ mod common;
 
 use peerdma::addr::PAGE_SIZE;
 use peerdma::dma::Direction;
-use peerdma::gup::{get_user_dma_sg, pin_user_pages, FollFlags};
-use peerdma::host::Host;
+use peerdma::gup::{get_user_dma_sg, pin_user_pages, FollFlags, UserSg};
 use peerdma::mm::Prot;
 use peerdma::sync::{thread, Arc, Mutex};
 
@@ -25,7 +24,7 @@ fn iterations() -> usize {
         .unwrap_or(100)
 }
 
-fn host() -> Host {
+fn host() -> common::Checked {
     common::workstation(8 << 20, true)
 }
 
@@ -39,19 +38,17 @@ fn a_transfer_racing_its_unmap_lands_whole_or_not_at_all() {
             let gpu = "0000:03:00.0".parse().unwrap();
             let sg = get_user_dma_sg(
                 &mm,
-                a,
-                2 * PAGE_SIZE,
-                h.dma(),
-                gpu,
-                Direction::FromDevice,
-                FollFlags::NONE,
+                &h.dma().attach(gpu).unwrap(),
+                UserSg::new(a, 2 * PAGE_SIZE, Direction::FromDevice),
             )
             .unwrap();
             let pieces: Vec<_> = sg.segments().iter().map(|s| (s.addr, s.len)).collect();
             let sg = Arc::new(Mutex::new(Some(sg)));
             let dma = h.dma().clone();
             let writer = thread::spawn(move || {
-                dma.dma_write_sg(gpu, &pieces, &[7u8; 2 * PAGE_SIZE as usize])
+                dma.attach(gpu)
+                    .unwrap()
+                    .dma_write_sg(&pieces, &[7u8; 2 * PAGE_SIZE as usize])
                     .is_ok()
             });
             let unmapper = {
@@ -219,9 +216,14 @@ fn a_transfer_through_a_notifier_protected_mapping_racing_migration_lands_before
                 &[(pfn, 1)],
                 0,
                 PAGE_SIZE,
-                h.dma().max_segment(gpu),
+                h.dma().attach(gpu).unwrap().max_segment(),
             );
-            let mapping = h.dma().map_sg(gpu, &sg, Direction::FromDevice).unwrap();
+            let mapping = h
+                .dma()
+                .attach(gpu)
+                .unwrap()
+                .map_sg(&sg, Direction::FromDevice)
+                .unwrap();
             let addr = mapping.segments()[0].addr;
             {
                 let mut m = peerdma::sync::lock(&mirror.mapping);
@@ -230,7 +232,7 @@ fn a_transfer_through_a_notifier_protected_mapping_racing_migration_lands_before
             }
             let writer = {
                 let dma = h.dma().clone();
-                thread::spawn(move || dma.dma_write(gpu, addr, &[7; 8]))
+                thread::spawn(move || dma.attach(gpu).unwrap().dma_write(addr, &[7; 8]))
             };
             let migrator = {
                 let mm = mm.clone();
@@ -271,22 +273,24 @@ fn a_transfer_racing_the_revocation_of_one_of_two_mappings_of_a_page_succeeds() 
             let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
             let pinned = get_user_dma_sg(
                 &mm,
-                a,
-                PAGE_SIZE,
-                h.dma(),
-                gpu,
-                Direction::Bidirectional,
-                FollFlags::NONE,
+                &h.dma().attach(gpu).unwrap(),
+                UserSg::new(a, PAGE_SIZE, Direction::Bidirectional),
             )
             .unwrap();
             let pfn = mm.pte(a).pfn().unwrap();
             let sg = peerdma::dma::SgTable::from_runs(&[(pfn, 1)], 0, PAGE_SIZE, PAGE_SIZE);
-            let odp = Arc::new(h.dma().map_sg(gpu, &sg, Direction::FromDevice).unwrap());
+            let odp = Arc::new(
+                h.dma()
+                    .attach(gpu)
+                    .unwrap()
+                    .map_sg(&sg, Direction::FromDevice)
+                    .unwrap(),
+            );
             let addr = pinned.segments()[0].addr;
             assert_eq!(addr, odp.segments()[0].addr, "one DMA address");
             let writer = {
                 let dma = h.dma().clone();
-                thread::spawn(move || dma.dma_write(gpu, addr, &[5; 8]))
+                thread::spawn(move || dma.attach(gpu).unwrap().dma_write(addr, &[5; 8]))
             };
             let revoker = {
                 let odp = odp.clone();

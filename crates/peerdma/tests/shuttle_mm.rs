@@ -19,7 +19,7 @@ mod common;
 
 use peerdma::addr::{Pfn, PAGE_SIZE};
 use peerdma::gup::{pin_user_pages, FollFlags};
-use peerdma::mem::{PhysMem, RegionKind};
+use peerdma::mem::RegionKind;
 use peerdma::mm::{Mm, Prot};
 use peerdma::notifier::{IntervalNotifierOps, NotifyRange, Subscription};
 use peerdma::sync::{lock, thread, Arc, Mutex};
@@ -35,12 +35,12 @@ fn iterations() -> usize {
 fn pin_racing_munmap_and_migration_never_moves_a_pinned_page() {
     shuttle::check_random(
         || {
-            let phys = PhysMem::new(8 << 20).unwrap();
+            let h = common::host(8 << 20);
+            let phys = h.phys().clone();
             let dev = phys
                 .memremap_pages(RegionKind::DevicePrivate { owner: 1 }, 1 << 20)
                 .unwrap();
-            let free0 = phys.ram().free_frames();
-            let mm = Mm::new(&phys);
+            let mm = h.spawn();
             let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
             mm.write(a, &[1]).unwrap();
             let pinner = {
@@ -75,7 +75,7 @@ fn pin_racing_munmap_and_migration_never_moves_a_pinned_page() {
             unmapper.join().unwrap();
             migrator.join().unwrap();
             mm.exit();
-            assert_eq!(phys.ram().free_frames(), free0, "a frame leaked");
+            h.quiescent().assert_clean();
         },
         iterations(),
     );
@@ -144,8 +144,9 @@ fn read_retry_never_lets_a_mirror_commit_a_stale_page() {
 fn fork_racing_pin_keeps_the_pinned_page_coherent() {
     shuttle::check_random(
         || {
-            let phys = PhysMem::new(8 << 20).unwrap();
-            let parent = Mm::new(&phys);
+            let h = common::host(8 << 20);
+            let phys = h.phys().clone();
+            let parent = h.spawn();
             let a = parent.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
             parent.write(a, &[1]).unwrap();
             let pinner = {
@@ -206,12 +207,12 @@ fn cpu_write_racing_migration_is_never_lost() {
 fn two_migrations_of_one_page_keep_data_and_frames() {
     shuttle::check_random(
         || {
-            let phys = PhysMem::new(8 << 20).unwrap();
+            let h = common::host(8 << 20);
+            let phys = h.phys().clone();
             let dev = phys
                 .memremap_pages(RegionKind::DevicePrivate { owner: 1 }, 1 << 20)
                 .unwrap();
-            let free0 = phys.ram().free_frames();
-            let mm = Mm::new(&phys);
+            let mm = h.spawn();
             let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
             mm.write(a, b"payload!").unwrap();
             let to_dev = {
@@ -226,8 +227,7 @@ fn two_migrations_of_one_page_keep_data_and_frames() {
             to_ram.join().unwrap();
             assert_eq!(&read8(&mm, a), b"payload!");
             mm.exit();
-            assert_eq!(phys.ram().free_frames(), free0, "a frame leaked");
-            assert_eq!(dev.free_frames(), dev.frames());
+            h.quiescent().assert_clean();
         },
         iterations(),
     );
@@ -237,8 +237,9 @@ fn two_migrations_of_one_page_keep_data_and_frames() {
 fn cow_break_racing_exit_and_pin_keeps_the_pinned_page_mapped() {
     shuttle::check_random(
         || {
-            let phys = PhysMem::new(8 << 20).unwrap();
-            let parent = Mm::new(&phys);
+            let h = common::host(8 << 20);
+            let phys = h.phys().clone();
+            let parent = h.spawn();
             let a = parent.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
             parent.write(a, &[1; 16]).unwrap();
             let child = parent.fork().unwrap();

@@ -31,8 +31,9 @@ use rand_chacha::ChaCha8Rng;
 
 use peerdma::addr::{Bdf, Pfn, VirtAddr, PAGE_SIZE};
 use peerdma::dma::{Direction, DmaError, DmaMapping, SgTable};
-use peerdma::gup::{get_user_dma_sg, FollFlags, GupError, UserDmaSg};
-use peerdma::host::Host;
+use peerdma::drivers::nvme::Nvme;
+use peerdma::gup::{get_user_dma_sg, GupError, UserDmaSg, UserSg};
+use peerdma::host::Process;
 use peerdma::mem::{Region, RegionKind};
 use peerdma::mm::{Mm, MmError, Prot};
 use peerdma::notifier::{IntervalNotifier, IntervalNotifierOps, NotifyRange, Subscription};
@@ -127,13 +128,13 @@ const MIX: &[(Op, u32)] = &[
 ];
 
 struct Proc {
-    mm: Arc<Mm>,
+    mm: Process,
     shared: VirtAddr,
 }
 
 /// What every thread shares.
 struct World {
-    host: Host,
+    host: common::Checked,
     procs: Vec<Proc>,
     dev_private: Arc<Region>,
     dev_coherent: Arc<Region>,
@@ -222,7 +223,7 @@ struct P2pMap {
 }
 
 struct Child {
-    mm: Arc<Mm>,
+    mm: Process,
     proc: usize,
     /// This thread's slot of every shared page at fork time.
     snapshot: Vec<u64>,
@@ -340,15 +341,21 @@ impl<'w> Worker<'w> {
                 } else {
                     Direction::ToDevice
                 };
-                let sg = get_user_dma_sg(&mm, slot, 8, w.host.dma(), dev, dir, FollFlags::NONE)
-                    .unwrap_or_else(|e| fail(seed, self.t, op, e.to_string()));
+                let sg = get_user_dma_sg(
+                    &mm,
+                    &w.host.dma().attach(dev).unwrap(),
+                    UserSg::new(slot, 8, dir),
+                )
+                .unwrap_or_else(|e| fail(seed, self.t, op, e.to_string()));
                 let seg = sg.segments()[0];
                 if op == Op::DmaWrite {
                     let tag = self.tag();
                     ok_or_fail(
                         w.host
                             .dma()
-                            .dma_write(dev, seg.addr, &tag.to_le_bytes())
+                            .attach(dev)
+                            .unwrap()
+                            .dma_write(seg.addr, &tag.to_le_bytes())
                             .map_err(|e| e.to_string()),
                     );
                     self.oracle[proc][page as usize] = tag;
@@ -357,7 +364,9 @@ impl<'w> Worker<'w> {
                     ok_or_fail(
                         w.host
                             .dma()
-                            .dma_read(dev, seg.addr, &mut b)
+                            .attach(dev)
+                            .unwrap()
+                            .dma_read(seg.addr, &mut b)
                             .map_err(|e| e.to_string()),
                     );
                     self.check(
@@ -376,12 +385,8 @@ impl<'w> Worker<'w> {
                 let dev = w.devices[self.rng.gen_range(0..w.devices.len())];
                 let sg = get_user_dma_sg(
                     &mm,
-                    slot,
-                    8,
-                    w.host.dma(),
-                    dev,
-                    Direction::Bidirectional,
-                    FollFlags::NONE,
+                    &w.host.dma().attach(dev).unwrap(),
+                    UserSg::new(slot, 8, Direction::Bidirectional),
                 )
                 .unwrap_or_else(|e| fail(seed, self.t, op, e.to_string()));
                 self.held.push((sg, dev, proc, page));
@@ -397,7 +402,9 @@ impl<'w> Worker<'w> {
                 ok_or_fail(
                     w.host
                         .dma()
-                        .dma_write(bdf, seg.addr, &tag.to_le_bytes())
+                        .attach(bdf)
+                        .unwrap()
+                        .dma_write(seg.addr, &tag.to_le_bytes())
                         .map_err(|e| e.to_string()),
                 );
                 self.oracle[proc][page as usize] = tag;
@@ -422,7 +429,8 @@ impl<'w> Worker<'w> {
                 if self.children.len() >= 2 {
                     return false;
                 }
-                let child = mm
+                let child = w.procs[proc]
+                    .mm
                     .fork()
                     .unwrap_or_else(|e| fail(seed, self.t, op, e.to_string()));
                 let snapshot = self.oracle[proc].clone();
@@ -623,12 +631,8 @@ impl<'w> Worker<'w> {
                         let dev = peers[self.rng.gen_range(0..peers.len())];
                         let sg = match get_user_dma_sg(
                             &pmm,
-                            va,
-                            8,
-                            w.host.dma(),
-                            dev,
-                            Direction::Bidirectional,
-                            FollFlags::NONE,
+                            &w.host.dma().attach(dev).unwrap(),
+                            UserSg::new(va, 8, Direction::Bidirectional),
                         ) {
                             Ok(sg) => sg,
                             Err(GupError::Mm(e)) if revocable && e.errno() == 14 && w.revoked() => {
@@ -640,14 +644,18 @@ impl<'w> Worker<'w> {
                         ok_or_fail(
                             w.host
                                 .dma()
-                                .dma_write(dev, sg.segments()[0].addr, &tag.to_le_bytes())
+                                .attach(dev)
+                                .unwrap()
+                                .dma_write(sg.segments()[0].addr, &tag.to_le_bytes())
                                 .map_err(|e| e.to_string()),
                         );
                         let mut b = [0u8; 8];
                         ok_or_fail(
                             w.host
                                 .dma()
-                                .dma_read(dev, sg.segments()[0].addr, &mut b)
+                                .attach(dev)
+                                .unwrap()
+                                .dma_read(sg.segments()[0].addr, &mut b)
                                 .map_err(|e| e.to_string()),
                         );
                         self.check(
@@ -683,7 +691,9 @@ impl<'w> Worker<'w> {
                 let mapping = w
                     .host
                     .dma()
-                    .map_sg(self.mirror.dev, &sg, dir)
+                    .attach(self.mirror.dev)
+                    .unwrap()
+                    .map_sg(&sg, dir)
                     .map(Arc::new)
                     .unwrap_or_else(|e| fail(seed, self.t, op, e.to_string()));
                 let mut t = self.mirror.table.lock().unwrap();
@@ -832,7 +842,11 @@ fn build(iommu: bool) -> World {
     .iter()
     .map(|s| s.parse().unwrap())
     .collect();
-    let providers: Vec<Arc<Provider>> = host.nvmes().filter_map(|n| n.cmb().cloned()).collect();
+    let providers: Vec<Arc<Provider>> = host
+        .devices_of::<Nvme>()
+        .iter()
+        .filter_map(|n| n.cmb().cloned())
+        .collect();
     assert!(providers.len() >= 2, "the workstation has two CMBs");
     // Which peers reach which provider, found by trying once.
     let probe = host.spawn();
@@ -843,12 +857,8 @@ fn build(iommu: bool) -> World {
             if d != p.dev()
                 && get_user_dma_sg(
                     &probe,
-                    va,
-                    8,
-                    host.dma(),
-                    d,
-                    Direction::Bidirectional,
-                    FollFlags::NONE,
+                    &host.dma().attach(d).unwrap(),
+                    UserSg::new(va, 8, Direction::Bidirectional),
                 )
                 .is_ok()
             {
@@ -892,7 +902,6 @@ struct Report {
 /// Runs one soak.
 fn soak(seed: u64, iommu: bool, secs: f64) -> Report {
     let w = build(iommu);
-    let ram_free = w.host.phys().ram().free_frames();
     let started = Instant::now();
     let run_for = Duration::from_secs_f64(secs);
     thread::scope(|s| {
@@ -988,15 +997,8 @@ fn soak(seed: u64, iommu: bool, secs: f64) -> Report {
         }
     });
     let ops: u64 = w.done.iter().map(|d| d.load(Ordering::Relaxed)).sum();
-    // Leak checks: everything the run took is back.
+    // Leak checks: everything the run took is back once the processes exit.
     let dma = w.host.dma();
-    assert_eq!(dma.live_mappings(), 0, "DMA mappings leaked");
-    for &d in &w.devices {
-        if let Some(dom) = dma.iommu().domain(d) {
-            assert_eq!(dom.allocated_iova_pages(), 0, "IOVAs of {d} leaked");
-            assert_eq!(dom.mapped_pages(), 0, "IO page-table entries of {d} leaked");
-        }
-    }
     assert!(
         dma.sanitizer().is_clean(),
         "DMA violations: {:?}",
@@ -1007,13 +1009,6 @@ fn soak(seed: u64, iommu: bool, secs: f64) -> Report {
         "IOMMU faults: {:?}",
         dma.iommu().faults()
     );
-    for p in &w.procs {
-        assert_eq!(
-            p.mm.notifier().subscriptions(),
-            0,
-            "notifier subscriptions leaked"
-        );
-    }
     assert!(w.removed.load(Ordering::SeqCst));
     assert!(
         w.host
@@ -1023,20 +1018,11 @@ fn soak(seed: u64, iommu: bool, secs: f64) -> Report {
             .all(|r| r.id() != w.providers[0].region().id()),
         "the removed provider's page map is gone"
     );
-    for p in &w.providers[1..] {
-        assert_eq!(p.available(), p.size(), "p2p pages of {} leaked", p.dev());
-    }
-    for p in &w.procs {
+    let World { host, procs, .. } = w;
+    for p in procs {
         p.mm.exit();
     }
-    assert_eq!(
-        w.host.phys().ram().free_frames(),
-        ram_free,
-        "RAM frames leaked"
-    );
-    for r in [&w.dev_private, &w.dev_coherent] {
-        assert_eq!(r.free_frames(), r.frames(), "{} frames leaked", r.kind());
-    }
+    host.quiescent().assert_clean();
     Report {
         ops,
         checks: w.checks.load(Ordering::Relaxed),

@@ -11,7 +11,7 @@ use anyhow::Result;
 use peerdma::addr::{Bdf, VirtAddr, PAGE_SIZE};
 use peerdma::dma::{Direction, Dma};
 use peerdma::fabric::preset;
-use peerdma::gup::{get_user_dma_sg, FollFlags};
+use peerdma::gup::{get_user_dma_sg, UserSg};
 use peerdma::mem::PhysMem;
 use peerdma::mm::{Mm, Prot};
 use peerdma::sync::Arc;
@@ -79,24 +79,16 @@ pub fn run(transfer: u64, sg_bytes: u64, runs: usize) -> Result<DmaFigures> {
     let span = 64 * transfer;
     // Three buffers of `span` (one contiguous, two interleaved) and the big one.
     let phys = PhysMem::new(3 * span + sg_bytes + (64 << 20))?;
-    let dma = Dma::new(topo, phys.clone(), true);
+    let dma = Dma::new(topo, phys.clone(), true).attach(dev())?;
     // A GPU driver's setting (amdgpu and nouveau allow 4 GiB segments).
-    dma.set_max_segment(dev(), u64::from(u32::MAX));
+    dma.set_max_segment(u64::from(u32::MAX));
     let src: Vec<u8> = (0..transfer).map(|i| (i * 31 % 251) as u8).collect();
     let reps = 64;
     // Contiguous: frames handed out in order.
     let mm = Mm::new(&phys);
     let a = mm.mmap_anon(span, Prot::RW)?;
     super::make_resident(&mm, a, span)?;
-    let contig = get_user_dma_sg(
-        &mm,
-        a,
-        span,
-        &dma,
-        dev(),
-        Direction::Bidirectional,
-        FollFlags::NONE,
-    )?;
+    let contig = get_user_dma_sg(&mm, &dma, UserSg::new(a, span, Direction::Bidirectional))?;
     // Scattered: two processes touch pages alternately, so each one's frames are two
     // apart and no segment is longer than a page.
     let mm2 = Mm::new(&phys);
@@ -107,15 +99,7 @@ pub fn run(transfer: u64, sg_bytes: u64, runs: usize) -> Result<DmaFigures> {
         mm2.write(VirtAddr(b.0 + off), &[1])?;
         other.write(VirtAddr(c.0 + off), &[1])?;
     }
-    let scat = get_user_dma_sg(
-        &mm2,
-        b,
-        span,
-        &dma,
-        dev(),
-        Direction::Bidirectional,
-        FollFlags::NONE,
-    )?;
+    let scat = get_user_dma_sg(&mm2, &dma, UserSg::new(b, span, Direction::Bidirectional))?;
     anyhow::ensure!(
         scat.sg().entries().iter().all(|e| e.len <= PAGE_SIZE),
         "scattered frames coalesced"
@@ -133,11 +117,11 @@ pub fn run(transfer: u64, sg_bytes: u64, runs: usize) -> Result<DmaFigures> {
             let at = (r * 7 % 64) as u64 * transfer;
             let p = pieces_at(&contig_segments, &cs, at, transfer)?;
             let t = Instant::now();
-            dma.dma_write_sg(dev(), &p, &src)?;
+            dma.dma_write_sg(&p, &src)?;
             c += t.elapsed();
             let p = pieces_at(&scat_segments, &ss, at, transfer)?;
             let t = Instant::now();
-            dma.dma_write_sg(dev(), &p, &src)?;
+            dma.dma_write_sg(&p, &src)?;
             sc += t.elapsed();
             let t = Instant::now();
             dst[at as usize..at as usize + src.len()].copy_from_slice(std::hint::black_box(&src));
@@ -149,7 +133,7 @@ pub fn run(transfer: u64, sg_bytes: u64, runs: usize) -> Result<DmaFigures> {
         tm.push(m);
     }
     anyhow::ensure!(
-        dma.sanitizer().is_clean(),
+        dma.dma().sanitizer().is_clean(),
         "sanitizer violations during the benchmark"
     );
     drop((contig, scat));
@@ -163,12 +147,8 @@ pub fn run(transfer: u64, sg_bytes: u64, runs: usize) -> Result<DmaFigures> {
         let t = Instant::now();
         let sg = get_user_dma_sg(
             &mm,
-            big,
-            sg_bytes,
             &dma,
-            dev(),
-            Direction::Bidirectional,
-            FollFlags::NONE,
+            UserSg::new(big, sg_bytes, Direction::Bidirectional),
         )?;
         drop(sg);
         ours.push(t.elapsed());

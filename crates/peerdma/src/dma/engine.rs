@@ -3,10 +3,10 @@
 //! table), every rule is checked, and real bytes are copied. Every device model moves
 //! data only through here.
 
-use crate::addr::{Bdf, DmaAddr, Pfn, PAGE_SIZE};
+use crate::addr::{DmaAddr, Pfn, PAGE_SIZE};
 use crate::dma::map::{MapKind, Record};
 use crate::dma::sanitizer::{Violation, ViolationKind};
-use crate::dma::{Dma, DmaError};
+use crate::dma::{DmaDevice, DmaError};
 use crate::iommu::{DmaFault, FaultReason};
 use crate::mem::Region;
 use crate::sync::atomic::Ordering;
@@ -16,48 +16,38 @@ use crate::sync::Arc;
 /// first page in the mapping, the offset into that page, and the bytes.
 type Step = (Arc<Record>, usize, u64, u64);
 
-impl Dma {
+impl DmaDevice {
     /// The device reads `buf.len()` bytes of memory at `addr` (a DMA to the device).
-    pub fn dma_read(&self, dev: Bdf, addr: DmaAddr, buf: &mut [u8]) -> Result<(), DmaError> {
+    pub fn dma_read(&self, addr: DmaAddr, buf: &mut [u8]) -> Result<(), DmaError> {
         let len = buf.len() as u64;
-        self.dma_read_sg(dev, &[(addr, len)], buf)
+        self.dma_read_sg(&[(addr, len)], buf)
     }
 
     /// The device writes `data` to memory at `addr` (a DMA from the device).
-    pub fn dma_write(&self, dev: Bdf, addr: DmaAddr, data: &[u8]) -> Result<(), DmaError> {
-        self.dma_write_sg(dev, &[(addr, data.len() as u64)], data)
+    pub fn dma_write(&self, addr: DmaAddr, data: &[u8]) -> Result<(), DmaError> {
+        self.dma_write_sg(&[(addr, data.len() as u64)], data)
     }
 
     /// One transfer from memory into the device through a list of (address, bytes)
     /// pieces, as a command's PRP list or SGL describes it: every piece is checked
     /// before any byte moves, and the transfer completes as a whole.
-    pub fn dma_read_sg(
-        &self,
-        dev: Bdf,
-        pieces: &[(DmaAddr, u64)],
-        buf: &mut [u8],
-    ) -> Result<(), DmaError> {
-        self.access(dev, pieces, false, |region, first, off, at, n| {
+    pub fn dma_read_sg(&self, pieces: &[(DmaAddr, u64)], buf: &mut [u8]) -> Result<(), DmaError> {
+        self.access(pieces, false, |region, first, off, at, n| {
             region.read_span(first, off, &mut buf[at..at + n]);
         })
     }
 
     /// One transfer from the device into memory through a list of pieces; see
     /// [`dma_read_sg`](Self::dma_read_sg).
-    pub fn dma_write_sg(
-        &self,
-        dev: Bdf,
-        pieces: &[(DmaAddr, u64)],
-        data: &[u8],
-    ) -> Result<(), DmaError> {
-        self.access(dev, pieces, true, |region, first, off, at, n| {
+    pub fn dma_write_sg(&self, pieces: &[(DmaAddr, u64)], data: &[u8]) -> Result<(), DmaError> {
+        self.access(pieces, true, |region, first, off, at, n| {
             region.write_span(first, off, &data[at..at + n]);
         })
     }
 
-    fn iommu_fault(&self, dev: Bdf, addr: DmaAddr, write: bool, reason: FaultReason) {
-        self.iommu.report_fault(DmaFault {
-            dev,
+    fn iommu_fault(&self, addr: DmaAddr, write: bool, reason: FaultReason) {
+        self.dma.iommu.report_fault(DmaFault {
+            dev: self.bdf(),
             addr,
             write,
             reason,
@@ -66,15 +56,14 @@ impl Dma {
 
     fn violation(
         &self,
-        dev: Bdf,
         addr: DmaAddr,
         len: u64,
         write: bool,
         frame: Option<Pfn>,
         kind: ViolationKind,
     ) -> DmaError {
-        self.fault(Violation {
-            dev,
+        self.dma.fault(Violation {
+            dev: self.bdf(),
             addr,
             len,
             write,
@@ -93,7 +82,6 @@ impl Dma {
     /// lock or atomic in between keeps the copies at memcpy speed.
     fn access(
         &self,
-        dev: Bdf,
         pieces: &[(DmaAddr, u64)],
         write: bool,
         mut copy: impl FnMut(&Region, Pfn, u64, usize, usize),
@@ -103,8 +91,8 @@ impl Dma {
         // mapped twice without an IOMMU), so resolve again. Each retry follows a
         // revocation, and a piece only revoked mappings cover is refused at once.
         loop {
-            let plan = self.resolve(dev, pieces, write)?;
-            match self.run(dev, plan, &mut copy) {
+            let plan = self.resolve(pieces, write)?;
+            match self.run(plan, &mut copy) {
                 Err(DmaError::Revoked { .. }) => continue,
                 done => return done,
             }
@@ -113,14 +101,9 @@ impl Dma {
 
     /// Finds, for every piece, a live mapping of the device that can carry it, under
     /// the device's mappings' shared lock; records the violation when none can.
-    fn resolve(
-        &self,
-        dev: Bdf,
-        pieces: &[(DmaAddr, u64)],
-        write: bool,
-    ) -> Result<Vec<Step>, DmaError> {
-        let map = self.device_map(dev);
-        let live = map.read();
+    fn resolve(&self, pieces: &[(DmaAddr, u64)], write: bool) -> Result<Vec<Step>, DmaError> {
+        let dev = self.bdf();
+        let live = self.state.live.read();
         let mut plan: Vec<Step> = Vec::with_capacity(pieces.len());
         for &(addr, len) in pieces {
             if len == 0 {
@@ -170,21 +153,20 @@ impl Dma {
                 return Err(DmaError::Revoked { dev, addr: start });
             }
             let Some(refusal) = first_refusal else {
-                if self.iommu.enabled()
-                    && self
-                        .iommu
-                        .domain(dev)
-                        .is_some_and(|d| d.translate(addr.iova()).is_none())
+                if self
+                    .state
+                    .domain
+                    .as_ref()
+                    .is_some_and(|d| d.translate(addr.iova()).is_none())
                 {
-                    self.iommu_fault(dev, addr, write, FaultReason::NoEntry);
+                    self.iommu_fault(addr, write, FaultReason::NoEntry);
                 }
-                return Err(self.violation(dev, addr, len, write, None, ViolationKind::Unmapped));
+                return Err(self.violation(addr, len, write, None, ViolationKind::Unmapped));
             };
             if refusal.iommu {
-                self.iommu_fault(dev, addr, write, FaultReason::Mismatch);
+                self.iommu_fault(addr, write, FaultReason::Mismatch);
             }
             return Err(self.violation(
-                dev,
                 refusal.addr,
                 refusal.len,
                 write,
@@ -202,7 +184,6 @@ impl Dma {
     /// mapping covers the same DMA address.
     pub(crate) fn access_mapping(
         &self,
-        dev: Bdf,
         records: &[Arc<Record>],
         offset: u64,
         len: u64,
@@ -221,8 +202,9 @@ impl Dma {
             let addr = records
                 .last()
                 .map_or(DmaAddr(0), |r| DmaAddr(r.start.0 + r.len));
-            return Err(self.violation(dev, addr, len, write, None, ViolationKind::PastEnd));
+            return Err(self.violation(addr, len, write, None, ViolationKind::PastEnd));
         };
+        let dev = self.bdf();
         if rec.revoked.load(Ordering::SeqCst) {
             return Err(DmaError::Revoked {
                 dev,
@@ -240,19 +222,18 @@ impl Dma {
             }
             Err(r) => {
                 if r.iommu {
-                    self.iommu_fault(dev, addr, write, FaultReason::Mismatch);
+                    self.iommu_fault(addr, write, FaultReason::Mismatch);
                 }
-                return Err(self.violation(dev, r.addr, r.len, write, Some(r.frame), r.kind));
+                return Err(self.violation(r.addr, r.len, write, Some(r.frame), r.kind));
             }
         };
-        self.run(dev, vec![step], copy)
+        self.run(vec![step], copy)
     }
 
     /// Runs a checked plan: counts it in flight on each mapping, refuses it if one was
     /// revoked meanwhile, copies, and counts the bytes by path.
     fn run(
         &self,
-        dev: Bdf,
         plan: Vec<Step>,
         mut copy: impl FnMut(&Region, Pfn, u64, usize, usize),
     ) -> Result<(), DmaError> {
@@ -267,9 +248,12 @@ impl Dma {
         if let Some((rec, ..)) = plan.iter().find(|p| p.0.revoked.load(Ordering::SeqCst)) {
             let start = rec.start;
             exit(&plan);
-            return Err(DmaError::Revoked { dev, addr: start });
+            return Err(DmaError::Revoked {
+                dev: self.bdf(),
+                addr: start,
+            });
         }
-        self.run_transfer_hook(dev);
+        self.run_transfer_hook();
         let mut at = 0usize;
         let mut moved = [0u64; 3];
         for (rec, first_page, off, len) in &plan {
@@ -301,14 +285,14 @@ impl Dma {
         }
         exit(&plan);
         drop(plan);
-        let c = &self.counters;
-        for (n, counter) in moved
-            .iter()
-            .zip([&c.via_switch, &c.via_host_bridge, &c.host_ram])
-        {
-            if *n > 0 {
-                self.bump(counter, *n);
-            }
+        if moved[0] > 0 {
+            self.count(|c| &c.via_switch, moved[0]);
+        }
+        if moved[1] > 0 {
+            self.count(|c| &c.via_host_bridge, moved[1]);
+        }
+        if moved[2] > 0 {
+            self.count(|c| &c.host_ram, moved[2]);
         }
         Ok(())
     }

@@ -3,8 +3,8 @@
 
 use crate::addr::{Bdf, DmaAddr, Pfn, PAGE_SIZE};
 use crate::dma::sg::SgTable;
-use crate::dma::{Direction, Dma, DmaError};
-use crate::fabric::{calc_map_type_and_dist, MapType};
+use crate::dma::{Direction, DmaDevice, DmaError};
+use crate::fabric::MapType;
 use crate::iommu::{IoPerm, IovaRange};
 use crate::mem::Region;
 use crate::sync::atomic::{AtomicBool, Ordering};
@@ -72,15 +72,14 @@ impl Record {
 /// # Invariants
 /// Every record is registered in the host's live mappings until drop.
 pub struct DmaMapping {
-    dma: Arc<Dma>,
-    dev: Bdf,
+    dev: DmaDevice,
     records: Vec<Arc<Record>>,
 }
 
 impl std::fmt::Debug for DmaMapping {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DmaMapping")
-            .field("dev", &self.dev)
+            .field("dev", &self.dev.bdf())
             .field("segments", &self.records.len())
             .finish()
     }
@@ -89,7 +88,12 @@ impl std::fmt::Debug for DmaMapping {
 impl DmaMapping {
     /// The device it is mapped for.
     pub fn dev(&self) -> Bdf {
-        self.dev
+        self.dev.bdf()
+    }
+
+    /// The device handle it is mapped for.
+    pub fn device(&self) -> &DmaDevice {
+        &self.dev
     }
 
     /// The direction it was mapped for.
@@ -147,8 +151,7 @@ impl DmaMapping {
     /// refuses with [`DmaError::Revoked`] even where another mapping covers the same
     /// address. The access must lie inside one segment.
     pub fn dma_write(&self, offset: u64, data: &[u8]) -> Result<(), DmaError> {
-        self.dma.access_mapping(
-            self.dev,
+        self.dev.access_mapping(
             &self.records,
             offset,
             data.len() as u64,
@@ -161,14 +164,10 @@ impl DmaMapping {
     /// [`dma_write`](Self::dma_write).
     pub fn dma_read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DmaError> {
         let len = buf.len() as u64;
-        self.dma.access_mapping(
-            self.dev,
-            &self.records,
-            offset,
-            len,
-            false,
-            |r, first, off, at, n| r.read_span(first, off, &mut buf[at..at + n]),
-        )
+        self.dev
+            .access_mapping(&self.records, offset, len, false, |r, first, off, at, n| {
+                r.read_span(first, off, &mut buf[at..at + n])
+            })
     }
 
     /// Whether [`revoke`](Self::revoke) was called.
@@ -184,23 +183,23 @@ impl Drop for DmaMapping {
         if self.records.is_empty() {
             return;
         }
+        let bdf = self.dev.bdf();
         {
             // After this no transfer can find the records; the ones that found them
             // before are waited for below, each record for its own.
-            let map = self.dma.device_map(self.dev);
-            let mut m = map.write();
+            let mut m = self.dev.state.live.write();
             for r in &self.records {
                 m.remove(&(r.start.0, r.id));
             }
         }
         self.revoke();
         for r in &self.records {
-            tracing::debug!(dev = %self.dev, id = r.id, addr = %r.start, "dma unmap");
+            tracing::debug!(dev = %bdf, id = r.id, addr = %r.start, "dma unmap");
             for (first, n) in runs(&r.pages) {
-                self.dma.sanitizer.unmapped(r.id, self.dev, first, n);
+                self.dev.dma.sanitizer.unmapped(r.id, bdf, first, n);
             }
         }
-        self.dma.counters.unmappings.fetch_add(1, Ordering::Relaxed);
+        self.dev.count(|c| &c.unmappings, 1);
     }
 }
 
@@ -216,23 +215,19 @@ pub(crate) fn runs(pages: &[Pfn]) -> Vec<(Pfn, u64)> {
     out
 }
 
-impl Dma {
+impl DmaDevice {
     /// `dma_map_sgtable(dev, sg, dir)`: maps every entry for `dev`. System RAM and
     /// device-coherent memory go through the device's IOMMU domain (or by physical
     /// address in passthrough); p2p memory by the fabric's verdict between its provider
     /// and `dev`: by bus address through a switch, like RAM through an allowed host
     /// bridge, refused with EREMOTEIO otherwise. Through the IOMMU, entries that join
     /// at page boundaries are merged into one IOVA segment.
-    pub fn map_sg(
-        self: &Arc<Self>,
-        dev: Bdf,
-        sg: &SgTable,
-        dir: Direction,
-    ) -> Result<DmaMapping, DmaError> {
-        let client = self.topo.lookup(dev).ok_or(DmaError::NoDevice { dev })?;
+    pub fn map_sg(&self, sg: &SgTable, dir: Direction) -> Result<DmaMapping, DmaError> {
+        let dev = self.bdf();
+        let mask = self.dma_mask();
+        let dma = &self.dma;
         let mut mapping = DmaMapping {
-            dma: self.clone(),
-            dev,
+            dev: self.clone(),
             records: Vec::with_capacity(sg.entries().len()),
         };
         let perm = IoPerm {
@@ -243,7 +238,7 @@ impl Dma {
         let mut i = 0;
         while i < entries.len() {
             let e = entries[i];
-            let region = self
+            let region = dma
                 .phys
                 .region(e.pfn)
                 .ok_or(DmaError::NoSuchFrame { dev, pfn: e.pfn })?;
@@ -262,18 +257,17 @@ impl Dma {
             }
             let direct = match kind.p2p() {
                 Some((provider, bus_offset)) => {
-                    let p = self.topo.lookup(provider).ok_or(DmaError::NoProvider {
+                    let v = self.verdict(provider).map_err(|_| DmaError::NoProvider {
                         dev,
                         pfn: e.pfn,
                         provider,
                     })?;
-                    let v = calc_map_type_and_dist(&self.topo, p, client);
                     match v.map_type {
                         MapType::BusAddr => Some((MapKind::BusAddr, DmaAddr(phys + bus_offset))),
                         MapType::ThruHostBridge => None,
                         MapType::NotSupported => {
                             return Err(DmaError::RemoteIo {
-                                verdict: Box::new(v),
+                                verdict: Box::new((*v).clone()),
                             })
                         }
                     }
@@ -281,7 +275,7 @@ impl Dma {
                 None => None,
             };
             let domain = if direct.is_none() {
-                self.iommu.domain(dev)
+                self.state.domain.as_ref()
             } else {
                 None
             };
@@ -318,9 +312,21 @@ impl Dma {
                     (MapKind::Iova, addr, Some(range))
                 }
             };
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            if addr
+                .0
+                .checked_add(len.saturating_sub(1))
+                .is_none_or(|end| end > mask)
+            {
+                return Err(DmaError::Mask {
+                    dev,
+                    addr,
+                    len,
+                    mask,
+                });
+            }
+            let id = dma.next_id.fetch_add(1, Ordering::Relaxed);
             for (first, n) in runs(&pages) {
-                self.sanitizer.mapped(id, dev, first, n, dir, addr);
+                dma.sanitizer.mapped(id, dev, first, n, dir, addr);
             }
             let record = Arc::new(Record {
                 id,
@@ -337,13 +343,11 @@ impl Dma {
                 revoked: AtomicBool::new(false),
             });
             tracing::debug!(dev = %dev, id, addr = %addr, len, kind = ?kind, dir = ?dir, "dma map");
-            self.device_map(dev)
-                .write()
-                .insert((addr.0, id), record.clone());
+            self.state.live.write().insert((addr.0, id), record.clone());
             mapping.records.push(record);
             i = j;
         }
-        self.counters.mappings.fetch_add(1, Ordering::Relaxed);
+        self.count(|c| &c.mappings, 1);
         Ok(mapping)
     }
 }

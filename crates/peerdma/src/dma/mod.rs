@@ -8,11 +8,13 @@
 //! (`iommu_dma_map_sg` with its p2pdma handling), lib/scatterlist.c. What this layer
 //! leaves to others: pinning (`gup`), the memory providers (`p2pmem`), and the devices.
 
+mod device;
 mod engine;
 mod map;
 pub mod sanitizer;
 pub mod sg;
 
+pub use device::{DmaDevice, DEFAULT_MAX_SEGMENT};
 pub use map::{DmaMapping, DmaSegment, MapKind};
 pub use sanitizer::{Sanitizer, Violation, ViolationKind};
 pub use sg::{SgEntry, SgTable};
@@ -24,8 +26,8 @@ use crate::errno::Errno;
 use crate::fabric::{Topology, Verdict};
 use crate::iommu::{Iommu, IommuError};
 use crate::mem::PhysMem;
-use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use crate::sync::{order, Arc, OrderedRwLock, RwLock};
+use crate::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::{order, Arc, OrderedRwLock};
 
 /// Which way the data of a mapping flows (`enum dma_data_direction`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -114,6 +116,27 @@ pub enum DmaError {
         /// The first DMA address of the revoked mapping segment.
         addr: DmaAddr,
     },
+    /// A mapping's address does not fit the device's DMA mask (EIO: nothing to bounce
+    /// through).
+    #[error("{dev}: {addr} + {len:#x} is beyond the device's DMA mask {mask:#x} (EIO)")]
+    Mask {
+        /// The device.
+        dev: Bdf,
+        /// The address the mapping would have.
+        addr: DmaAddr,
+        /// Its length.
+        len: u64,
+        /// The device's mask.
+        mask: u64,
+    },
+    /// A driver asked for a DMA mask the device model cannot take (EINVAL).
+    #[error("{dev}: a {bits}-bit DMA mask is not supported (EINVAL)")]
+    BadMask {
+        /// The device.
+        dev: Bdf,
+        /// The bits asked for.
+        bits: u32,
+    },
     /// A device access broke a rule; the sanitizer recorded it (EFAULT).
     #[error("DMA fault: {0}")]
     Fault(Box<Violation>),
@@ -128,6 +151,8 @@ impl DmaError {
             DmaError::NoSuchFrame { .. } | DmaError::Fault(_) => Errno::EFAULT,
             DmaError::Revoked { .. } => Errno::EAGAIN,
             DmaError::Iommu { source, .. } => source.errno(),
+            DmaError::Mask { .. } => Errno::EIO,
+            DmaError::BadMask { .. } => Errno::EINVAL,
         }
     }
 }
@@ -151,40 +176,45 @@ pub struct DmaStats {
 }
 
 #[derive(Default)]
-struct Counters {
-    via_switch: AtomicU64,
-    via_host_bridge: AtomicU64,
-    host_ram: AtomicU64,
-    mappings: AtomicU64,
-    unmappings: AtomicU64,
+pub(crate) struct Counters {
+    pub(crate) via_switch: AtomicU64,
+    pub(crate) via_host_bridge: AtomicU64,
+    pub(crate) host_ram: AtomicU64,
+    pub(crate) mappings: AtomicU64,
+    pub(crate) unmappings: AtomicU64,
 }
 
-/// The DMA side of one host: its fabric, memory, IOMMU, live mappings and sanitizer.
+impl Counters {
+    fn snapshot(&self) -> DmaStats {
+        DmaStats {
+            via_switch: self.via_switch.load(Ordering::Relaxed),
+            via_host_bridge: self.via_host_bridge.load(Ordering::Relaxed),
+            host_ram: self.host_ram.load(Ordering::Relaxed),
+            mappings: self.mappings.load(Ordering::Relaxed),
+            unmappings: self.unmappings.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The DMA side of one host: its fabric, memory, IOMMU, attached devices and sanitizer.
 ///
 /// # Invariants
-/// `live` holds exactly the mappings whose [`DmaMapping`] has not been dropped, keyed by
-/// device, then first DMA address and mapping id (one page may be mapped twice). A
-/// transfer holds its device's map shared for its whole duration, so an unmap (which
-/// takes it exclusively) waits for DMA in flight: that is the in-flight tracking.
+/// `devices` holds one state per attached BDF, for the host's life; each device's live
+/// mappings are exactly its [`DmaMapping`]s not yet dropped. `counters` is the sum of
+/// the devices' own.
 pub struct Dma {
     topo: Arc<Topology>,
     phys: Arc<PhysMem>,
     iommu: Iommu,
-    /// Live mappings per device. Lock order: after the page-table lock, before a
-    /// mapping's in-flight lock.
-    live: OrderedRwLock<HashMap<Bdf, Arc<OrderedRwLock<LiveMap>>>>,
+    /// Attached devices. Lock order: after the page-table lock, before a device's
+    /// mappings.
+    devices: OrderedRwLock<HashMap<Bdf, Arc<device::DeviceState>>>,
     sanitizer: Sanitizer,
     counters: Counters,
     next_id: AtomicU64,
-    /// Per-device maximum segment sizes set by drivers. Lock order: a leaf.
-    max_segment: RwLock<HashMap<Bdf, u64>>,
-    /// Hooks run in the middle of a device's transfers (after they are checked and in
-    /// flight, before any byte moves), for fault injection and tests.
-    transfer_hooks: OrderedRwLock<HashMap<Bdf, TransferHook>>,
-    has_hooks: AtomicBool,
 }
 
-/// What [`Dma::set_transfer_hook`] runs in the middle of a transfer.
+/// What [`DmaDevice::set_transfer_hook`] runs in the middle of a transfer.
 pub type TransferHook = Arc<dyn Fn() + Send + Sync>;
 
 impl std::fmt::Debug for Dma {
@@ -202,13 +232,10 @@ impl Dma {
             topo,
             phys,
             iommu,
-            live: OrderedRwLock::new(&order::DMA_DEVICES, HashMap::new()),
+            devices: OrderedRwLock::new(&order::DMA_DEVICES, HashMap::new()),
             sanitizer: Sanitizer::default(),
             counters: Counters::default(),
             next_id: AtomicU64::new(1),
-            max_segment: RwLock::new(HashMap::new()),
-            transfer_hooks: OrderedRwLock::new(&order::LEAF, HashMap::new()),
-            has_hooks: AtomicBool::new(false),
         })
     }
 
@@ -228,87 +255,31 @@ impl Dma {
     pub fn sanitizer(&self) -> &Sanitizer {
         &self.sanitizer
     }
-    /// The largest segment an SG table built for `dev` may hold
-    /// (`dma_get_max_seg_size()`): 64 KiB unless its driver set more.
-    pub fn max_segment(&self, dev: Bdf) -> u64 {
-        crate::sync::read(&self.max_segment)
-            .get(&dev)
-            .copied()
-            .unwrap_or(64 << 10)
-    }
-
-    /// `dma_set_max_seg_size(dev, bytes)`, as a driver calls it at probe (NVMe and
-    /// most GPUs allow 4 GiB).
-    pub fn set_max_segment(&self, dev: Bdf, bytes: u64) {
-        crate::sync::write(&self.max_segment).insert(dev, bytes.max(crate::addr::PAGE_SIZE));
-    }
     /// Bytes moved by path, and mapping counts.
     pub fn stats(&self) -> DmaStats {
-        let c = &self.counters;
-        DmaStats {
-            via_switch: c.via_switch.load(Ordering::Relaxed),
-            via_host_bridge: c.via_host_bridge.load(Ordering::Relaxed),
-            host_ram: c.host_ram.load(Ordering::Relaxed),
-            mappings: c.mappings.load(Ordering::Relaxed),
-            unmappings: c.unmappings.load(Ordering::Relaxed),
-        }
+        self.counters.snapshot()
     }
     /// Live mappings of all devices.
     pub fn live_mappings(&self) -> usize {
-        self.live.read().values().map(|m| m.read().len()).sum()
+        self.devices
+            .read()
+            .values()
+            .map(|d| d.live.read().len())
+            .sum()
     }
     /// Devices with a live mapping of any of `frames`, for reports of who holds memory.
     pub fn holders(&self, contains: impl Fn(crate::addr::Pfn) -> bool) -> Vec<Bdf> {
-        let live = self.live.read();
-        let mut out: Vec<Bdf> = live
+        let devices = self.devices.read();
+        let mut out: Vec<Bdf> = devices
             .iter()
-            .filter(|(_, m)| m.read().values().any(|r| r.frames().any(&contains)))
-            .map(|(d, _)| *d)
+            .filter(|(_, d)| d.live.read().values().any(|r| r.frames().any(&contains)))
+            .map(|(b, _)| *b)
             .collect();
         out.sort();
         out
     }
 
-    /// Runs `hook` in the middle of every transfer of `dev` from now on — after the
-    /// transfer is checked and counted in flight on its mappings, before any byte moves
-    /// — or stops with `None`. For fault injection and for tests that need a transfer to
-    /// stand still (an unmap of another mapping must not wait for it).
-    pub fn set_transfer_hook(&self, dev: Bdf, hook: Option<TransferHook>) {
-        let mut hooks = self.transfer_hooks.write();
-        match hook {
-            Some(h) => hooks.insert(dev, h),
-            None => hooks.remove(&dev),
-        };
-        self.has_hooks.store(!hooks.is_empty(), Ordering::SeqCst);
-    }
-
-    fn run_transfer_hook(&self, dev: Bdf) {
-        if !self.has_hooks.load(Ordering::Relaxed) {
-            return;
-        }
-        let hook = self.transfer_hooks.read().get(&dev).cloned();
-        if let Some(h) = hook {
-            h();
-        }
-    }
-
-    /// The live-mapping map of `dev`, created empty on first use.
-    fn device_map(&self, dev: Bdf) -> Arc<OrderedRwLock<LiveMap>> {
-        if let Some(m) = self.live.read().get(&dev) {
-            return m.clone();
-        }
-        self.live
-            .write()
-            .entry(dev)
-            .or_insert_with(|| Arc::new(OrderedRwLock::new(&order::DMA_MAPPINGS, LiveMap::new())))
-            .clone()
-    }
-
     fn fault(&self, v: Violation) -> DmaError {
         DmaError::Fault(Box::new(self.sanitizer.record(v)))
-    }
-
-    fn bump(&self, counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
     }
 }

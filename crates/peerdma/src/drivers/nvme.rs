@@ -12,8 +12,9 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use crate::addr::{Bdf, DmaAddr, PAGE_SIZE};
-use crate::dma::{Dma, DmaError, DmaSegment};
-use crate::p2pmem::{P2pError, Provider};
+use crate::dma::{DmaDevice, DmaError, DmaSegment};
+use crate::drivers::{Device, Probe, ProbeError};
+use crate::p2pmem::{P2pError, P2pRegistry, Provider};
 use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::Arc;
 
@@ -221,7 +222,7 @@ impl DataPointer {
 /// An NVMe controller with one namespace.
 pub struct Nvme {
     dev: Bdf,
-    dma: Arc<Dma>,
+    dma: DmaDevice,
     file: File,
     lba_size: u32,
     nlba: u64,
@@ -240,12 +241,51 @@ impl std::fmt::Debug for Nvme {
     }
 }
 
+impl Device for Nvme {
+    fn bdf(&self) -> Bdf {
+        self.dev
+    }
+    fn kind(&self) -> &'static str {
+        "nvme"
+    }
+    fn providers(&self) -> Vec<Arc<Provider>> {
+        self.cmb.iter().cloned().collect()
+    }
+}
+
+/// An NVMe controller to bring up at an endpoint.
+#[derive(Clone, Debug)]
+pub struct NvmeSpec {
+    /// The endpoint.
+    pub bdf: Bdf,
+    /// Its configuration.
+    pub config: NvmeConfig,
+}
+
+impl Probe for NvmeSpec {
+    fn bdf(&self) -> Bdf {
+        self.bdf
+    }
+    fn probe(&self, p2p: &Arc<P2pRegistry>) -> Result<Arc<dyn Device>, ProbeError> {
+        match Nvme::new(p2p, self.bdf, self.config.clone()) {
+            Ok(n) => Ok(n),
+            Err(e) => Err(ProbeError {
+                dev: self.bdf,
+                kind: "nvme",
+                errno: e.errno(),
+                source: Box::new(e),
+            }),
+        }
+    }
+}
+
 /// `memremap_compat_align()` on x86-64: a CMB (size and BAR start) must be a multiple.
 const CMB_ALIGN: u64 = 2 << 20;
 
 impl Nvme {
     /// Brings up a controller at `dev`: creates its namespace and maps its CMB.
-    pub fn new(dma: &Arc<Dma>, dev: Bdf, cfg: NvmeConfig) -> Result<Arc<Self>, NvmeError> {
+    pub fn new(p2p: &Arc<P2pRegistry>, dev: Bdf, cfg: NvmeConfig) -> Result<Arc<Self>, NvmeError> {
+        let dma = p2p.dma();
         let bad = |why: String| NvmeError::Config { dev, why };
         if cfg.lba_size != 512 && cfg.lba_size != 4096 {
             return Err(bad(format!(
@@ -259,9 +299,9 @@ impl Nvme {
                 cfg.capacity
             )));
         }
-        if dma.topology().lookup(dev).is_none() {
+        let Ok(handle) = dma.attach(dev) else {
             return Err(bad("no such function in the fabric".into()));
-        }
+        };
         let io = |source| NvmeError::Io { dev, source };
         let file = match &cfg.backing {
             Some(p) => std::fs::OpenOptions::new()
@@ -275,11 +315,11 @@ impl Nvme {
         };
         file.set_len(cfg.capacity).map_err(io)?;
         // The Linux driver allows segments up to 4 GiB (dma_set_max_seg_size).
-        dma.set_max_segment(dev, u64::from(u32::MAX));
-        let (cmb, cmb_status) = Self::map_cmb(dma, dev, cfg.cmb)?;
+        handle.set_max_segment(u64::from(u32::MAX));
+        let (cmb, cmb_status) = Self::map_cmb(p2p, dev, cfg.cmb)?;
         Ok(Arc::new(Nvme {
             dev,
-            dma: dma.clone(),
+            dma: handle,
             file,
             lba_size: cfg.lba_size,
             nlba: cfg.capacity / u64::from(cfg.lba_size),
@@ -293,7 +333,7 @@ impl Nvme {
     /// `nvme_map_cmb()`: size and offset from CMBSZ/CMBLOC, clamped to the BAR; skipped
     /// when not 2 MiB aligned; published only with both WDS and RDS.
     fn map_cmb(
-        dma: &Arc<Dma>,
+        p2p: &P2pRegistry,
         dev: Bdf,
         regs: Option<CmbRegs>,
     ) -> Result<(Option<Arc<Provider>>, CmbStatus), NvmeError> {
@@ -304,7 +344,7 @@ impl Nvme {
         let mut size = unit * u64::from(regs.cmbsz >> 12);
         let offset = unit * u64::from(regs.cmbloc >> 12);
         let bar = (regs.cmbloc & 7) as u8;
-        let topo = dma.topology();
+        let topo = p2p.dma().topology();
         let f = topo.function(topo.lookup(dev).ok_or(NvmeError::Config {
             dev,
             why: "no such function".into(),
@@ -334,7 +374,7 @@ impl Nvme {
                 )),
             ));
         }
-        let provider = Provider::add_resource(dma, dev, bar, size, offset)?;
+        let provider = p2p.add_resource(dev, bar, size, offset)?;
         tracing::info!(dev = %dev, bar, size, offset, "nvme: CMB registered as p2p memory");
         let published = regs.cmbsz & (CmbRegs::WDS | CmbRegs::RDS) == CmbRegs::WDS | CmbRegs::RDS;
         provider.publish(published);
@@ -344,6 +384,10 @@ impl Nvme {
     /// The controller's address.
     pub fn dev(&self) -> Bdf {
         self.dev
+    }
+    /// Its DMA handle.
+    pub fn dma(&self) -> &DmaDevice {
+        &self.dma
     }
     /// The CMB provider, when registered.
     pub fn cmb(&self) -> Option<&Arc<Provider>> {
@@ -406,7 +450,7 @@ impl Nvme {
                 source,
             })?;
         self.dma
-            .dma_write_sg(self.dev, &dptr.pieces(len), &buf)
+            .dma_write_sg(&dptr.pieces(len), &buf)
             .map_err(|source| NvmeError::Dma {
                 dev: self.dev,
                 source,
@@ -421,7 +465,7 @@ impl Nvme {
         let len = self.check(slba, nlb, dptr)?;
         let mut buf = vec![0u8; len as usize];
         self.dma
-            .dma_read_sg(self.dev, &dptr.pieces(len), &mut buf)
+            .dma_read_sg(&dptr.pieces(len), &mut buf)
             .map_err(|source| NvmeError::Dma {
                 dev: self.dev,
                 source,

@@ -10,9 +10,8 @@
 //! both the pins and the mapping: dropping it unmaps first — waiting for DMA in
 //! progress — and then unpins, the order the kernel requires.
 
-use crate::addr::Bdf;
 use crate::addr::{VirtAddr, PAGE_SIZE};
-use crate::dma::{Direction, Dma, DmaMapping, DmaSegment, SgTable};
+use crate::dma::{Direction, DmaDevice, DmaMapping, DmaSegment, SgTable};
 use crate::gup::{pin_user_pages, FollFlags, GupError, PinnedPages};
 use crate::mm::{Mm, MmError};
 use crate::sync::Arc;
@@ -63,19 +62,51 @@ impl UserDmaSg {
     }
 }
 
-/// Pins `[start, start + len)` of `mm` (allowing p2p memory unless `LONGTERM` is asked,
-/// which the kernel forbids with p2p), builds its SG table and maps it for `dev` in
-/// direction `dir`. All or nothing: a range that cannot be pinned whole is an error.
-pub fn get_user_dma_sg(
-    mm: &Arc<Mm>,
-    start: VirtAddr,
-    len: u64,
-    dma: &Arc<Dma>,
-    dev: Bdf,
-    dir: Direction,
-    flags: FollFlags,
-) -> Result<UserDmaSg, GupError> {
+/// What [`get_user_dma_sg`] is asked for: a user range, the direction the device
+/// moves data, and any extra pinning flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UserSg {
+    /// The first byte.
+    pub start: VirtAddr,
+    /// Bytes; not zero.
+    pub len: u64,
+    /// Which way the device moves data; a device write pins with `FOLL_WRITE`.
+    pub dir: Direction,
+    /// Further pinning flags (`FOLL_LONGTERM`, which refuses p2p memory).
+    pub flags: FollFlags,
+}
+
+impl UserSg {
+    /// `[start, start + len)` for a transfer in direction `dir`, with no extra flags.
+    pub fn new(start: VirtAddr, len: u64, dir: Direction) -> Self {
+        UserSg {
+            start,
+            len,
+            dir,
+            flags: FollFlags::NONE,
+        }
+    }
+    /// The same, with `flags` added.
+    pub fn flags(self, flags: FollFlags) -> Self {
+        UserSg {
+            flags: self.flags | flags,
+            ..self
+        }
+    }
+}
+
+/// Pins `req`'s range of `mm` (allowing p2p memory unless `LONGTERM` is asked, which
+/// the kernel forbids with p2p), builds its SG table with the device's largest segment
+/// and maps it for `dev`. All or nothing: a range that cannot be pinned whole is an
+/// error.
+pub fn get_user_dma_sg(mm: &Arc<Mm>, dev: &DmaDevice, req: UserSg) -> Result<UserDmaSg, GupError> {
     let op = "get_user_dma_sg";
+    let UserSg {
+        start,
+        len,
+        dir,
+        flags,
+    } = req;
     if len == 0 {
         return Err(GupError::Mm(MmError::Invalid {
             op,
@@ -97,7 +128,7 @@ pub fn get_user_dma_sg(
     if let Some(e) = pin.stopped_by() {
         return Err(e.clone());
     }
-    let sg = SgTable::from_runs(pin.runs(), start.0 - first, len, dma.max_segment(dev));
-    let mapping = dma.map_sg(dev, &sg, dir)?;
+    let sg = SgTable::from_runs(pin.runs(), start.0 - first, len, dev.max_segment());
+    let mapping = dev.map_sg(&sg, dir)?;
     Ok(UserDmaSg { mapping, sg, pin })
 }

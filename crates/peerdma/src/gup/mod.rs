@@ -17,7 +17,7 @@
 mod dma_sg;
 mod pin;
 
-pub use dma_sg::{get_user_dma_sg, UserDmaSg};
+pub use dma_sg::{get_user_dma_sg, UserDmaSg, UserSg};
 pub use pin::{get_user_pages, pin_user_pages, FollFlags, GotPages, PinnedPages};
 
 use crate::addr::{Bdf, VirtAddr};

@@ -1,22 +1,26 @@
 //! One emulated machine: a fabric (preset or topology file), system RAM, the IOMMU and
-//! DMA side, and device models bound to the fabric's endpoints. Processes are address
-//! spaces spawned on it. A `Host` owns everything it made; there is no global state, so
-//! hosts run side by side in tests.
+//! DMA side, the p2p memory providers, device models bound to the fabric's endpoints,
+//! and the processes running on it. A `Host` owns everything it made; there is no
+//! global state, so hosts run side by side in tests.
 
-pub mod p2p_copy;
+mod process;
+mod quiescent;
 
-use std::collections::BTreeMap;
+pub use process::{Pid, Process};
+pub use quiescent::{P2pUse, Quiescence, RegionUse};
+
+use std::time::Duration;
 
 use crate::addr::Bdf;
 use crate::dma::Dma;
-use crate::drivers::nvme::{CmbRegs, Nvme, NvmeConfig, NvmeError};
-use crate::fabric::{find_closest_provider, DeviceClass, FabricError, PortKind, Topology};
+use crate::drivers::nvme::{CmbRegs, NvmeConfig, NvmeSpec};
+use crate::drivers::{Device, Devices, Probe, ProbeError};
+use crate::fabric::{DeviceClass, FabricError, PortKind, Topology};
 use crate::mem::{MemError, PhysMem};
-use crate::mm::Mm;
-use crate::p2pmem::Provider;
+use crate::p2pmem::{P2pError, P2pRegistry, Provider};
 use crate::sync::Arc;
 
-/// What building a host can refuse.
+/// What building or changing a host can refuse.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
     /// Memory could not be set up.
@@ -27,7 +31,22 @@ pub enum HostError {
     Fabric(#[from] FabricError),
     /// A device model failed to come up.
     #[error(transparent)]
-    Nvme(#[from] NvmeError),
+    Probe(#[from] ProbeError),
+    /// Two device specs name one function (EBUSY).
+    #[error("{dev} has a device model already (EBUSY)")]
+    Duplicate {
+        /// The function.
+        dev: Bdf,
+    },
+    /// No device model is bound at that function (ENODEV).
+    #[error("{dev}: no device model bound there (ENODEV)")]
+    NoDevice {
+        /// The function.
+        dev: Bdf,
+    },
+    /// Removing a device's p2p memory failed or timed out.
+    #[error(transparent)]
+    P2p(#[from] P2pError),
 }
 
 impl HostError {
@@ -36,21 +55,29 @@ impl HostError {
         match self {
             HostError::Mem(e) => e.errno(),
             HostError::Fabric(e) => e.errno(),
-            HostError::Nvme(e) => e.errno(),
+            HostError::Probe(e) => e.errno,
+            HostError::Duplicate { .. } => crate::errno::Errno::EBUSY,
+            HostError::NoDevice { .. } => crate::errno::Errno::ENODEV,
+            HostError::P2p(e) => e.errno(),
         }
     }
 }
 
-/// A device model to bind to an endpoint.
+/// A device model to bind to an endpoint: any driver's [`Probe`] spec.
 #[derive(Clone, Debug)]
-pub enum DeviceSpec {
-    /// An NVMe controller.
-    Nvme {
-        /// The endpoint.
-        bdf: Bdf,
-        /// Its configuration.
-        config: NvmeConfig,
-    },
+pub struct DeviceSpec(Arc<dyn Probe>);
+
+impl DeviceSpec {
+    /// The function it binds to.
+    pub fn bdf(&self) -> Bdf {
+        self.0.bdf()
+    }
+}
+
+impl<P: Probe + 'static> From<P> for DeviceSpec {
+    fn from(p: P) -> Self {
+        DeviceSpec(Arc::new(p))
+    }
 }
 
 /// How to build a host.
@@ -72,18 +99,24 @@ impl Default for HostConfig {
 }
 
 /// An emulated machine.
+///
+/// # Invariants
+/// Every device model in `devices` was probed on this host's DMA side and p2p
+/// registry; every process was spawned here (or forked from one that was).
 pub struct Host {
     topo: Arc<Topology>,
     phys: Arc<PhysMem>,
     dma: Arc<Dma>,
-    nvme: BTreeMap<Bdf, Arc<Nvme>>,
+    p2p: Arc<P2pRegistry>,
+    devices: Devices,
+    processes: Arc<process::Table>,
 }
 
 impl std::fmt::Debug for Host {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Host")
             .field("topology", &self.topo.source())
-            .field("nvme", &self.nvme.keys().collect::<Vec<_>>())
+            .field("devices", &self.devices)
             .finish()
     }
 }
@@ -99,21 +132,44 @@ impl Host {
         let phys = PhysMem::new(cfg.ram_bytes)?;
         let iommu = cfg.iommu.unwrap_or(topo.host().iommu.unwrap_or(false));
         let dma = Dma::new(topo.clone(), phys.clone(), iommu);
-        let mut nvme = BTreeMap::new();
-        for d in devices {
-            match d {
-                DeviceSpec::Nvme { bdf, config } => {
-                    topo.find(&bdf.to_string())?;
-                    nvme.insert(*bdf, Nvme::new(&dma, *bdf, config.clone())?);
-                }
-            }
-        }
-        Ok(Host {
+        let mut host = Host {
+            p2p: P2pRegistry::new(&dma),
             topo,
             phys,
             dma,
-            nvme,
-        })
+            devices: Devices::default(),
+            processes: process::Table::new(),
+        };
+        for d in devices {
+            host.add_device(d)?;
+        }
+        Ok(host)
+    }
+
+    /// Probes one more device model (hot-plug).
+    pub fn add_device(&mut self, spec: &DeviceSpec) -> Result<Arc<dyn Device>, HostError> {
+        let bdf = spec.bdf();
+        self.topo.find(&bdf.to_string())?;
+        if self.devices.get_dyn(bdf).is_some() {
+            return Err(HostError::Duplicate { dev: bdf });
+        }
+        let dev = spec.0.probe(&self.p2p)?;
+        self.devices.insert(dev.clone());
+        Ok(dev)
+    }
+
+    /// Hot-removes the device model at `bdf`: its p2p memory is retracted (zapped from
+    /// every process, waited for up to `timeout`), then the model leaves the registry.
+    /// On a timeout the model stays bound and removal may be tried again.
+    pub fn remove_device(&mut self, bdf: Bdf, timeout: Option<Duration>) -> Result<(), HostError> {
+        let dev = self
+            .devices
+            .get_dyn(bdf)
+            .cloned()
+            .ok_or(HostError::NoDevice { dev: bdf })?;
+        dev.remove(&self.p2p, timeout)?;
+        self.devices.remove(bdf);
+        Ok(())
     }
 
     /// Every NVMe endpoint of the topology as a controller with a namespace of
@@ -128,7 +184,7 @@ impl Host {
                     .iter()
                     .find(|b| b.index == 2 && b.prefetchable && b.size >= 2 << 20)
                     .map(|b| CmbRegs::whole(2, b.size & !((1 << 20) - 1), 0));
-                DeviceSpec::Nvme {
+                NvmeSpec {
                     bdf: f.bdf,
                     config: NvmeConfig {
                         capacity,
@@ -136,6 +192,7 @@ impl Host {
                         ..NvmeConfig::default()
                     },
                 }
+                .into()
             })
             .collect()
     }
@@ -152,40 +209,42 @@ impl Host {
     pub fn dma(&self) -> &Arc<Dma> {
         &self.dma
     }
-    /// The NVMe controller at `bdf`.
-    pub fn nvme(&self, bdf: Bdf) -> Option<&Arc<Nvme>> {
-        self.nvme.get(&bdf)
+    /// The p2p memory providers, whichever device registered them.
+    pub fn p2p(&self) -> &Arc<P2pRegistry> {
+        &self.p2p
     }
-    /// All NVMe controllers in BDF order.
-    pub fn nvmes(&self) -> impl Iterator<Item = &Arc<Nvme>> {
-        self.nvme.values()
+    /// The device models.
+    pub fn devices(&self) -> &Devices {
+        &self.devices
     }
-    /// A new process (address space).
-    pub fn spawn(&self) -> Arc<Mm> {
-        Mm::new(&self.phys)
+    /// The device model at `bdf` when it is a `T` (`host.device::<Nvme>(bdf)`).
+    pub fn device<T: Device>(&self, bdf: Bdf) -> Option<Arc<T>> {
+        self.devices.get(bdf)
+    }
+    /// Every device model of type `T`, in BDF order.
+    pub fn devices_of<T: Device>(&self) -> Vec<Arc<T>> {
+        self.devices.of_type()
+    }
+    /// A new process with an empty address space. It runs until [`Process::exit`],
+    /// whether or not its handle is kept.
+    pub fn spawn(&self) -> Process {
+        Process::spawn(&self.processes, &self.phys)
+    }
+    /// Shutdown: every process still running exits (in pid order), as at power-off
+    /// after `kill -9` of everything. Handles kept elsewhere stay valid but name exited
+    /// processes.
+    pub fn exit_all(&self) {
+        for mm in self.processes.take_running() {
+            mm.exit();
+        }
     }
     /// Published p2p memory providers.
     pub fn providers(&self) -> Vec<Arc<Provider>> {
-        self.nvme
-            .values()
-            .filter_map(|n| n.cmb().cloned())
-            .filter(|p| p.published())
-            .collect()
+        self.p2p.published()
     }
     /// `pci_p2pmem_find_many(clients)`: the published provider closest to all clients
     /// that every client can reach, ties broken by `seed`.
     pub fn find_p2pmem(&self, clients: &[Bdf], seed: u64) -> Option<Arc<Provider>> {
-        let providers = self.providers();
-        let ids: Vec<_> = providers
-            .iter()
-            .filter_map(|p| self.topo.lookup(p.dev()))
-            .collect();
-        let clients: Vec<_> = clients
-            .iter()
-            .filter_map(|c| self.topo.lookup(*c))
-            .collect();
-        let best = find_closest_provider(&self.topo, &ids, &clients, seed)?;
-        let bdf = self.topo.function(best).bdf;
-        providers.into_iter().find(|p| p.dev() == bdf)
+        self.p2p.find_many(clients, seed)
     }
 }

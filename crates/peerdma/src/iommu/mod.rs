@@ -178,6 +178,19 @@ impl Iommu {
         )
     }
 
+    /// IOVA pages handed out and IO page-table entries linked, over every domain.
+    pub fn usage(&self) -> (u64, u64) {
+        self.domains
+            .lock()
+            .values()
+            .fold((0, 0), |(iova, linked), d| {
+                (
+                    iova + d.allocated_iova_pages(),
+                    linked + d.mapped_pages() as u64,
+                )
+            })
+    }
+
     /// Records a refused DMA.
     pub fn report_fault(&self, fault: DmaFault) {
         lock(&self.faults).push(fault);

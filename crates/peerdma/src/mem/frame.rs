@@ -30,6 +30,8 @@ pub mod flags {
     pub const DIRTY: u32 = 1 << 2;
     /// Locked for migration.
     pub const LOCKED: u32 = 1 << 3;
+    /// Held by the machine itself, never freed (`PageReserved`: frame 0 of RAM).
+    pub const RESERVED: u32 = 1 << 4;
 }
 
 /// The metadata of one frame.
@@ -130,6 +132,18 @@ impl Sections {
         self.sections[(idx >> SECTION_SHIFT) as usize]
             .get()
             .map(|sec| &sec[(idx & (SECTION_FRAMES - 1)) as usize])
+    }
+
+    /// The metadata of every frame whose section exists, with its index.
+    pub fn present(&self) -> impl Iterator<Item = (u64, &FrameMeta)> + '_ {
+        self.sections.iter().enumerate().flat_map(move |(i, s)| {
+            let base = (i as u64) << SECTION_SHIFT;
+            s.get()
+                .into_iter()
+                .flat_map(|sec| sec.iter().enumerate())
+                .map(move |(k, m)| (base + k as u64, m))
+                .filter(move |(idx, _)| *idx < self.frames)
+        })
     }
 
     /// Bytes of metadata allocated so far (sections and the section table).

@@ -44,6 +44,7 @@ impl PhysMem {
         // physical address handed out is ever zero.
         let reserved = ram.alloc()?;
         debug_assert_eq!(reserved, Pfn(0));
+        ram.meta(reserved).set(crate::mem::flags::RESERVED);
         Ok(Arc::new(PhysMem {
             regions: OrderedRwLock::new(&order::PHYS_REGIONS, vec![ram.clone()]),
             ram,

@@ -16,6 +16,10 @@
 //! parent under that same lock and then looks again, until a pass finds no address
 //! space it has not zapped.
 
+mod registry;
+
+pub use registry::P2pRegistry;
+
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
@@ -149,8 +153,9 @@ impl std::fmt::Debug for Provider {
 
 impl Provider {
     /// `pci_p2pdma_add_resource(dev, bar, size, offset)`: `size` bytes of BAR `bar` from
-    /// `offset` (size 0: the rest of the BAR) become p2p memory.
-    pub fn add_resource(
+    /// `offset` (size 0: the rest of the BAR) become p2p memory. Devices of a host go
+    /// through [`P2pRegistry::add_resource`], which also lists the provider.
+    pub(crate) fn add_resource(
         dma: &Arc<Dma>,
         dev: Bdf,
         bar: u8,
@@ -375,6 +380,16 @@ impl Provider {
         // second remove), which is fine.
         let _ = self.dma.phys().memunmap_pages(self.region.id());
         Ok(())
+    }
+
+    /// Recorded address spaces that are still alive.
+    pub fn live_users(&self) -> usize {
+        self.users
+            .lock()
+            .by_mm
+            .values()
+            .filter(|w| w.strong_count() > 0)
+            .count()
     }
 
     /// Address spaces recorded as possibly mapping this provider's pages (for leak

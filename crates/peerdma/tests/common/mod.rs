@@ -47,49 +47,109 @@ pub fn unpack(name: &str) -> (tempfile::TempDir, PathBuf) {
     (tmp, root)
 }
 
+/// A host that checks for leaks when it goes out of scope: every process still
+/// running exits, and then `Host::quiescent()` must report nothing held (a pin, a DMA
+/// mapping, an IOVA, a subscription, a p2p allocation, a frame). Bind it first in a
+/// test, so that it is dropped after everything else the test made. Dereferences to
+/// the host.
+pub struct Checked(pub peerdma::host::Host);
+
+impl std::ops::Deref for Checked {
+    type Target = peerdma::host::Host;
+    fn deref(&self) -> &peerdma::host::Host {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Checked {
+    fn deref_mut(&mut self) -> &mut peerdma::host::Host {
+        &mut self.0
+    }
+}
+
+impl Drop for Checked {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        self.0.exit_all();
+        self.0.quiescent().assert_clean();
+    }
+}
+
 /// The workstation preset booted with `ram_bytes` of RAM, the IOMMU on or off, and an
 /// NVMe controller (1 MiB namespace, a CMB where BAR 2 allows) on every NVMe endpoint.
-pub fn workstation(ram_bytes: u64, iommu: bool) -> peerdma::host::Host {
+pub fn workstation(ram_bytes: u64, iommu: bool) -> Checked {
     use peerdma::host::{Host, HostConfig};
     let topo = peerdma::fabric::preset("workstation").unwrap();
     let specs = Host::nvme_specs(&topo, 1 << 20);
-    Host::build(
-        topo,
-        &HostConfig {
-            ram_bytes,
-            iommu: Some(iommu),
-        },
-        &specs,
+    Checked(
+        Host::build(
+            topo,
+            &HostConfig {
+                ram_bytes,
+                iommu: Some(iommu),
+            },
+            &specs,
+        )
+        .unwrap(),
     )
-    .unwrap()
 }
 
 /// The CMB of the workstation's NVMe drive at 0000:05:00.0, under the switch.
 pub fn cmb(h: &peerdma::host::Host) -> peerdma::sync::Arc<peerdma::p2pmem::Provider> {
-    h.nvme("0000:05:00.0".parse().unwrap())
+    h.device::<peerdma::drivers::nvme::Nvme>("0000:05:00.0".parse().unwrap())
         .unwrap()
         .cmb()
         .unwrap()
         .clone()
 }
 
-/// 8 MiB of RAM, a 1 MiB device region of `kind`, and a process with one anonymous
-/// page holding `data` at its start.
+/// `h`'s DMA handle of the function `bdf` (a "dddd:bb:dd.f" string).
+pub fn attach(h: &peerdma::host::Host, bdf: &str) -> peerdma::dma::DmaDevice {
+    h.dma().attach(bdf.parse().unwrap()).unwrap()
+}
+
+/// The workstation preset with `ram_bytes` of RAM, no IOMMU and no device models: a
+/// machine for tests of memory alone, checked for leaks when dropped.
+pub fn host(ram_bytes: u64) -> Checked {
+    bare(ram_bytes, false)
+}
+
+/// The workstation preset with `ram_bytes` of RAM, the IOMMU on or off, and no device
+/// models, checked for leaks when dropped.
+pub fn bare(ram_bytes: u64, iommu: bool) -> Checked {
+    use peerdma::host::{Host, HostConfig};
+    Checked(
+        Host::build(
+            peerdma::fabric::preset("workstation").unwrap(),
+            &HostConfig {
+                ram_bytes,
+                iommu: Some(iommu),
+            },
+            &[],
+        )
+        .unwrap(),
+    )
+}
+
+/// A leak-checked host with 8 MiB of RAM, a 1 MiB device region of `kind`, and a process with one
+/// anonymous page holding `data` at its start.
 pub fn one_page(
     kind: peerdma::mem::RegionKind,
     data: &[u8],
 ) -> (
-    peerdma::sync::Arc<peerdma::mem::PhysMem>,
+    Checked,
     peerdma::sync::Arc<peerdma::mem::Region>,
-    peerdma::sync::Arc<peerdma::mm::Mm>,
+    peerdma::host::Process,
     peerdma::addr::VirtAddr,
 ) {
-    let phys = peerdma::mem::PhysMem::new(8 << 20).unwrap();
-    let dev = phys.memremap_pages(kind, 1 << 20).unwrap();
-    let mm = peerdma::mm::Mm::new(&phys);
+    let h = host(8 << 20);
+    let dev = h.phys().memremap_pages(kind, 1 << 20).unwrap();
+    let mm = h.spawn();
     let a = mm
         .mmap_anon(peerdma::addr::PAGE_SIZE, peerdma::mm::Prot::RW)
         .unwrap();
     mm.write(a, data).unwrap();
-    (phys, dev, mm, a)
+    (h, dev, mm, a)
 }

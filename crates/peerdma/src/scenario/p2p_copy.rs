@@ -14,7 +14,7 @@ use crate::addr::{Bdf, VirtAddr};
 use crate::dma::{Direction, DmaStats};
 use crate::drivers::nvme::{DataPointer, Nvme, NvmeError};
 use crate::fabric::{calc_map_type_and_dist, MapType};
-use crate::gup::{get_user_dma_sg, FollFlags, GupError};
+use crate::gup::{get_user_dma_sg, GupError, UserSg};
 use crate::host::Host;
 use crate::mm::{Mm, MmError, Prot};
 use crate::p2pmem::P2pError;
@@ -162,13 +162,12 @@ fn checksum(buf: &[u8]) -> u64 {
 fn pick(host: &Host, p: &P2pCopyParams) -> Result<(Arc<Nvme>, Arc<Nvme>), CopyError> {
     let target = match p.target {
         Some(t) => host
-            .nvme(t)
-            .cloned()
+            .device::<Nvme>(t)
             .ok_or_else(|| CopyError::NoPair(format!("{t} is not an NVMe drive of this host")))?,
         None => host
-            .nvmes()
+            .devices_of::<Nvme>()
+            .into_iter()
             .find(|n| n.cmb().is_some_and(|c| c.published()))
-            .cloned()
             .ok_or_else(|| {
                 CopyError::NoPair("no drive has a published controller memory buffer".into())
             })?,
@@ -183,20 +182,19 @@ fn pick(host: &Host, p: &P2pCopyParams) -> Result<(Arc<Nvme>, Arc<Nvme>), CopyEr
     let topo = host.topology();
     let source = match p.source {
         Some(s) => host
-            .nvme(s)
-            .cloned()
+            .device::<Nvme>(s)
             .ok_or_else(|| CopyError::NoPair(format!("{s} is not an NVMe drive of this host")))?,
         None => {
             let t = topo
                 .lookup(target.dev())
                 .ok_or_else(|| CopyError::NoPair("target not in fabric".into()))?;
-            host.nvmes()
+            host.devices_of::<Nvme>()
+                .into_iter()
                 .filter(|n| n.dev() != target.dev())
                 .min_by_key(|n| {
                     topo.lookup(n.dev())
                         .map_or(u32::MAX, |s| calc_map_type_and_dist(topo, t, s).distance)
                 })
-                .cloned()
                 .ok_or_else(|| CopyError::NoPair("only one NVMe drive".into()))?
         }
     };
@@ -278,12 +276,8 @@ pub fn run(
             for i in 0..p.chunks {
                 let sg = get_user_dma_sg(
                     mm,
-                    buf,
-                    p.chunk_size,
-                    &dma,
-                    src.dev(),
-                    Direction::FromDevice,
-                    FollFlags::NONE,
+                    src.dma(),
+                    UserSg::new(buf, p.chunk_size, Direction::FromDevice),
                 )?;
                 *pinned += sg.pinned().len() as u64;
                 src.read(
@@ -294,12 +288,8 @@ pub fn run(
                 drop(sg);
                 let sg = get_user_dma_sg(
                     mm,
-                    buf,
-                    p.chunk_size,
-                    &dma,
-                    dst.dev(),
-                    Direction::ToDevice,
-                    FollFlags::NONE,
+                    dst.dma(),
+                    UserSg::new(buf, p.chunk_size, Direction::ToDevice),
                 )?;
                 *pinned += sg.pinned().len() as u64;
                 dst.write(
@@ -341,16 +331,7 @@ pub fn run(
     let ram_ok = verify(total)?;
     mm.exit();
     let after = dma.stats();
-    let region = cmb.region();
-    let pins_left: u64 = (0..region.frames())
-        .map(|i| {
-            u64::from(
-                region
-                    .meta(crate::addr::Pfn(region.base().0 + i))
-                    .pincount(),
-            )
-        })
-        .sum();
+    let pins_left = cmb.region().usage().pinned;
     let phase = |secs: f64, ok: bool| Phase {
         bytes: total,
         seconds: secs,

@@ -1,0 +1,5 @@
+//! Workloads and scenarios run on a host (the selftests' layer): they use the host,
+//! its processes and its devices only through the public calls a program or a driver
+//! would make.
+
+pub mod p2p_copy;
