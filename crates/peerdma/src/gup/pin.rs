@@ -4,9 +4,8 @@ use std::ops::BitOr;
 
 use crate::addr::{Pfn, VirtAddr, PAGE_SIZE};
 use crate::gup::GupError;
-use crate::mem::{flags, Region};
-use crate::mm::{Access, Mm, MmError, Pte};
-use crate::sync::atomic::Ordering;
+use crate::mem::Region;
+use crate::mm::{Access, Mm, MmError, Pte, Visit, WalkOps, Want};
 use crate::sync::Arc;
 
 /// `FOLL_*` flags.
@@ -85,21 +84,71 @@ enum Hold {
     Pin,
 }
 
-enum Check {
-    Ok,
-    NeedsMigration,
-    Refused(GupError),
+/// GUP's policy for [`Mm::walk_range`]: every page faulted for the access, checked
+/// against the flags (p2p memory needs `FOLL_PCI_P2PDMA`, a long-term pin moves
+/// device-coherent memory to RAM first) and held by a reference or a pin.
+struct GupWalk {
+    access: Access,
+    gup: FollFlags,
+    hold: Hold,
+    op: &'static str,
+    start: VirtAddr,
+    pages: PageRuns,
 }
 
-enum Step {
-    Held,
-    NeedsMigration,
-    Refused(GupError),
+impl WalkOps for GupWalk {
+    type Error = GupError;
+
+    fn want(&self, _i: usize) -> Want {
+        Want::Fault(self.access)
+    }
+
+    fn visit(&mut self, i: usize, ptes: &[Pte], region: &Region) -> Visit<GupError> {
+        let va = VirtAddr(self.start.0 + i as u64 * PAGE_SIZE);
+        // The region decides for the whole run whether it may be held.
+        let kind = region.kind();
+        if let Some((provider, _)) = kind.p2p() {
+            if !self.gup.contains(FollFlags::PCI_P2PDMA) {
+                return Visit::Stop {
+                    taken: 0,
+                    error: GupError::RemoteIo {
+                        op: self.op,
+                        addr: va,
+                        provider,
+                    },
+                };
+            }
+        } else if kind.is_device_coherent() && self.gup.contains(FollFlags::LONGTERM) {
+            return Visit::Migrate { taken: 0 };
+        }
+        // The pins first, touching only frame metadata; then the frame list, kept
+        // apart so the locked adds never wait behind stores to the list.
+        let pin = self.hold == Hold::Pin;
+        let grabbed = ptes
+            .iter()
+            .take_while(|pte| region.try_grab(pte.pfn().unwrap_or_else(|| unreachable!()), pin))
+            .count();
+        for pte in &ptes[..grabbed] {
+            self.pages.push(pte.pfn().unwrap_or_else(|| unreachable!()));
+        }
+        if grabbed < ptes.len() {
+            // A count at its limit: the kernel's try_grab_folio fails with ENOMEM.
+            return Visit::Stop {
+                taken: grabbed,
+                error: GupError::Mm(MmError::NoMemory {
+                    op: self.op,
+                    addr: VirtAddr(va.0 + grabbed as u64 * PAGE_SIZE),
+                    why: "the page's reference or pin count is at its limit".into(),
+                    source: None,
+                }),
+            };
+        }
+        Visit::All
+    }
 }
 
 /// The common walk: `npages` pages from `start`, each made to satisfy the access and
-/// held; stops at the first refusal. Runs of pages already in shape are taken under one
-/// page-table lock, a leaf table at a time; the rest go through the fault path singly.
+/// held; stops at the first refusal, keeping what it took.
 fn walk(
     mm: &Arc<Mm>,
     start: VirtAddr,
@@ -116,142 +165,16 @@ fn walk(
     } else {
         Access::Read
     };
-    let mut pages = PageRuns::default();
-    let vmas = mm.mmap_read();
-    let mut cur: Option<Arc<Region>> = None;
-    // A count at its limit: the kernel's try_grab_folio fails with ENOMEM.
-    let overflow = |va: VirtAddr| {
-        GupError::Mm(MmError::NoMemory {
-            op,
-            addr: va,
-            why: "the page's reference or pin count is at its limit".into(),
-            source: None,
-        })
+    let mut w = GupWalk {
+        access,
+        gup,
+        hold,
+        op,
+        start,
+        pages: PageRuns::default(),
     };
-    // Whether frames of a region may be held with these flags.
-    let take_check = |region: &Region, va: VirtAddr| -> Check {
-        let kind = region.kind();
-        match kind.p2p() {
-            Some((provider, _)) if !gup.contains(FollFlags::PCI_P2PDMA) => {
-                Check::Refused(GupError::RemoteIo {
-                    op,
-                    addr: va,
-                    provider,
-                })
-            }
-            _ if kind.is_device_coherent() && gup.contains(FollFlags::LONGTERM) => {
-                Check::NeedsMigration
-            }
-            _ => Check::Ok,
-        }
-    };
-    // Holds one frame the page table maps, under the page-table lock.
-    let take = |pfn: Pfn, region: &Region, va: VirtAddr| -> Step {
-        match take_check(region, va) {
-            Check::Refused(e) => return Step::Refused(e),
-            Check::NeedsMigration => return Step::NeedsMigration,
-            Check::Ok => {}
-        }
-        if region.try_grab(pfn, hold == Hold::Pin) {
-            Step::Held
-        } else {
-            Step::Refused(overflow(va))
-        }
-    };
-    let mut i = 0;
-    while i < npages {
-        let va = VirtAddr(start.0 + i as u64 * PAGE_SIZE);
-        // Fast path over the VMA holding `va`, if it allows the access.
-        if let Some(v) = vmas
-            .find(va)
-            .filter(|v| v.prot.readable() && (access != Access::Write || v.prot.writable()))
-        {
-            let (anon, end) = (v.is_anon(), v.end);
-            let pt = mm.pt_lock();
-            while i < npages {
-                let va = VirtAddr(start.0 + i as u64 * PAGE_SIZE);
-                let left = ((end.0.saturating_sub(va.0)) / PAGE_SIZE) as usize;
-                let run = pt.run(va);
-                let n = run.len().min(left).min(npages - i);
-                if n == 0 {
-                    break;
-                }
-                // Pass 1, no atomics: how many leading pages are ready, all in one region.
-                let first = run[0];
-                let Some(pfn0) = first.pfn().filter(|_| first.is_present()) else {
-                    break;
-                };
-                if !cur.as_ref().is_some_and(|r| r.contains(pfn0)) {
-                    cur = Some(mm.region(pfn0));
-                }
-                let region = cur.as_deref().unwrap_or_else(|| unreachable!());
-                let ready = |pte: &Pte| -> bool {
-                    let Some(pfn) = pte.pfn().filter(|_| pte.is_present()) else {
-                        return false;
-                    };
-                    region.contains(pfn)
-                        && match access {
-                            Access::Write => pte.writable(),
-                            Access::Unshare => {
-                                !anon || region.meta(pfn).test(flags::ANON_EXCLUSIVE)
-                            }
-                            Access::Read => true,
-                        }
-                };
-                let m = run[..n].iter().take_while(|p| ready(p)).count();
-                if m == 0 {
-                    break;
-                }
-                // The region decides for the whole batch whether it may be held.
-                match take_check(region, va) {
-                    Check::Ok => {}
-                    Check::NeedsMigration => break,
-                    Check::Refused(e) => return (pages, Some(e)),
-                }
-                // Pass 2: the pins, touching only frame metadata. Pass 3: the frame list.
-                // Kept apart so the locked adds never wait behind stores to the list.
-                let grabbed = run[..m]
-                    .iter()
-                    .take_while(|pte| {
-                        let pfn = pte.pfn().unwrap_or_else(|| unreachable!());
-                        region.try_grab(pfn, hold == Hold::Pin)
-                    })
-                    .count();
-                for pte in &run[..grabbed] {
-                    pages.push(pte.pfn().unwrap_or_else(|| unreachable!()));
-                }
-                i += grabbed;
-                if grabbed < m {
-                    let va = VirtAddr(start.0 + i as u64 * PAGE_SIZE);
-                    return (pages, Some(overflow(va)));
-                }
-            }
-            drop(pt);
-            if i >= npages {
-                break;
-            }
-        }
-        // Slow path for one page: fault it into shape, then take it.
-        let va = VirtAddr(start.0 + i as u64 * PAGE_SIZE);
-        let step = mm.with_page(&vmas, va, access, op, |_, pfn| {
-            let region = mm.region(pfn);
-            (take(pfn, &region, va), pfn)
-        });
-        match step {
-            Ok((Step::Held, pfn)) => {
-                pages.push(pfn);
-                i += 1;
-            }
-            Ok((Step::NeedsMigration, _)) => {
-                if let Err(e) = mm.migrate_to_ram(&vmas, va, op) {
-                    return (pages, Some(e.into()));
-                }
-            }
-            Ok((Step::Refused(e), _)) => return (pages, Some(e)),
-            Err(e) => return (pages, Some(e.into())),
-        }
-    }
-    (pages, None)
+    let stopped = mm.walk_range(start, npages, &mut w, op).err();
+    (w.pages, stopped)
 }
 
 fn check_args(gup: FollFlags, hold: Hold, op: &'static str) -> Result<(), GupError> {
@@ -405,7 +328,7 @@ pub fn pin_user_pages(
 ) -> Result<PinnedPages, GupError> {
     let op = "pin_user_pages";
     check_args(gup, Hold::Pin, op)?;
-    mm.has_pinned.store(true, Ordering::Release);
+    mm.set_has_pinned();
     let (pages, stopped) = walk(mm, start, npages, gup, Hold::Pin, op);
     let stopped = nothing_is_an_error(&pages, npages, stopped, op, start)?;
     Ok(PinnedPages {

@@ -26,6 +26,7 @@ pub mod page_table;
 pub mod pte;
 mod space;
 pub mod vma;
+mod walk;
 
 pub use fault::Access;
 pub use migrate::{MigrateSrc, MigrateVma, Select};
@@ -33,6 +34,7 @@ pub use page_table::PageTable;
 pub use pte::Pte;
 pub use space::{Mm, MmId};
 pub use vma::{PagesOwner, PagesOwnerRef, Prot, ShmObject, Vma, VmaKind};
+pub use walk::{Visit, WalkOps, Want};
 
 use crate::addr::VirtAddr;
 use crate::errno::Errno;

@@ -446,6 +446,12 @@ impl Mm {
         Ok(())
     }
 
+    /// Marks the address space as having had pages DMA-pinned (`MMF_HAS_PINNED`):
+    /// from now on fork copies pages that may be pinned instead of sharing them.
+    pub(crate) fn set_has_pinned(&self) {
+        self.has_pinned.store(true, Ordering::Release);
+    }
+
     /// Takes the address-space lock shared.
     pub(crate) fn mmap_read(&self) -> Held<RwLockReadGuard<'_, Vmas>> {
         self.mmap.read()
