@@ -276,7 +276,7 @@ impl DmaDevice {
             }
             let path = if rec.kind == MapKind::BusAddr {
                 0
-            } else if rec.region.kind().is_p2p() {
+            } else if rec.peer {
                 1
             } else {
                 2

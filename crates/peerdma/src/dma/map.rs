@@ -49,6 +49,9 @@ pub(crate) struct Record {
     /// Each frame's generation when mapped.
     pub(crate) gens: Vec<u32>,
     pub(crate) region: Arc<Region>,
+    /// Whether the memory is a peer's BAR (reached by bus address or through the host
+    /// bridge), for the statistics.
+    pub(crate) peer: bool,
     /// The IOVA range the segment is linked in, for a translated mapping; dropping the
     /// record (after it left the live mappings, so no transfer can use it) unlinks and
     /// frees it.
@@ -255,7 +258,11 @@ impl DmaDevice {
                     kind: kind.to_string(),
                 });
             }
-            let direct = match kind.p2p() {
+            // Memory a BAR exposes (p2p memory, or device memory whose owner says
+            // where peers find it) goes by the fabric's verdict between its provider
+            // and this device.
+            let peer = region.peer_reach();
+            let direct = match peer.map(|r| (r.provider, r.bus_offset)) {
                 Some((provider, bus_offset)) => {
                     let v = self.verdict(provider).map_err(|_| DmaError::NoProvider {
                         dev,
@@ -338,6 +345,7 @@ impl DmaDevice {
                 gens: pages.iter().map(|&p| region.meta(p).generation()).collect(),
                 pages,
                 region: region.clone(),
+                peer: peer.is_some(),
                 iova,
                 inflight: InFlight::new(),
                 revoked: AtomicBool::new(false),

@@ -15,7 +15,7 @@ pub mod region;
 
 pub use frame::{flags, FrameMeta};
 pub use phys::PhysMem;
-pub use region::{FrameUsage, PageMapOps, Region, RegionId, RegionKind};
+pub use region::{FrameUsage, PageMapOps, PeerReach, Region, RegionId, RegionKind};
 
 use crate::addr::Pfn;
 use crate::errno::Errno;

@@ -102,11 +102,41 @@ pub struct FrameUsage {
     pub locked: u64,
 }
 
+/// Where a peer finds a device page map's memory on the bus: the function whose BAR
+/// holds it and the offset from a frame's physical address to its bus address (the
+/// kernel's `pci_p2pdma_pagemap` provider and `bus_offset`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerReach {
+    /// The function whose BAR holds the memory.
+    pub provider: Bdf,
+    /// Bus address minus CPU physical address.
+    pub bus_offset: u64,
+}
+
 /// What the owner of a device page map supplies (the kernel's `dev_pagemap_ops`).
+/// Every method has a default, so an owner implements only what it does.
 pub trait PageMapOps: Send + Sync {
     /// A frame of the map lost its last reference and went back to the region's free
     /// frames (`page_free` / `folio_free`). Called with no lock held.
-    fn page_free(&self, pfn: Pfn);
+    fn page_free(&self, _pfn: Pfn) {}
+    /// A CPU access (or a fault for a device of another owner) met a device-private
+    /// page of this map (`migrate_to_ram`): move it to system RAM, normally with
+    /// [`DeviceFault::migrate_vma`](crate::mm::DeviceFault::migrate_vma) and the
+    /// owner's copy engine. Called with the address-space lock held shared and no
+    /// page-table lock. The fault is retried afterwards, so returning `Ok` without
+    /// moving the page (someone else moved it, or it is busy) is fine; an error
+    /// fails the access (`VM_FAULT_SIGBUS`). The default copies the page with the
+    /// CPU ([`DeviceFault::copy_to_ram`](crate::mm::DeviceFault::copy_to_ram)).
+    fn migrate_to_ram(&self, fault: &crate::mm::DeviceFault<'_>) -> Result<(), crate::mm::MmError> {
+        fault.copy_to_ram()
+    }
+    /// Where peers reach this memory on the bus, when a BAR exposes it (device
+    /// memory the CPU and peers both address, like VRAM behind a resizable BAR);
+    /// `None` keeps it reachable only through the IOMMU or not at all. A p2p region
+    /// carries this in its kind and does not need it.
+    fn peer_reach(&self) -> Option<PeerReach> {
+        None
+    }
 }
 
 impl fmt::Display for RegionKind {
@@ -352,6 +382,25 @@ impl Region {
     /// false) for system RAM or when ops are set already.
     pub fn set_page_map_ops(&self, ops: Arc<dyn PageMapOps>) -> bool {
         self.kind.is_device() && self.ops.set(ops).is_ok()
+    }
+
+    /// The owner's ops, when set.
+    pub fn page_map_ops(&self) -> Option<&Arc<dyn PageMapOps>> {
+        self.ops.get()
+    }
+
+    /// Where a peer reaches this region's memory on the bus: a p2p region's provider
+    /// and bus offset, or what the owner's ops say for other device memory. `None`
+    /// for system RAM and device-private memory.
+    pub fn peer_reach(&self) -> Option<PeerReach> {
+        match self.kind.p2p() {
+            Some((provider, bus_offset)) => Some(PeerReach {
+                provider,
+                bus_offset,
+            }),
+            None if self.kind.is_device_coherent() => self.ops.get()?.peer_reach(),
+            None => None,
+        }
     }
 
     /// Returns frames whose last reference dropped to the allocator, under one lock,

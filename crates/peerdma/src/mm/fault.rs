@@ -1,7 +1,8 @@
 //! Resolving one page for an access: zero-fill and shared-object faults, write faults
 //! that reuse an exclusive page or copy a shared one, the "unshare" fault a read-only
-//! pin needs, migration of a device-private page back to RAM on CPU access, and the
-//! migration primitive itself.
+//! pin needs, and a device-private page handed to its owner's `migrate_to_ram` (with
+//! the page-table lock dropped) to come back to RAM. Moving pages is
+//! [`Mm::migrate_vma_setup`]'s job; the one-page helpers here use it.
 //!
 //! Every path that replaces a present entry drops the page-table lock, runs the
 //! invalidation, retakes the lock and re-checks the entry before changing it: the
@@ -9,7 +10,7 @@
 
 use crate::addr::{Pfn, VirtAddr, PAGE_SIZE};
 use crate::mem::{flags, Region};
-use crate::mm::migrate::Select;
+use crate::mm::migrate::{MigrateVma, Select};
 use crate::mm::page_table::PageTable;
 use crate::mm::pte::Pte;
 use crate::mm::space::Mm;
@@ -47,27 +48,122 @@ enum Fix {
     MarkExclusive(Pfn),
 }
 
-/// How one attempt at migrating an entry ended, short of an error.
-pub(crate) enum Migrated {
-    /// The page moved to this frame.
-    To(Pfn),
-    /// The entry is not the one the caller saw any more: look again.
-    Changed,
-    /// Another migration holds the page: wait for its page lock, then look again.
-    Locked(Arc<Region>, Pfn),
+/// A CPU fault (or a fault on behalf of a device of another owner) on a device-private
+/// page, as its page map's owner gets it in [`PageMapOps::migrate_to_ram`]
+/// (the kernel's `struct vm_fault`). The address-space lock is held shared for the
+/// fault's whole life; no page-table lock is.
+///
+/// # Invariants
+/// `pte` was the entry at `va` when the fault decided to call the owner; it names a
+/// frame of `region`.
+///
+/// [`PageMapOps::migrate_to_ram`]: crate::mem::PageMapOps::migrate_to_ram
+pub struct DeviceFault<'a> {
+    mm: &'a Mm,
+    vmas: &'a Vmas,
+    va: VirtAddr,
+    pte: Pte,
+    access: Access,
+    region: Arc<Region>,
+    op: &'static str,
 }
 
-impl Migrated {
-    /// Waits out a migration in progress; true when the page moved (the caller is done).
-    fn settle(self) -> Option<Pfn> {
-        match self {
-            Migrated::To(p) => Some(p),
-            Migrated::Changed => None,
-            Migrated::Locked(region, pfn) => {
-                region.wait_page_unlocked(pfn);
-                None
-            }
+impl std::fmt::Debug for DeviceFault<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceFault")
+            .field("mm", &self.mm.id())
+            .field("va", &self.va)
+            .field("pte", &self.pte)
+            .field("access", &self.access)
+            .finish()
+    }
+}
+
+impl<'a> DeviceFault<'a> {
+    /// The faulting page's address.
+    pub fn va(&self) -> VirtAddr {
+        self.va
+    }
+    /// The device-private frame mapped there.
+    pub fn pfn(&self) -> Pfn {
+        self.pte
+            .pfn()
+            .unwrap_or_else(|| unreachable!("a device-private entry"))
+    }
+    /// The access that faulted.
+    pub fn access(&self) -> Access {
+        self.access
+    }
+    /// The faulting address space.
+    pub fn mm(&self) -> &'a Mm {
+        self.mm
+    }
+    /// The page's region.
+    pub fn region(&self) -> &Arc<Region> {
+        &self.region
+    }
+
+    /// `migrate_vma_setup()` over the faulting page (with the kernel's `fault_page`):
+    /// selects device-private pages of `owner`, under the address-space lock the fault
+    /// holds. The owner then copies, sets the destination, and finalizes.
+    pub fn migrate_vma(&self, owner: Option<u64>) -> Result<MigrateVma<'a>, MmError> {
+        self.mm.migrate_vma_setup_locked(
+            self.vmas,
+            self.va,
+            VirtAddr(self.va.0 + PAGE_SIZE),
+            Select::DEVICE_PRIVATE,
+            owner,
+        )
+    }
+
+    /// Brings the page to system RAM with a CPU copy: by migration when the page is
+    /// this address space's alone; when fork left it shared, this address space gets
+    /// a copy of its own and the others keep the device page (peerdma has no reverse
+    /// map to move every mapping at once, as the kernel does). Returns `Ok` when the
+    /// page moved, or when another migration or fault got there first; the fault
+    /// looks again either way.
+    pub fn copy_to_ram(&self) -> Result<(), MmError> {
+        let (mm, va, op) = (self.mm, self.va, self.op);
+        let mut m = self.migrate_vma(None)?;
+        let src = m.src()[0];
+        if src.pfn != self.pte.pfn() {
+            return Ok(()); // the entry changed: look again
         }
+        if src.migrate {
+            let ram = mm.phys.ram();
+            let new = ram.alloc().map_err(|e| MmError::nomem(op, va, e))?;
+            self.region.copy_frame(self.pfn(), ram, new);
+            m.set_dst(0, ram, new);
+            m.pages();
+            m.finalize();
+            return Ok(());
+        }
+        if m.busy(0) {
+            drop(m);
+            self.region.wait_page_unlocked(self.pfn());
+            return Ok(());
+        }
+        drop(m);
+        // Shared after fork: a copy for this address space, as a COW break makes.
+        let took = {
+            let pt = mm.pt_lock();
+            let same = pt.get(va) == self.pte;
+            if same {
+                self.region.get(self.pfn());
+            }
+            same
+        };
+        if took {
+            mm.copy_page(
+                va,
+                self.pfn(),
+                &self.region,
+                self.pte.writable(),
+                NotifyEvent::Migrate,
+                op,
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -179,14 +275,29 @@ impl Mm {
                 Fix::Populate => self.populate(vma, va, op)?,
                 Fix::Wait(region, pfn) => region.wait_page_unlocked(pfn),
                 Fix::FromDevice(pte) => {
-                    let ram = self.phys.ram().clone();
-                    self.migrate_entry(va, Some(pte), &ram, true, op)?.settle();
+                    let pfn = pte.pfn().unwrap_or_else(|| unreachable!("a device entry"));
+                    let fault = DeviceFault {
+                        mm: self,
+                        vmas,
+                        va,
+                        pte,
+                        access,
+                        region: self.region(pfn),
+                        op,
+                    };
+                    // The owner's migrate_to_ram, with no page-table lock held; the
+                    // fault then looks at the entry again.
+                    crate::sync::might_sleep("a page map's migrate_to_ram");
+                    match fault.region.page_map_ops() {
+                        Some(ops) => ops.migrate_to_ram(&fault)?,
+                        None => fault.copy_to_ram()?,
+                    }
                 }
                 Fix::Copy {
                     old,
                     region,
                     writable,
-                } => self.copy_page(va, old, &region, writable, op)?,
+                } => self.copy_page(va, old, &region, writable, NotifyEvent::Clear, op)?,
                 Fix::MakeWritable | Fix::MarkExclusive(_) => unreachable!(),
             }
         }
@@ -265,16 +376,18 @@ impl Mm {
         Ok(())
     }
 
-    /// Breaks copy-on-write (or unshares): copies `old` into a fresh exclusive page and
-    /// swaps it in after invalidating the page. The caller's reference on `old` (taken
-    /// when the break was decided) keeps the page from being freed, reused or made
-    /// exclusive while it is copied; this drops it.
+    /// Breaks copy-on-write (or unshares, or copies a shared device-private page out):
+    /// copies `old` into a fresh exclusive RAM page and swaps it in after invalidating
+    /// the page with `event`. The caller's reference on `old` (taken when the copy was
+    /// decided) keeps the page from being freed, reused or made exclusive while it is
+    /// copied; this drops it.
     fn copy_page(
         &self,
         va: VirtAddr,
         old: Pfn,
         region: &Region,
         writable: bool,
+        event: NotifyEvent,
         op: &'static str,
     ) -> Result<(), MmError> {
         let ram = self.phys.ram();
@@ -287,7 +400,7 @@ impl Mm {
         };
         region.copy_frame(old, ram, new);
         ram.meta(new).set(flags::ANON_EXCLUSIVE);
-        let guard = match self.invalidate(op, va, VirtAddr(va.0 + PAGE_SIZE), NotifyEvent::Clear) {
+        let guard = match self.invalidate(op, va, VirtAddr(va.0 + PAGE_SIZE), event) {
             Ok(g) => g,
             Err(e) => {
                 ram.put(new);
@@ -297,7 +410,7 @@ impl Mm {
         };
         let mut pt = self.pt.lock();
         let cur = pt.get(va);
-        let swapped = cur.is_present() && cur.pfn() == Some(old);
+        let swapped = (cur.is_present() || cur.is_device_private()) && cur.pfn() == Some(old);
         if swapped {
             pt.set(va, Pte::present(new, writable));
         }
@@ -312,125 +425,52 @@ impl Mm {
         Ok(())
     }
 
-    /// One attempt at moving the page behind the entry at `va` to a fresh frame of
-    /// `dst`, as mm/migrate.c does it: invalidate (`Migrate`); under the page-table
-    /// lock check the entry (against `expected`, when given) and that nothing but the
-    /// entry references the frame (unless `copy_out`), take the frame's page lock and a
-    /// reference, and replace the entry with a migration entry (faults and GUP now wait);
-    /// copy; install the new entry; unlock and drop the old frame (its generation
-    /// changes: a DMA mapping of it is now stale). Refused while the old frame is
-    /// pinned. With `copy_out` (a CPU fault on a device-private page that fork left
-    /// shared) this address space gets its own copy and the others keep the device page.
-    /// The caller holds the address-space lock shared.
-    pub(crate) fn migrate_entry(
-        &self,
-        va: VirtAddr,
-        expected: Option<Pte>,
-        dst: &Arc<Region>,
-        copy_out: bool,
-        op: &'static str,
-    ) -> Result<Migrated, MmError> {
-        let busy = |why| MmError::Busy { op, addr: va, why };
-        let new = dst.alloc().map_err(|e| MmError::nomem(op, va, e))?;
-        let guard = match self.invalidate(op, va, VirtAddr(va.0 + PAGE_SIZE), NotifyEvent::Migrate)
-        {
-            Ok(g) => g,
-            Err(e) => {
-                dst.put(new);
-                return Err(e);
-            }
-        };
-        // Phase 1, under the page-table lock: check, lock the page, install the
-        // migration entry. No reference can be taken through the entry after this.
-        let taken = {
-            let mut pt = self.pt.lock();
-            let pte = pt.get(va);
-            (|| {
-                if expected.is_some_and(|e| e != pte) {
-                    return Ok(Err(Migrated::Changed));
-                }
-                let old = pte.pfn().ok_or(MmError::Fault {
-                    op,
-                    addr: va,
-                    why: "the page is not populated",
-                })?;
-                let src = self.region(old);
-                if pte.is_migration() {
-                    return Ok(Err(Migrated::Locked(src, old)));
-                }
-                let m = src.meta(old);
-                if m.pincount() > 0 {
-                    return Err(busy("the page is DMA-pinned"));
-                }
-                if m.refcount() != 1 && !copy_out {
-                    return Err(busy(
-                        "the page is referenced elsewhere (shared after fork, or in use)",
-                    ));
-                }
-                if !src.trylock_page(old) {
-                    return Ok(Err(Migrated::Locked(src, old)));
-                }
-                src.get(old);
-                pt.set(va, Pte::migration(old, pte.writable()));
-                Ok(Ok((src, old, pte)))
-            })()
-        };
-        let (src, old, pte) = match taken {
-            Ok(Ok(t)) => t,
-            Ok(Err(outcome)) => {
-                drop(guard);
-                dst.put(new);
-                return Ok(outcome);
-            }
-            Err(e) => {
-                drop(guard);
-                dst.put(new);
-                return Err(e);
-            }
-        };
-        // Phase 2: the copy. Nobody can write the old frame: no entry maps it, it is
-        // not pinned, and every other reference (a fork's sharer, with `copy_out`)
-        // meets the page lock first.
-        src.copy_frame(old, dst, new);
-        dst.meta(new).set(flags::ANON_EXCLUSIVE);
-        // Phase 3: the new entry. Only the holder of the page lock changes a migration
-        // entry, and munmap, fork and exit wait for the address-space lock the caller
-        // holds, so the entry is still ours.
-        {
-            let mut pt = self.pt.lock();
-            debug_assert_eq!(pt.get(va), Pte::migration(old, pte.writable()));
-            let entry = if dst.kind().is_device_private() {
-                Pte::device(new, pte.writable())
-            } else {
-                Pte::present(new, pte.writable())
-            };
-            pt.set(va, entry);
-        }
-        drop(guard);
-        tracing::debug!(mm = self.id().0, va = %va, old = %old, new = %new, "migrate page");
-        // The contents moved: the old frame's identity changes now, whoever still
-        // holds it (with `copy_out`, the other sharers keep the frame and its identity).
-        if !copy_out {
-            src.bump_generation(old);
-        }
-        src.unlock_page(old);
-        src.put(old); // the migration's reference
-        src.put(old); // the old entry's
-        Ok(Migrated::To(new))
-    }
-
-    /// Moves the page at `va` to system RAM (a long-term pin of device-coherent memory).
-    /// `_held` is the caller's shared hold of the address-space lock. A race with
-    /// another migration of the page is waited out and reported as success: the caller
-    /// looks at the page again either way.
+    /// Moves the page at `va` to system RAM for a long-term pin (device-coherent
+    /// memory must not be pinned long-term), by one-page migration under the caller's
+    /// hold of the address-space lock (`vmas`). A migration of the page in progress is
+    /// waited out, and an entry that changed meanwhile is left to the caller, which
+    /// looks again either way. EBUSY when the page cannot move: pinned, or referenced
+    /// by anything but its entry (shared after fork, held by `get_user_pages`).
     pub(crate) fn migrate_to_ram(
         &self,
-        _held: &Vmas,
+        vmas: &Vmas,
         va: VirtAddr,
         op: &'static str,
     ) -> Result<(), MmError> {
-        let ram = self.phys.ram().clone();
-        self.migrate_entry(va, None, &ram, false, op)?.settle();
+        let sel = Select::DEVICE_COHERENT | Select::DEVICE_PRIVATE;
+        let end = VirtAddr(va.0 + PAGE_SIZE);
+        let mut m = self.migrate_vma_setup_locked(vmas, va, end, sel, None)?;
+        let src = m.src()[0];
+        let Some(old) = src.pfn else {
+            return Ok(());
+        };
+        let region = self.region(old);
+        if !src.migrate {
+            if m.busy(0) {
+                drop(m);
+                region.wait_page_unlocked(old);
+                return Ok(());
+            }
+            if !region.kind().is_device() {
+                return Ok(()); // moved to RAM since the caller looked
+            }
+            return Err(MmError::Busy {
+                op,
+                addr: va,
+                why: if region.meta(old).pincount() > 0 {
+                    "the page is DMA-pinned"
+                } else {
+                    "the page is referenced elsewhere (shared after fork, or in use)"
+                },
+            });
+        }
+        let ram = self.phys.ram();
+        let new = ram.alloc().map_err(|e| MmError::nomem(op, va, e))?;
+        region.copy_frame(old, ram, new);
+        m.set_dst(0, ram, new);
+        m.pages();
+        m.finalize();
+        tracing::debug!(mm = self.id().0, va = %va, old = %old, new = %new, "migrate to RAM");
         Ok(())
     }
 

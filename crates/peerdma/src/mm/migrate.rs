@@ -80,7 +80,9 @@ struct Entry {
 /// thread changes such an entry. Every `dst` holds one reference owned by this value.
 pub struct MigrateVma<'m> {
     mm: &'m Mm,
-    _held: Held<RwLockReadGuard<'m, Vmas>>,
+    /// The address-space lock, when this value took it; `None` when the caller holds
+    /// it for at least `'m` (a fault handing a page to its owner).
+    _held: Option<Held<RwLockReadGuard<'m, Vmas>>>,
     start: VirtAddr,
     /// Whether the VMA allows writes: a page inserted for an empty entry maps so.
     writable: bool,
@@ -113,6 +115,50 @@ impl Mm {
         select: Select,
         owner: Option<u64>,
     ) -> Result<MigrateVma<'_>, MmError> {
+        let held = self.mmap_read();
+        let (entries, writable) = self.migrate_vma_collect(&held, start, end, select, owner)?;
+        Ok(MigrateVma {
+            mm: self,
+            _held: Some(held),
+            start,
+            writable,
+            entries,
+            done: false,
+        })
+    }
+
+    /// [`migrate_vma_setup`](Self::migrate_vma_setup) for a caller that holds the
+    /// address-space lock (`held`) for as long as the migration lives.
+    pub(crate) fn migrate_vma_setup_locked<'m>(
+        &'m self,
+        held: &'m Vmas,
+        start: VirtAddr,
+        end: VirtAddr,
+        select: Select,
+        owner: Option<u64>,
+    ) -> Result<MigrateVma<'m>, MmError> {
+        let (entries, writable) = self.migrate_vma_collect(held, start, end, select, owner)?;
+        Ok(MigrateVma {
+            mm: self,
+            _held: None,
+            start,
+            writable,
+            entries,
+            done: false,
+        })
+    }
+
+    /// The collection step of a migration: checks the range, invalidates it, and
+    /// replaces each collected page's entry with a migration entry. Returns the
+    /// entries and whether the mapping is writable.
+    fn migrate_vma_collect(
+        &self,
+        held: &Vmas,
+        start: VirtAddr,
+        end: VirtAddr,
+        select: Select,
+        owner: Option<u64>,
+    ) -> Result<(Vec<Entry>, bool), MmError> {
         let op = "migrate_vma_setup";
         let bad = |why| MmError::Invalid {
             op,
@@ -126,7 +172,6 @@ impl Mm {
         if end.0 <= start.0 {
             return Err(bad("the range is empty"));
         }
-        let held = self.mmap_read();
         let vma = held.find(start).ok_or(MmError::Fault {
             op,
             addr: start,
@@ -189,14 +234,7 @@ impl Mm {
             }
         }
         drop(guard);
-        Ok(MigrateVma {
-            mm: self,
-            _held: held,
-            start,
-            writable,
-            entries,
-            done: false,
-        })
+        Ok((entries, writable))
     }
 }
 
