@@ -242,7 +242,7 @@ pub mod order {
     /// The page-table lock.
     pub static PAGE_TABLE: LockClass = class("Mm::pt", 40, true);
     /// The DMA registry of devices.
-    pub static DMA_DEVICES: LockClass = class("Dma::live", 50, true);
+    pub static DMA_DEVICES: LockClass = class("Dma::devices", 50, true);
     /// One device's live DMA mappings.
     pub static DMA_MAPPINGS: LockClass = class("Dma device mappings", 51, true);
     /// The IOMMU's domains by group.
@@ -255,7 +255,8 @@ pub mod order {
     pub static PHYS_REGIONS: LockClass = class("PhysMem::regions", 70, true);
     /// A region's frame allocator.
     pub static REGION_FREE: LockClass = class("Region::free", 80, true);
-    /// Leaves: a provider's user list, transfer hooks, logs.
+    /// Leaves: a provider's user list, transfer hooks, verdict caches, the p2p
+    /// registry, the process table, logs.
     pub static LEAF: LockClass = class("leaf", 90, true);
 }
 
