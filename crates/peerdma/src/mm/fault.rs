@@ -10,7 +10,7 @@
 
 use crate::addr::{Pfn, VirtAddr, PAGE_SIZE};
 use crate::mem::{flags, Region};
-use crate::mm::migrate::{MigrateVma, Select};
+use crate::mm::migrate::{MigrateVma, OnePage, Select};
 use crate::mm::page_table::PageTable;
 use crate::mm::pte::Pte;
 use crate::mm::space::Mm;
@@ -124,26 +124,13 @@ impl<'a> DeviceFault<'a> {
     /// looks again either way.
     pub fn copy_to_ram(&self) -> Result<(), MmError> {
         let (mm, va, op) = (self.mm, self.va, self.op);
-        let mut m = self.migrate_vma(None)?;
-        let src = m.src()[0];
-        if src.pfn != self.pte.pfn() {
-            return Ok(()); // the entry changed: look again
+        let ram = mm.phys.ram();
+        match mm.migrate_one(self.vmas, va, ram, Select::DEVICE_PRIVATE, op) {
+            // Moved, or raced: the fault looks again either way.
+            Ok(_) | Err(MmError::Fault { .. }) => return Ok(()),
+            Err(MmError::Busy { .. }) => {} // shared after fork: copied out below
+            Err(e) => return Err(e),
         }
-        if src.migrate {
-            let ram = mm.phys.ram();
-            let new = ram.alloc().map_err(|e| MmError::nomem(op, va, e))?;
-            self.region.copy_frame(self.pfn(), ram, new);
-            m.set_dst(0, ram, new);
-            m.pages();
-            m.finalize();
-            return Ok(());
-        }
-        if m.busy(0) {
-            drop(m);
-            self.region.wait_page_unlocked(self.pfn());
-            return Ok(());
-        }
-        drop(m);
         // Shared after fork: a copy for this address space, as a COW break makes.
         let took = {
             let pt = mm.pt_lock();
@@ -438,39 +425,7 @@ impl Mm {
         op: &'static str,
     ) -> Result<(), MmError> {
         let sel = Select::DEVICE_COHERENT | Select::DEVICE_PRIVATE;
-        let end = VirtAddr(va.0 + PAGE_SIZE);
-        let mut m = self.migrate_vma_setup_locked(vmas, va, end, sel, None)?;
-        let src = m.src()[0];
-        let Some(old) = src.pfn else {
-            return Ok(());
-        };
-        let region = self.region(old);
-        if !src.migrate {
-            if m.busy(0) {
-                drop(m);
-                region.wait_page_unlocked(old);
-                return Ok(());
-            }
-            if !region.kind().is_device() {
-                return Ok(()); // moved to RAM since the caller looked
-            }
-            return Err(MmError::Busy {
-                op,
-                addr: va,
-                why: if region.meta(old).pincount() > 0 {
-                    "the page is DMA-pinned"
-                } else {
-                    "the page is referenced elsewhere (shared after fork, or in use)"
-                },
-            });
-        }
-        let ram = self.phys.ram();
-        let new = ram.alloc().map_err(|e| MmError::nomem(op, va, e))?;
-        region.copy_frame(old, ram, new);
-        m.set_dst(0, ram, new);
-        m.pages();
-        m.finalize();
-        tracing::debug!(mm = self.id().0, va = %va, old = %old, new = %new, "migrate to RAM");
+        self.migrate_one(vmas, va, self.phys.ram(), sel, op)?;
         Ok(())
     }
 
@@ -485,21 +440,19 @@ impl Mm {
     pub fn migrate_page(&self, va: VirtAddr, target: &Arc<Region>) -> Result<Pfn, MmError> {
         let op = "migrate";
         let va = VirtAddr(va.0 & !(PAGE_SIZE - 1));
-        {
-            let vmas = self.mmap_read();
-            let vma = vmas.find(va).ok_or(MmError::Fault {
+        let vmas = self.mmap_read();
+        let vma = vmas.find(va).ok_or(MmError::Fault {
+            op,
+            addr: va,
+            why: "no mapping",
+        })?;
+        if !vma.is_anon() {
+            return Err(MmError::Invalid {
                 op,
                 addr: va,
-                why: "no mapping",
-            })?;
-            if !vma.is_anon() {
-                return Err(MmError::Invalid {
-                    op,
-                    addr: va,
-                    len: PAGE_SIZE,
-                    why: "only private anonymous pages migrate",
-                });
-            }
+                len: PAGE_SIZE,
+                why: "only private anonymous pages migrate",
+            });
         }
         if target.kind().is_p2p() {
             return Err(MmError::Invalid {
@@ -510,43 +463,18 @@ impl Mm {
             });
         }
         let all = Select::SYSTEM | Select::DEVICE_PRIVATE | Select::DEVICE_COHERENT;
-        let end = VirtAddr(va.0 + PAGE_SIZE);
         loop {
-            let mut m = self.migrate_vma_setup(va, end, all, None)?;
-            let src = m.src()[0];
-            let Some(old) = src.pfn else {
-                return Err(MmError::Fault {
-                    op,
-                    addr: va,
-                    why: "the page is not populated",
-                });
-            };
-            let region = self.region(old);
-            if !src.migrate {
-                if m.busy(0) {
-                    drop(m);
-                    region.wait_page_unlocked(old);
-                    continue;
+            match self.migrate_one(&vmas, va, target, all, op)? {
+                OnePage::Moved(new) => return Ok(new),
+                OnePage::Again => continue,
+                OnePage::Skipped => {
+                    return Err(MmError::Invalid {
+                        op,
+                        addr: va,
+                        len: PAGE_SIZE,
+                        why: "the page's memory does not migrate",
+                    })
                 }
-                return Err(MmError::Busy {
-                    op,
-                    addr: va,
-                    why: if region.meta(old).pincount() > 0 {
-                        "the page is DMA-pinned"
-                    } else {
-                        "the page is referenced elsewhere (shared after fork, or in use)"
-                    },
-                });
-            }
-            let new = target.alloc().map_err(|e| MmError::nomem(op, va, e))?;
-            region.copy_frame(old, target, new);
-            m.set_dst(0, target, new);
-            m.pages();
-            let moved = m.src()[0].migrate;
-            m.finalize();
-            tracing::debug!(mm = self.id().0, va = %va, old = %old, new = %new, moved, "migrate page");
-            if moved {
-                return Ok(new);
             }
         }
     }

@@ -14,7 +14,7 @@
 //! [`Mm::migrate_page`] uses.
 
 use crate::addr::{Pfn, VirtAddr, PAGE_SIZE};
-use crate::mem::{flags, Region};
+use crate::mem::{flags, Region, RegionKind};
 use crate::mm::pte::Pte;
 use crate::mm::space::Mm;
 use crate::mm::vma::Vmas;
@@ -37,6 +37,18 @@ impl Select {
     /// Whether all of `other` is selected.
     pub fn contains(self, other: Select) -> bool {
         self.0 & other.0 == other.0
+    }
+
+    /// Whether pages of this kind are selected (the owner is checked apart; p2p
+    /// memory never migrates).
+    pub fn selects(self, kind: &RegionKind) -> bool {
+        if kind.is_device_private() {
+            self.contains(Select::DEVICE_PRIVATE)
+        } else if kind.is_device_coherent() {
+            self.contains(Select::DEVICE_COHERENT)
+        } else {
+            !kind.is_device() && self.contains(Select::SYSTEM)
+        }
     }
 }
 
@@ -206,15 +218,8 @@ impl Mm {
                 let kind = region.kind();
                 let owned = owner.is_none() || kind.owner() == owner;
                 e.busy = pte.is_migration();
-                let selected = anon
-                    && !e.busy
-                    && if kind.is_device_private() {
-                        select.contains(Select::DEVICE_PRIVATE) && owned
-                    } else if kind.is_device_coherent() {
-                        select.contains(Select::DEVICE_COHERENT) && owned
-                    } else {
-                        !kind.is_device() && select.contains(Select::SYSTEM)
-                    };
+                let selected =
+                    anon && !e.busy && select.selects(kind) && (!kind.is_device() || owned);
                 e.src.pfn = Some(pfn);
                 e.src.write = pte.writable();
                 let m = region.meta(pfn);
@@ -236,6 +241,74 @@ impl Mm {
         drop(guard);
         Ok((entries, writable))
     }
+
+    /// One attempt at moving the page at `va` to a fresh frame of `target` with a
+    /// one-page migration copied by the CPU, under the caller's hold of the
+    /// address-space lock. `Moved` with the new frame; `Again` after waiting out a
+    /// migration of the page in progress (the caller looks again); `Skipped` when the
+    /// page is of a kind `select` leaves alone (moved already). EBUSY when the page is
+    /// pinned or referenced by anything but its entry; EFAULT when nothing is there.
+    pub(crate) fn migrate_one(
+        &self,
+        vmas: &Vmas,
+        va: VirtAddr,
+        target: &Arc<Region>,
+        select: Select,
+        op: &'static str,
+    ) -> Result<OnePage, MmError> {
+        let end = VirtAddr(va.0 + PAGE_SIZE);
+        let mut m = self.migrate_vma_setup_locked(vmas, va, end, select, None)?;
+        let src = m.src()[0];
+        let Some(old) = src.pfn else {
+            return Err(MmError::Fault {
+                op,
+                addr: va,
+                why: "the page is not populated",
+            });
+        };
+        let region = self.region(old);
+        if !src.migrate {
+            if m.busy(0) {
+                drop(m);
+                region.wait_page_unlocked(old);
+                return Ok(OnePage::Again);
+            }
+            if !select.selects(region.kind()) {
+                return Ok(OnePage::Skipped);
+            }
+            return Err(MmError::Busy {
+                op,
+                addr: va,
+                why: if region.meta(old).pincount() > 0 {
+                    "the page is DMA-pinned"
+                } else {
+                    "the page is referenced elsewhere (shared after fork, or in use)"
+                },
+            });
+        }
+        let new = target.alloc().map_err(|e| MmError::nomem(op, va, e))?;
+        region.copy_frame(old, target, new);
+        m.set_dst(0, target, new);
+        m.pages();
+        let moved = m.src()[0].migrate;
+        m.finalize();
+        tracing::debug!(mm = self.id().0, va = %va, old = %old, new = %new, moved, "migrate page");
+        Ok(if moved {
+            OnePage::Moved(new)
+        } else {
+            OnePage::Again
+        })
+    }
+}
+
+/// How one attempt of [`Mm::migrate_one`] ended.
+pub(crate) enum OnePage {
+    /// The page moved to this frame.
+    Moved(Pfn),
+    /// A migration of the page was in progress and is over: look again.
+    Again,
+    /// The page is not of a selected kind (it moved already).
+    Skipped,
 }
 
 impl MigrateVma<'_> {
