@@ -11,7 +11,8 @@
 //! - two migrations of one page both succeed, keep the data and leak no frame;
 //! - a copy-on-write break racing the other sharer's exit and a pin leaves the process
 //!   mapping the pinned page, with every write;
-//! - two faults on one device-private page both succeed (the loser retries).
+//! - two faults on one device-private page both succeed (the loser retries), with the
+//!   CPU's copy or through the owner's `migrate_to_ram`.
 
 #![cfg(feature = "shuttle")]
 
@@ -294,6 +295,61 @@ fn two_faults_on_one_device_private_page_both_succeed() {
             let pinned = pinner.join().unwrap().unwrap();
             assert_eq!(mm.pte(a).pfn(), Some(pinned));
             assert_eq!(dev.free_frames(), dev.frames());
+        },
+        iterations(),
+    );
+}
+
+/// An owner's `migrate_to_ram`: counts its calls and migrates from the fault with
+/// `migrate_vma`, as a GPU driver does with its copy engine.
+struct Owner {
+    calls: Mutex<usize>,
+}
+
+impl peerdma::mem::PageMapOps for Owner {
+    fn migrate_to_ram(
+        &self,
+        fault: &peerdma::mm::DeviceFault<'_>,
+    ) -> Result<(), peerdma::mm::MmError> {
+        *lock(&self.calls) += 1;
+        let mut m = fault.migrate_vma(Some(7))?;
+        if m.cpages() == 0 {
+            return Ok(()); // the other fault has it: this one looks again
+        }
+        let ram = fault.mm().phys().ram().clone();
+        let new = ram.alloc().expect("RAM");
+        fault.region().copy_frame(fault.pfn(), &ram, new);
+        m.set_dst(0, &ram, new);
+        m.pages();
+        m.finalize();
+        Ok(())
+    }
+}
+
+#[test]
+fn two_cpu_faults_through_the_owners_migrate_to_ram_both_see_the_data() {
+    shuttle::check_random(
+        || {
+            let (h, dev, mm, a) =
+                common::one_page(RegionKind::DevicePrivate { owner: 7 }, b"in vram!");
+            let owner = Arc::new(Owner {
+                calls: Mutex::new(0),
+            });
+            assert!(dev.set_page_map_ops(owner.clone()));
+            mm.migrate_page(a, &dev).unwrap();
+            let readers: Vec<_> = (0..2)
+                .map(|_| {
+                    let mm = mm.clone();
+                    thread::spawn(move || read8(&mm, a))
+                })
+                .collect();
+            for r in readers {
+                assert_eq!(&r.join().unwrap(), b"in vram!");
+            }
+            let calls = *lock(&owner.calls);
+            assert!((1..=2).contains(&calls), "{calls} calls");
+            assert!(h.phys().ram().contains(mm.pte(a).pfn().unwrap()));
+            assert_eq!(dev.free_frames(), dev.frames(), "the device page was freed");
         },
         iterations(),
     );
