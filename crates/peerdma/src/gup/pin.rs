@@ -98,6 +98,7 @@ struct GupWalk {
 
 impl WalkOps for GupWalk {
     type Error = GupError;
+    const UNIFORM: bool = true;
 
     fn want(&self, _i: usize) -> Want {
         Want::Fault(self.access)

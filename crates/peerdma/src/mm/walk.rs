@@ -53,6 +53,8 @@ pub enum Visit<E> {
 pub trait WalkOps {
     /// What stops the walk.
     type Error: From<MmError>;
+    /// Whether every page needs the same [`Want`] (then the walk asks once per run).
+    const UNIFORM: bool = false;
     /// What page `i` of the range needs.
     fn want(&self, i: usize) -> Want;
     /// Whether a device-private page of this owner counts as in shape where it is
@@ -122,13 +124,23 @@ impl Mm {
                         && region.kind().is_device_private();
                     // No atomics here: how many leading entries are ready, all in
                     // this region.
-                    let m = run[..n]
-                        .iter()
-                        .enumerate()
-                        .take_while(|(k, pte)| {
-                            in_shape(pte, region, ops.want(i + k), anon, writable, private_ok)
-                        })
-                        .count();
+                    let m = if W::UNIFORM {
+                        let want = ops.want(i);
+                        run[..n]
+                            .iter()
+                            .take_while(|pte| {
+                                in_shape(pte, region, want, anon, writable, private_ok)
+                            })
+                            .count()
+                    } else {
+                        run[..n]
+                            .iter()
+                            .enumerate()
+                            .take_while(|(k, pte)| {
+                                in_shape(pte, region, ops.want(i + k), anon, writable, private_ok)
+                            })
+                            .count()
+                    };
                     if m == 0 {
                         break;
                     }
@@ -176,6 +188,7 @@ impl Mm {
 }
 
 /// Whether `pte` (mapping a frame of `region`) satisfies `want` as it is.
+#[inline(always)]
 fn in_shape(
     pte: &Pte,
     region: &Region,
