@@ -59,13 +59,31 @@ fn longterm_without_pin_is_invalid() {
     assert_eq!(e.errno(), 22);
 }
 
+/// mm/gup.c `check_vma_flags`: without FOLL_FORCE, a write pin of a read-only VMA and
+/// any pin of a PROT_NONE VMA fail with EFAULT (not the CPU's EACCES).
 #[test]
-fn write_pin_of_read_only_mapping_is_refused() {
+fn write_pin_of_read_only_mapping_is_refused_with_efault() {
     let (_h, mm) = host();
     let a = mm.mmap_anon(PAGE_SIZE, Prot::READ).unwrap();
     let e = pin_user_pages(&mm, a, 1, FollFlags::WRITE).unwrap_err();
-    assert_eq!(e.errno(), 13, "{e}");
+    assert_eq!(e.errno(), 14, "{e}");
+    let e = get_user_pages(&mm, a, 1, FollFlags::WRITE).unwrap_err();
+    assert_eq!(e.errno(), 14, "{e}");
     assert_eq!(pin_user_pages(&mm, a, 1, FollFlags::NONE).unwrap().len(), 1);
+    // The CPU's own write is a permission fault.
+    assert_eq!(mm.write(a, b"x").unwrap_err().errno(), 13);
+}
+
+#[test]
+fn any_pin_of_a_prot_none_mapping_is_refused_with_efault() {
+    let (_h, mm) = host();
+    let a = mm.mmap_anon(2 * PAGE_SIZE, Prot::RW).unwrap();
+    mm.write(a, b"x").unwrap();
+    mm.mprotect(a, 2 * PAGE_SIZE, Prot::NONE).unwrap();
+    for flags in [FollFlags::NONE, FollFlags::WRITE] {
+        assert_eq!(pin_user_pages(&mm, a, 2, flags).unwrap_err().errno(), 14);
+        assert_eq!(get_user_pages(&mm, a, 2, flags).unwrap_err().errno(), 14);
+    }
 }
 
 #[test]

@@ -39,6 +39,7 @@ enum Op {
     DontNeed {
         proc: usize,
         page: usize,
+        pages: u64,
     },
     Fork {
         proc: usize,
@@ -79,7 +80,11 @@ fn op() -> impl Strategy<Value = Op> {
                 prot,
             }
         }),
-        (0usize..4, 0usize..64).prop_map(|(proc, page)| Op::DontNeed { proc, page }),
+        (0usize..4, 0usize..64, 1u64..4).prop_map(|(proc, page, pages)| Op::DontNeed {
+            proc,
+            page,
+            pages
+        }),
         (0usize..4).prop_map(|proc| Op::Fork { proc }),
         (0usize..4, 0usize..64, any::<bool>()).prop_map(|(proc, page, private)| Op::Migrate {
             proc,
@@ -155,23 +160,39 @@ proptest! {
                     let p = pick(&procs, proc);
                     let (mm, model) = &mut procs[p];
                     let Some(&va) = model.keys().nth(page % model.len().max(1)) else { continue };
-                    let all = (0..pages).all(|i| model.contains_key(&(va + i * PAGE_SIZE)));
+                    // mm/mprotect.c: pages up to the first hole change, then ENOMEM.
+                    let prefix = (0..pages)
+                        .take_while(|i| model.contains_key(&(va + i * PAGE_SIZE)))
+                        .count() as u64;
                     let r = mm.mprotect(VirtAddr(va), pages * PAGE_SIZE, prot_of(prot));
-                    if all {
+                    for i in 0..prefix {
+                        model.get_mut(&(va + i * PAGE_SIZE)).unwrap().0 = prot_of(prot);
+                    }
+                    if prefix == pages {
                         prop_assert!(r.is_ok(), "{r:?}");
-                        for i in 0..pages {
-                            model.get_mut(&(va + i * PAGE_SIZE)).unwrap().0 = prot_of(prot);
-                        }
                     } else {
                         prop_assert_eq!(r.unwrap_err().errno(), 12, "ENOMEM over a hole");
                     }
                 }
-                Op::DontNeed { proc, page } => {
+                Op::DontNeed { proc, page, pages } => {
+                    // mm/madvise.c: every mapped page of the range is dropped; a hole
+                    // anywhere makes the call ENOMEM afterwards.
                     let p = pick(&procs, proc);
                     let (mm, model) = &mut procs[p];
                     let Some(&va) = model.keys().nth(page % model.len().max(1)) else { continue };
-                    mm.madvise_dontneed(VirtAddr(va), PAGE_SIZE).unwrap();
-                    model.get_mut(&va).unwrap().1 = 0;
+                    let r = mm.madvise_dontneed(VirtAddr(va), pages * PAGE_SIZE);
+                    let mut holes = false;
+                    for i in 0..pages {
+                        match model.get_mut(&(va + i * PAGE_SIZE)) {
+                            Some(e) => e.1 = 0,
+                            None => holes = true,
+                        }
+                    }
+                    if holes {
+                        prop_assert_eq!(r.unwrap_err().errno(), 12, "ENOMEM over a hole");
+                    } else {
+                        prop_assert!(r.is_ok(), "{r:?}");
+                    }
                 }
                 Op::Fork { proc } => {
                     if procs.len() < 4 {

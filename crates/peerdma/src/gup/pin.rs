@@ -174,7 +174,18 @@ fn walk(
         start,
         pages: PageRuns::default(),
     };
-    let stopped = mm.walk_range(start, npages, &mut w, op).err();
+    let stopped = mm
+        .walk_range(start, npages, &mut w, op)
+        .err()
+        .map(|e| match e {
+            // check_vma_flags(): GUP without FOLL_FORCE on a VMA that forbids the access
+            // (a write to a read-only mapping, anything on PROT_NONE) is EFAULT, where the
+            // CPU's own access is a permission fault.
+            GupError::Mm(MmError::Access { op, addr, why }) => {
+                GupError::Mm(MmError::Fault { op, addr, why })
+            }
+            e => e,
+        });
     (w.pages, stopped)
 }
 

@@ -325,37 +325,58 @@ impl Mm {
     pub fn mprotect(&self, addr: VirtAddr, len: u64, prot: Prot) -> Result<(), MmError> {
         let end = check_range("mprotect", addr, len)?;
         let mut vmas = self.mmap.write();
-        if !vmas.covers(addr, end) {
-            return Err(MmError::NoMemory {
-                op: "mprotect",
-                addr,
-                why: "part of the range is not mapped".into(),
-                source: None,
-            });
+        let hole = || MmError::NoMemory {
+            op: "mprotect",
+            addr,
+            why: "part of the range is not mapped".into(),
+            source: None,
+        };
+        // mm/mprotect.c changes VMA after VMA from `addr` and stops at the first hole
+        // with ENOMEM, keeping what it changed.
+        let stop = vmas.mapped_prefix(addr, end);
+        if stop == addr {
+            return Err(hole());
         }
         let guard = if prot.writable() && prot.readable() {
             None
         } else {
-            Some(self.invalidate("mprotect", addr, end, NotifyEvent::ProtectionChange)?)
+            Some(self.invalidate("mprotect", addr, stop, NotifyEvent::ProtectionChange)?)
         };
         if guard.is_some() {
             // PROT_NONE keeps the pages (the VMA refuses every access); losing write
             // access write-protects the entries.
             self.pt
                 .lock()
-                .walk_mut(addr, end, |_, pte| *pte = pte.wrprotect());
+                .walk_mut(addr, stop, |_, pte| *pte = pte.wrprotect());
         }
-        vmas.update_range(addr, end, |v| v.prot = prot);
+        vmas.update_range(addr, stop, |v| v.prot = prot);
         drop(guard);
+        if stop < end {
+            return Err(hole());
+        }
         Ok(())
     }
 
     /// `madvise(addr, len, MADV_DONTNEED)`: drops the pages; anonymous memory reads as
-    /// zeros afterwards, shared memory re-reads its object.
+    /// zeros afterwards, shared memory re-reads its object. Over a range with holes,
+    /// every mapped part is dropped and the call then fails with ENOMEM (mm/madvise.c).
     pub fn madvise_dontneed(&self, addr: VirtAddr, len: u64) -> Result<(), MmError> {
         let end = check_range("madvise", addr, len)?;
         let vmas = self.mmap.write();
-        if !vmas.covers(addr, end) {
+        let parts: Vec<(VirtAddr, VirtAddr)> = vmas
+            .overlapping(addr, end)
+            .map(|v| (v.start.max(addr), v.end.min(end)))
+            .collect();
+        let mapped: u64 = parts.iter().map(|(s, e)| e.0 - s.0).sum();
+        let mut freed = Vec::new();
+        for &(s, e) in &parts {
+            let guard = self.invalidate("madvise", s, e, NotifyEvent::Clear)?;
+            freed.extend(self.zap(s, e));
+            drop(guard);
+        }
+        drop(vmas);
+        self.put_frames(&freed);
+        if mapped < end.0 - addr.0 {
             return Err(MmError::NoMemory {
                 op: "madvise",
                 addr,
@@ -363,11 +384,6 @@ impl Mm {
                 source: None,
             });
         }
-        let guard = self.invalidate("madvise", addr, end, NotifyEvent::Clear)?;
-        let freed = self.zap(addr, end);
-        drop(guard);
-        drop(vmas);
-        self.put_frames(&freed);
         Ok(())
     }
 

@@ -204,16 +204,22 @@ impl Vmas {
         self.map.values()
     }
 
-    /// Whether every page of `[start, end)` is mapped.
-    pub fn covers(&self, start: VirtAddr, end: VirtAddr) -> bool {
+    /// The end of the mapped run that starts at `start`: `start` itself when nothing
+    /// maps it, `end` when VMAs cover the whole range without a hole.
+    pub fn mapped_prefix(&self, start: VirtAddr, end: VirtAddr) -> VirtAddr {
         let mut at = start;
         for v in self.overlapping(start, end) {
             if v.start > at {
-                return false;
+                break;
             }
-            at = v.end;
+            at = v.end.min(end);
         }
-        at >= end
+        at
+    }
+
+    /// Whether every page of `[start, end)` is mapped.
+    pub fn covers(&self, start: VirtAddr, end: VirtAddr) -> bool {
+        self.mapped_prefix(start, end) == end
     }
 
     /// Splits any VMA that straddles `at`.
