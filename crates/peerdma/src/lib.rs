@@ -18,6 +18,7 @@ pub mod drivers;
 pub mod errno;
 pub mod fabric;
 pub mod gup;
+pub mod hmm;
 pub mod host;
 pub mod iommu;
 pub mod mem;

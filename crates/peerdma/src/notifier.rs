@@ -297,6 +297,15 @@ pub struct IntervalNotifier {
     notifier: Arc<Notifier>,
 }
 
+impl std::fmt::Debug for IntervalNotifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IntervalNotifier")
+            .field("id", &self.id())
+            .field("range", &self.range())
+            .finish()
+    }
+}
+
 impl IntervalNotifier {
     /// The subscription's id, as callbacks see it.
     pub fn id(&self) -> u64 {

@@ -78,6 +78,17 @@ pub enum MmError {
         #[source]
         source: Option<MemError>,
     },
+    /// The operation is not permitted on this mapping: a device asked to write a
+    /// mapping without write permission (EPERM, as `hmm_range_fault` returns it).
+    #[error("{op} at {addr}: operation not permitted (EPERM): {why}")]
+    NotPermitted {
+        /// The operation.
+        op: &'static str,
+        /// The address.
+        addr: VirtAddr,
+        /// Why.
+        why: &'static str,
+    },
     /// A malformed request (EINVAL).
     #[error("{op} {addr}+{len:#x}: invalid argument (EINVAL): {why}")]
     Invalid {
@@ -116,6 +127,7 @@ impl MmError {
         match self {
             MmError::Fault { .. } => Errno::EFAULT,
             MmError::Access { .. } => Errno::EACCES,
+            MmError::NotPermitted { .. } => Errno::EPERM,
             MmError::NoMemory { .. } => Errno::ENOMEM,
             MmError::Invalid { .. } => Errno::EINVAL,
             MmError::Busy { .. } => Errno::EBUSY,

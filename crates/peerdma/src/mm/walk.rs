@@ -16,6 +16,7 @@ use crate::mem::{flags, Region};
 use crate::mm::fault::Access;
 use crate::mm::pte::Pte;
 use crate::mm::space::Mm;
+use crate::mm::vma::Prot;
 use crate::mm::MmError;
 use crate::sync::Arc;
 
@@ -57,8 +58,9 @@ pub trait WalkOps {
     const UNIFORM: bool = false;
     /// What page `i` of the range needs.
     fn want(&self, i: usize) -> Want;
-    /// Whether a device-private page of this owner counts as in shape where it is
-    /// (`hmm_range.dev_private_owner`); otherwise such a page is faulted back to RAM.
+    /// Whether a device-private page of this owner counts as in shape where it is,
+    /// for any access (`hmm_range.dev_private_owner`); otherwise such a page is faulted
+    /// back to RAM.
     fn owns(&self, _owner: u64) -> bool {
         false
     }
@@ -67,10 +69,17 @@ pub trait WalkOps {
     /// shape for its [`Want`] and each mapping a frame of `region`.
     fn visit(&mut self, i: usize, ptes: &[Pte], region: &Region) -> Visit<Self::Error>;
     /// Page `i` (at `va`) is not in shape and [`Want::Snapshot`] said not to fault:
-    /// `pte` is what is there (empty, a migration entry, a device-private entry of
-    /// another owner, or a write-protected page). The default refuses with EFAULT.
-    fn hole(&mut self, i: usize, va: VirtAddr, pte: Pte) -> Result<(), Self::Error> {
-        let _ = (i, pte);
+    /// `pte` is what is there (empty, or a device-private entry of another owner) and
+    /// `prot` the protection of the VMA there, `None` outside every VMA (a present page
+    /// of a VMA that forbids reading comes here too). The default refuses with EFAULT.
+    fn hole(
+        &mut self,
+        i: usize,
+        va: VirtAddr,
+        pte: Pte,
+        prot: Option<Prot>,
+    ) -> Result<(), Self::Error> {
+        let _ = (i, pte, prot);
         Err(MmError::Fault {
             op: "walk_range",
             addr: va,
@@ -99,6 +108,7 @@ impl Mm {
         let mut i = 0;
         while i < npages {
             let va = at(i);
+            let before = i;
             // Fast path: runs of entries in shape, a leaf table at a time, under one
             // page-table lock.
             let mut migrate = false;
@@ -158,6 +168,9 @@ impl Mm {
             if i >= npages {
                 break;
             }
+            if i != before && !migrate {
+                continue; // a VMA or leaf table ended: the next one may be in shape
+            }
             let va = at(i);
             if migrate {
                 self.migrate_to_ram(&vmas, va, op)?;
@@ -167,7 +180,13 @@ impl Mm {
             match ops.want(i) {
                 Want::Snapshot => {
                     let pte = self.pt_lock().get(va);
-                    ops.hole(i, va, pte)?;
+                    if pte.is_migration() {
+                        // Wait the migration out and look again.
+                        let pfn = pte.pfn().unwrap_or_else(|| unreachable!("an entry"));
+                        self.region(pfn).wait_page_unlocked(pfn);
+                        continue;
+                    }
+                    ops.hole(i, va, pte, vmas.find(va).map(|v| v.prot))?;
                     i += 1;
                 }
                 Want::Fault(access) => {
@@ -208,7 +227,9 @@ fn in_shape(
         Want::Snapshot => Access::Read,
     };
     if pte.is_device_private() {
-        return private_ok && (access != Access::Write || pte.writable());
+        // The owner's own device page is reported where it is, whatever the access
+        // (hmm never faults it; the owner sees from the entry whether it is writable).
+        return private_ok;
     }
     if !pte.is_present() {
         return false;
