@@ -251,6 +251,11 @@ pub mod order {
     pub static IOVA: LockClass = class("Domain::iova", 60, true);
     /// A domain's IO page table.
     pub static IO_PAGE_TABLE: LockClass = class("Domain::table", 61, true);
+    /// A device's list of memory chunks, held while it adds one.
+    pub static DEVICE_MEMORY: LockClass = class("device memory chunks", 65, false);
+    /// A device's own page table mirroring a process (the HMM test device's), held
+    /// while it reads and writes the frames it names.
+    pub static DEVICE_PT: LockClass = class("device page table", 66, false);
     /// Physical memory's region list.
     pub static PHYS_REGIONS: LockClass = class("PhysMem::regions", 70, true);
     /// A region's frame allocator.

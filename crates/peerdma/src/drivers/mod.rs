@@ -6,6 +6,7 @@
 //! gets a model back by type. Adding a model is a new module here: the host does not
 //! change.
 
+pub mod dmirror;
 pub mod nvme;
 
 use std::any::Any;
