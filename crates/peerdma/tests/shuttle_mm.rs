@@ -12,7 +12,10 @@
 //! - a copy-on-write break racing the other sharer's exit and a pin leaves the process
 //!   mapping the pinned page, with every write;
 //! - two faults on one device-private page both succeed (the loser retries), with the
-//!   CPU's copy or through the owner's `migrate_to_ram`.
+//!   CPU's copy or through the owner's `migrate_to_ram`;
+//! - a device fault (`hmm_range_fault`) racing munmap leaves no stale mirror entry;
+//! - two devices faulting one page while one migrates it into its memory all see the
+//!   data.
 
 #![cfg(feature = "shuttle")]
 
@@ -350,6 +353,88 @@ fn two_cpu_faults_through_the_owners_migrate_to_ram_both_see_the_data() {
             assert!((1..=2).contains(&calls), "{calls} calls");
             assert!(h.phys().ram().contains(mm.pte(a).pfn().unwrap()));
             assert_eq!(dev.free_frames(), dev.frames(), "the device page was freed");
+        },
+        iterations(),
+    );
+}
+
+/// hmm_range_fault racing munmap: the mirror commits a page only if no invalidation
+/// hit it since its `read_begin` (checked under the mirror's lock, which the
+/// invalidation takes too), so after both no mirror entry names the freed page.
+#[test]
+fn a_device_fault_racing_munmap_leaves_no_stale_mirror_entry() {
+    use peerdma::drivers::dmirror::{DmirrorDevice, DmirrorMemory};
+    shuttle::check_random(
+        || {
+            let h = common::host(8 << 20);
+            let dev = DmirrorDevice::new(h.phys(), DmirrorMemory::Private, 1 << 20);
+            let mm = h.spawn();
+            let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+            mm.write(a, b"mirrored").unwrap();
+            let f = Arc::new(dev.open(&mm));
+            let reader = {
+                let f = f.clone();
+                thread::spawn(move || {
+                    let mut b = vec![0u8; PAGE_SIZE as usize];
+                    f.read(a, 1, &mut b).map(|_| b)
+                })
+            };
+            let unmapper = {
+                let mm = mm.clone();
+                thread::spawn(move || mm.munmap(a, PAGE_SIZE).unwrap())
+            };
+            unmapper.join().unwrap();
+            match reader.join().unwrap() {
+                Ok(b) => assert_eq!(&b[..8], b"mirrored"),
+                Err(e) => assert_eq!(e.errno, peerdma::errno::Errno::EFAULT, "{e}"),
+            }
+            assert_eq!(f.mirrored_pages(), 0, "munmap's invalidation came last");
+        },
+        iterations(),
+    );
+}
+
+/// Two devices fault the same page while one migrates it into its memory: the other
+/// device's fault brings it back through the owner's migrate_to_ram, and every device
+/// read and the CPU see the data.
+#[test]
+fn two_devices_faulting_one_page_while_one_migrates_it_see_the_data() {
+    use peerdma::drivers::dmirror::{DmirrorDevice, DmirrorMemory};
+    shuttle::check_random(
+        || {
+            let h = common::host(8 << 20);
+            let d0 = DmirrorDevice::new(h.phys(), DmirrorMemory::Private, 1 << 20);
+            let d1 = DmirrorDevice::new(h.phys(), DmirrorMemory::Private, 1 << 20);
+            let mm = h.spawn();
+            let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+            mm.write(a, b"one page").unwrap();
+            let (f0, f1) = (Arc::new(d0.open(&mm)), Arc::new(d1.open(&mm)));
+            let migrator = {
+                let f0 = f0.clone();
+                thread::spawn(move || {
+                    let mut b = vec![0u8; PAGE_SIZE as usize];
+                    // ENOENT when the other device's fault had the page just then.
+                    match f0.migrate_to_dev(a, 1, &mut b) {
+                        Ok(_) => assert_eq!(&b[..8], b"one page"),
+                        Err(e) => assert_eq!(e.errno, peerdma::errno::Errno::ENOENT),
+                    }
+                })
+            };
+            let readers: Vec<_> = [f0.clone(), f1.clone()]
+                .into_iter()
+                .map(|f| {
+                    thread::spawn(move || {
+                        let mut b = vec![0u8; PAGE_SIZE as usize];
+                        f.read(a, 1, &mut b).unwrap();
+                        b
+                    })
+                })
+                .collect();
+            migrator.join().unwrap();
+            for r in readers {
+                assert_eq!(&r.join().unwrap()[..8], b"one page");
+            }
+            assert_eq!(&read8(&mm, a), b"one page");
         },
         iterations(),
     );

@@ -499,7 +499,7 @@ impl Dmirror {
         let cmd = "MIGRATE_TO_DEV";
         let end = check(cmd, addr, npages)?;
         let dev = &self.mirror.device;
-        self.each_step(cmd, addr.0, end, |start, next| {
+        self.each_step(cmd, addr.0, end, |start, next, vma_writable| {
             let mut m = self
                 .mm
                 .migrate_vma_setup(
@@ -527,10 +527,6 @@ impl Dmirror {
             }
             m.pages();
             let src = m.src();
-            let vma_writable = self
-                .mm
-                .vma(VirtAddr(start))
-                .is_some_and(|v| v.prot.writable());
             {
                 let mut pt = self.mirror.pt.lock();
                 for (i, dpage) in dsts {
@@ -575,7 +571,7 @@ impl Dmirror {
             DmirrorMemory::Coherent => Select::DEVICE_COHERENT,
         };
         let mut moved = 0;
-        self.each_step(cmd, addr.0, end, |start, next| {
+        self.each_step(cmd, addr.0, end, |start, next, _| {
             let mut m = self
                 .mm
                 .migrate_vma_setup(VirtAddr(start), VirtAddr(next), select, Some(dev.owner))
@@ -612,14 +608,15 @@ impl Dmirror {
         })
     }
 
-    /// Runs `step(start, next)` over `[start, end)` a VMA and at most 64 pages at a
-    /// time; EINVAL where there is no VMA or one without read permission.
+    /// Runs `step(start, next, writable)` over `[start, end)` a VMA and at most 64
+    /// pages at a time (`writable`: whether the VMA is); EINVAL where there is no VMA or
+    /// one without read permission. The address-space lock is not held across `step`.
     fn each_step(
         &self,
         cmd: &'static str,
         start: u64,
         end: u64,
-        mut step: impl FnMut(u64, u64) -> Result<(), DmirrorError>,
+        mut step: impl FnMut(u64, u64, bool) -> Result<(), DmirrorError>,
     ) -> Result<(), DmirrorError> {
         let mut addr = start;
         while addr < end {
@@ -635,7 +632,7 @@ impl Dmirror {
                     )
                 })?;
             let next = (addr + STEP * PAGE_SIZE).min(end).min(vma.end.0);
-            step(addr, next)?;
+            step(addr, next, vma.prot.writable())?;
             addr = next;
         }
         Ok(())
