@@ -8,7 +8,7 @@
 //! and everything with MADV_HUGEPAGE. Not yet ported: file_read and file_write (a
 //! file-backed shared mapping), migrate_release (RELEASE needs migrate_device_range),
 //! snapshot (needs the shared zero page), exclusive* (make_device_exclusive),
-//! anon_teardown, hmm_gup_test, hmm_cow_in_device, migrate_anon_huge_*.
+//! anon_teardown. hmm_gup_test uses peerdma's GUP in place of the gup_test driver.
 
 mod common;
 
@@ -395,4 +395,63 @@ fn a_failed_device_allocation_leaves_the_page_in_ram() {
         read_all(&p, a, 2 * PAGE_SIZE),
         vec![5; 2 * PAGE_SIZE as usize]
     );
+}
+
+/// hmm_gup_test, with peerdma's GUP in place of the gup_test driver: pages on the
+/// device are taken by get_user_pages and pin_user_pages (FOLL_WRITE, and
+/// FOLL_LONGTERM for the last two); device-private pages come back to RAM for any of
+/// them, device-coherent pages only for the long-term pins.
+#[test]
+fn hmm_gup_test() {
+    use peerdma::drivers::dmirror::prot;
+    use peerdma::gup::{get_user_pages, pin_user_pages, FollFlags};
+    for v in VARIANTS {
+        let (h, dev) = fixture(v);
+        let p = h.spawn();
+        let f = dev.open(&p);
+        let a = p.mmap_anon(4 * PAGE_SIZE, Prot::RW).unwrap();
+        let data = ints(4, |i| i);
+        p.write(a, &data).unwrap();
+        let mut m = vec![0u8; 4 * PAGE_SIZE as usize];
+        assert_eq!(f.migrate_to_dev(a, 4, &mut m).unwrap().cpages, 4);
+        assert_eq!(m, data);
+        let pg = |i: u64| VirtAddr(a.0 + i * PAGE_SIZE);
+        let w = FollFlags::WRITE;
+        drop(get_user_pages(&p, pg(0), 1, w).unwrap()); // GUP_BASIC_TEST
+        drop(get_user_pages(&p, pg(1), 1, w).unwrap()); // GUP_FAST_BENCHMARK
+        drop(pin_user_pages(&p, pg(2), 1, w | FollFlags::LONGTERM).unwrap()); // PIN_FAST
+        drop(pin_user_pages(&p, pg(3), 1, w | FollFlags::LONGTERM).unwrap()); // PIN_LONGTERM
+        let mut snap = [0u8; 4];
+        assert_eq!(f.snapshot(a, 4, &mut snap), Ok(counts(4, 0)));
+        let first = if v == DmirrorMemory::Coherent {
+            prot::DEV_COHERENT_LOCAL | prot::WRITE
+        } else {
+            prot::WRITE
+        };
+        assert_eq!(snap, [first, first, prot::WRITE, prot::WRITE]);
+        assert_eq!(read_all(&p, a, 4 * PAGE_SIZE), data);
+    }
+}
+
+/// hmm_cow_in_device: pages migrated to the device, then fork; the parent writes every
+/// page (each copy-on-write fault brings its page back), and the snapshot shows four
+/// writable system pages.
+#[test]
+fn hmm_cow_in_device() {
+    use peerdma::drivers::dmirror::prot;
+    let (h, dev) = fixture(DmirrorMemory::Private);
+    let p = h.spawn();
+    let f = dev.open(&p);
+    let a = p.mmap_anon(4 * PAGE_SIZE, Prot::RW).unwrap();
+    let data = ints(4, |i| i);
+    p.write(a, &data).unwrap();
+    let mut m = vec![0u8; 4 * PAGE_SIZE as usize];
+    assert_eq!(f.migrate_to_dev(a, 4, &mut m).unwrap().cpages, 4);
+    let child = p.fork().unwrap();
+    p.write(a, &data).unwrap();
+    child.exit();
+    let mut snap = [0u8; 4];
+    assert_eq!(f.snapshot(a, 4, &mut snap), Ok(counts(4, 0)));
+    assert_eq!(snap, [prot::WRITE; 4]);
+    assert_eq!(read_all(&p, a, 4 * PAGE_SIZE), data);
 }
