@@ -7,8 +7,7 @@
 //! migrate_anon_huge_*, the THP halves of anon_write_child, hmm_cow_in_device_huge,
 //! and everything with MADV_HUGEPAGE. Not yet ported: file_read and file_write (a
 //! file-backed shared mapping), migrate_release (RELEASE needs migrate_device_range),
-//! snapshot (needs the shared zero page), exclusive* (make_device_exclusive),
-//! anon_teardown. hmm_gup_test uses peerdma's GUP in place of the gup_test driver.
+//! snapshot (needs the shared zero page), anon_teardown. hmm_gup_test uses peerdma's GUP in place of the gup_test driver.
 
 mod common;
 
@@ -454,4 +453,85 @@ fn hmm_cow_in_device() {
     assert_eq!(f.snapshot(a, 4, &mut snap), Ok(counts(4, 0)));
     assert_eq!(snap, [prot::WRITE; 4]);
     assert_eq!(read_all(&p, a, 4 * PAGE_SIZE), data);
+}
+
+/// exclusive: the device takes every page for atomics and reads them; CPU accesses
+/// revoke its access page by page (CHECK_EXCLUSIVE then succeeds); taking them again
+/// and exiting tears down cleanly.
+#[test]
+fn exclusive() {
+    for v in VARIANTS {
+        let (h, dev) = fixture(v);
+        let p = h.spawn();
+        let f = dev.open(&p);
+        let a = p.mmap_anon(SIZE, Prot::RW).unwrap();
+        let data = ints(NPAGES, |i| i);
+        p.write(a, &data).unwrap();
+        let mut mirror = vec![0u8; SIZE as usize];
+        assert_eq!(f.exclusive(a, NPAGES, &mut mirror).unwrap().cpages, NPAGES);
+        assert_eq!(mirror, data);
+        assert!(p.pte(a).is_device_exclusive());
+        assert_eq!(
+            f.check_exclusive(a, NPAGES).unwrap_err().errno,
+            Errno::EPERM
+        );
+        // ptr[i]++ for every int: the CPU takes every page back.
+        assert_eq!(read_all(&p, a, SIZE), data);
+        let plus = ints(NPAGES, |i| i + 1);
+        p.write(a, &plus).unwrap();
+        assert_eq!(read_all(&p, a, SIZE), plus);
+        assert!(p.pte(a).is_present());
+        assert_eq!(f.check_exclusive(a, NPAGES), Ok(counts(0, 0)));
+        // Again, to check tear-down with the pages held.
+        assert_eq!(f.exclusive(a, NPAGES, &mut mirror).unwrap().cpages, NPAGES);
+        drop(f);
+        p.exit();
+    }
+}
+
+/// exclusive_mprotect: after the device takes the pages, mprotect(PROT_READ) revokes
+/// its access and a device write is EPERM.
+#[test]
+fn exclusive_mprotect() {
+    for v in VARIANTS {
+        let (h, dev) = fixture(v);
+        let p = h.spawn();
+        let f = dev.open(&p);
+        let a = p.mmap_anon(SIZE, Prot::RW).unwrap();
+        let data = ints(NPAGES, |i| i);
+        p.write(a, &data).unwrap();
+        let mut mirror = vec![0u8; SIZE as usize];
+        assert_eq!(f.exclusive(a, NPAGES, &mut mirror).unwrap().cpages, NPAGES);
+        assert_eq!(mirror, data);
+        p.mprotect(a, SIZE, Prot::READ).unwrap();
+        assert_eq!(f.write(a, NPAGES, &data).unwrap_err().errno, Errno::EPERM);
+    }
+}
+
+/// exclusive_cow: the device takes the pages, the process forks (exclusivity is lost),
+/// and the parent's writes land in its own copies.
+#[test]
+fn exclusive_cow() {
+    for v in VARIANTS {
+        let (h, dev) = fixture(v);
+        let p = h.spawn();
+        let f = dev.open(&p);
+        let a = p.mmap_anon(SIZE, Prot::RW).unwrap();
+        let data = ints(NPAGES, |i| i);
+        p.write(a, &data).unwrap();
+        let mut mirror = vec![0u8; SIZE as usize];
+        assert_eq!(f.exclusive(a, NPAGES, &mut mirror).unwrap().cpages, NPAGES);
+        let child = p.fork().unwrap();
+        assert!(p.pte(a).is_present() && child.pte(a).is_present());
+        assert_eq!(read_all(&p, a, SIZE), data);
+        let plus = ints(NPAGES, |i| i + 1);
+        p.write(a, &plus).unwrap();
+        assert_eq!(read_all(&p, a, SIZE), plus);
+        assert_eq!(
+            read_all(&child, a, SIZE),
+            data,
+            "the child kept the fork-time data"
+        );
+        assert_eq!(f.check_exclusive(a, NPAGES), Ok(counts(0, 0)));
+    }
 }

@@ -256,3 +256,33 @@ fn a_moved_sequence_is_ebusy() {
     assert_eq!(r.pfns[0].pfn(), p.pte(a).pfn());
     assert!(r.pfns[0].contains(HmmPfn::WRITE));
 }
+
+/// A device-exclusive entry (`make_device_exclusive`) is not present for the CPU: a
+/// snapshot reports it not valid, a fault request restores the page (the device is
+/// told with a `Clear` invalidation), and migration leaves it alone.
+#[test]
+fn device_exclusive_pages_are_faulted_back_not_reported() {
+    let h = common::host(8 << 20);
+    let p = h.spawn();
+    let a = p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+    p.write(a, b"atomic").unwrap();
+    let pfn = p.make_device_exclusive(a, 9).unwrap();
+    assert!(p.pte(a).is_device_exclusive() && p.pte(a).pfn() == Some(pfn));
+    let m = p
+        .migrate_vma_setup(a, page(a, 1), peerdma::mm::Select::SYSTEM, None)
+        .unwrap();
+    assert_eq!(m.cpages(), 0, "not collected");
+    drop(m);
+    let sub = subscribe(&p, a, 1);
+    assert_eq!(snapshot(&p, &sub, a, 1), [HmmPfn::NONE]);
+    let pfns = fault_until_done(&p, &sub, a, 1, |r| r.default_flags = HmmPfn::REQ_FAULT).unwrap();
+    assert_eq!(pfns[0].pfn(), Some(pfn), "the same page, present again");
+    assert!(p.pte(a).is_present());
+    // Shared memory is not private anonymous.
+    let obj = peerdma::mm::ShmObject::new(h.phys(), PAGE_SIZE);
+    let s = p.mmap_shared(&obj, 0, PAGE_SIZE, Prot::RW).unwrap();
+    let e = p.make_device_exclusive(s, 9).unwrap_err();
+    assert_eq!(e.errno(), Errno::EOPNOTSUPP);
+    p.exit();
+    drop(obj);
+}

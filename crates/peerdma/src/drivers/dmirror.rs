@@ -252,6 +252,8 @@ struct PtEntry {
     pfn: Pfn,
     /// `DPT_XA_TAG_WRITE`: the device may write it.
     write: bool,
+    /// `DPT_XA_TAG_ATOMIC`: the device holds it exclusively for atomics.
+    atomic: bool,
 }
 
 /// The state an open file shares with its notifier callback.
@@ -274,10 +276,11 @@ impl Mirror {
 }
 
 impl IntervalNotifierOps for Mirror {
-    /// `dmirror_interval_invalidate`: its own migrations update the table themselves;
-    /// anything else drops the entries of the range.
+    /// `dmirror_interval_invalidate`: its own migrations and exclusive grabs update
+    /// the table themselves; anything else drops the entries of the range.
     fn invalidate(&self, _sub: &Subscription, range: &NotifyRange, _seq: u64) -> bool {
-        if range.event == NotifyEvent::Migrate && range.owner == Some(self.device.owner) {
+        let own = range.owner == Some(self.device.owner);
+        if own && matches!(range.event, NotifyEvent::Migrate | NotifyEvent::Exclusive) {
             return true;
         }
         self.erase(range.start.0, range.end.0);
@@ -400,6 +403,7 @@ impl Dmirror {
                     PtEntry {
                         pfn,
                         write: f.contains(HmmPfn::WRITE),
+                        atomic: false,
                     },
                 );
             }
@@ -538,7 +542,14 @@ impl Dmirror {
                         } else {
                             vma_writable
                         };
-                        pt.insert(start + i as u64 * PAGE_SIZE, PtEntry { pfn: dpage, write });
+                        pt.insert(
+                            start + i as u64 * PAGE_SIZE,
+                            PtEntry {
+                                pfn: dpage,
+                                write,
+                                atomic: false,
+                            },
+                        );
                     }
                 }
             }
@@ -636,6 +647,70 @@ impl Dmirror {
             addr = next;
         }
         Ok(())
+    }
+
+    /// `HMM_DMIRROR_EXCLUSIVE`: takes every page of the range for atomic access
+    /// (`make_device_exclusive`), maps it in the device table tagged atomic, then reads
+    /// the range back from the table into `out`. A CPU access to any of the pages
+    /// later revokes the device's access through its notifier.
+    pub fn exclusive(
+        &self,
+        addr: VirtAddr,
+        npages: u64,
+        out: &mut [u8],
+    ) -> Result<Counts, DmirrorError> {
+        let cmd = "EXCLUSIVE";
+        let end = check(cmd, addr, npages)?;
+        let owner = self.mirror.device.owner;
+        let mut va = addr.0;
+        while va < end {
+            let pfn = self
+                .mm
+                .make_device_exclusive(VirtAddr(va), owner)
+                .map_err(|e| DmirrorError::mm(cmd, e))?;
+            self.mirror.pt.lock().insert(
+                va,
+                PtEntry {
+                    pfn,
+                    write: true,
+                    atomic: true,
+                },
+            );
+            va += PAGE_SIZE;
+        }
+        if (out.len() as u64) < npages * PAGE_SIZE {
+            return Err(DmirrorError::new(
+                cmd,
+                Errno::EFAULT,
+                "the buffer is shorter than the range",
+            ));
+        }
+        let n = self.bounce(addr.0, end, 0, None, out);
+        Ok(Counts {
+            cpages: n,
+            faults: 0,
+        })
+    }
+
+    /// `HMM_DMIRROR_CHECK_EXCLUSIVE`: EPERM while the device still holds any page of
+    /// the range for atomics.
+    pub fn check_exclusive(&self, addr: VirtAddr, npages: u64) -> Result<Counts, DmirrorError> {
+        let cmd = "CHECK_EXCLUSIVE";
+        let end = check(cmd, addr, npages)?;
+        if self
+            .mirror
+            .pt
+            .lock()
+            .range(addr.0..end)
+            .any(|(_, e)| e.atomic)
+        {
+            return Err(DmirrorError::new(
+                cmd,
+                Errno::EPERM,
+                "a page is still held for atomics",
+            ));
+        }
+        Ok(Counts::default())
     }
 
     /// `HMM_DMIRROR_SNAPSHOT`: one byte per page describing what the CPU page table

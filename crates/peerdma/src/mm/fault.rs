@@ -34,6 +34,8 @@ pub enum Access {
 enum Fix {
     Populate,
     FromDevice(Pte),
+    /// A device holds the page exclusively: tell it, then restore the entry.
+    RestoreExclusive(Pte),
     /// A migration entry: wait for the frame's page lock, then retry.
     Wait(Arc<Region>, Pfn),
     MakeWritable,
@@ -209,6 +211,8 @@ impl Mm {
                     Fix::Wait(self.region(pfn), pfn)
                 } else if pte.is_device_private() {
                     Fix::FromDevice(pte)
+                } else if pte.is_device_exclusive() {
+                    Fix::RestoreExclusive(pte)
                 } else {
                     let pfn = pte.pfn().unwrap_or_else(|| unreachable!("present PTE"));
                     match (access, vma.is_anon()) {
@@ -280,12 +284,63 @@ impl Mm {
                         None => fault.copy_to_ram()?,
                     }
                 }
+                Fix::RestoreExclusive(pte) => self.restore_exclusive(va, pte, op)?,
                 Fix::Copy {
                     old,
                     region,
                     writable,
                 } => self.copy_page(va, old, &region, writable, NotifyEvent::Clear, op)?,
                 Fix::MakeWritable | Fix::MarkExclusive(_) => unreachable!(),
+            }
+        }
+    }
+
+    /// `remove_device_exclusive_entry`: a CPU access takes the page back from the
+    /// device holding it for atomics — the device hears a `Clear` invalidation with no
+    /// owner, then the present entry returns (if nobody changed the entry meanwhile).
+    fn restore_exclusive(&self, va: VirtAddr, pte: Pte, op: &'static str) -> Result<(), MmError> {
+        let guard = self.invalidate(op, va, VirtAddr(va.0 + PAGE_SIZE), NotifyEvent::Clear)?;
+        let mut pt = self.pt.lock();
+        if pt.get(va) == pte {
+            let pfn = pte
+                .pfn()
+                .unwrap_or_else(|| unreachable!("an exclusive entry"));
+            pt.set(va, Pte::present(pfn, pte.writable()));
+        }
+        drop(pt);
+        drop(guard);
+        Ok(())
+    }
+
+    /// `make_device_exclusive(mm, addr, owner)`: a device takes the anonymous page at
+    /// `va` for atomic access. The page is write-faulted in (COW broken), the range is
+    /// invalidated with `Exclusive` carrying `owner` (the caller's own notifier skips
+    /// it), and the entry becomes a device-exclusive entry: any CPU access — or GUP —
+    /// then revokes the device's access first. Returns the page. EOPNOTSUPP for memory
+    /// that is not private anonymous; the fault's errors otherwise.
+    pub fn make_device_exclusive(&self, va: VirtAddr, owner: u64) -> Result<Pfn, MmError> {
+        let op = "make_device_exclusive";
+        let va = VirtAddr(va.0 & !(PAGE_SIZE - 1));
+        let vmas = self.mmap_read();
+        loop {
+            let pfn = self.with_page(&vmas, va, Access::Write, op, |_, pfn| pfn)?;
+            if !vmas.find(va).is_some_and(|v| v.is_anon()) {
+                return Err(MmError::NotSupported {
+                    op,
+                    addr: va,
+                    why: "only private anonymous pages can be made device-exclusive",
+                });
+            }
+            let end = VirtAddr(va.0 + PAGE_SIZE);
+            let guard = self.invalidate_owned(op, va, end, NotifyEvent::Exclusive, Some(owner))?;
+            let mut pt = self.pt.lock();
+            let cur = pt.get(va);
+            // Re-walk: still this page, present and writable, else fault again.
+            if cur.is_present() && cur.writable() && cur.pfn() == Some(pfn) {
+                pt.set(va, Pte::exclusive(pfn, true));
+                drop(pt);
+                drop(guard);
+                return Ok(pfn);
             }
         }
     }

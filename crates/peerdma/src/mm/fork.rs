@@ -34,6 +34,11 @@ impl Mm {
                 let writable = v.prot.writable();
                 pt.walk_mut(v.start, v.end, |va, pte| {
                     let Some(pfn) = pte.pfn() else { return };
+                    if pte.is_device_exclusive() {
+                        // Exclusivity is lost on fork: the parent's entry is restored
+                        // (its device heard the fork's invalidation) and copied.
+                        *pte = Pte::present(pfn, pte.writable());
+                    }
                     let region = self.region(pfn);
                     if !anon {
                         region.get(pfn);

@@ -213,6 +213,12 @@ impl Mm {
                     entries.push(e);
                     continue;
                 }
+                if pte.is_device_exclusive() {
+                    // A device holds it for atomics: not collected (migrate_device.c
+                    // skips every non-present entry but device-private ones).
+                    entries.push(e);
+                    continue;
+                }
                 let pfn = pte.pfn().unwrap_or_else(|| unreachable!("non-empty entry"));
                 let region = self.region(pfn);
                 let kind = region.kind();

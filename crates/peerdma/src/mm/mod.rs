@@ -89,6 +89,16 @@ pub enum MmError {
         /// Why.
         why: &'static str,
     },
+    /// The operation does not apply to this kind of memory (EOPNOTSUPP).
+    #[error("{op} at {addr}: not supported (EOPNOTSUPP): {why}")]
+    NotSupported {
+        /// The operation.
+        op: &'static str,
+        /// The address.
+        addr: VirtAddr,
+        /// Why.
+        why: &'static str,
+    },
     /// A malformed request (EINVAL).
     #[error("{op} {addr}+{len:#x}: invalid argument (EINVAL): {why}")]
     Invalid {
@@ -128,6 +138,7 @@ impl MmError {
             MmError::Fault { .. } => Errno::EFAULT,
             MmError::Access { .. } => Errno::EACCES,
             MmError::NotPermitted { .. } => Errno::EPERM,
+            MmError::NotSupported { .. } => Errno::EOPNOTSUPP,
             MmError::NoMemory { .. } => Errno::ENOMEM,
             MmError::Invalid { .. } => Errno::EINVAL,
             MmError::Busy { .. } => Errno::EBUSY,

@@ -7,8 +7,8 @@ use crate::addr::{Pfn, PAGE_SHIFT};
 ///
 /// # Invariants
 /// Every non-empty entry — [`present`](Pte::is_present),
-/// [`device_private`](Pte::is_device_private) or a [`migration`](Pte::is_migration)
-/// entry — holds one reference on its frame; the empty entry holds none. A migration
+/// [`device_private`](Pte::is_device_private), [`migration`](Pte::is_migration) or
+/// [`device_exclusive`](Pte::is_device_exclusive) — holds one reference on its frame; the empty entry holds none. A migration
 /// entry exists only while the thread migrating its frame holds the frame's page lock
 /// and the address-space lock shared.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -23,6 +23,10 @@ impl Pte {
     /// A non-present entry naming a frame being migrated (the kernel's migration swap
     /// entry): faults and GUP wait for the migration to finish, then retry.
     const MIGRATION: u64 = 1 << 3;
+    /// A non-present entry naming a system page a device holds for atomic access (the
+    /// kernel's device-exclusive swap entry): a CPU access faults, the device is told
+    /// through its notifier, and the present entry comes back.
+    const EXCLUSIVE: u64 = 1 << 4;
     const FLAGS: u64 = (1 << PAGE_SHIFT) - 1;
 
     /// No mapping.
@@ -44,6 +48,11 @@ impl Pte {
         Pte((pfn.0 << PAGE_SHIFT) | Self::MIGRATION | if writable { Self::WRITE } else { 0 })
     }
 
+    /// A device-exclusive entry for `pfn`, remembering whether the page was writable.
+    pub fn exclusive(pfn: Pfn, writable: bool) -> Self {
+        Pte((pfn.0 << PAGE_SHIFT) | Self::EXCLUSIVE | if writable { Self::WRITE } else { 0 })
+    }
+
     /// Whether nothing is mapped.
     pub fn is_empty(self) -> bool {
         self.0 == 0
@@ -59,6 +68,10 @@ impl Pte {
     /// Whether it is a migration entry: the page is being moved right now.
     pub fn is_migration(self) -> bool {
         self.0 & Self::MIGRATION != 0
+    }
+    /// Whether a device holds the page exclusively for atomics.
+    pub fn is_device_exclusive(self) -> bool {
+        self.0 & Self::EXCLUSIVE != 0
     }
     /// Whether writes are allowed without a fault.
     pub fn writable(self) -> bool {
