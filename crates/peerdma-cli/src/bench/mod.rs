@@ -2,6 +2,7 @@
 //! `cargo bench`), each reported beside a baseline measured in the same run.
 
 pub mod dma;
+pub mod hmm;
 pub mod mm;
 
 use std::time::{Duration, Instant};
@@ -41,6 +42,15 @@ enum Which {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// hmm_range_fault and migration to device memory against pinning and memcpy.
+    Hmm {
+        /// Bytes of memory to snapshot and migrate (default 1 GiB).
+        #[arg(long, default_value_t = 1 << 30)]
+        bytes: u64,
+        /// Alternating runs; medians are reported.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Pin, munmap and metadata of the memory core against the kernel's own.
     Mm {
         /// Bytes of memory to pin and unmap (default 1 GiB).
@@ -66,7 +76,7 @@ pub(crate) fn make_resident(
     Ok(())
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
+pub(crate) fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
 }
@@ -94,6 +104,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             runs,
         } => {
             dma::print(&dma::run(transfer, bytes, runs)?);
+            Ok(())
+        }
+        Which::Hmm { bytes, runs } => {
+            hmm::print(&hmm::run(bytes, runs)?);
             Ok(())
         }
         Which::Mm { bytes, runs } => {

@@ -297,6 +297,18 @@ impl Region {
 
     /// `n` zeroed frames, each with one reference, appended to `out`; all or none.
     pub fn alloc_bulk(&self, n: u64, out: &mut Vec<Pfn>) -> Result<(), MemError> {
+        self.alloc_bulk_with(n, out, true)
+    }
+
+    /// Like [`alloc_bulk`](Self::alloc_bulk), but a reused frame keeps whatever bytes
+    /// it held (an allocation without `__GFP_ZERO`): for destinations the caller
+    /// overwrites whole — with [`copy_frame`](Self::copy_frame) — before anything maps
+    /// them, as migration does.
+    pub fn alloc_bulk_for_copy(&self, n: u64, out: &mut Vec<Pfn>) -> Result<(), MemError> {
+        self.alloc_bulk_with(n, out, false)
+    }
+
+    fn alloc_bulk_with(&self, n: u64, out: &mut Vec<Pfn>, zero: bool) -> Result<(), MemError> {
         let mut idx = Vec::with_capacity(n as usize);
         let high_water = {
             let mut free = self.free.lock();
@@ -312,7 +324,7 @@ impl Region {
         };
         out.reserve(idx.len());
         for i in idx {
-            self.init_frame(i, i < high_water);
+            self.init_frame(i, zero && i < high_water);
             out.push(Pfn(self.base.0 + i));
         }
         Ok(())
@@ -643,12 +655,24 @@ impl Region {
 
     /// Copies a whole frame of this region to `dst` in region `to` (possibly this one).
     pub fn copy_frame(&self, src: Pfn, to: &Region, dst: Pfn) {
-        let s = self.offset(src, 0, PAGE_SIZE as usize);
-        let d = to.offset(dst, 0, PAGE_SIZE as usize);
+        self.copy_frames(src, to, dst, 1);
+    }
+
+    /// Copies `n` consecutive frames from `src` to `n` consecutive frames of `to` from
+    /// `dst` in one go, as a copy engine moves a physically contiguous run.
+    pub fn copy_frames(&self, src: Pfn, to: &Region, dst: Pfn, n: u64) {
+        let len = (n * PAGE_SIZE) as usize;
+        // Both runs must lie inside their regions (idx panics naming the frame).
+        let s = (self.idx(src) * PAGE_SIZE) as usize;
+        let d = (to.idx(dst) * PAGE_SIZE) as usize;
+        if n > 1 {
+            self.idx(Pfn(src.0 + n - 1));
+            to.idx(Pfn(dst.0 + n - 1));
+        }
         if std::ptr::eq(self, to) {
-            self.backing.copy_within(s, d, PAGE_SIZE as usize);
+            self.backing.copy_within(s, d, len);
         } else {
-            self.backing.copy_to(s, &to.backing, d, PAGE_SIZE as usize);
+            self.backing.copy_to(s, &to.backing, d, len);
         }
     }
 

@@ -307,6 +307,22 @@ impl Mm {
     }
 }
 
+/// Drops one reference per entry, a region's frames together (`put_many`).
+fn put_batched(mut puts: Vec<(Arc<Region>, Pfn)>) {
+    puts.sort_unstable_by_key(|(r, _)| r.id());
+    let mut frames = Vec::new();
+    let mut i = 0;
+    while i < puts.len() {
+        let region = puts[i].0.clone();
+        frames.clear();
+        while i < puts.len() && Arc::ptr_eq(&puts[i].0, &region) {
+            frames.push(puts[i].1);
+            i += 1;
+        }
+        region.put_many(&frames);
+    }
+}
+
 /// How one attempt of [`Mm::migrate_one`] ended.
 pub(crate) enum OnePage {
     /// The page moved to this frame.
@@ -384,6 +400,10 @@ impl MigrateVma<'_> {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
+        // References to drop once the page-table lock is released (a last reference
+        // frees the frame and calls its owner's page_free, which takes no lock of
+        // ours), batched per region so each frees under one allocator lock.
+        let mut puts: Vec<(Arc<Region>, Pfn)> = Vec::new();
         let mut pt = self.mm.pt_lock();
         let vma_writable = self.writable;
         for (i, e) in self.entries.iter_mut().enumerate() {
@@ -405,12 +425,12 @@ impl MigrateVma<'_> {
                         pt.set(va, new_entry(&r, p, e.src.write));
                         src.bump_generation(old);
                         src.unlock_page(old);
-                        src.put(old); // the migration's reference
-                        src.put(old); // the old entry's
+                        puts.push((src.clone(), old)); // the migration's reference
+                        puts.push((src, old)); // the old entry's
                     } else {
                         pt.set(va, e.old);
                         src.unlock_page(old);
-                        src.put(old);
+                        puts.push((src, old));
                     }
                 }
                 (None, _) if e.src.migrate => {
@@ -429,9 +449,10 @@ impl MigrateVma<'_> {
         drop(pt);
         for e in &mut self.entries {
             if let Some((r, p)) = e.dst.take() {
-                r.put(p);
+                puts.push((r, p));
             }
         }
+        put_batched(puts);
     }
 }
 
