@@ -367,6 +367,13 @@ fn every_command_checks_its_range_first() {
     assert_eq!(f.migrate_to_dev(a, 0, &mut b).unwrap_err().errno, einval);
     assert_eq!(f.migrate_to_sys(VirtAddr(1), 1).unwrap_err().errno, einval);
     assert_eq!(f.snapshot(a, 0, &mut b).unwrap_err().errno, einval);
+    // A buffer shorter than the range is EFAULT, before anything moves.
+    let efault = Errno::EFAULT;
+    assert_eq!(f.read(a, 2, &mut b).unwrap_err().errno, efault);
+    assert_eq!(f.migrate_to_dev(a, 2, &mut b).unwrap_err().errno, efault);
+    assert_eq!(f.exclusive(a, 2, &mut b).unwrap_err().errno, efault);
+    assert_eq!(f.snapshot(a, 2, &mut b[..1]).unwrap_err().errno, efault);
+    assert!(p.pte(a).is_empty(), "nothing was faulted or moved");
 }
 
 #[test]

@@ -469,15 +469,7 @@ impl Dmirror {
         out: &mut [u8],
     ) -> Result<Counts, DmirrorError> {
         let npages = (end - start) / PAGE_SIZE;
-        let need = (npages * PAGE_SIZE) as usize;
-        let have = data.map_or(out.len(), <[u8]>::len);
-        if have < need {
-            return Err(DmirrorError::new(
-                cmd,
-                Errno::EFAULT,
-                "the buffer is shorter than the range",
-            ));
-        }
+        Self::check_buffer(cmd, data.map_or(out.len(), <[u8]>::len), npages)?;
         let mut c = Counts::default();
         loop {
             c.cpages = self.bounce(start, end, c.cpages, data, out);
@@ -502,6 +494,7 @@ impl Dmirror {
     ) -> Result<Counts, DmirrorError> {
         let cmd = "MIGRATE_TO_DEV";
         let end = check(cmd, addr, npages)?;
+        Self::check_buffer(cmd, out.len(), npages)?;
         let dev = &self.mirror.device;
         self.each_step(cmd, addr.0, end, |start, next, vma_writable| {
             let mut m = self
@@ -557,18 +550,43 @@ impl Dmirror {
             Ok(())
         })?;
         // Return the migrated data for verification: only pages now on the device.
-        let n = self.bounce(addr.0, end, 0, None, out);
-        if n < npages {
+        self.read_back(cmd, addr.0, end, out)
+    }
+
+    /// What MIGRATE_TO_DEV and EXCLUSIVE end with: the range read from the device
+    /// table into `out` without faulting; ENOENT when a page is not in the table.
+    fn read_back(
+        &self,
+        cmd: &'static str,
+        start: u64,
+        end: u64,
+        out: &mut [u8],
+    ) -> Result<Counts, DmirrorError> {
+        let n = self.bounce(start, end, 0, None, out);
+        if n < (end - start) / PAGE_SIZE {
             return Err(DmirrorError::new(
                 cmd,
                 Errno::ENOENT,
-                "a page is not on the device",
+                "a page is not in the device page table",
             ));
         }
         Ok(Counts {
             cpages: n,
             faults: 0,
         })
+    }
+
+    /// Refuses a buffer of `have` bytes shorter than `pages` pages (EFAULT, as a
+    /// short user buffer is) before anything is done.
+    fn check_buffer(cmd: &'static str, have: usize, pages: u64) -> Result<(), DmirrorError> {
+        if (have as u64) < pages * PAGE_SIZE {
+            return Err(DmirrorError::new(
+                cmd,
+                Errno::EFAULT,
+                "the buffer is shorter than the range",
+            ));
+        }
+        Ok(())
     }
 
     /// `HMM_DMIRROR_MIGRATE_TO_SYS`: migrates this device's pages of the range back to
@@ -661,6 +679,7 @@ impl Dmirror {
     ) -> Result<Counts, DmirrorError> {
         let cmd = "EXCLUSIVE";
         let end = check(cmd, addr, npages)?;
+        Self::check_buffer(cmd, out.len(), npages)?;
         let owner = self.mirror.device.owner;
         let mut va = addr.0;
         while va < end {
@@ -678,18 +697,7 @@ impl Dmirror {
             );
             va += PAGE_SIZE;
         }
-        if (out.len() as u64) < npages * PAGE_SIZE {
-            return Err(DmirrorError::new(
-                cmd,
-                Errno::EFAULT,
-                "the buffer is shorter than the range",
-            ));
-        }
-        let n = self.bounce(addr.0, end, 0, None, out);
-        Ok(Counts {
-            cpages: n,
-            faults: 0,
-        })
+        self.read_back(cmd, addr.0, end, out)
     }
 
     /// `HMM_DMIRROR_CHECK_EXCLUSIVE`: EPERM while the device still holds any page of
@@ -723,13 +731,8 @@ impl Dmirror {
     ) -> Result<Counts, DmirrorError> {
         let cmd = "SNAPSHOT";
         let end = check(cmd, addr, npages)?;
-        if (out.len() as u64) < npages {
-            return Err(DmirrorError::new(
-                cmd,
-                Errno::EFAULT,
-                "the buffer is shorter than the range",
-            ));
-        }
+        // One byte per page.
+        Self::check_buffer(cmd, out.len() * PAGE_SIZE as usize, npages)?;
         let mut c = Counts::default();
         let mut start = addr.0;
         while start < end {
