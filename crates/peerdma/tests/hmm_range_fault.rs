@@ -266,7 +266,7 @@ fn device_exclusive_pages_are_faulted_back_not_reported() {
     let p = h.spawn();
     let a = p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
     p.write(a, b"atomic").unwrap();
-    let pfn = p.make_device_exclusive(a, 9).unwrap();
+    let pfn = p.make_device_exclusive(a, 9).unwrap().pfn();
     assert!(p.pte(a).is_device_exclusive() && p.pte(a).pfn() == Some(pfn));
     let m = p
         .migrate_vma_setup(a, page(a, 1), peerdma::mm::Select::SYSTEM, None)

@@ -62,7 +62,9 @@ impl PageMapOps for Driver {
             why: "no RAM".into(),
             source: Some(e),
         })?;
-        fault.region().copy_frame(fault.pfn(), &ram, new);
+        // Copy the collected page: it may differ from the one the fault saw.
+        let src = m.src()[0].pfn.expect("collected");
+        fault.region().copy_frame(src, &ram, new);
         m.set_dst(0, &ram, new);
         m.pages();
         m.finalize();

@@ -15,7 +15,8 @@
 //!   CPU's copy or through the owner's `migrate_to_ram`;
 //! - a device fault (`hmm_range_fault`) racing munmap leaves no stale mirror entry;
 //! - two devices faulting one page while one migrates it into its memory all see the
-//!   data.
+//!   data;
+//! - a CPU write racing a device taking the page for atomics leaves no stale grant.
 
 #![cfg(feature = "shuttle")]
 
@@ -321,7 +322,9 @@ impl peerdma::mem::PageMapOps for Owner {
         }
         let ram = fault.mm().phys().ram().clone();
         let new = ram.alloc().expect("RAM");
-        fault.region().copy_frame(fault.pfn(), &ram, new);
+        // Copy the collected page: it may differ from the one the fault saw.
+        let src = m.src()[0].pfn.expect("collected");
+        fault.region().copy_frame(src, &ram, new);
         m.set_dst(0, &ram, new);
         m.pages();
         m.finalize();
@@ -435,6 +438,53 @@ fn two_devices_faulting_one_page_while_one_migrates_it_see_the_data() {
                 assert_eq!(&r.join().unwrap()[..8], b"one page");
             }
             assert_eq!(&read8(&mm, a), b"one page");
+        },
+        iterations(),
+    );
+}
+
+/// make_device_exclusive racing a CPU write: the device maps the page while it holds
+/// the page lock, and the CPU's revocation takes that lock first, so afterwards the
+/// device holds the page for atomics exactly when the entry is still device-exclusive.
+#[test]
+fn a_cpu_write_racing_a_device_taking_the_page_for_atomics_leaves_no_stale_grant() {
+    use peerdma::drivers::dmirror::{DmirrorDevice, DmirrorMemory};
+    shuttle::check_random(
+        || {
+            let h = common::host(8 << 20);
+            let dev = DmirrorDevice::new(h.phys(), DmirrorMemory::Private, 1 << 20);
+            let mm = h.spawn();
+            let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+            mm.write(a, b"atomics!").unwrap();
+            let f = Arc::new(dev.open(&mm));
+            let device = {
+                let f = f.clone();
+                thread::spawn(move || {
+                    let mut b = vec![0u8; PAGE_SIZE as usize];
+                    // ENOENT when the CPU took the page back before the read-back.
+                    match f.exclusive(a, 1, &mut b) {
+                        Ok(_) => assert!(&b[..8] == b"atomics!" || &b[..8] == b"cpu-wrt!"),
+                        Err(e) => assert_eq!(e.errno, peerdma::errno::Errno::ENOENT),
+                    }
+                })
+            };
+            let cpu = {
+                let mm = mm.clone();
+                thread::spawn(move || mm.write(a, b"cpu-wrt!").unwrap())
+            };
+            device.join().unwrap();
+            cpu.join().unwrap();
+            let held = f.check_exclusive(a, 1).is_err();
+            assert_eq!(
+                held,
+                mm.pte(a).is_device_exclusive(),
+                "grant and entry agree"
+            );
+            assert_eq!(&read8(&mm, a), b"cpu-wrt!");
+            assert!(
+                f.check_exclusive(a, 1).is_ok(),
+                "the read revoked any grant"
+            );
         },
         iterations(),
     );

@@ -31,7 +31,9 @@ use rand_chacha::ChaCha8Rng;
 
 use peerdma::addr::{Bdf, Pfn, VirtAddr, PAGE_SIZE};
 use peerdma::dma::{Direction, DmaError, DmaMapping, SgTable};
+use peerdma::drivers::dmirror::{Dmirror, DmirrorDevice, DmirrorMemory};
 use peerdma::drivers::nvme::Nvme;
+use peerdma::errno::Errno;
 use peerdma::gup::{get_user_dma_sg, GupError, UserDmaSg, UserSg};
 use peerdma::host::Process;
 use peerdma::mem::{Region, RegionKind};
@@ -72,6 +74,9 @@ const OPS: &[&str] = &[
     "mirror fault",
     "mirror check",
     "odp write",
+    "hmm device read",
+    "hmm migrate to device",
+    "hmm exclusive",
     "remove provider",
 ];
 
@@ -99,6 +104,9 @@ enum Op {
     MirrorFault,
     MirrorCheck,
     OdpWrite,
+    HmmRead,
+    HmmMigrate,
+    HmmExclusive,
 }
 
 /// Weighted operation mix.
@@ -125,11 +133,16 @@ const MIX: &[(Op, u32)] = &[
     (Op::MirrorFault, 5),
     (Op::MirrorCheck, 5),
     (Op::OdpWrite, 5),
+    (Op::HmmRead, 4),
+    (Op::HmmMigrate, 3),
+    (Op::HmmExclusive, 2),
 ];
 
 struct Proc {
     mm: Process,
     shared: VirtAddr,
+    /// The HMM test device's mirror of this process.
+    hmm: Dmirror,
 }
 
 /// What every thread shares.
@@ -725,6 +738,41 @@ impl<'w> Worker<'w> {
                     Err(e) => fail(seed, self.t, op, e.to_string()),
                 }
             }
+            Op::HmmRead | Op::HmmMigrate | Op::HmmExclusive => {
+                // The HMM test device reads the page through its mirror
+                // (hmm_range_fault), moves it into its memory (migrate_vma), or takes
+                // it for atomics (make_device_exclusive); every way, this thread's slot
+                // of what it read must be the oracle's.
+                let page_va = VirtAddr(w.procs[proc].shared.0 + page * PAGE_SIZE);
+                let f = &w.procs[proc].hmm;
+                let mut b = vec![0u8; PAGE_SIZE as usize];
+                let r = match op {
+                    Op::HmmRead => f.read(page_va, 1, &mut b),
+                    Op::HmmMigrate => f.migrate_to_dev(page_va, 1, &mut b),
+                    _ => f.exclusive(page_va, 1, &mut b),
+                };
+                match r {
+                    Ok(c) => {
+                        let at = self.t * SLOT as usize;
+                        let got = u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+                        self.check(
+                            seed,
+                            op,
+                            got,
+                            self.oracle[proc][page as usize],
+                            "device read",
+                        );
+                        let _ = c;
+                    }
+                    // A page pinned or shared by fork does not move, and a CPU access
+                    // can take a page back before the read-back: ENOENT, as in the
+                    // kernel; nothing else may fail.
+                    Err(e) if op != Op::HmmRead && e.errno == Errno::ENOENT => {
+                        w.refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => fail(seed, self.t, op, e.to_string()),
+                }
+            }
             Op::MirrorCheck => {
                 let t = self.mirror.table.lock().unwrap();
                 for (pg, e) in t.iter().enumerate() {
@@ -825,11 +873,13 @@ fn build(iommu: bool) -> World {
     let dev_coherent = phys
         .memremap_pages(RegionKind::DeviceCoherent { owner: 0xd2 }, 8 << 20)
         .unwrap();
+    let hmm_dev = DmirrorDevice::new(&phys, DmirrorMemory::Private, 8 << 20);
     let procs = (0..PROCS)
         .map(|_| {
             let mm = host.spawn();
             let shared = mm.mmap_anon(SHARED_PAGES * PAGE_SIZE, Prot::RW).unwrap();
-            Proc { mm, shared }
+            let hmm = hmm_dev.open(&mm);
+            Proc { mm, shared, hmm }
         })
         .collect();
     let devices: Vec<Bdf> = [

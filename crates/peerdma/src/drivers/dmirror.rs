@@ -145,11 +145,17 @@ impl PageMapOps for DevmemOps {
             drop(m);
             return fault.copy_to_ram();
         }
+        // Copy what was collected: the page may have moved since the fault looked
+        // (to RAM and back to another page of this device), and the frame the fault
+        // saw may already be someone else's.
+        let Some(src) = m.src()[0].pfn else {
+            return Ok(());
+        };
         let ram = fault.mm().phys().ram().clone();
         let new = ram
             .alloc()
             .map_err(|e| MmError::nomem("dmirror_devmem_fault", fault.va(), e))?;
-        fault.region().copy_frame(fault.pfn(), &ram, new);
+        fault.region().copy_frame(src, &ram, new);
         dev.forget(fault.mm(), fault.va(), PAGE_SIZE);
         m.set_dst(0, &ram, new);
         m.pages();
@@ -683,18 +689,20 @@ impl Dmirror {
         let owner = self.mirror.device.owner;
         let mut va = addr.0;
         while va < end {
-            let pfn = self
+            let page = self
                 .mm
                 .make_device_exclusive(VirtAddr(va), owner)
                 .map_err(|e| DmirrorError::mm(cmd, e))?;
+            // Mapped while the page is locked: a CPU access revoking it waits.
             self.mirror.pt.lock().insert(
                 va,
                 PtEntry {
-                    pfn,
+                    pfn: page.pfn(),
                     write: true,
                     atomic: true,
                 },
             );
+            drop(page);
             va += PAGE_SIZE;
         }
         self.read_back(cmd, addr.0, end, out)

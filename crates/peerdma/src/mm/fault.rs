@@ -107,7 +107,9 @@ impl<'a> DeviceFault<'a> {
 
     /// `migrate_vma_setup()` over the faulting page (with the kernel's `fault_page`):
     /// selects device-private pages of `owner`, under the address-space lock the fault
-    /// holds. The owner then copies, sets the destination, and finalizes.
+    /// holds. The owner then copies from the collected source (`src()[0].pfn`, which
+    /// may not be [`pfn`](Self::pfn): the page can have moved since the fault looked),
+    /// sets the destination, and finalizes.
     pub fn migrate_vma(&self, owner: Option<u64>) -> Result<MigrateVma<'a>, MmError> {
         self.mm.migrate_vma_setup_locked(
             self.vmas,
@@ -153,6 +155,32 @@ impl<'a> DeviceFault<'a> {
             )?;
         }
         Ok(())
+    }
+}
+
+/// A page a device was just given for atomics ([`Mm::make_device_exclusive`]), locked
+/// and referenced until dropped, as the kernel returns the folio: the device maps it
+/// while this lives, and a CPU access that revokes it waits for the drop.
+///
+/// # Invariants
+/// Holds the page lock and one reference on `pfn` of `region`.
+#[derive(Debug)]
+pub struct ExclusivePage {
+    region: Arc<Region>,
+    pfn: Pfn,
+}
+
+impl ExclusivePage {
+    /// The page.
+    pub fn pfn(&self) -> Pfn {
+        self.pfn
+    }
+}
+
+impl Drop for ExclusivePage {
+    fn drop(&mut self) {
+        self.region.unlock_page(self.pfn);
+        self.region.put(self.pfn);
     }
 }
 
@@ -212,6 +240,10 @@ impl Mm {
                 } else if pte.is_device_private() {
                     Fix::FromDevice(pte)
                 } else if pte.is_device_exclusive() {
+                    let pfn = pte
+                        .pfn()
+                        .unwrap_or_else(|| unreachable!("a non-empty entry"));
+                    self.region(pfn).get(pfn);
                     Fix::RestoreExclusive(pte)
                 } else {
                     let pfn = pte.pfn().unwrap_or_else(|| unreachable!("present PTE"));
@@ -299,26 +331,45 @@ impl Mm {
     /// device holding it for atomics — the device hears a `Clear` invalidation with no
     /// owner, then the present entry returns (if nobody changed the entry meanwhile).
     fn restore_exclusive(&self, va: VirtAddr, pte: Pte, op: &'static str) -> Result<(), MmError> {
-        let guard = self.invalidate(op, va, VirtAddr(va.0 + PAGE_SIZE), NotifyEvent::Clear)?;
-        let mut pt = self.pt.lock();
-        if pt.get(va) == pte {
-            let pfn = pte
-                .pfn()
-                .unwrap_or_else(|| unreachable!("an exclusive entry"));
-            pt.set(va, Pte::present(pfn, pte.writable()));
+        // The fault took a reference on the page (`folio_try_get`); the page lock comes
+        // first (`folio_lock`), so a device still mapping the page it was just given
+        // (its ExclusivePage alive) finishes before it is told to let go.
+        let pfn = pte
+            .pfn()
+            .unwrap_or_else(|| unreachable!("an exclusive entry"));
+        let region = self.region(pfn);
+        while !region.trylock_page(pfn) {
+            region.wait_page_unlocked(pfn);
         }
-        drop(pt);
-        drop(guard);
-        Ok(())
+        let restored = (|| {
+            let end = VirtAddr(va.0 + PAGE_SIZE);
+            let guard = self.invalidate(op, va, end, NotifyEvent::Clear)?;
+            let mut pt = self.pt.lock();
+            if pt.get(va) == pte {
+                pt.set(va, Pte::present(pfn, pte.writable()));
+            }
+            drop(pt);
+            drop(guard);
+            Ok(())
+        })();
+        region.unlock_page(pfn);
+        region.put(pfn); // the fault's reference
+        restored
     }
 
     /// `make_device_exclusive(mm, addr, owner)`: a device takes the anonymous page at
     /// `va` for atomic access. The page is write-faulted in (COW broken), the range is
     /// invalidated with `Exclusive` carrying `owner` (the caller's own notifier skips
     /// it), and the entry becomes a device-exclusive entry: any CPU access — or GUP —
-    /// then revokes the device's access first. Returns the page. EOPNOTSUPP for memory
-    /// that is not private anonymous; the fault's errors otherwise.
-    pub fn make_device_exclusive(&self, va: VirtAddr, owner: u64) -> Result<Pfn, MmError> {
+    /// then revokes the device's access first. Returns the page locked and referenced:
+    /// the device maps it, then drops the [`ExclusivePage`]; a CPU access waits for
+    /// that before revoking. EOPNOTSUPP for memory that is not private anonymous; the
+    /// fault's errors otherwise.
+    pub fn make_device_exclusive(
+        &self,
+        va: VirtAddr,
+        owner: u64,
+    ) -> Result<ExclusivePage, MmError> {
         let op = "make_device_exclusive";
         let va = VirtAddr(va.0 & !(PAGE_SIZE - 1));
         let vmas = self.mmap_read();
@@ -333,14 +384,22 @@ impl Mm {
             }
             let end = VirtAddr(va.0 + PAGE_SIZE);
             let guard = self.invalidate_owned(op, va, end, NotifyEvent::Exclusive, Some(owner))?;
+            let region = self.region(pfn);
             let mut pt = self.pt.lock();
             let cur = pt.get(va);
-            // Re-walk: still this page, present and writable, else fault again.
+            // Re-walk: still this page, present and writable, else fault again. The
+            // page comes back locked and referenced, as the kernel returns the folio.
             if cur.is_present() && cur.writable() && cur.pfn() == Some(pfn) {
-                pt.set(va, Pte::exclusive(pfn, true));
+                if region.trylock_page(pfn) {
+                    region.get(pfn);
+                    pt.set(va, Pte::exclusive(pfn, true));
+                    drop(pt);
+                    drop(guard);
+                    return Ok(ExclusivePage { region, pfn });
+                }
                 drop(pt);
                 drop(guard);
-                return Ok(pfn);
+                region.wait_page_unlocked(pfn);
             }
         }
     }

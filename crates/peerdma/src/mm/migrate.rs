@@ -266,6 +266,14 @@ impl Mm {
         let mut m = self.migrate_vma_setup_locked(vmas, va, end, select, None)?;
         let src = m.src()[0];
         let Some(old) = src.pfn else {
+            drop(m);
+            if self.pt_lock().get(va).is_device_exclusive() {
+                return Err(MmError::Busy {
+                    op,
+                    addr: va,
+                    why: "a device holds the page for atomics",
+                });
+            }
             return Err(MmError::Fault {
                 op,
                 addr: va,
