@@ -14,7 +14,7 @@ use peerdma::dma::{Direction, MapKind};
 use peerdma::errno::Errno;
 use peerdma::gup::{get_user_dma_sg, UserSg};
 use peerdma::mem::{PageMapOps, PeerReach, RegionKind};
-use peerdma::mm::{DeviceFault, MmError, Prot};
+use peerdma::mm::{set_migrate_to_ram, DeviceFault, MigrateToRam, MmError, Prot};
 use peerdma::sync::{lock, Arc, Mutex};
 
 const OWNER: u64 = 0x6770;
@@ -37,6 +37,12 @@ impl PageMapOps for Driver {
         lock(&self.freed).push(pfn);
     }
 
+    fn peer_reach(&self) -> Option<PeerReach> {
+        self.reach
+    }
+}
+
+impl MigrateToRam for Driver {
     fn migrate_to_ram(&self, fault: &DeviceFault<'_>) -> Result<(), MmError> {
         let n = self.calls.fetch_add(1, Ordering::SeqCst);
         // The page-table lock is not held: looking at the entry takes it.
@@ -70,10 +76,6 @@ impl PageMapOps for Driver {
         m.finalize();
         Ok(())
     }
-
-    fn peer_reach(&self) -> Option<PeerReach> {
-        self.reach
-    }
 }
 
 /// A host with a device-private region driven by `driver`, and a process whose page
@@ -92,7 +94,8 @@ fn on_device(
         .phys()
         .memremap_pages(RegionKind::DevicePrivate { owner: OWNER }, 1 << 20)
         .unwrap();
-    assert!(dev.set_page_map_ops(driver));
+    assert!(dev.set_page_map_ops(driver.clone()));
+    assert!(set_migrate_to_ram(&dev, driver));
     let p = h.spawn();
     let a = p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
     p.write(a, data).unwrap();

@@ -310,7 +310,7 @@ struct Owner {
     calls: Mutex<usize>,
 }
 
-impl peerdma::mem::PageMapOps for Owner {
+impl peerdma::mm::MigrateToRam for Owner {
     fn migrate_to_ram(
         &self,
         fault: &peerdma::mm::DeviceFault<'_>,
@@ -341,7 +341,7 @@ fn two_cpu_faults_through_the_owners_migrate_to_ram_both_see_the_data() {
             let owner = Arc::new(Owner {
                 calls: Mutex::new(0),
             });
-            assert!(dev.set_page_map_ops(owner.clone()));
+            assert!(peerdma::mm::set_migrate_to_ram(&dev, owner.clone()));
             mm.migrate_page(a, &dev).unwrap();
             let readers: Vec<_> = (0..2)
                 .map(|_| {

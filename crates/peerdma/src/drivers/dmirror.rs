@@ -17,8 +17,8 @@ use std::collections::BTreeMap;
 use crate::addr::{Pfn, VirtAddr, PAGE_SIZE};
 use crate::errno::Errno;
 use crate::hmm::{hmm_range_fault, HmmPfn, HmmRange};
-use crate::mem::{MemError, PageMapOps, PhysMem, Region, RegionKind};
-use crate::mm::{DeviceFault, Mm, MmError, Select};
+use crate::mem::{MemError, PhysMem, Region, RegionKind};
+use crate::mm::{set_migrate_to_ram, DeviceFault, MigrateToRam, Mm, MmError, Select};
 use crate::notifier::{
     IntervalNotifier, IntervalNotifierOps, NotifyEvent, NotifyRange, Subscription,
 };
@@ -105,7 +105,7 @@ pub struct Counts {
 ///
 /// # Invariants
 /// Every chunk is a device page map of `memory`'s kind owned by `owner`, with this
-/// device's [`PageMapOps`].
+/// device's `migrate_to_ram`.
 pub struct DmirrorDevice {
     phys: Arc<PhysMem>,
     memory: DmirrorMemory,
@@ -128,10 +128,10 @@ impl std::fmt::Debug for DmirrorDevice {
     }
 }
 
-/// The device's page-map ops: the CPU fault on one of its device-private pages.
+/// The device's `migrate_to_ram`: the CPU fault on one of its device-private pages.
 struct DevmemOps(Weak<DmirrorDevice>);
 
-impl PageMapOps for DevmemOps {
+impl MigrateToRam for DevmemOps {
     /// `dmirror_devmem_fault`: migrate the faulting page to system RAM from the fault,
     /// dropping the mirrors' entries for it.
     fn migrate_to_ram(&self, fault: &DeviceFault<'_>) -> Result<(), MmError> {
@@ -231,7 +231,7 @@ impl DmirrorDevice {
             DmirrorMemory::Coherent => RegionKind::DeviceCoherent { owner: self.owner },
         };
         let chunk = self.phys.memremap_pages(kind, self.chunk_bytes).ok()?;
-        chunk.set_page_map_ops(Arc::new(DevmemOps(Arc::downgrade(self))));
+        set_migrate_to_ram(&chunk, Arc::new(DevmemOps(Arc::downgrade(self))));
         let p = chunk.alloc().ok()?;
         chunks.push(chunk.clone());
         Some((chunk, p))
@@ -331,6 +331,15 @@ impl Dmirror {
     /// The device.
     pub fn device(&self) -> &Arc<DmirrorDevice> {
         &self.mirror.device
+    }
+
+    /// The frame the device page table maps at `va`, when it maps one.
+    pub fn mirrored(&self, va: VirtAddr) -> Option<Pfn> {
+        self.mirror
+            .pt
+            .lock()
+            .get(&(va.0 & !(PAGE_SIZE - 1)))
+            .map(|e| e.pfn)
     }
 
     /// Entries in the device page table.

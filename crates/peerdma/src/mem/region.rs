@@ -113,23 +113,14 @@ pub struct PeerReach {
     pub bus_offset: u64,
 }
 
-/// What the owner of a device page map supplies (the kernel's `dev_pagemap_ops`).
-/// Every method has a default, so an owner implements only what it does.
+/// What the owner of a device page map supplies (the kernel's `dev_pagemap_ops`) that
+/// this layer calls. Every method has a default, so an owner implements only what it
+/// does. The op the fault path calls, `migrate_to_ram`, belongs to the address-space
+/// layer above (`mm::MigrateToRam`, registered with `mm::set_migrate_to_ram`).
 pub trait PageMapOps: Send + Sync {
     /// A frame of the map lost its last reference and went back to the region's free
     /// frames (`page_free` / `folio_free`). Called with no lock held.
     fn page_free(&self, _pfn: Pfn) {}
-    /// A CPU access (or a fault for a device of another owner) met a device-private
-    /// page of this map (`migrate_to_ram`): move it to system RAM, normally with
-    /// [`DeviceFault::migrate_vma`](crate::mm::DeviceFault::migrate_vma) and the
-    /// owner's copy engine. Called with the address-space lock held shared and no
-    /// page-table lock. The fault is retried afterwards, so returning `Ok` without
-    /// moving the page (someone else moved it, or it is busy) is fine; an error
-    /// fails the access (`VM_FAULT_SIGBUS`). The default copies the page with the
-    /// CPU ([`DeviceFault::copy_to_ram`](crate::mm::DeviceFault::copy_to_ram)).
-    fn migrate_to_ram(&self, fault: &crate::mm::DeviceFault<'_>) -> Result<(), crate::mm::MmError> {
-        fault.copy_to_ram()
-    }
     /// Where peers reach this memory on the bus, when a BAR exposes it (device
     /// memory the CPU and peers both address, like VRAM behind a resizable BAR);
     /// `None` keeps it reachable only through the IOMMU or not at all. A p2p region
@@ -175,6 +166,8 @@ pub struct Region {
     unlocked: WaitQueue,
     /// The owner's ops, for a device page map that has them.
     ops: OnceLock<Arc<dyn PageMapOps>>,
+    /// What a layer above keeps for this page map (mm's fault handler); opaque here.
+    upper: OnceLock<Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 impl fmt::Debug for Region {
@@ -215,6 +208,7 @@ impl Region {
             free_waiters: AtomicU32::new(0),
             unlocked: WaitQueue::new(),
             ops: OnceLock::new(),
+            upper: OnceLock::new(),
         })
     }
 
@@ -394,6 +388,16 @@ impl Region {
     /// false) for system RAM or when ops are set already.
     pub fn set_page_map_ops(&self, ops: Arc<dyn PageMapOps>) -> bool {
         self.kind.is_device() && self.ops.set(ops).is_ok()
+    }
+
+    /// Keeps `data` for a layer above (once; refused for system RAM or when set).
+    pub fn set_upper(&self, data: Arc<dyn std::any::Any + Send + Sync>) -> bool {
+        self.kind.is_device() && self.upper.set(data).is_ok()
+    }
+
+    /// What a layer above keeps for this page map.
+    pub fn upper(&self) -> Option<&Arc<dyn std::any::Any + Send + Sync>> {
+        self.upper.get()
     }
 
     /// The owner's ops, when set.

@@ -17,7 +17,7 @@ use crate::mm::space::Mm;
 use crate::mm::vma::{VmaKind, Vmas};
 use crate::mm::MmError;
 use crate::notifier::NotifyEvent;
-use crate::sync::Arc;
+use crate::sync::{Arc, Held, RwLockReadGuard};
 
 /// What the caller needs of a page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,16 +50,35 @@ enum Fix {
     MarkExclusive(Pfn),
 }
 
+/// What the owner of a device-private page map does when a CPU access (or a fault for
+/// a device of another owner) meets one of its pages (`dev_pagemap_ops.migrate_to_ram`).
+pub trait MigrateToRam: Send + Sync {
+    /// Move the faulting page to system RAM, normally with
+    /// [`DeviceFault::migrate_vma`] and the owner's copy engine. Called with the
+    /// address-space lock held shared and no page-table lock. The fault is retried
+    /// afterwards, so returning `Ok` without moving the page (someone else moved it, or
+    /// it is busy) is fine; an error fails the access (`VM_FAULT_SIGBUS`).
+    fn migrate_to_ram(&self, fault: &DeviceFault<'_>) -> Result<(), MmError>;
+}
+
+/// The handler kept in a region for the fault path ([`set_migrate_to_ram`]).
+struct FaultHandler(Arc<dyn MigrateToRam>);
+
+/// Gives a device page map its owner's `migrate_to_ram`; once, at set-up. Refused
+/// (false) for system RAM or when one is set already. Without one, a fault copies the
+/// page with the CPU ([`DeviceFault::copy_to_ram`]).
+pub fn set_migrate_to_ram(region: &Region, ops: Arc<dyn MigrateToRam>) -> bool {
+    region.set_upper(Arc::new(FaultHandler(ops)))
+}
+
 /// A CPU fault (or a fault on behalf of a device of another owner) on a device-private
-/// page, as its page map's owner gets it in [`PageMapOps::migrate_to_ram`]
+/// page, as its page map's owner gets it in [`MigrateToRam::migrate_to_ram`]
 /// (the kernel's `struct vm_fault`). The address-space lock is held shared for the
 /// fault's whole life; no page-table lock is.
 ///
 /// # Invariants
 /// `pte` was the entry at `va` when the fault decided to call the owner; it names a
 /// frame of `region`.
-///
-/// [`PageMapOps::migrate_to_ram`]: crate::mem::PageMapOps::migrate_to_ram
 pub struct DeviceFault<'a> {
     mm: &'a Mm,
     vmas: &'a Vmas,
@@ -159,25 +178,37 @@ impl<'a> DeviceFault<'a> {
 }
 
 /// A page a device was just given for atomics ([`Mm::make_device_exclusive`]), locked
-/// and referenced until dropped, as the kernel returns the folio: the device maps it
-/// while this lives, and a CPU access that revokes it waits for the drop.
+/// and referenced until dropped, as the kernel returns the folio, with the
+/// address-space lock held shared as the kernel's caller holds it: the device maps it
+/// while this lives; a CPU access that revokes it, and munmap and fork, wait for the
+/// drop.
 ///
 /// # Invariants
 /// Holds the page lock and one reference on `pfn` of `region`.
-#[derive(Debug)]
-pub struct ExclusivePage {
+pub struct ExclusivePage<'m> {
+    /// The address-space lock, held shared until the device has mapped the page, as
+    /// the kernel's caller holds it: munmap and fork wait for the mapping.
+    _held: Held<RwLockReadGuard<'m, Vmas>>,
     region: Arc<Region>,
     pfn: Pfn,
 }
 
-impl ExclusivePage {
+impl std::fmt::Debug for ExclusivePage<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExclusivePage")
+            .field("pfn", &self.pfn)
+            .finish()
+    }
+}
+
+impl ExclusivePage<'_> {
     /// The page.
     pub fn pfn(&self) -> Pfn {
         self.pfn
     }
 }
 
-impl Drop for ExclusivePage {
+impl Drop for ExclusivePage<'_> {
     fn drop(&mut self) {
         self.region.unlock_page(self.pfn);
         self.region.put(self.pfn);
@@ -311,8 +342,12 @@ impl Mm {
                     // The owner's migrate_to_ram, with no page-table lock held; the
                     // fault then looks at the entry again.
                     crate::sync::might_sleep("a page map's migrate_to_ram");
-                    match fault.region.page_map_ops() {
-                        Some(ops) => ops.migrate_to_ram(&fault)?,
+                    let handler = fault.region.upper().cloned();
+                    match handler
+                        .as_deref()
+                        .and_then(|u| u.downcast_ref::<FaultHandler>())
+                    {
+                        Some(h) => h.0.migrate_to_ram(&fault)?,
                         None => fault.copy_to_ram()?,
                     }
                 }
@@ -369,7 +404,7 @@ impl Mm {
         &self,
         va: VirtAddr,
         owner: u64,
-    ) -> Result<ExclusivePage, MmError> {
+    ) -> Result<ExclusivePage<'_>, MmError> {
         let op = "make_device_exclusive";
         let va = VirtAddr(va.0 & !(PAGE_SIZE - 1));
         let vmas = self.mmap_read();
@@ -395,7 +430,11 @@ impl Mm {
                     pt.set(va, Pte::exclusive(pfn, true));
                     drop(pt);
                     drop(guard);
-                    return Ok(ExclusivePage { region, pfn });
+                    return Ok(ExclusivePage {
+                        _held: vmas,
+                        region,
+                        pfn,
+                    });
                 }
                 drop(pt);
                 drop(guard);

@@ -81,6 +81,8 @@ struct Entry {
     dst: Option<(Arc<Region>, Pfn)>,
     /// Left out because another migration holds the page.
     busy: bool,
+    /// An empty entry whose destination `pages` already installed.
+    inserted: bool,
 }
 
 /// A range under migration (`struct migrate_vma`). Holds the address-space lock
@@ -207,6 +209,7 @@ impl Mm {
                     region: None,
                     dst: None,
                     busy: false,
+                    inserted: false,
                 };
                 if pte.is_empty() {
                     e.src.migrate = anon && select.contains(Select::SYSTEM);
@@ -379,7 +382,8 @@ impl MigrateVma<'_> {
     /// destination, and a source page must still be referenced only by its entry and
     /// the migration (references can only have dropped since setup).
     pub fn pages(&mut self) {
-        for e in &mut self.entries {
+        let mut pt = None;
+        for (i, e) in self.entries.iter_mut().enumerate() {
             if !e.src.migrate {
                 continue;
             }
@@ -390,6 +394,29 @@ impl MigrateVma<'_> {
             if let (Some(p), Some(r)) = (e.src.pfn, &e.region) {
                 let m = r.meta(p);
                 if m.pincount() > 0 || m.refcount() != 2 {
+                    e.src.migrate = false;
+                }
+            } else if e.src.pfn.is_none() {
+                // An empty entry (`migrate_vma_insert_page`): nothing locks it, so a
+                // fault may fill it any time. The destination goes in now, under the
+                // page-table lock, or the page does not migrate: once this returns,
+                // `migrate` tells the caller the truth, as it maps what moved.
+                let pt = pt.get_or_insert_with(|| self.mm.pt_lock());
+                let va = VirtAddr(self.start.0 + i as u64 * PAGE_SIZE);
+                let Some((r, p)) = e.dst.as_ref() else {
+                    unreachable!("checked above")
+                };
+                if pt.get(va).is_empty() {
+                    r.meta(*p).set(flags::ANON_EXCLUSIVE);
+                    let entry = if r.kind().is_device_private() {
+                        Pte::device(*p, self.writable)
+                    } else {
+                        Pte::present(*p, self.writable)
+                    };
+                    pt.set(va, entry);
+                    e.inserted = true;
+                    e.dst = None; // the entry owns its reference now
+                } else {
                     e.src.migrate = false;
                 }
             }
@@ -441,8 +468,9 @@ impl MigrateVma<'_> {
                         puts.push((src, old));
                     }
                 }
-                (None, _) if e.src.migrate => {
-                    // An empty entry: the destination goes in unless a fault filled it.
+                (None, _) if e.src.migrate && !e.inserted => {
+                    // An empty entry `pages` was not called for: the destination goes
+                    // in unless a fault filled it.
                     if let Some((r, p)) = e.dst.take() {
                         if pt.get(va).is_empty() {
                             pt.set(va, new_entry(&r, p, vma_writable));

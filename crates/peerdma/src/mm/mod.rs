@@ -28,7 +28,7 @@ mod space;
 pub mod vma;
 mod walk;
 
-pub use fault::{Access, DeviceFault, ExclusivePage};
+pub use fault::{set_migrate_to_ram, Access, DeviceFault, ExclusivePage, MigrateToRam};
 pub use migrate::{MigrateSrc, MigrateVma, Select};
 pub use page_table::PageTable;
 pub use pte::Pte;
