@@ -865,12 +865,10 @@ impl<'w> Worker<'w> {
     }
 }
 
-/// Whether the HMM test device's operations join the mix (`PEERDMA_SOAK_HMM=1`). Off
-/// by default: with them the soak still finds, rarely, the device reading a stale page
-/// through its mirror when the soak's any-owner migration moves the device's private
-/// page under it (see docs/hmm.md).
+/// Whether the HMM test device's operations join the mix: yes unless
+/// `PEERDMA_SOAK_HMM=0` (to tell a failure of the rest apart).
 fn hmm_ops() -> bool {
-    std::env::var_os("PEERDMA_SOAK_HMM").is_some_and(|v| v == "1")
+    std::env::var_os("PEERDMA_SOAK_HMM").is_none_or(|v| v != "0")
 }
 
 fn pick(rng: &mut ChaCha8Rng) -> Op {

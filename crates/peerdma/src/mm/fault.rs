@@ -64,6 +64,13 @@ pub trait MigrateToRam: Send + Sync {
 /// The handler kept in a region for the fault path ([`set_migrate_to_ram`]).
 struct FaultHandler(Arc<dyn MigrateToRam>);
 
+/// Whether the page map's owner has a `migrate_to_ram`.
+pub(crate) fn has_owner_ops(region: &Region) -> bool {
+    region
+        .upper()
+        .is_some_and(|u| u.downcast_ref::<FaultHandler>().is_some())
+}
+
 /// Gives a device page map its owner's `migrate_to_ram`; once, at set-up. Refused
 /// (false) for system RAM or when one is set already. Without one, a fault copies the
 /// page with the CPU ([`DeviceFault::copy_to_ram`]).
@@ -148,7 +155,9 @@ impl<'a> DeviceFault<'a> {
     pub fn copy_to_ram(&self) -> Result<(), MmError> {
         let (mm, va, op) = (self.mm, self.va, self.op);
         let ram = mm.phys.ram();
-        match mm.migrate_one(self.vmas, va, ram, Select::DEVICE_PRIVATE, op) {
+        // As the page's owner: its pages are selected even when it has ops.
+        let owner = self.region.kind().owner();
+        match mm.migrate_one(self.vmas, va, ram, Select::DEVICE_PRIVATE, owner, op) {
             // Moved, or raced: the fault looks again either way.
             Ok(_) | Err(MmError::Fault { .. }) => return Ok(()),
             Err(MmError::Busy { .. }) => {} // shared after fork: copied out below
@@ -578,13 +587,14 @@ impl Mm {
         op: &'static str,
     ) -> Result<(), MmError> {
         let sel = Select::DEVICE_COHERENT | Select::DEVICE_PRIVATE;
-        self.migrate_one(vmas, va, self.phys.ram(), sel, op)?;
+        self.migrate_one(vmas, va, self.phys.ram(), sel, None, op)?;
         Ok(())
     }
 
     /// Migrates the anonymous page at `va` to a fresh frame of `target` (system RAM, a
     /// device-coherent region, or a device-private one, after which the CPU faults it
-    /// back on access). Returns the new frame. EBUSY while the page is pinned or
+    /// back on access). A device-private page whose owner has a `migrate_to_ram` comes
+    /// to RAM through it first (only an owner moves its device-private pages). Returns the new frame. EBUSY while the page is pinned or
     /// referenced by anything but its entry (shared after fork, held by
     /// `get_user_pages`); EINVAL for non-anonymous mappings; EFAULT when nothing is
     /// mapped there. A migration of the same page in progress is waited for, and then
@@ -617,7 +627,18 @@ impl Mm {
         }
         let all = Select::SYSTEM | Select::DEVICE_PRIVATE | Select::DEVICE_COHERENT;
         loop {
-            match self.migrate_one(&vmas, va, target, all, op)? {
+            // A device-private page whose owner manages it (it has a migrate_to_ram)
+            // moves only through that owner, as in the kernel: bring it to RAM the way
+            // a CPU access does — the owner updates its own page table — then move it.
+            let pte = self.pt_lock().get(va);
+            if pte.is_device_private() {
+                let pfn = pte.pfn().unwrap_or_else(|| unreachable!("a device entry"));
+                if has_owner_ops(&self.region(pfn)) {
+                    self.with_page(&vmas, va, Access::Read, op, |_, _| ())?;
+                    continue;
+                }
+            }
+            match self.migrate_one(&vmas, va, target, all, None, op)? {
                 OnePage::Moved(new) => return Ok(new),
                 OnePage::Again => continue,
                 OnePage::Skipped => {

@@ -225,7 +225,14 @@ impl Mm {
                 let pfn = pte.pfn().unwrap_or_else(|| unreachable!("non-empty entry"));
                 let region = self.region(pfn);
                 let kind = region.kind();
-                let owned = owner.is_none() || kind.owner() == owner;
+                // "Any owner" (peerdma's, for its own one-page helpers) still leaves
+                // alone the device-private pages of an owner with a migrate_to_ram:
+                // only that owner moves them, as in the kernel, so it can keep its
+                // own page table right.
+                let owned = match owner {
+                    Some(_) => kind.owner() == owner,
+                    None => !(kind.is_device_private() && crate::mm::fault::has_owner_ops(&region)),
+                };
                 e.busy = pte.is_migration();
                 let selected =
                     anon && !e.busy && select.selects(kind) && (!kind.is_device() || owned);
@@ -257,16 +264,18 @@ impl Mm {
     /// migration of the page in progress (the caller looks again); `Skipped` when the
     /// page is of a kind `select` leaves alone (moved already). EBUSY when the page is
     /// pinned or referenced by anything but its entry; EFAULT when nothing is there.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn migrate_one(
         &self,
         vmas: &Vmas,
         va: VirtAddr,
         target: &Arc<Region>,
         select: Select,
+        owner: Option<u64>,
         op: &'static str,
     ) -> Result<OnePage, MmError> {
         let end = VirtAddr(va.0 + PAGE_SIZE);
-        let mut m = self.migrate_vma_setup_locked(vmas, va, end, select, None)?;
+        let mut m = self.migrate_vma_setup_locked(vmas, va, end, select, owner)?;
         let src = m.src()[0];
         let Some(old) = src.pfn else {
             drop(m);
