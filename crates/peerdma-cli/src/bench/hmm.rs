@@ -130,9 +130,6 @@ pub fn run(bytes: u64, runs: usize) -> Result<HmmFigures> {
             }
         }
         mig.push(migrate_round_trip(&mm, a, bytes, &dev)?);
-        if std::env::var_os("PEERDMA_BENCH_VERBOSE").is_some() {
-            eprintln!("migrate run: {:?}", mig.last());
-        }
         cpy.push(memcpy_twice(&src, &mut mid, &mut dst));
     }
     mm.exit();
