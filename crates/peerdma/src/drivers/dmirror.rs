@@ -805,6 +805,7 @@ impl Dmirror {
                     prot::DEV_COHERENT_REMOTE
                 }
             }
+            _ if crate::mem::is_zero_pfn(pfn) => prot::ZERO,
             _ => 0,
         };
         base | if f.contains(HmmPfn::WRITE) {

@@ -159,10 +159,14 @@ fn walk(
     op: &'static str,
 ) -> (PageRuns, Option<GupError>) {
     let start = VirtAddr(start.0 & !(PAGE_SIZE - 1));
+    // gup_must_unshare(): a read-only pin needs an exclusive anonymous page; a
+    // long-term one also copies the zero page and file pages of a private mapping.
     let access = if gup.contains(FollFlags::WRITE) {
         Access::Write
-    } else if hold == Hold::Pin {
+    } else if hold == Hold::Pin && gup.contains(FollFlags::LONGTERM) {
         Access::Unshare
+    } else if hold == Hold::Pin {
+        Access::Pin
     } else {
         Access::Read
     };

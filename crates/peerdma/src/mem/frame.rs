@@ -30,8 +30,12 @@ pub mod flags {
     pub const DIRTY: u32 = 1 << 2;
     /// Locked for migration.
     pub const LOCKED: u32 = 1 << 3;
-    /// Held by the machine itself, never freed (`PageReserved`: frame 0 of RAM).
+    /// Held by the machine itself, never freed (`PageReserved`: frame 0 of RAM, and
+    /// the shared zero page).
     pub const RESERVED: u32 = 1 << 4;
+    /// A page of a shared object or file (the page cache's): never anonymous, so a
+    /// private mapping copies it before writing and migration leaves it alone.
+    pub const PAGECACHE: u32 = 1 << 5;
 }
 
 /// The metadata of one frame.
@@ -76,6 +80,10 @@ impl FrameMeta {
     /// Whether all of `bits` are set.
     pub fn test(&self, bits: u32) -> bool {
         self.flags() & bits == bits
+    }
+    /// Whether any of `bits` is set.
+    pub fn test_any(&self, bits: u32) -> bool {
+        self.flags() & bits != 0
     }
     /// Sets `bits`.
     pub fn set(&self, bits: u32) {

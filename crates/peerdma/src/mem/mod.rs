@@ -14,7 +14,7 @@ pub mod phys;
 pub mod region;
 
 pub use frame::{flags, FrameMeta};
-pub use phys::PhysMem;
+pub use phys::{is_zero_pfn, PhysMem, ZERO_PFN};
 pub use region::{FrameUsage, PageMapOps, PeerReach, Region, RegionId, RegionKind};
 
 use crate::addr::Pfn;

@@ -31,6 +31,16 @@ impl std::fmt::Debug for PhysMem {
     }
 }
 
+/// The shared zero page (`ZERO_PAGE(0)`): a reserved RAM frame that is never written.
+/// A read fault on never-touched private anonymous memory maps it read-only; the first
+/// write replaces it with a page of the address space's own.
+pub const ZERO_PFN: Pfn = Pfn(1);
+
+/// Whether `pfn` is the shared zero page (`is_zero_pfn`).
+pub fn is_zero_pfn(pfn: Pfn) -> bool {
+    pfn == ZERO_PFN
+}
+
 impl PhysMem {
     /// A host with `ram_bytes` of system RAM (rounded up to whole pages).
     pub fn new(ram_bytes: u64) -> Result<Arc<Self>, MemError> {
@@ -38,13 +48,15 @@ impl PhysMem {
             RegionId(0),
             RegionKind::SystemRam,
             Pfn(0),
-            ram_bytes.div_ceil(PAGE_SIZE).max(2),
+            ram_bytes.div_ceil(PAGE_SIZE).max(3),
         )?);
         // Frame 0 stays reserved, as page 0 is on x86 (the firmware's): no DMA or
-        // physical address handed out is ever zero.
-        let reserved = ram.alloc()?;
-        debug_assert_eq!(reserved, Pfn(0));
-        ram.meta(reserved).set(crate::mem::flags::RESERVED);
+        // physical address handed out is ever zero. Frame 1 is the shared zero page.
+        for want in [Pfn(0), ZERO_PFN] {
+            let reserved = ram.alloc()?;
+            debug_assert_eq!(reserved, want);
+            ram.meta(reserved).set(crate::mem::flags::RESERVED);
+        }
         Ok(Arc::new(PhysMem {
             regions: OrderedRwLock::new(&order::PHYS_REGIONS, vec![ram.clone()]),
             ram,

@@ -251,13 +251,15 @@ impl Region {
         pfn.0 - self.base.0
     }
 
-    /// How the region's frames are held now: allocated (some reference; reserved
-    /// frames not counted), DMA-pinned, page-locked. Walks the metadata of every frame that was ever allocated; for leak
+    /// How the region's frames are held now: allocated (some reference; a reserved
+    /// frame — the zero page — only while it is pinned or locked), DMA-pinned,
+    /// page-locked. Walks the metadata of every frame that was ever allocated; for leak
     /// reports, not hot paths.
     pub fn usage(&self) -> FrameUsage {
         let mut u = FrameUsage::default();
         for (_, m) in self.meta.present() {
-            if m.refcount() > 0 && !m.test(flags::RESERVED) {
+            let held = !m.test(flags::RESERVED) || m.pincount() > 0 || m.test(flags::LOCKED);
+            if m.refcount() > 0 && held {
                 u.allocated += 1;
                 u.pinned += u64::from(m.pincount() > 0);
                 u.locked += u64::from(m.test(flags::LOCKED));

@@ -26,9 +26,25 @@ pub enum Access {
     Read,
     /// Write it (breaks copy-on-write).
     Write,
-    /// Read it, holding it stably: a read-only pin. An anonymous page must be exclusive
-    /// to this address space first (the kernel's `FAULT_FLAG_UNSHARE`).
+    /// Read it, holding it stably: a long-term read-only pin. In a private mapping the
+    /// page must be an anonymous page exclusive to this address space first: a shared
+    /// anonymous page is made exclusive or copied, and the zero page or a file's page is
+    /// copied (the kernel's `FAULT_FLAG_UNSHARE`, as `gup_must_unshare` asks for
+    /// `FOLL_LONGTERM`).
     Unshare,
+    /// Read it for a short-term read-only pin: an anonymous page must be exclusive as
+    /// for [`Access::Unshare`], but the zero page and a file's page are pinned where
+    /// they are (`gup_must_unshare` without `FOLL_LONGTERM`). An empty entry is read
+    /// faulted, so an untouched anonymous page pins the zero page.
+    Pin,
+}
+
+impl Access {
+    /// Whether a fault for it fills an empty entry as a read does (the zero page, a
+    /// file's page) rather than with a page of this address space's own.
+    fn reads(self) -> bool {
+        matches!(self, Access::Read | Access::Pin)
+    }
 }
 
 enum Fix {
@@ -287,28 +303,33 @@ impl Mm {
                     Fix::RestoreExclusive(pte)
                 } else {
                     let pfn = pte.pfn().unwrap_or_else(|| unreachable!("present PTE"));
-                    match (access, vma.is_anon()) {
-                        (Access::Write, _) if pte.writable() => {
+                    let private = vma.is_private();
+                    // In a private mapping, the zero page and a file's pages are not
+                    // anonymous: they are copied, never written or made exclusive.
+                    let anon = private && self.is_anon_page(pfn);
+                    match access {
+                        Access::Write if pte.writable() => {
                             return Ok(f
                                 .take()
                                 .map(|f| f(&mut pt, pfn))
                                 .unwrap_or_else(|| unreachable!()));
                         }
-                        (Access::Write, false) => Fix::MakeWritable,
-                        (Access::Write, true) => {
-                            if self.reusable(pfn) {
+                        Access::Write if !private => Fix::MakeWritable,
+                        Access::Write => {
+                            if anon && self.reusable(pfn) {
                                 Fix::MakeWritable
                             } else {
                                 self.copy_fix(pfn, true)
                             }
                         }
-                        (Access::Unshare, true) if !self.is_exclusive(pfn) => {
+                        Access::Unshare | Access::Pin if anon && !self.is_exclusive(pfn) => {
                             if self.reusable(pfn) {
                                 Fix::MarkExclusive(pfn)
                             } else {
                                 self.copy_fix(pfn, pte.writable())
                             }
                         }
+                        Access::Unshare if private && !anon => self.copy_fix(pfn, false),
                         _ => {
                             return Ok(f
                                 .take()
@@ -319,7 +340,7 @@ impl Mm {
                 };
                 match fix {
                     Fix::MakeWritable => {
-                        if vma.is_anon() {
+                        if vma.is_private() {
                             self.region(pte.pfn().unwrap_or_else(|| unreachable!()))
                                 .meta(pte.pfn().unwrap_or_else(|| unreachable!()))
                                 .set(flags::ANON_EXCLUSIVE);
@@ -335,7 +356,7 @@ impl Mm {
                 }
             };
             match fix {
-                Fix::Populate => self.populate(vma, va, op)?,
+                Fix::Populate => self.populate(vma, va, access, op)?,
                 Fix::Wait(region, pfn) => region.wait_page_unlocked(pfn),
                 Fix::FromDevice(pte) => {
                     let pfn = pte.pfn().unwrap_or_else(|| unreachable!("a device entry"));
@@ -464,6 +485,15 @@ impl Mm {
         }
     }
 
+    /// Whether `pfn`, mapped in a private mapping, is an anonymous page: not the zero
+    /// page or any other reserved frame, and not an object's or file's page.
+    pub(crate) fn is_anon_page(&self, pfn: Pfn) -> bool {
+        !self
+            .region(pfn)
+            .meta(pfn)
+            .test_any(flags::RESERVED | flags::PAGECACHE)
+    }
+
     /// An anonymous page may be reused for writing when it is exclusive, or when this
     /// mapping holds its only reference (so no pin and no other address space).
     fn reusable(&self, pfn: Pfn) -> bool {
@@ -472,34 +502,59 @@ impl Mm {
         meta.test(flags::ANON_EXCLUSIVE) || meta.refcount() == 1
     }
 
-    /// Fills an empty entry: a fresh zeroed page for anonymous memory, the object's page
-    /// for a shared mapping.
+    /// Fills an empty entry (`do_anonymous_page`, `do_read_fault`, `do_cow_fault`,
+    /// `do_shared_fault`). Private anonymous memory: a read maps the shared zero page
+    /// read-only, anything else a fresh zeroed page of its own. A private file mapping:
+    /// a read maps the file's page read-only, anything else a private copy of it. A
+    /// shared mapping: the object's page, writable when the mapping is.
     fn populate(
         &self,
         vma: &crate::mm::Vma,
         va: VirtAddr,
+        access: Access,
         op: &'static str,
     ) -> Result<(), MmError> {
-        let (pfn, exclusive) = match &vma.kind {
+        let ram = self.phys.ram();
+        let object_page = || {
+            let (obj, idx) = vma
+                .object_page(va)
+                .unwrap_or_else(|| unreachable!("a mapping of an object"));
+            obj.page(idx)
+                .map_err(|e| MmError::nomem(op, va, e))?
+                .ok_or(MmError::Fault {
+                    op,
+                    addr: va,
+                    why: "beyond the end of the mapped object",
+                })
+        };
+        let writable = vma.prot.writable();
+        // The frame with a reference for the entry, whether it is a page of this
+        // address space's own, and whether the entry may be written.
+        let (pfn, exclusive, writable) = match &vma.kind {
+            VmaKind::Anon if access.reads() => {
+                ram.get(crate::mem::ZERO_PFN);
+                (crate::mem::ZERO_PFN, false, false)
+            }
             VmaKind::Anon => (
-                self.phys
-                    .ram()
-                    .alloc()
-                    .map_err(|e| MmError::nomem(op, va, e))?,
+                ram.alloc().map_err(|e| MmError::nomem(op, va, e))?,
                 true,
+                writable,
             ),
-            VmaKind::Shared { obj, pgoff } => {
-                let idx = pgoff + (va.0 - vma.start.0) / PAGE_SIZE;
-                let pfn = obj
-                    .page(idx)
-                    .map_err(|e| MmError::nomem(op, va, e))?
-                    .ok_or(MmError::Fault {
-                        op,
-                        addr: va,
-                        why: "beyond the end of the shared object",
-                    })?;
-                self.phys.ram().get(pfn);
-                (pfn, false)
+            VmaKind::PrivateFile { .. } if access.reads() => {
+                let pfn = object_page()?;
+                ram.get(pfn);
+                (pfn, false, false)
+            }
+            VmaKind::PrivateFile { .. } => {
+                let src = object_page()?;
+                let new = ram.alloc().map_err(|e| MmError::nomem(op, va, e))?;
+                ram.copy_frame(src, ram, new);
+                (new, true, writable && access == Access::Write)
+            }
+            VmaKind::Shared { .. } => {
+                let pfn = object_page()?;
+                ram.get(pfn);
+                (pfn, false, writable)
             }
             VmaKind::Pages { .. } => {
                 return Err(MmError::Fault {
@@ -515,9 +570,7 @@ impl Mm {
         }
         let mut pt = self.pt.lock();
         if pt.get(va).is_empty() {
-            // Anonymous pages are exclusive when new; shared ones need no COW: both
-            // map writable when the VMA allows it.
-            pt.set(va, Pte::present(pfn, vma.prot.writable()));
+            pt.set(va, Pte::present(pfn, writable));
         } else {
             drop(pt);
             region.put(pfn); // raced with another fault: theirs stands

@@ -1,5 +1,6 @@
-//! fork(): the child gets a copy of every VMA. Shared mappings share their pages.
-//! Private anonymous pages are shared copy-on-write, except a page that may be
+//! fork(): the child gets a copy of every VMA. Shared mappings share their pages, and
+//! private ones their zero page and file pages (read-only already). Private anonymous
+//! pages are shared copy-on-write, except a page that may be
 //! DMA-pinned, which the child gets a copy of right away so the parent's pinned page
 //! stays writable and coherent with DMA (`page_needs_cow_for_dma()`).
 
@@ -21,7 +22,7 @@ impl Mm {
         // Write-protecting the parent's anonymous entries is a protection change its
         // subscribers must hear of first.
         let mut guards = Vec::new();
-        for v in vmas.iter().filter(|v| v.is_anon()) {
+        for v in vmas.iter().filter(|v| v.is_private()) {
             guards.push(self.invalidate(op, v.start, v.end, NotifyEvent::ProtectionChange)?);
         }
         let has_pinned = self.has_pinned.load(crate::sync::atomic::Ordering::Acquire);
@@ -30,7 +31,7 @@ impl Mm {
         {
             let mut pt = self.pt.lock();
             for v in vmas.iter() {
-                let anon = matches!(v.kind, VmaKind::Anon);
+                let private = v.is_private();
                 let writable = v.prot.writable();
                 pt.walk_mut(v.start, v.end, |va, pte| {
                     let Some(pfn) = pte.pfn() else { return };
@@ -40,6 +41,12 @@ impl Mm {
                         *pte = Pte::present(pfn, pte.writable());
                     }
                     let region = self.region(pfn);
+                    // Shared mappings share their pages; so do private ones their
+                    // zero page and file pages, which are mapped read-only already.
+                    let anon = private
+                        && !region
+                            .meta(pfn)
+                            .test_any(flags::RESERVED | flags::PAGECACHE);
                     if !anon {
                         region.get(pfn);
                         child_entries.push((va, *pte));

@@ -194,7 +194,10 @@ impl Mm {
         if end.0 > vma.end.0 {
             return Err(bad("the range is not inside one mapping"));
         }
-        let (anon, writable) = (vma.is_anon(), vma.prot.writable());
+        // Empty entries (and the zero page) are filled only in anonymous memory
+        // (`migrate_vma_collect_hole`); present pages move in any private mapping, but
+        // only anonymous ones (a file's pages stay where they are).
+        let (anon, private, writable) = (vma.is_anon(), vma.is_private(), vma.prot.writable());
         let guard = self.invalidate_owned(op, start, end, NotifyEvent::Migrate, owner)?;
         let npages = ((end.0 - start.0) / PAGE_SIZE) as usize;
         let mut entries = Vec::with_capacity(npages);
@@ -211,7 +214,7 @@ impl Mm {
                     busy: false,
                     inserted: false,
                 };
-                if pte.is_empty() {
+                if pte.is_empty() || is_zero_pte(pte) {
                     e.src.migrate = anon && select.contains(Select::SYSTEM);
                     entries.push(e);
                     continue;
@@ -234,8 +237,14 @@ impl Mm {
                     None => !(kind.is_device_private() && crate::mm::fault::has_owner_ops(&region)),
                 };
                 e.busy = pte.is_migration();
-                let selected =
-                    anon && !e.busy && select.selects(kind) && (!kind.is_device() || owned);
+                let anon_page = !region
+                    .meta(pfn)
+                    .test_any(flags::RESERVED | flags::PAGECACHE);
+                let selected = private
+                    && anon_page
+                    && !e.busy
+                    && select.selects(kind)
+                    && (!kind.is_device() || owned);
                 e.src.pfn = Some(pfn);
                 e.src.write = pte.writable();
                 let m = region.meta(pfn);
@@ -279,7 +288,15 @@ impl Mm {
         let src = m.src()[0];
         let Some(old) = src.pfn else {
             drop(m);
-            if self.pt_lock().get(va).is_device_exclusive() {
+            let pte = self.pt_lock().get(va);
+            if is_zero_pte(pte) {
+                return Err(MmError::Fault {
+                    op,
+                    addr: va,
+                    why: "only the shared zero page is mapped there",
+                });
+            }
+            if pte.is_device_exclusive() {
                 return Err(MmError::Busy {
                     op,
                     addr: va,
@@ -325,6 +342,11 @@ impl Mm {
             OnePage::Again
         })
     }
+}
+
+/// Whether `pte` maps the shared zero page.
+fn is_zero_pte(pte: Pte) -> bool {
+    pte.is_present() && pte.pfn().is_some_and(crate::mem::is_zero_pfn)
 }
 
 /// Drops one reference per entry, a region's frames together (`put_many`).
@@ -392,6 +414,7 @@ impl MigrateVma<'_> {
     /// the migration (references can only have dropped since setup).
     pub fn pages(&mut self) {
         let mut pt = None;
+        let mut zero_puts = 0;
         for (i, e) in self.entries.iter_mut().enumerate() {
             if !e.src.migrate {
                 continue;
@@ -415,7 +438,9 @@ impl MigrateVma<'_> {
                 let Some((r, p)) = e.dst.as_ref() else {
                     unreachable!("checked above")
                 };
-                if pt.get(va).is_empty() {
+                // Empty, or still the zero page it was (`migrate_vma_insert_page`
+                // replaces that too).
+                if pt.get(va) == e.old {
                     r.meta(*p).set(flags::ANON_EXCLUSIVE);
                     let entry = if r.kind().is_device_private() {
                         Pte::device(*p, self.writable)
@@ -423,12 +448,17 @@ impl MigrateVma<'_> {
                         Pte::present(*p, self.writable)
                     };
                     pt.set(va, entry);
+                    zero_puts += usize::from(!e.old.is_empty());
                     e.inserted = true;
                     e.dst = None; // the entry owns its reference now
                 } else {
                     e.src.migrate = false;
                 }
             }
+        }
+        drop(pt);
+        for _ in 0..zero_puts {
+            self.mm.phys().ram().put(crate::mem::ZERO_PFN);
         }
     }
 
@@ -481,8 +511,11 @@ impl MigrateVma<'_> {
                     // An empty entry `pages` was not called for: the destination goes
                     // in unless a fault filled it.
                     if let Some((r, p)) = e.dst.take() {
-                        if pt.get(va).is_empty() {
+                        if pt.get(va) == e.old {
                             pt.set(va, new_entry(&r, p, vma_writable));
+                            if let Some(zero) = e.old.pfn() {
+                                puts.push((self.mm.phys().ram().clone(), zero));
+                            }
                         } else {
                             e.dst = Some((r, p));
                         }

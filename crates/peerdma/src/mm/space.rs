@@ -61,6 +61,20 @@ fn check_range(op: &'static str, addr: VirtAddr, len: u64) -> Result<VirtAddr, M
     Ok(VirtAddr(end))
 }
 
+/// EINVAL unless `len` bytes from page `pgoff` lie inside `obj`.
+fn check_object(op: &'static str, obj: &ShmObject, pgoff: u64, len: u64) -> Result<(), MmError> {
+    let pages = len.div_ceil(PAGE_SIZE);
+    if pgoff.checked_add(pages).is_none_or(|e| e > obj.pages()) {
+        return Err(MmError::Invalid {
+            op,
+            addr: VirtAddr(0),
+            len,
+            why: "the mapping runs past the end of the object",
+        });
+    }
+    Ok(())
+}
+
 impl Mm {
     /// An empty address space on `phys`.
     pub fn new(phys: &Arc<PhysMem>) -> Arc<Self> {
@@ -198,7 +212,8 @@ impl Mm {
         Ok(self.mmap_vma(len, prot, VmaKind::Anon)?.0)
     }
 
-    /// `mmap(NULL, len, prot, MAP_SHARED, memfd, pgoff * PAGE_SIZE)`.
+    /// `mmap(NULL, len, prot, MAP_SHARED, fd, pgoff * PAGE_SIZE)` of a memfd, shared
+    /// anonymous memory or a file: writes reach the object (and a file's `pread`).
     pub fn mmap_shared(
         &self,
         obj: &Arc<ShmObject>,
@@ -206,24 +221,24 @@ impl Mm {
         len: u64,
         prot: Prot,
     ) -> Result<VirtAddr, MmError> {
-        let pages = len.div_ceil(PAGE_SIZE);
-        if pgoff.checked_add(pages).is_none_or(|e| e > obj.pages()) {
-            return Err(MmError::Invalid {
-                op: "mmap",
-                addr: VirtAddr(0),
-                len,
-                why: "the mapping runs past the end of the object",
-            });
-        }
+        check_object("mmap", obj, pgoff, len)?;
+        let obj = obj.clone();
+        Ok(self.mmap_vma(len, prot, VmaKind::Shared { obj, pgoff })?.0)
+    }
+
+    /// `mmap(NULL, len, prot, MAP_PRIVATE, fd, pgoff * PAGE_SIZE)` of a file: reads see
+    /// the file; writes copy the page into this address space and never reach the file.
+    pub fn mmap_private_file(
+        &self,
+        obj: &Arc<ShmObject>,
+        pgoff: u64,
+        len: u64,
+        prot: Prot,
+    ) -> Result<VirtAddr, MmError> {
+        check_object("mmap", obj, pgoff, len)?;
+        let obj = obj.clone();
         Ok(self
-            .mmap_vma(
-                len,
-                prot,
-                VmaKind::Shared {
-                    obj: obj.clone(),
-                    pgoff,
-                },
-            )?
+            .mmap_vma(len, prot, VmaKind::PrivateFile { obj, pgoff })?
             .0)
     }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 
 use crate::addr::{Pfn, VirtAddr, PAGE_SIZE};
-use crate::mem::{MemError, PhysMem};
+use crate::mem::{flags, MemError, PhysMem};
 use crate::sync::Arc;
 use crate::sync::{order, OrderedMutex};
 
@@ -34,11 +34,14 @@ impl Prot {
     }
 }
 
-/// A memory object shared by every mapping of it, like a memfd: its pages are allocated
-/// on first touch from system RAM and belong to the object until it is dropped.
+/// A memory object shared by every mapping of it — a memfd, shared anonymous memory, or
+/// a file on tmpfs (its page cache is its storage): its pages are allocated on first
+/// touch from system RAM and belong to the object until it is dropped. `pread` and
+/// `pwrite` reach the same pages the mappings do.
 ///
 /// # Invariants
-/// Each `Some(pfn)` in `pages` holds one reference on its frame.
+/// Each `Some(pfn)` in `pages` holds one reference on its frame, which is flagged
+/// [`flags::PAGECACHE`] (never anonymous).
 pub struct ShmObject {
     phys: Arc<PhysMem>,
     pages: OrderedMutex<Vec<Option<Pfn>>>,
@@ -76,9 +79,54 @@ impl ShmObject {
             return Ok(None);
         };
         if slot.is_none() {
-            *slot = Some(self.phys.ram().alloc()?);
+            let pfn = self.phys.ram().alloc()?;
+            self.phys.ram().meta(pfn).set(flags::PAGECACHE);
+            *slot = Some(pfn);
         }
         Ok(*slot)
+    }
+
+    /// `pread(fd, buf, off)`: bytes from `off`, short at the end of the object; a page
+    /// never written reads as zeros without being allocated. Returns the bytes read.
+    pub fn pread(&self, off: u64, buf: &mut [u8]) -> usize {
+        let size = self.pages() * PAGE_SIZE;
+        let n = (buf.len() as u64).min(size.saturating_sub(off)) as usize;
+        let mut done = 0;
+        while done < n {
+            let at = off + done as u64;
+            let (idx, in_page) = (at / PAGE_SIZE, at % PAGE_SIZE);
+            let len = ((PAGE_SIZE - in_page) as usize).min(n - done);
+            let page = self.pages.lock().get(idx as usize).copied().flatten();
+            match page {
+                Some(pfn) => self
+                    .phys
+                    .ram()
+                    .read(pfn, in_page, &mut buf[done..done + len]),
+                None => buf[done..done + len].fill(0),
+            }
+            done += len;
+        }
+        n
+    }
+
+    /// `pwrite(fd, data, off)`: writes `data` at `off`, short at the end of the object
+    /// (an object does not grow). Returns the bytes written; ENOMEM-style failure when
+    /// a page cannot be allocated, with what was written before it kept.
+    pub fn pwrite(&self, off: u64, data: &[u8]) -> Result<usize, MemError> {
+        let size = self.pages() * PAGE_SIZE;
+        let n = (data.len() as u64).min(size.saturating_sub(off)) as usize;
+        let mut done = 0;
+        while done < n {
+            let at = off + done as u64;
+            let (idx, in_page) = (at / PAGE_SIZE, at % PAGE_SIZE);
+            let len = ((PAGE_SIZE - in_page) as usize).min(n - done);
+            let pfn = self
+                .page(idx)?
+                .unwrap_or_else(|| unreachable!("inside the object"));
+            self.phys.ram().write(pfn, in_page, &data[done..done + len]);
+            done += len;
+        }
+        Ok(n)
     }
 }
 
@@ -96,6 +144,16 @@ pub enum VmaKind {
     Anon,
     /// A shared mapping of a memory object starting at page `pgoff` of it.
     Shared {
+        /// The object.
+        obj: Arc<ShmObject>,
+        /// Its first page mapped here.
+        pgoff: u64,
+    },
+    /// A private mapping of an object or file (`MAP_PRIVATE` of a file) from page
+    /// `pgoff` of it: reads see the object's pages, mapped read-only; the first write to
+    /// a page copies it into an anonymous page of this address space (copy-on-write),
+    /// which from then on behaves as private anonymous memory.
+    PrivateFile {
         /// The object.
         obj: Arc<ShmObject>,
         /// Its first page mapped here.
@@ -146,9 +204,26 @@ impl Vma {
         self.start <= va && va < self.end
     }
 
-    /// Whether it is private anonymous memory.
+    /// Whether it is private anonymous memory (`vma_is_anonymous`).
     pub fn is_anon(&self) -> bool {
         matches!(self.kind, VmaKind::Anon)
+    }
+
+    /// Whether it is a private, copy-on-write mapping (`is_cow_mapping`): anonymous
+    /// memory or a private file mapping. Its pages are anonymous but for the zero page
+    /// and the file's own pages, which a write copies first.
+    pub fn is_private(&self) -> bool {
+        matches!(self.kind, VmaKind::Anon | VmaKind::PrivateFile { .. })
+    }
+
+    /// The object and its page backing `va`, for a mapping of an object.
+    pub fn object_page(&self, va: VirtAddr) -> Option<(&Arc<ShmObject>, u64)> {
+        match &self.kind {
+            VmaKind::Shared { obj, pgoff } | VmaKind::PrivateFile { obj, pgoff } => {
+                Some((obj, pgoff + (va.0 - self.start.0) / PAGE_SIZE))
+            }
+            _ => None,
+        }
     }
 
     /// The part from `at` on, leaving `self` as the part before it.
@@ -156,7 +231,7 @@ impl Vma {
         debug_assert!(self.start < at && at < self.end);
         let mut tail = self.clone();
         tail.start = at;
-        if let VmaKind::Shared { pgoff, .. } = &mut tail.kind {
+        if let VmaKind::Shared { pgoff, .. } | VmaKind::PrivateFile { pgoff, .. } = &mut tail.kind {
             *pgoff += (at.0 - self.start.0) / PAGE_SIZE;
         }
         self.end = at;

@@ -11,7 +11,7 @@
 //! the page is handed over with the page-table lock held, so it cannot change between
 //! the fault and the caller's look.
 
-use crate::addr::{Pfn, VirtAddr, PAGE_SIZE};
+use crate::addr::{VirtAddr, PAGE_SIZE};
 use crate::mem::{flags, Region};
 use crate::mm::fault::Access;
 use crate::mm::pte::Pte;
@@ -113,7 +113,7 @@ impl Mm {
             // page-table lock.
             let mut migrate = false;
             if let Some(v) = vmas.find(va).filter(|v| v.prot.readable()) {
-                let (anon, writable, end) = (v.is_anon(), v.prot.writable(), v.end);
+                let (private, writable, end) = (v.is_private(), v.prot.writable(), v.end);
                 let pt = self.pt_lock();
                 while i < npages {
                     let va = at(i);
@@ -139,7 +139,7 @@ impl Mm {
                         run[..n]
                             .iter()
                             .take_while(|pte| {
-                                in_shape(pte, region, want, anon, writable, private_ok)
+                                in_shape(pte, region, want, private, writable, private_ok)
                             })
                             .count()
                     } else {
@@ -147,7 +147,14 @@ impl Mm {
                             .iter()
                             .enumerate()
                             .take_while(|(k, pte)| {
-                                in_shape(pte, region, ops.want(i + k), anon, writable, private_ok)
+                                in_shape(
+                                    pte,
+                                    region,
+                                    ops.want(i + k),
+                                    private,
+                                    writable,
+                                    private_ok,
+                                )
                             })
                             .count()
                     };
@@ -212,7 +219,7 @@ fn in_shape(
     pte: &Pte,
     region: &Region,
     want: Want,
-    anon: bool,
+    private: bool,
     vma_writable: bool,
     private_ok: bool,
 ) -> bool {
@@ -236,11 +243,20 @@ fn in_shape(
     }
     match access {
         Access::Write => pte.writable() && vma_writable,
-        Access::Unshare => !anon || exclusive(region, pfn),
+        // In a private mapping: a long-term read-only pin wants an exclusive anonymous
+        // page; a short-term one takes the zero page or a file's page as it is.
+        Access::Unshare => !private || region.meta(pfn).flags() & SHARED_BITS == EXCLUSIVE,
+        Access::Pin => {
+            let f = region.meta(pfn).flags();
+            !private
+                || f & (flags::RESERVED | flags::PAGECACHE) != 0
+                || f & SHARED_BITS == EXCLUSIVE
+        }
         Access::Read => true,
     }
 }
 
-fn exclusive(region: &Region, pfn: Pfn) -> bool {
-    region.meta(pfn).test(flags::ANON_EXCLUSIVE)
-}
+/// The flags that tell an exclusive anonymous page: exclusive, and neither reserved
+/// (the zero page) nor a file's.
+const SHARED_BITS: u32 = flags::ANON_EXCLUSIVE | flags::RESERVED | flags::PAGECACHE;
+const EXCLUSIVE: u32 = flags::ANON_EXCLUSIVE;
