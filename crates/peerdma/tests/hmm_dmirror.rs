@@ -753,3 +753,164 @@ fn anon_teardown() {
         );
     }
 }
+
+#[test]
+fn migrate_release() {
+    for v in VARIANTS {
+        let (h, dev) = fixture(v);
+        let p = h.spawn();
+        let f = dev.open(&p);
+        let a = p.mmap_anon(SIZE, Prot::RW).unwrap();
+        let data = ints(NPAGES, |i| i);
+        p.write(a, &data).unwrap();
+        let mut mirror = vec![0u8; SIZE as usize];
+        assert_eq!(
+            f.migrate_to_dev(a, NPAGES, &mut mirror).unwrap().cpages,
+            NPAGES
+        );
+        assert_eq!(mirror, data);
+        assert_eq!(f.release(), Ok(counts(0, 0)));
+        // Every page is in system RAM again and the device memory is gone.
+        assert!(dev.chunks().is_empty());
+        assert_eq!(f.mirrored_pages(), 0);
+        let ram = h.phys().ram();
+        for i in 0..NPAGES {
+            let pte = p.pte(VirtAddr(a.0 + i * PAGE_SIZE));
+            assert!(
+                pte.is_present() && ram.contains(pte.pfn().unwrap()),
+                "page {i}"
+            );
+        }
+        assert_eq!(read_all(&p, a, SIZE / 2), data[..(SIZE / 2) as usize]);
+        // The device works on: a new chunk comes with the next migration.
+        assert_eq!(f.migrate_to_dev(a, 1, &mut mirror).unwrap().cpages, 1);
+        assert_eq!(dev.chunks().len(), 1);
+    }
+}
+
+#[test]
+fn release_evicts_every_address_space_that_maps_the_memory() {
+    // migrate_device_range works from the frames, so a page fork left in two address
+    // spaces leaves both; so does one under PROT_NONE (eviction is not an access).
+    for v in VARIANTS {
+        let (h, dev) = fixture(v);
+        let parent = h.spawn();
+        let f = dev.open(&parent);
+        let a = parent.mmap_anon(4 * PAGE_SIZE, Prot::RW).unwrap();
+        let data = ints(4, |i| i * 3);
+        parent.write(a, &data).unwrap();
+        let mut m = vec![0u8; 4 * PAGE_SIZE as usize];
+        assert_eq!(f.migrate_to_dev(a, 4, &mut m).unwrap().cpages, 4);
+        let child = parent.fork().unwrap();
+        parent
+            .mprotect(VirtAddr(a.0 + 3 * PAGE_SIZE), PAGE_SIZE, Prot::NONE)
+            .unwrap();
+        assert_eq!(f.release(), Ok(counts(0, 0)));
+        assert!(dev.chunks().is_empty());
+        parent.mprotect(a, 4 * PAGE_SIZE, Prot::RW).unwrap();
+        assert_eq!(read_all(&parent, a, 4 * PAGE_SIZE), data);
+        assert_eq!(read_all(&child, a, 4 * PAGE_SIZE), data);
+        // Still copy-on-write between them.
+        child.write(a, &[0xff; 4]).unwrap();
+        assert_eq!(read_all(&parent, a, 4), data[..4]);
+    }
+}
+
+#[test]
+fn release_waits_for_a_pinned_coherent_page_then_gives_up_with_ebusy() {
+    // A short-term pin keeps a device-coherent page where it is (the kernel refuses to
+    // migrate it and would wait in memunmap_pages); after the pin drops, release works.
+    use peerdma::gup::{pin_user_pages, FollFlags};
+    let (h, dev) = fixture(DmirrorMemory::Coherent);
+    let p = h.spawn();
+    let f = dev.open(&p);
+    let a = p.mmap_anon(2 * PAGE_SIZE, Prot::RW).unwrap();
+    p.write(a, &[5; 2 * PAGE_SIZE as usize]).unwrap();
+    let mut m = vec![0u8; 2 * PAGE_SIZE as usize];
+    assert_eq!(f.migrate_to_dev(a, 2, &mut m).unwrap().cpages, 2);
+    let pinned = p.pte(a).pfn().unwrap();
+    let pin = pin_user_pages(&p, a, 1, FollFlags::WRITE).unwrap();
+    assert_eq!(
+        pin.pages(),
+        [pinned],
+        "a short-term pin leaves coherent memory"
+    );
+    let e = dev
+        .release(std::time::Duration::from_millis(50))
+        .unwrap_err();
+    assert_eq!(e.errno, Errno::EBUSY);
+    assert!(e.why.contains("pinned"), "{e}");
+    // The unpinned page left; the pinned one stayed, mapped, with its data.
+    assert_eq!(dev.chunks().len(), 1);
+    assert!(h
+        .phys()
+        .ram()
+        .contains(p.pte(VirtAddr(a.0 + PAGE_SIZE)).pfn().unwrap()));
+    assert_eq!(p.pte(a).pfn(), Some(pinned));
+    assert_eq!(read_all(&p, a, 4), [5; 4]);
+    pin.unpin();
+    assert_eq!(f.release(), Ok(counts(0, 0)));
+    assert!(dev.chunks().is_empty());
+    assert_eq!(
+        read_all(&p, a, 2 * PAGE_SIZE),
+        vec![5; 2 * PAGE_SIZE as usize]
+    );
+}
+
+#[test]
+fn migrate_device_range_checks_its_range() {
+    use peerdma::mm::migrate_device_range;
+    let (h, dev) = fixture(DmirrorMemory::Private);
+    let p = h.spawn();
+    let f = dev.open(&p);
+    let a = p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+    let mut m = vec![0u8; PAGE_SIZE as usize];
+    f.migrate_to_dev(a, 1, &mut m).unwrap();
+    let chunk = dev.chunks()[0].clone();
+    let past = peerdma::addr::Pfn(chunk.base().0 + chunk.frames());
+    for (first, n) in [
+        (chunk.base(), 0),
+        (past, 1),
+        (chunk.base(), chunk.frames() + 1),
+    ] {
+        let e = migrate_device_range(h.phys(), &chunk, first, n).unwrap_err();
+        assert_eq!(e.errno(), Errno::EINVAL);
+    }
+    let ram = h.phys().ram().clone();
+    let e = migrate_device_range(h.phys(), &ram, ram.base(), 1).unwrap_err();
+    assert_eq!(e.errno(), Errno::EINVAL, "system RAM is not device memory");
+    let ev = migrate_device_range(h.phys(), &chunk, chunk.base(), chunk.frames()).unwrap();
+    assert_eq!((ev.moved, ev.refused.len()), (1, 0));
+    assert!(ram.contains(p.pte(a).pfn().unwrap()));
+    assert_eq!(
+        f.mirrored_pages(),
+        0,
+        "the owner dropped its mirror of the page"
+    );
+}
+
+#[test]
+fn release_takes_back_pages_a_device_holds_for_atomics() {
+    // A device-coherent page stays where it is when a device takes it for atomics;
+    // eviction revokes that first (the device is told), then moves it.
+    let (h, dev) = fixture(DmirrorMemory::Coherent);
+    let p = h.spawn();
+    let f = dev.open(&p);
+    let a = p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+    p.write(a, &[9; 8]).unwrap();
+    let mut m = vec![0u8; PAGE_SIZE as usize];
+    f.migrate_to_dev(a, 1, &mut m).unwrap();
+    let other = DmirrorDevice::new(h.phys(), DmirrorMemory::Private, DEVMEM_CHUNK_SIZE);
+    let g = other.open(&p);
+    assert_eq!(g.exclusive(a, 1, &mut m), Ok(counts(1, 0)));
+    assert!(p.pte(a).is_device_exclusive());
+    assert_eq!(f.release(), Ok(counts(0, 0)));
+    assert!(dev.chunks().is_empty());
+    assert!(h.phys().ram().contains(p.pte(a).pfn().unwrap()));
+    assert_eq!(
+        g.check_exclusive(a, 1),
+        Ok(counts(0, 0)),
+        "atomic access revoked"
+    );
+    assert_eq!(read_all(&p, a, 8), [9; 8]);
+}

@@ -16,7 +16,9 @@
 //! - a device fault (`hmm_range_fault`) racing munmap leaves no stale mirror entry;
 //! - two devices faulting one page while one migrates it into its memory all see the
 //!   data;
-//! - a CPU write racing a device taking the page for atomics leaves no stale grant.
+//! - a CPU write racing a device taking the page for atomics leaves no stale grant;
+//! - device-memory eviction (`migrate_device_range`) racing a CPU write and a fork
+//!   keeps every write and leaves nothing on the device.
 
 #![cfg(feature = "shuttle")]
 
@@ -488,4 +490,55 @@ fn a_cpu_write_racing_a_device_taking_the_page_for_atomics_leaves_no_stale_grant
         },
         iterations(),
     );
+}
+
+#[test]
+fn eviction_racing_a_cpu_write_and_a_fork_keeps_every_write() {
+    for kind in [
+        RegionKind::DevicePrivate { owner: 1 },
+        RegionKind::DeviceCoherent { owner: 1 },
+    ] {
+        shuttle::check_random(
+            move || {
+                let (h, dev, mm, a) = common::one_page(kind.clone(), b"on-dev!!");
+                mm.migrate_page(a, &dev).unwrap();
+                let evictor = {
+                    let (phys, dev) = (h.phys().clone(), dev.clone());
+                    thread::spawn(move || {
+                        let ev = peerdma::mm::migrate_device_range(
+                            &phys,
+                            &dev,
+                            dev.base(),
+                            dev.frames(),
+                        )
+                        .unwrap();
+                        assert!(ev.refused.is_empty(), "{:?}", ev.refused);
+                    })
+                };
+                let writer = {
+                    let mm = mm.clone();
+                    thread::spawn(move || mm.write(a, b"written!").unwrap())
+                };
+                let forker = {
+                    let mm = mm.clone();
+                    thread::spawn(move || mm.fork().unwrap())
+                };
+                evictor.join().unwrap();
+                writer.join().unwrap();
+                let child = forker.join().unwrap();
+                assert_eq!(&read8(&mm, a), b"written!");
+                let seen = read8(&child, a);
+                assert!(&seen == b"written!" || &seen == b"on-dev!!", "{seen:?}");
+                // Whatever raced, a second eviction finds the rest and empties the device.
+                let ev =
+                    peerdma::mm::migrate_device_range(h.phys(), &dev, dev.base(), dev.frames())
+                        .unwrap();
+                assert!(ev.refused.is_empty());
+                assert_eq!(dev.free_frames(), dev.frames());
+                assert_eq!(&read8(&mm, a), b"written!");
+                assert_eq!(read8(&child, a), seen);
+            },
+            iterations(),
+        );
+    }
 }

@@ -37,7 +37,7 @@ use peerdma::errno::Errno;
 use peerdma::gup::{get_user_dma_sg, GupError, UserDmaSg, UserSg};
 use peerdma::host::Process;
 use peerdma::mem::{Region, RegionKind};
-use peerdma::mm::{Mm, MmError, Prot};
+use peerdma::mm::{migrate_device_range, Mm, MmError, Prot};
 use peerdma::notifier::{IntervalNotifier, IntervalNotifierOps, NotifyRange, Subscription};
 use peerdma::p2pmem::{P2pError, Provider};
 
@@ -107,6 +107,7 @@ enum Op {
     HmmRead,
     HmmMigrate,
     HmmExclusive,
+    Evict,
 }
 
 /// Weighted operation mix.
@@ -136,6 +137,7 @@ const MIX: &[(Op, u32)] = &[
     (Op::HmmRead, 4),
     (Op::HmmMigrate, 3),
     (Op::HmmExclusive, 2),
+    (Op::Evict, 1),
 ];
 
 struct Proc {
@@ -151,6 +153,8 @@ struct World {
     procs: Vec<Proc>,
     dev_private: Arc<Region>,
     dev_coherent: Arc<Region>,
+    /// The HMM test device (its chunks are evicted too).
+    hmm_dev: Arc<DmirrorDevice>,
     /// Devices that DMA into process memory.
     devices: Vec<Bdf>,
     providers: Vec<Arc<Provider>>,
@@ -738,6 +742,24 @@ impl<'w> Worker<'w> {
                     Err(e) => fail(seed, self.t, op, e.to_string()),
                 }
             }
+            Op::Evict => {
+                // migrate_device_range over a whole device region, racing everything:
+                // only a pinned page may stay, and the oracle checks the data later.
+                let mut regions = vec![w.dev_private.clone(), w.dev_coherent.clone()];
+                regions.extend(w.hmm_dev.chunks());
+                let r = &regions[self.rng.gen_range(0..regions.len())];
+                match migrate_device_range(w.host.phys(), r, r.base(), r.frames()) {
+                    Ok(ev) => {
+                        for (pfn, e) in &ev.refused {
+                            if e.errno() != Errno::EBUSY {
+                                fail(seed, self.t, op, format!("{pfn}: {e}"));
+                            }
+                            w.refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Err(e) => fail(seed, self.t, op, e.to_string()),
+                }
+            }
             Op::HmmRead | Op::HmmMigrate | Op::HmmExclusive => {
                 // The HMM test device reads the page through its mirror
                 // (hmm_range_fault), moves it into its memory (migrate_vma), or takes
@@ -948,6 +970,7 @@ fn build(iommu: bool) -> World {
         procs,
         dev_private,
         dev_coherent,
+        hmm_dev,
         devices,
         providers,
         peers,

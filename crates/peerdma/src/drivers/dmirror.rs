@@ -9,8 +9,9 @@
 //! file: a mirror of the opening process, subscribed to its whole address space.
 //!
 //! Where peerdma differs on purpose: device-private pages hold their data themselves
-//! (test_hmm keeps it in a system "backing" page); `RELEASE` (evicting device memory
-//! with `migrate_device_range`) is not modelled yet; huge pages are not modelled.
+//! (test_hmm keeps it in a system "backing" page); `RELEASE` gives up with EBUSY after
+//! a timeout where the kernel would block until the last reference to the memory
+//! drops; huge pages are not modelled.
 
 use std::collections::BTreeMap;
 
@@ -18,7 +19,9 @@ use crate::addr::{Pfn, VirtAddr, PAGE_SIZE};
 use crate::errno::Errno;
 use crate::hmm::{hmm_range_fault, HmmPfn, HmmRange};
 use crate::mem::{MemError, PhysMem, Region, RegionKind};
-use crate::mm::{set_migrate_to_ram, DeviceFault, MigrateToRam, Mm, MmError, Select};
+use crate::mm::{
+    migrate_device_range, set_migrate_to_ram, DeviceFault, MigrateToRam, Mm, MmError, Select,
+};
 use crate::notifier::{
     IntervalNotifier, IntervalNotifierOps, NotifyEvent, NotifyRange, Subscription,
 };
@@ -237,6 +240,57 @@ impl DmirrorDevice {
         Some((chunk, p))
     }
 
+    /// `dmirror_device_remove_chunks` (the `RELEASE` command): evicts every page of
+    /// every chunk to system RAM with [`migrate_device_range`], wherever it is mapped,
+    /// and removes the chunks (`memunmap_pages`). The kernel then blocks until the last
+    /// reference to the memory drops; this waits up to `timeout`, evicting again as pins
+    /// go, and then gives up with EBUSY, keeping each chunk still in use (a pinned
+    /// device-coherent page stays where it is, mapped), so nothing is lost and a later
+    /// release can finish. New allocations after this start new chunks.
+    pub fn release(&self, timeout: std::time::Duration) -> Result<(), DmirrorError> {
+        let cmd = "RELEASE";
+        let deadline = std::time::Instant::now() + timeout;
+        let mut chunks = std::mem::take(&mut *self.chunks.lock());
+        let mut last = None;
+        while !chunks.is_empty() {
+            let mut busy = Vec::new();
+            for chunk in chunks {
+                let ev = migrate_device_range(&self.phys, &chunk, chunk.base(), chunk.frames())
+                    .map_err(|e| DmirrorError::mm(cmd, e))?;
+                if let Some((_, e)) = ev.refused.into_iter().next() {
+                    last = Some(e.to_string());
+                }
+                if chunk.free_frames() == chunk.frames()
+                    && self.phys.memunmap_pages(chunk.id()).is_ok()
+                {
+                    continue;
+                }
+                busy.push(chunk);
+            }
+            chunks = busy;
+            if chunks.is_empty() {
+                break;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                let held: u64 = chunks.iter().map(|c| c.frames() - c.free_frames()).sum();
+                self.chunks.lock().append(&mut chunks);
+                return Err(DmirrorError::new(
+                    cmd,
+                    Errno::EBUSY,
+                    format!(
+                        "{held} device pages are still in use ({})",
+                        last.as_deref().unwrap_or("held outside any address space")
+                    ),
+                ));
+            }
+            // Woken as soon as a chunk is free; otherwise evict again shortly, in case
+            // a pin was dropped.
+            chunks[0].wait_until_free(Some(left.min(std::time::Duration::from_millis(10))));
+        }
+        Ok(())
+    }
+
     /// Drops every mirror's entries for `[va, va + len)` of the address space `mm`.
     fn forget(&self, mm: &Mm, va: VirtAddr, len: u64) {
         let mirrors: Vec<Arc<Mirror>> = self
@@ -345,6 +399,13 @@ impl Dmirror {
     /// Entries in the device page table.
     pub fn mirrored_pages(&self) -> usize {
         self.mirror.pt.lock().len()
+    }
+
+    /// `HMM_DMIRROR_RELEASE`: [`DmirrorDevice::release`] with the fault timeout (the
+    /// range is not looked at, as test_hmm ignores it).
+    pub fn release(&self) -> Result<Counts, DmirrorError> {
+        self.mirror.device.release(FAULT_TIMEOUT)?;
+        Ok(Counts::default())
     }
 
     /// `HMM_DMIRROR_FLAGS`: sets the device's flags ([`FLAG_FAIL_ALLOC`]).

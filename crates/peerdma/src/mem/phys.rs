@@ -7,7 +7,7 @@ use crate::mem::region::{Region, RegionId, RegionKind};
 use crate::mem::MemError;
 use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::Arc;
-use crate::sync::{order, OrderedRwLock};
+use crate::sync::{order, OnceLock, OrderedRwLock};
 
 const REGION_ALIGN_FRAMES: u64 = 1 << 18; // 1 GiB
 
@@ -21,6 +21,9 @@ pub struct PhysMem {
     regions: OrderedRwLock<Vec<Arc<Region>>>,
     ram: Arc<Region>,
     ids: AtomicU64,
+    /// Host-wide state of a layer above (mm's list of address spaces), opaque here so
+    /// that this layer never names those above it.
+    upper: OnceLock<Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 impl std::fmt::Debug for PhysMem {
@@ -61,12 +64,21 @@ impl PhysMem {
             regions: OrderedRwLock::new(&order::PHYS_REGIONS, vec![ram.clone()]),
             ram,
             ids: AtomicU64::new(1),
+            upper: OnceLock::new(),
         }))
     }
 
     /// A fresh host-wide id (for address spaces and other per-host objects).
     pub fn next_id(&self) -> u64 {
         self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The state a layer above keeps per host, made by `init` on first use.
+    pub fn upper_or_init(
+        &self,
+        init: impl FnOnce() -> Arc<dyn std::any::Any + Send + Sync>,
+    ) -> &Arc<dyn std::any::Any + Send + Sync> {
+        self.upper.get_or_init(init)
     }
 
     /// System RAM.

@@ -358,29 +358,7 @@ impl Mm {
             match fix {
                 Fix::Populate => self.populate(vma, va, access, op)?,
                 Fix::Wait(region, pfn) => region.wait_page_unlocked(pfn),
-                Fix::FromDevice(pte) => {
-                    let pfn = pte.pfn().unwrap_or_else(|| unreachable!("a device entry"));
-                    let fault = DeviceFault {
-                        mm: self,
-                        vmas,
-                        va,
-                        pte,
-                        access,
-                        region: self.region(pfn),
-                        op,
-                    };
-                    // The owner's migrate_to_ram, with no page-table lock held; the
-                    // fault then looks at the entry again.
-                    crate::sync::might_sleep("a page map's migrate_to_ram");
-                    let handler = fault.region.upper().cloned();
-                    match handler
-                        .as_deref()
-                        .and_then(|u| u.downcast_ref::<FaultHandler>())
-                    {
-                        Some(h) => h.0.migrate_to_ram(&fault)?,
-                        None => fault.copy_to_ram()?,
-                    }
-                }
+                Fix::FromDevice(pte) => self.device_page_to_ram(vmas, va, pte, access, op)?,
                 Fix::RestoreExclusive(pte) => self.restore_exclusive(va, pte, op)?,
                 Fix::Copy {
                     old,
@@ -392,10 +370,47 @@ impl Mm {
         }
     }
 
+    /// Brings the device-private page `pte` maps at `va` to RAM through its owner's
+    /// `migrate_to_ram` (or the CPU-copy default), with no page-table lock held, as a
+    /// fault for `access` does; the caller looks at the entry again afterwards.
+    pub(crate) fn device_page_to_ram(
+        &self,
+        vmas: &Vmas,
+        va: VirtAddr,
+        pte: Pte,
+        access: Access,
+        op: &'static str,
+    ) -> Result<(), MmError> {
+        let pfn = pte.pfn().unwrap_or_else(|| unreachable!("a device entry"));
+        let fault = DeviceFault {
+            mm: self,
+            vmas,
+            va,
+            pte,
+            access,
+            region: self.region(pfn),
+            op,
+        };
+        crate::sync::might_sleep("a page map's migrate_to_ram");
+        let handler = fault.region.upper().cloned();
+        match handler
+            .as_deref()
+            .and_then(|u| u.downcast_ref::<FaultHandler>())
+        {
+            Some(h) => h.0.migrate_to_ram(&fault),
+            None => fault.copy_to_ram(),
+        }
+    }
+
     /// `remove_device_exclusive_entry`: a CPU access takes the page back from the
     /// device holding it for atomics — the device hears a `Clear` invalidation with no
     /// owner, then the present entry returns (if nobody changed the entry meanwhile).
-    fn restore_exclusive(&self, va: VirtAddr, pte: Pte, op: &'static str) -> Result<(), MmError> {
+    pub(crate) fn restore_exclusive(
+        &self,
+        va: VirtAddr,
+        pte: Pte,
+        op: &'static str,
+    ) -> Result<(), MmError> {
         // The fault took a reference on the page (`folio_try_get`); the page lock comes
         // first (`folio_lock`), so a device still mapping the page it was just given
         // (its ExclusivePage alive) finishes before it is told to let go.
@@ -583,7 +598,7 @@ impl Mm {
     /// the page with `event`. The caller's reference on `old` (taken when the copy was
     /// decided) keeps the page from being freed, reused or made exclusive while it is
     /// copied; this drops it.
-    fn copy_page(
+    pub(crate) fn copy_page(
         &self,
         va: VirtAddr,
         old: Pfn,

@@ -13,7 +13,9 @@ use crate::mm::vma::{PagesOwnerRef, Prot, ShmObject, Vma, VmaKind, Vmas};
 use crate::mm::MmError;
 use crate::notifier::{InvalidateGuard, Notifier, NotifyEvent, NotifyRange};
 use crate::sync::atomic::{AtomicBool, Ordering};
-use crate::sync::{order, Arc, Held, MutexGuard, OrderedMutex, OrderedRwLock, RwLockReadGuard};
+use crate::sync::{
+    order, Arc, Held, MutexGuard, OrderedMutex, OrderedRwLock, RwLockReadGuard, Weak,
+};
 
 /// Identifies an address space within a host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -75,10 +77,32 @@ fn check_object(op: &'static str, obj: &ShmObject, pgoff: u64, len: u64) -> Resu
     Ok(())
 }
 
+/// Every address space of a host, so that device memory can be evicted from all that
+/// map it (the kernel finds a page's mappings through its reverse map; peerdma looks in
+/// each address space instead). Kept in [`PhysMem`]'s slot for the layers above.
+struct MmList(OrderedMutex<Vec<Weak<Mm>>>);
+
+fn mm_list(phys: &PhysMem) -> &MmList {
+    phys.upper_or_init(|| Arc::new(MmList(OrderedMutex::new(&order::LEAF, Vec::new()))))
+        .downcast_ref::<MmList>()
+        .unwrap_or_else(|| unreachable!("only mm fills the slot"))
+}
+
+/// The live address spaces on `phys` that have not exited.
+pub(crate) fn live_mms(phys: &PhysMem) -> Vec<Arc<Mm>> {
+    mm_list(phys)
+        .0
+        .lock()
+        .iter()
+        .filter_map(Weak::upgrade)
+        .filter(|m| !m.exited.load(Ordering::Acquire))
+        .collect()
+}
+
 impl Mm {
     /// An empty address space on `phys`.
     pub fn new(phys: &Arc<PhysMem>) -> Arc<Self> {
-        Arc::new(Mm {
+        let mm = Arc::new(Mm {
             id: MmId(phys.next_id()),
             phys: phys.clone(),
             notifier: Notifier::new(),
@@ -86,7 +110,15 @@ impl Mm {
             pt: OrderedMutex::new(&order::PAGE_TABLE, PageTable::new()),
             has_pinned: AtomicBool::new(false),
             exited: AtomicBool::new(false),
-        })
+        });
+        let mut list = mm_list(phys).0.lock();
+        // Forget the dead whenever the list has doubled.
+        if list.len() >= 16 && list.len().is_power_of_two() {
+            list.retain(|w| w.strong_count() > 0);
+        }
+        list.push(Arc::downgrade(&mm));
+        drop(list);
+        mm
     }
 
     /// Its id.
