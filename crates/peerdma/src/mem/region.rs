@@ -665,7 +665,8 @@ impl Region {
     }
 
     /// Copies `n` consecutive frames from `src` to `n` consecutive frames of `to` from
-    /// `dst` in one go, as a copy engine moves a physically contiguous run.
+    /// `dst` in one go, as a copy engine moves a physically contiguous run: a long run
+    /// goes around the CPU caches, as DMA does.
     pub fn copy_frames(&self, src: Pfn, to: &Region, dst: Pfn, n: u64) {
         let len = (n * PAGE_SIZE) as usize;
         // Both runs must lie inside their regions (idx panics naming the frame).
@@ -675,11 +676,7 @@ impl Region {
             self.idx(Pfn(src.0 + n - 1));
             to.idx(Pfn(dst.0 + n - 1));
         }
-        if std::ptr::eq(self, to) {
-            self.backing.copy_within(s, d, len);
-        } else {
-            self.backing.copy_to(s, &to.backing, d, len);
-        }
+        self.backing.engine_copy_to(s, &to.backing, d, len);
     }
 
     /// Marks a frame's contents as moved elsewhere: the generation changes, so a DMA
