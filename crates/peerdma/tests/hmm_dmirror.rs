@@ -1,15 +1,19 @@
 //! tools/testing/selftests/mm/hmm-tests.c against the dmirror device (lib/test_hmm.c),
 //! with the selftest's expected values: `cpages`, `faults`, the error numbers and the
 //! bytes. Each `hmm` fixture test runs for the device-private and the device-coherent
-//! variant, as the selftest's fixture variants do.
+//! variant, as the selftest's fixture variants do; the `hmm2` ones (migrate_mixed,
+//! snapshot, double_map) with two devices of one kind.
 //!
 //! Skipped (huge pages are not modelled): anon_write_huge, anon_write_hugetlbfs,
-//! migrate_anon_huge_*, the THP halves of anon_write_child, hmm_cow_in_device_huge,
-//! compound, and everything with MADV_HUGEPAGE; benchmark_* (peerdma's benchmarks are
-//! in `peerdma bench hmm`). Not ported: the userfaultfd and READ_UNLOCKABLE cases of
-//! recent kernels (no userfaultfd is modelled). hmm_gup_test uses peerdma's GUP in
-//! place of the gup_test driver. A file is a tmpfs file ([`ShmObject`] with pread and
-//! pwrite), as `hmm_create_file`'s O_TMPFILE is on most test machines.
+//! compound, hmm_cow_in_device_huge, migrate_anon_huge_free/fault/err/zero_err, the
+//! THP halves of anon_write_child and migrate_partial_unmap_fault. Ported at 4 KiB:
+//! migrate_anon_huge_empty and migrate_anon_huge_zero (as migrate_empty_and_zero_pages),
+//! the 4 KiB half of migrate_partial_unmap_fault. Skipped otherwise: migrate_remap_fault
+//! (no mremap is modelled), the userfaultfd and READ_UNLOCKABLE cases of recent kernels
+//! (no userfaultfd), benchmark_* (peerdma's are `peerdma bench hmm`). hmm_gup_test uses
+//! peerdma's GUP in place of the gup_test driver. A file is a tmpfs file
+//! ([`ShmObject`] with pread and pwrite), as `hmm_create_file`'s O_TMPFILE is on most
+//! test machines.
 
 mod common;
 
@@ -913,4 +917,115 @@ fn release_takes_back_pages_a_device_holds_for_atomics() {
         "atomic access revoked"
     );
     assert_eq!(read_all(&p, a, 8), [9; 8]);
+}
+
+#[test]
+fn a_failed_system_allocation_fails_the_cpu_fault_and_keeps_the_page_on_the_device() {
+    // FAIL_ALLOC on the device-to-system path: dmirror_devmem_fault gets no page
+    // (VM_FAULT_OOM), so the CPU access fails with ENOMEM and nothing moves; the next
+    // access succeeds.
+    let (h, dev) = fixture(DmirrorMemory::Private);
+    let p = h.spawn();
+    let f = dev.open(&p);
+    let a = p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+    p.write(a, &[6; 16]).unwrap();
+    let mut m = vec![0u8; PAGE_SIZE as usize];
+    assert_eq!(f.migrate_to_dev(a, 1, &mut m), Ok(counts(1, 0)));
+    let on_dev = p.pte(a);
+    f.set_flags(peerdma::drivers::dmirror::FLAG_FAIL_ALLOC);
+    let mut b = [0u8; 16];
+    assert_eq!(p.read(a, &mut b).unwrap_err().errno(), Errno::ENOMEM);
+    assert_eq!(p.pte(a), on_dev, "the page stayed on the device");
+    assert_eq!(f.mirrored(a), on_dev.pfn(), "and the device still maps it");
+    assert_eq!(read_all(&p, a, 16), [6; 16]);
+    assert!(h.phys().ram().contains(p.pte(a).pfn().unwrap()));
+}
+
+#[test]
+fn migration_to_a_full_device_leaves_the_rest_in_system_ram() {
+    // When no device page can be had the page is not migrated (it stays in RAM and
+    // MIGRATE_TO_DEV's read-back reports ENOENT); nothing leaks.
+    for v in VARIANTS {
+        let h = common::host(16 << 20);
+        let dev = DmirrorDevice::new(h.phys(), v, 4 * PAGE_SIZE);
+        dev.set_max_chunks(1);
+        let p = h.spawn();
+        let f = dev.open(&p);
+        let a = p.mmap_anon(8 * PAGE_SIZE, Prot::RW).unwrap();
+        let data = ints(8, |i| i ^ 0x55);
+        p.write(a, &data).unwrap();
+        let mut m = vec![0u8; 8 * PAGE_SIZE as usize];
+        let e = f.migrate_to_dev(a, 8, &mut m).unwrap_err();
+        assert_eq!(e.errno, Errno::ENOENT);
+        let on_dev = (0..8)
+            .filter(|i| {
+                let pfn = p.pte(VirtAddr(a.0 + i * PAGE_SIZE)).pfn().unwrap();
+                !h.phys().ram().contains(pfn)
+            })
+            .count();
+        assert_eq!(on_dev, 4, "one chunk of four pages");
+        assert_eq!(dev.chunks()[0].free_frames(), 0);
+        assert_eq!(read_all(&p, a, 8 * PAGE_SIZE), data);
+    }
+}
+
+#[test]
+fn migrate_partial_unmap_fault() {
+    // The selftest's 4 KiB half (MADV_NOHUGEPAGE): migrate 2 MiB, unmap half of it at
+    // three offsets, fault the rest back.
+    let size = 2u64 << 20;
+    let npages = size / PAGE_SIZE;
+    for v in VARIANTS {
+        let (h, dev) = fixture(v);
+        let p = h.spawn();
+        let f = dev.open(&p);
+        for off in [0, size / 4, size / 2] {
+            let a = p.mmap_anon(size, Prot::RW).unwrap();
+            let data = ints(npages, |i| i);
+            p.write(a, &data).unwrap();
+            let mut mirror = vec![0u8; size as usize];
+            assert_eq!(
+                f.migrate_to_dev(a, npages, &mut mirror).unwrap().cpages,
+                npages
+            );
+            assert_eq!(mirror, data);
+            p.munmap(VirtAddr(a.0 + off), size / 2).unwrap();
+            let keep = [(0, off), (off + size / 2, size)];
+            for (s, e) in keep.into_iter().filter(|(s, e)| s < e) {
+                assert_eq!(
+                    read_all(&p, VirtAddr(a.0 + s), e - s),
+                    data[s as usize..e as usize],
+                    "offset {off:#x}"
+                );
+            }
+            p.munmap(a, size).unwrap();
+            assert_eq!(f.mirrored_pages(), 0);
+        }
+    }
+}
+
+#[test]
+fn migrate_empty_and_zero_pages() {
+    // migrate_anon_huge_empty and migrate_anon_huge_zero at 4 KiB: never-touched pages
+    // of a read-only mapping, and the shared zero page, migrate (a device page is
+    // inserted, `migrate_vma_insert_page`) and read as zeros on both sides.
+    for v in VARIANTS {
+        let (h, dev) = fixture(v);
+        let p = h.spawn();
+        let f = dev.open(&p);
+        let n = 512;
+        for touch in [false, true] {
+            let a = p.mmap_anon(n * PAGE_SIZE, Prot::READ).unwrap();
+            if touch {
+                assert_eq!(read_all(&p, a, 4), [0; 4]);
+                assert_eq!(p.pte(a).pfn(), Some(ZERO_PFN));
+            }
+            let mut mirror = vec![0xffu8; (n * PAGE_SIZE) as usize];
+            assert_eq!(f.migrate_to_dev(a, n, &mut mirror).unwrap().cpages, n);
+            assert!(mirror.iter().all(|&b| b == 0), "the device read zeros");
+            assert!(!h.phys().ram().contains(p.pte(a).pfn().unwrap()));
+            assert!(read_all(&p, a, n * PAGE_SIZE).iter().all(|&b| b == 0));
+            p.munmap(a, n * PAGE_SIZE).unwrap();
+        }
+    }
 }

@@ -30,6 +30,8 @@ struct Driver {
     /// What `migrate_vma` from the fault collected, per call.
     collected: Mutex<Vec<usize>>,
     reach: Option<PeerReach>,
+    /// Leave the move to peerdma's CPU copy (`DeviceFault::copy_to_ram`).
+    copy: bool,
 }
 
 impl PageMapOps for Driver {
@@ -56,6 +58,9 @@ impl MigrateToRam for Driver {
         }
         if n < self.skip {
             return Ok(());
+        }
+        if self.copy {
+            return fault.copy_to_ram();
         }
         // Another owner's selection takes nothing.
         assert_eq!(fault.migrate_vma(Some(OWNER + 1))?.cpages(), 0);
@@ -224,4 +229,41 @@ fn a_device_page_shared_by_fork_is_copied_out_for_the_faulting_process_only() {
     p.read(a, &mut b).unwrap();
     assert_eq!(&b, b"shared");
     assert!(p.pte(a).is_present());
+}
+
+/// Records each invalidation's event and owner.
+struct Heard(Mutex<Vec<(peerdma::notifier::NotifyEvent, Option<u64>)>>);
+
+impl peerdma::notifier::IntervalNotifierOps for Heard {
+    fn invalidate(
+        &self,
+        _: &peerdma::notifier::Subscription,
+        r: &peerdma::notifier::NotifyRange,
+        _: u64,
+    ) -> bool {
+        lock(&self.0).push((r.event, r.owner));
+        true
+    }
+}
+
+#[test]
+fn the_owner_hears_when_peerdmas_cpu_copy_moves_its_page() {
+    // A mirror skips invalidations its own device announces (MIGRATE with its owner),
+    // so a move the owner leaves to peerdma's CPU copy must not carry the owner: the
+    // soak found the test device still mapping a page this copy had moved.
+    let driver = Arc::new(Driver {
+        copy: true,
+        ..Driver::default()
+    });
+    let (_h, p, a, _) = on_device(driver.clone(), b"copied");
+    let heard = Arc::new(Heard(Mutex::new(Vec::new())));
+    let _sub = p.notifier().subscribe(a, PAGE_SIZE, heard.clone());
+    let mut b = [0u8; 6];
+    p.read(a, &mut b).unwrap();
+    assert_eq!(&b, b"copied");
+    assert!(p.pte(a).is_present());
+    assert_eq!(
+        *lock(&heard.0),
+        [(peerdma::notifier::NotifyEvent::Migrate, None)]
+    );
 }

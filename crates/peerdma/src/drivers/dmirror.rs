@@ -25,12 +25,15 @@ use crate::mm::{
 use crate::notifier::{
     IntervalNotifier, IntervalNotifierOps, NotifyEvent, NotifyRange, Subscription,
 };
-use crate::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use crate::sync::{order, Arc, OrderedMutex, Weak};
 
 /// test_hmm's `DEVMEM_CHUNK_SIZE`: device memory is added 256 MiB at a time.
 pub const DEVMEM_CHUNK_SIZE: u64 = 256 << 20;
-/// `HMM_DMIRROR_FLAG_FAIL_ALLOC`: the next device or system page allocation fails.
+/// `HMM_DMIRROR_FLAG_FAIL_ALLOC`: the next page allocation of a migration fails — a
+/// device page for MIGRATE_TO_DEV (the page stays in RAM), a system page for a CPU
+/// fault on a device-private page (the fault fails with ENOMEM, the page stays on the
+/// device).
 pub const FLAG_FAIL_ALLOC: u64 = 1;
 /// `HMM_RANGE_DEFAULT_TIMEOUT`: how long a fault retries a busy range.
 const FAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1000);
@@ -120,6 +123,8 @@ pub struct DmirrorDevice {
     mirrors: OrderedMutex<Vec<Weak<Mirror>>>,
     /// The flags of the device (`FLAGS` sets them through any open file).
     flags: AtomicU64,
+    /// The most chunks the device adds.
+    max_chunks: AtomicUsize,
 }
 
 impl std::fmt::Debug for DmirrorDevice {
@@ -155,9 +160,19 @@ impl MigrateToRam for DevmemOps {
             return Ok(());
         };
         let ram = fault.mm().phys().ram().clone();
-        let new = ram
-            .alloc()
-            .map_err(|e| MmError::nomem("dmirror_devmem_fault", fault.va(), e))?;
+        let new = if dev.take_fail_alloc() {
+            // `dmirror_devmem_fault_alloc_and_copy` with FAIL_ALLOC: VM_FAULT_OOM. The
+            // migration is abandoned (the page stays on the device, mapped as before).
+            Err(MmError::NoMemory {
+                op: "dmirror_devmem_fault",
+                addr: fault.va(),
+                why: "allocation failure injected (FAIL_ALLOC)".into(),
+                source: None,
+            })
+        } else {
+            ram.alloc()
+                .map_err(|e| MmError::nomem("dmirror_devmem_fault", fault.va(), e))
+        }?;
         fault.region().copy_frame(src, &ram, new);
         dev.forget(fault.mm(), fault.va(), PAGE_SIZE);
         m.set_dst(0, &ram, new);
@@ -179,6 +194,7 @@ impl DmirrorDevice {
             chunks: OrderedMutex::new(&order::DEVICE_MEMORY, Vec::new()),
             mirrors: OrderedMutex::new(&order::LEAF, Vec::new()),
             flags: AtomicU64::new(0),
+            max_chunks: AtomicUsize::new(usize::MAX),
         })
     }
 
@@ -220,7 +236,7 @@ impl DmirrorDevice {
     /// `dmirror_devmem_alloc_page`: a device page, adding a chunk when every chunk is
     /// full; `None` when an allocation failure is injected or memory runs out.
     fn alloc_page(self: &Arc<Self>) -> Option<(Arc<Region>, Pfn)> {
-        if self.flags.fetch_and(!FLAG_FAIL_ALLOC, Ordering::SeqCst) & FLAG_FAIL_ALLOC != 0 {
+        if self.take_fail_alloc() {
             return None;
         }
         let mut chunks = self.chunks.lock();
@@ -228,6 +244,9 @@ impl DmirrorDevice {
             if let Ok(p) = c.alloc() {
                 return Some((c.clone(), p));
             }
+        }
+        if chunks.len() >= self.max_chunks.load(Ordering::Relaxed) {
+            return None; // full: the page stays in system RAM
         }
         let kind = match self.memory {
             DmirrorMemory::Private => RegionKind::DevicePrivate { owner: self.owner },
@@ -289,6 +308,18 @@ impl DmirrorDevice {
             chunks[0].wait_until_free(Some(left.min(std::time::Duration::from_millis(10))));
         }
         Ok(())
+    }
+
+    /// Consumes an injected allocation failure, if one is set.
+    fn take_fail_alloc(&self) -> bool {
+        self.flags.fetch_and(!FLAG_FAIL_ALLOC, Ordering::SeqCst) & FLAG_FAIL_ALLOC != 0
+    }
+
+    /// Caps the device's memory at `chunks` chunks (unlimited by default, as test_hmm
+    /// adds chunks until the physical address space runs out): once they are full, a
+    /// page to migrate finds no device page and stays in system RAM.
+    pub fn set_max_chunks(&self, chunks: usize) {
+        self.max_chunks.store(chunks, Ordering::Relaxed);
     }
 
     /// Drops every mirror's entries for `[va, va + len)` of the address space `mm`.

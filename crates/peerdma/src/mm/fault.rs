@@ -171,9 +171,12 @@ impl<'a> DeviceFault<'a> {
     pub fn copy_to_ram(&self) -> Result<(), MmError> {
         let (mm, va, op) = (self.mm, self.va, self.op);
         let ram = mm.phys.ram();
-        // As the page's owner: its pages are selected even when it has ops.
+        // As the page's owner: its pages are selected even when it has ops; but the
+        // invalidation names no owner, so the owner's own mirror drops the page too
+        // (the soak found a mirror keeping a page this copy had moved).
         let owner = self.region.kind().owner();
-        match mm.migrate_one(self.vmas, va, ram, Select::DEVICE_PRIVATE, owner, op) {
+        let sel = Select::DEVICE_PRIVATE | Select::UNANNOUNCED_OWNER;
+        match mm.migrate_one(self.vmas, va, ram, sel, owner, op) {
             // Moved, or raced: the fault looks again either way.
             Ok(_) | Err(MmError::Fault { .. }) => return Ok(()),
             Err(MmError::Busy { .. }) => {} // shared after fork: copied out below

@@ -8,8 +8,9 @@
 //! the new entries, restores the ones that stay, unlocks and drops the old pages.
 //! Dropping a `MigrateVma` without finalizing restores every entry.
 //!
-//! What is left out on purpose: compound (huge) pages, the zero page and page-cache
-//! pages — none are modelled. Where the kernel requires the device-private owner to
+//! The zero page counts as an empty entry (replaced by the destination, as
+//! `migrate_vma_insert_page` does); a file's pages are never collected. Compound (huge)
+//! pages are not modelled. Where the kernel requires the device-private owner to
 //! match, `owner: None` is peerdma's "any owner", which the one-page
 //! [`Mm::migrate_page`] uses.
 
@@ -33,6 +34,10 @@ impl Select {
     pub const DEVICE_PRIVATE: Select = Select(2);
     /// Device-coherent pages of the owner.
     pub const DEVICE_COHERENT: Select = Select(4);
+    /// Select the owner's pages, but announce the invalidation with no owner: peerdma's
+    /// own CPU copy of an owner's page (`DeviceFault::copy_to_ram`), which the owner's
+    /// mirror must hear of because the owner is not the one moving it.
+    pub(crate) const UNANNOUNCED_OWNER: Select = Select(0x80);
 
     /// Whether all of `other` is selected.
     pub fn contains(self, other: Select) -> bool {
@@ -71,14 +76,20 @@ pub struct MigrateSrc {
     pub write: bool,
 }
 
+/// What collection hands `MigrateVma`: the entries, the regions they index, and
+/// whether the mapping is writable.
+type Collected = (Vec<Entry>, Vec<Arc<Region>>, bool);
+
 /// One collected page: what the caller sees, and what finalize needs.
 struct Entry {
     src: MigrateSrc,
     /// The entry before the migration entry replaced it.
     old: Pte,
-    region: Option<Arc<Region>>,
-    /// The destination the caller handed over (its reference now ours).
-    dst: Option<(Arc<Region>, Pfn)>,
+    /// The source's region, as an index into [`MigrateVma::regions`], when collected.
+    region: Option<u32>,
+    /// The destination the caller handed over (its reference now ours), with its
+    /// region's index.
+    dst: Option<(u32, Pfn)>,
     /// Left out because another migration holds the page.
     busy: bool,
     /// An empty entry whose destination `pages` already installed.
@@ -101,6 +112,9 @@ pub struct MigrateVma<'m> {
     /// Whether the VMA allows writes: a page inserted for an empty entry maps so.
     writable: bool,
     entries: Vec<Entry>,
+    /// The regions of sources and destinations (few: one Arc per region, not per
+    /// page).
+    regions: Vec<Arc<Region>>,
     done: bool,
 }
 
@@ -130,13 +144,15 @@ impl Mm {
         owner: Option<u64>,
     ) -> Result<MigrateVma<'_>, MmError> {
         let held = self.mmap_read();
-        let (entries, writable) = self.migrate_vma_collect(&held, start, end, select, owner)?;
+        let (entries, regions, writable) =
+            self.migrate_vma_collect(&held, start, end, select, owner)?;
         Ok(MigrateVma {
             mm: self,
             _held: Some(held),
             start,
             writable,
             entries,
+            regions,
             done: false,
         })
     }
@@ -151,20 +167,22 @@ impl Mm {
         select: Select,
         owner: Option<u64>,
     ) -> Result<MigrateVma<'m>, MmError> {
-        let (entries, writable) = self.migrate_vma_collect(held, start, end, select, owner)?;
+        let (entries, regions, writable) =
+            self.migrate_vma_collect(held, start, end, select, owner)?;
         Ok(MigrateVma {
             mm: self,
             _held: None,
             start,
             writable,
             entries,
+            regions,
             done: false,
         })
     }
 
     /// The collection step of a migration: checks the range, invalidates it, and
     /// replaces each collected page's entry with a migration entry. Returns the
-    /// entries and whether the mapping is writable.
+    /// entries, the regions they index, and whether the mapping is writable.
     fn migrate_vma_collect(
         &self,
         held: &Vmas,
@@ -172,7 +190,7 @@ impl Mm {
         end: VirtAddr,
         select: Select,
         owner: Option<u64>,
-    ) -> Result<(Vec<Entry>, bool), MmError> {
+    ) -> Result<Collected, MmError> {
         let op = "migrate_vma_setup";
         let bad = |why| MmError::Invalid {
             op,
@@ -198,9 +216,16 @@ impl Mm {
         // (`migrate_vma_collect_hole`); present pages move in any private mapping, but
         // only anonymous ones (a file's pages stay where they are).
         let (anon, private, writable) = (vma.is_anon(), vma.is_private(), vma.prot.writable());
-        let guard = self.invalidate_owned(op, start, end, NotifyEvent::Migrate, owner)?;
+        let announce = if select.contains(Select::UNANNOUNCED_OWNER) {
+            None
+        } else {
+            owner
+        };
+        let guard = self.invalidate_owned(op, start, end, NotifyEvent::Migrate, announce)?;
         let npages = ((end.0 - start.0) / PAGE_SIZE) as usize;
         let mut entries = Vec::with_capacity(npages);
+        let mut regions: Vec<Arc<Region>> = Vec::new();
+        let mut cur: Option<(Arc<Region>, u32)> = None;
         {
             let mut pt = self.pt_lock();
             for i in 0..npages {
@@ -226,7 +251,13 @@ impl Mm {
                     continue;
                 }
                 let pfn = pte.pfn().unwrap_or_else(|| unreachable!("non-empty entry"));
-                let region = self.region(pfn);
+                if !cur.as_ref().is_some_and(|(r, _)| r.contains(pfn)) {
+                    let r = self.region(pfn);
+                    let idx = region_index(&mut regions, &r);
+                    cur = Some((r, idx));
+                }
+                let (region, idx) = cur.as_ref().unwrap_or_else(|| unreachable!("set above"));
+                let (region, idx) = (region, *idx);
                 let kind = region.kind();
                 // "Any owner" (peerdma's, for its own one-page helpers) still leaves
                 // alone the device-private pages of an owner with a migrate_to_ram:
@@ -234,7 +265,7 @@ impl Mm {
                 // own page table right.
                 let owned = match owner {
                     Some(_) => kind.owner() == owner,
-                    None => !(kind.is_device_private() && crate::mm::fault::has_owner_ops(&region)),
+                    None => !(kind.is_device_private() && crate::mm::fault::has_owner_ops(region)),
                 };
                 e.busy = pte.is_migration();
                 let anon_page = !region
@@ -255,7 +286,7 @@ impl Mm {
                         region.get(pfn);
                         pt.set(va, Pte::migration(pfn, pte.writable()));
                         e.src.migrate = true;
-                        e.region = Some(region);
+                        e.region = Some(idx);
                     } else {
                         e.busy = true;
                     }
@@ -264,7 +295,7 @@ impl Mm {
             }
         }
         drop(guard);
-        Ok((entries, writable))
+        Ok((entries, regions, writable))
     }
 
     /// One attempt at moving the page at `va` to a fresh frame of `target` with a
@@ -349,22 +380,6 @@ fn is_zero_pte(pte: Pte) -> bool {
     pte.is_present() && pte.pfn().is_some_and(crate::mem::is_zero_pfn)
 }
 
-/// Drops one reference per entry, a region's frames together (`put_many`).
-fn put_batched(mut puts: Vec<(Arc<Region>, Pfn)>) {
-    puts.sort_unstable_by_key(|(r, _)| r.id());
-    let mut frames = Vec::new();
-    let mut i = 0;
-    while i < puts.len() {
-        let region = puts[i].0.clone();
-        frames.clear();
-        while i < puts.len() && Arc::ptr_eq(&puts[i].0, &region) {
-            frames.push(puts[i].1);
-            i += 1;
-        }
-        region.put_many(&frames);
-    }
-}
-
 /// How one attempt of [`Mm::migrate_one`] ended.
 pub(crate) enum OnePage {
     /// The page moved to this frame.
@@ -403,9 +418,9 @@ impl MigrateVma<'_> {
     /// for a page that does not migrate.
     pub fn set_dst(&mut self, i: usize, region: &Arc<Region>, pfn: Pfn) {
         assert!(region.contains(pfn), "{pfn} is not in {}", region.kind());
-        let e = &mut self.entries[i];
-        if let Some((r, old)) = e.dst.replace((region.clone(), pfn)) {
-            r.put(old);
+        let idx = region_index(&mut self.regions, region);
+        if let Some((r, old)) = self.entries[i].dst.replace((idx, pfn)) {
+            self.regions[r as usize].put(old);
         }
     }
 
@@ -423,8 +438,8 @@ impl MigrateVma<'_> {
                 e.src.migrate = false;
                 continue;
             }
-            if let (Some(p), Some(r)) = (e.src.pfn, &e.region) {
-                let m = r.meta(p);
+            if let (Some(p), Some(r)) = (e.src.pfn, e.region) {
+                let m = self.regions[r as usize].meta(p);
                 if m.pincount() > 0 || m.refcount() != 2 {
                     e.src.migrate = false;
                 }
@@ -438,6 +453,7 @@ impl MigrateVma<'_> {
                 let Some((r, p)) = e.dst.as_ref() else {
                     unreachable!("checked above")
                 };
+                let r = &self.regions[*r as usize];
                 // Empty, or still the zero page it was (`migrate_vma_insert_page`
                 // replaces that too).
                 if pt.get(va) == e.old {
@@ -476,13 +492,16 @@ impl MigrateVma<'_> {
         }
         // References to drop once the page-table lock is released (a last reference
         // frees the frame and calls its owner's page_free, which takes no lock of
-        // ours), batched per region so each frees under one allocator lock.
-        let mut puts: Vec<(Arc<Region>, Pfn)> = Vec::new();
+        // ours), one list per region so each frees under one allocator lock.
+        let mut puts: Vec<Vec<Pfn>> = vec![Vec::new(); self.regions.len()];
+        let mut zero_puts = Vec::new();
+        let regions = &self.regions;
         let mut pt = self.mm.pt_lock();
         let vma_writable = self.writable;
         for (i, e) in self.entries.iter_mut().enumerate() {
             let va = VirtAddr(self.start.0 + i as u64 * PAGE_SIZE);
-            let new_entry = |r: &Region, p: Pfn, write: bool| {
+            let new_entry = |r: u32, p: Pfn, write: bool| {
+                let r = &regions[r as usize];
                 r.meta(p).set(flags::ANON_EXCLUSIVE);
                 if r.kind().is_device_private() {
                     Pte::device(p, write)
@@ -494,17 +513,19 @@ impl MigrateVma<'_> {
                 (Some(old), Some(src)) => {
                     // A collected page: ours to switch or restore.
                     debug_assert_eq!(pt.get(va), Pte::migration(old, e.src.write));
+                    let region = &regions[src as usize];
+                    let list = &mut puts[src as usize];
                     let dst = if e.src.migrate { e.dst.take() } else { None };
                     if let Some((r, p)) = dst {
-                        pt.set(va, new_entry(&r, p, e.src.write));
-                        src.bump_generation(old);
-                        src.unlock_page(old);
-                        puts.push((src.clone(), old)); // the migration's reference
-                        puts.push((src, old)); // the old entry's
+                        pt.set(va, new_entry(r, p, e.src.write));
+                        region.bump_generation(old);
+                        region.unlock_page(old);
+                        list.push(old); // the migration's reference
+                        list.push(old); // the old entry's
                     } else {
                         pt.set(va, e.old);
-                        src.unlock_page(old);
-                        puts.push((src, old));
+                        region.unlock_page(old);
+                        list.push(old);
                     }
                 }
                 (None, _) if e.src.migrate && !e.inserted => {
@@ -512,10 +533,8 @@ impl MigrateVma<'_> {
                     // in unless a fault filled it.
                     if let Some((r, p)) = e.dst.take() {
                         if pt.get(va) == e.old {
-                            pt.set(va, new_entry(&r, p, vma_writable));
-                            if let Some(zero) = e.old.pfn() {
-                                puts.push((self.mm.phys().ram().clone(), zero));
-                            }
+                            pt.set(va, new_entry(r, p, vma_writable));
+                            zero_puts.extend(e.old.pfn());
                         } else {
                             e.dst = Some((r, p));
                         }
@@ -527,11 +546,28 @@ impl MigrateVma<'_> {
         drop(pt);
         for e in &mut self.entries {
             if let Some((r, p)) = e.dst.take() {
-                puts.push((r, p));
+                puts[r as usize].push(p);
             }
         }
-        put_batched(puts);
+        for (r, list) in regions.iter().zip(&puts) {
+            if !list.is_empty() {
+                r.put_many(list);
+            }
+        }
+        self.mm.phys().ram().put_many(&zero_puts);
     }
+}
+
+/// The index of `r` in `regions`, added if new.
+fn region_index(regions: &mut Vec<Arc<Region>>, r: &Arc<Region>) -> u32 {
+    let idx = match regions.iter().position(|x| Arc::ptr_eq(x, r)) {
+        Some(i) => i,
+        None => {
+            regions.push(r.clone());
+            regions.len() - 1
+        }
+    };
+    u32::try_from(idx).unwrap_or_else(|_| unreachable!("fewer regions than pages"))
 }
 
 impl Drop for MigrateVma<'_> {
