@@ -63,20 +63,6 @@ fn check_range(op: &'static str, addr: VirtAddr, len: u64) -> Result<VirtAddr, M
     Ok(VirtAddr(end))
 }
 
-/// EINVAL unless `len` bytes from page `pgoff` lie inside `obj`.
-fn check_object(op: &'static str, obj: &ShmObject, pgoff: u64, len: u64) -> Result<(), MmError> {
-    let pages = len.div_ceil(PAGE_SIZE);
-    if pgoff.checked_add(pages).is_none_or(|e| e > obj.pages()) {
-        return Err(MmError::Invalid {
-            op,
-            addr: VirtAddr(0),
-            len,
-            why: "the mapping runs past the end of the object",
-        });
-    }
-    Ok(())
-}
-
 /// Every address space of a host, so that device memory can be evicted from all that
 /// map it (the kernel finds a page's mappings through its reverse map; peerdma looks in
 /// each address space instead). Kept in [`PhysMem`]'s slot for the layers above.
@@ -253,9 +239,7 @@ impl Mm {
         len: u64,
         prot: Prot,
     ) -> Result<VirtAddr, MmError> {
-        check_object("mmap", obj, pgoff, len)?;
-        let obj = obj.clone();
-        Ok(self.mmap_vma(len, prot, VmaKind::Shared { obj, pgoff })?.0)
+        self.mmap_object(obj, pgoff, len, prot, true)
     }
 
     /// `mmap(NULL, len, prot, MAP_PRIVATE, fd, pgoff * PAGE_SIZE)` of a file: reads see
@@ -267,11 +251,33 @@ impl Mm {
         len: u64,
         prot: Prot,
     ) -> Result<VirtAddr, MmError> {
-        check_object("mmap", obj, pgoff, len)?;
+        self.mmap_object(obj, pgoff, len, prot, false)
+    }
+
+    fn mmap_object(
+        &self,
+        obj: &Arc<ShmObject>,
+        pgoff: u64,
+        len: u64,
+        prot: Prot,
+        shared: bool,
+    ) -> Result<VirtAddr, MmError> {
+        let pages = len.div_ceil(PAGE_SIZE);
+        if pgoff.checked_add(pages).is_none_or(|e| e > obj.pages()) {
+            return Err(MmError::Invalid {
+                op: "mmap",
+                addr: VirtAddr(0),
+                len,
+                why: "the mapping runs past the end of the object",
+            });
+        }
         let obj = obj.clone();
-        Ok(self
-            .mmap_vma(len, prot, VmaKind::PrivateFile { obj, pgoff })?
-            .0)
+        let kind = if shared {
+            VmaKind::Shared { obj, pgoff }
+        } else {
+            VmaKind::PrivateFile { obj, pgoff }
+        };
+        Ok(self.mmap_vma(len, prot, kind)?.0)
     }
 
     /// Maps device frames as a shared mapping, inserting every page now

@@ -86,45 +86,51 @@ impl ShmObject {
         Ok(*slot)
     }
 
+    /// The pieces of `[off, off + len)` clipped to the object, a page at a time: (page
+    /// index, offset in the page, offset from `off`, bytes).
+    fn spans(&self, off: u64, len: usize) -> impl Iterator<Item = (u64, u64, usize, usize)> {
+        let size = self.pages() * PAGE_SIZE;
+        let n = (len as u64).min(size.saturating_sub(off)) as usize;
+        let mut done = 0;
+        std::iter::from_fn(move || {
+            (done < n).then(|| {
+                let at = off + done as u64;
+                let (idx, in_page) = (at / PAGE_SIZE, at % PAGE_SIZE);
+                let len = ((PAGE_SIZE - in_page) as usize).min(n - done);
+                let piece = (idx, in_page, done, len);
+                done += len;
+                piece
+            })
+        })
+    }
+
     /// `pread(fd, buf, off)`: bytes from `off`, short at the end of the object; a page
     /// never written reads as zeros without being allocated. Returns the bytes read.
     pub fn pread(&self, off: u64, buf: &mut [u8]) -> usize {
-        let size = self.pages() * PAGE_SIZE;
-        let n = (buf.len() as u64).min(size.saturating_sub(off)) as usize;
-        let mut done = 0;
-        while done < n {
-            let at = off + done as u64;
-            let (idx, in_page) = (at / PAGE_SIZE, at % PAGE_SIZE);
-            let len = ((PAGE_SIZE - in_page) as usize).min(n - done);
+        let mut n = 0;
+        for (idx, in_page, at, len) in self.spans(off, buf.len()) {
             let page = self.pages.lock().get(idx as usize).copied().flatten();
+            let dst = &mut buf[at..at + len];
             match page {
-                Some(pfn) => self
-                    .phys
-                    .ram()
-                    .read(pfn, in_page, &mut buf[done..done + len]),
-                None => buf[done..done + len].fill(0),
+                Some(pfn) => self.phys.ram().read(pfn, in_page, dst),
+                None => dst.fill(0),
             }
-            done += len;
+            n = at + len;
         }
         n
     }
 
     /// `pwrite(fd, data, off)`: writes `data` at `off`, short at the end of the object
-    /// (an object does not grow). Returns the bytes written; ENOMEM-style failure when
-    /// a page cannot be allocated, with what was written before it kept.
+    /// (an object does not grow). Returns the bytes written; fails when a page cannot be
+    /// allocated, keeping what was written before it.
     pub fn pwrite(&self, off: u64, data: &[u8]) -> Result<usize, MemError> {
-        let size = self.pages() * PAGE_SIZE;
-        let n = (data.len() as u64).min(size.saturating_sub(off)) as usize;
-        let mut done = 0;
-        while done < n {
-            let at = off + done as u64;
-            let (idx, in_page) = (at / PAGE_SIZE, at % PAGE_SIZE);
-            let len = ((PAGE_SIZE - in_page) as usize).min(n - done);
+        let mut n = 0;
+        for (idx, in_page, at, len) in self.spans(off, data.len()) {
             let pfn = self
                 .page(idx)?
                 .unwrap_or_else(|| unreachable!("inside the object"));
-            self.phys.ram().write(pfn, in_page, &data[done..done + len]);
-            done += len;
+            self.phys.ram().write(pfn, in_page, &data[at..at + len]);
+            n = at + len;
         }
         Ok(n)
     }
