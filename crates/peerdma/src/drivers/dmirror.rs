@@ -13,18 +13,17 @@
 //! a timeout where the kernel would block until the last reference to the memory
 //! drops; huge pages are not modelled.
 
-use std::collections::BTreeMap;
-
 use crate::addr::{Pfn, VirtAddr, PAGE_SIZE};
+use crate::drivers::mirror::{
+    owner_fault_to_ram, MirrorSet, MirrorTable, PtEntry, FAULT_TIMEOUT, STEP,
+};
 use crate::errno::Errno;
 use crate::hmm::{hmm_range_fault, HmmPfn, HmmRange};
 use crate::mem::{MemError, PhysMem, Region, RegionKind};
 use crate::mm::{
     migrate_device_range, set_migrate_to_ram, DeviceFault, MigrateToRam, Mm, MmError, Select,
 };
-use crate::notifier::{
-    IntervalNotifier, IntervalNotifierOps, NotifyEvent, NotifyRange, Subscription,
-};
+use crate::notifier::{IntervalNotifier, IntervalNotifierOps, NotifyRange, Subscription};
 use crate::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use crate::sync::{order, Arc, OrderedMutex, Weak};
 
@@ -35,10 +34,6 @@ pub const DEVMEM_CHUNK_SIZE: u64 = 256 << 20;
 /// fault on a device-private page (the fault fails with ENOMEM, the page stays on the
 /// device).
 pub const FLAG_FAIL_ALLOC: u64 = 1;
-/// `HMM_RANGE_DEFAULT_TIMEOUT`: how long a fault retries a busy range.
-const FAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1000);
-/// Pages per `hmm_range_fault` or migration step (test_hmm's `pfns[64]`).
-const STEP: u64 = 64;
 /// Pages per snapshot step (test_hmm's snapshot `pfns[32]`).
 const SNAPSHOT_STEP: u64 = 32;
 
@@ -120,7 +115,7 @@ pub struct DmirrorDevice {
     /// Lock order: a leaf but for the allocator (taken to add a chunk).
     chunks: OrderedMutex<Vec<Arc<Region>>>,
     /// The open mirrors, to drop their entries for a page the CPU faults back.
-    mirrors: OrderedMutex<Vec<Weak<Mirror>>>,
+    mirrors: MirrorSet,
     /// The flags of the device (`FLAGS` sets them through any open file).
     flags: AtomicU64,
     /// The most chunks the device adds.
@@ -146,38 +141,7 @@ impl MigrateToRam for DevmemOps {
         let Some(dev) = self.0.upgrade() else {
             return fault.copy_to_ram();
         };
-        let mut m = fault.migrate_vma(Some(dev.owner))?;
-        if m.cpages() == 0 {
-            // Busy, or shared by fork (peerdma has no reverse map to move every
-            // mapping at once): the CPU-copy default copes with both.
-            drop(m);
-            return fault.copy_to_ram();
-        }
-        // Copy what was collected: the page may have moved since the fault looked
-        // (to RAM and back to another page of this device), and the frame the fault
-        // saw may already be someone else's.
-        let Some(src) = m.src()[0].pfn else {
-            return Ok(());
-        };
-        let ram = fault.mm().phys().ram().clone();
-        let new = if dev.take_fail_alloc() {
-            // `dmirror_devmem_fault_alloc_and_copy` with FAIL_ALLOC: VM_FAULT_OOM. The
-            // migration is abandoned (the page stays on the device, mapped as before).
-            Err(MmError::NoMemory {
-                op: "dmirror_devmem_fault",
-                addr: fault.va(),
-                why: "allocation failure injected (FAIL_ALLOC)".into(),
-                source: None,
-            })
-        } else {
-            ram.alloc()
-                .map_err(|e| MmError::nomem("dmirror_devmem_fault", fault.va(), e))
-        }?;
-        fault.region().copy_frame(src, &ram, new);
-        dev.forget(fault.mm(), fault.va(), PAGE_SIZE);
-        m.set_dst(0, &ram, new);
-        m.pages();
-        m.finalize();
+        owner_fault_to_ram(fault, dev.owner, &dev.mirrors, dev.take_fail_alloc())?;
         Ok(())
     }
 }
@@ -192,7 +156,7 @@ impl DmirrorDevice {
             owner: phys.next_id() | 0xd000_0000_0000,
             chunk_bytes: chunk_bytes.max(PAGE_SIZE),
             chunks: OrderedMutex::new(&order::DEVICE_MEMORY, Vec::new()),
-            mirrors: OrderedMutex::new(&order::LEAF, Vec::new()),
+            mirrors: MirrorSet::new(),
             flags: AtomicU64::new(0),
             max_chunks: AtomicUsize::new(usize::MAX),
         })
@@ -215,19 +179,13 @@ impl DmirrorDevice {
 
     /// `open()`: a mirror of `mm`, subscribed to its whole address space.
     pub fn open(self: &Arc<Self>, mm: &Arc<Mm>) -> Dmirror {
-        let mirror = Arc::new(Mirror {
-            device: self.clone(),
-            mm_id: mm.id(),
-            pt: OrderedMutex::new(&order::DEVICE_PT, BTreeMap::new()),
-        });
-        let mut mirrors = self.mirrors.lock();
-        mirrors.retain(|w| w.strong_count() > 0);
-        mirrors.push(Arc::downgrade(&mirror));
-        drop(mirrors);
+        let table = Arc::new(MirrorTable::new(self.owner, mm.id()));
+        self.mirrors.add(&table);
         let top = crate::mm::page_table::TASK_SIZE - PAGE_SIZE;
-        let sub = mm.notifier().subscribe(VirtAddr(0), top, mirror.clone());
+        let sub = mm.notifier().subscribe(VirtAddr(0), top, table.clone());
         Dmirror {
-            mirror,
+            device: self.clone(),
+            table,
             mm: mm.clone(),
             sub,
         }
@@ -321,68 +279,13 @@ impl DmirrorDevice {
     pub fn set_max_chunks(&self, chunks: usize) {
         self.max_chunks.store(chunks, Ordering::Relaxed);
     }
-
-    /// Drops every mirror's entries for `[va, va + len)` of the address space `mm`.
-    fn forget(&self, mm: &Mm, va: VirtAddr, len: u64) {
-        let mirrors: Vec<Arc<Mirror>> = self
-            .mirrors
-            .lock()
-            .iter()
-            .filter_map(Weak::upgrade)
-            .filter(|m| m.mm_id == mm.id())
-            .collect();
-        for m in mirrors {
-            m.erase(va.0, va.0 + len);
-        }
-    }
-}
-
-/// One entry of the device page table.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct PtEntry {
-    pfn: Pfn,
-    /// `DPT_XA_TAG_WRITE`: the device may write it.
-    write: bool,
-    /// `DPT_XA_TAG_ATOMIC`: the device holds it exclusively for atomics.
-    atomic: bool,
-}
-
-/// The state an open file shares with its notifier callback.
-struct Mirror {
-    device: Arc<DmirrorDevice>,
-    mm_id: crate::mm::MmId,
-    /// The device page table by page address. Lock order: before physical memory's
-    /// region list (it is held while frames are looked up and copied).
-    pt: OrderedMutex<BTreeMap<u64, PtEntry>>,
-}
-
-impl Mirror {
-    fn erase(&self, start: u64, end: u64) {
-        let mut pt = self.pt.lock();
-        let keys: Vec<u64> = pt.range(start..end).map(|(k, _)| *k).collect();
-        for k in keys {
-            pt.remove(&k);
-        }
-    }
-}
-
-impl IntervalNotifierOps for Mirror {
-    /// `dmirror_interval_invalidate`: its own migrations and exclusive grabs update
-    /// the table themselves; anything else drops the entries of the range.
-    fn invalidate(&self, _sub: &Subscription, range: &NotifyRange, _seq: u64) -> bool {
-        let own = range.owner == Some(self.device.owner);
-        if own && matches!(range.event, NotifyEvent::Migrate | NotifyEvent::Exclusive) {
-            return true;
-        }
-        self.erase(range.start.0, range.end.0);
-        true
-    }
 }
 
 /// An open `/dev/hmm_dmirrorN`: the device mirroring one process. Dropping it closes
 /// the file (the subscription ends).
 pub struct Dmirror {
-    mirror: Arc<Mirror>,
+    device: Arc<DmirrorDevice>,
+    table: Arc<MirrorTable>,
     mm: Arc<Mm>,
     sub: IntervalNotifier,
 }
@@ -390,7 +293,7 @@ pub struct Dmirror {
 impl std::fmt::Debug for Dmirror {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Dmirror")
-            .field("device", &self.mirror.device)
+            .field("device", &self.device)
             .field("mm", &self.mm.id())
             .finish()
     }
@@ -415,12 +318,12 @@ fn check(cmd: &'static str, addr: VirtAddr, npages: u64) -> Result<u64, DmirrorE
 impl Dmirror {
     /// The device.
     pub fn device(&self) -> &Arc<DmirrorDevice> {
-        &self.mirror.device
+        &self.device
     }
 
     /// The frame the device page table maps at `va`, when it maps one.
     pub fn mirrored(&self, va: VirtAddr) -> Option<Pfn> {
-        self.mirror
+        self.table
             .pt
             .lock()
             .get(&(va.0 & !(PAGE_SIZE - 1)))
@@ -429,19 +332,19 @@ impl Dmirror {
 
     /// Entries in the device page table.
     pub fn mirrored_pages(&self) -> usize {
-        self.mirror.pt.lock().len()
+        self.table.pt.lock().len()
     }
 
     /// `HMM_DMIRROR_RELEASE`: [`DmirrorDevice::release`] with the fault timeout (the
     /// range is not looked at, as test_hmm ignores it).
     pub fn release(&self) -> Result<Counts, DmirrorError> {
-        self.mirror.device.release(FAULT_TIMEOUT)?;
+        self.device.release(FAULT_TIMEOUT)?;
         Ok(Counts::default())
     }
 
     /// `HMM_DMIRROR_FLAGS`: sets the device's flags ([`FLAG_FAIL_ALLOC`]).
     pub fn set_flags(&self, flags: u64) {
-        self.mirror.device.flags.store(flags, Ordering::SeqCst);
+        self.device.flags.store(flags, Ordering::SeqCst);
     }
 
     /// `dmirror_range_fault` over `[start, end)`, 64 pages at a time.
@@ -452,82 +355,21 @@ impl Dmirror {
         end: u64,
         write: bool,
     ) -> Result<(), DmirrorError> {
-        let mut addr = start;
-        while addr < end {
-            let next = (addr + STEP * PAGE_SIZE).min(end);
-            self.range_fault(cmd, addr, next, write)?;
-            addr = next;
-        }
-        Ok(())
-    }
-
-    fn range_fault(
-        &self,
-        cmd: &'static str,
-        start: u64,
-        end: u64,
-        write: bool,
-    ) -> Result<(), DmirrorError> {
-        let deadline = std::time::Instant::now() + FAULT_TIMEOUT;
-        loop {
-            if std::time::Instant::now() > deadline {
-                return Err(DmirrorError::new(
-                    cmd,
-                    Errno::EBUSY,
-                    "the range stayed busy",
-                ));
-            }
-            let mut range = HmmRange::new(&self.sub, VirtAddr(start), VirtAddr(end));
-            range.default_flags = HmmPfn::REQ_FAULT
-                | if write {
-                    HmmPfn::REQ_WRITE
-                } else {
-                    HmmPfn::NONE
-                };
-            range.dev_private_owner = Some(self.mirror.device.owner);
-            match hmm_range_fault(&self.mm, &mut range) {
-                Ok(()) => {}
-                Err(MmError::Busy { .. }) => continue,
-                Err(e) => return Err(DmirrorError::mm(cmd, e)),
-            }
-            let mut pt = self.mirror.pt.lock();
-            if self.sub.read_retry(range.notifier_seq) {
-                continue;
-            }
-            for (i, f) in range.pfns.iter().enumerate() {
-                let pfn = f
-                    .pfn()
-                    .unwrap_or_else(|| unreachable!("faulted pages are valid"));
-                if write && !f.contains(HmmPfn::WRITE) {
-                    return Err(DmirrorError::new(
-                        cmd,
-                        Errno::EFAULT,
-                        "a write fault left the page read-only",
-                    ));
-                }
-                pt.insert(
-                    start + i as u64 * PAGE_SIZE,
-                    PtEntry {
-                        pfn,
-                        write: f.contains(HmmPfn::WRITE),
-                        atomic: false,
-                    },
-                );
-            }
-            return Ok(());
-        }
+        self.table
+            .fault(&self.mm, &self.sub, start, end, write)
+            .map_err(|e| DmirrorError::mm(cmd, e))
     }
 
     /// Copies the mirrored pages of `[start, end)` into `out` from page `done` on;
     /// stops at the first page the device table lacks (or cannot write, for
     /// `write`). Returns the pages handled.
     fn bounce(&self, start: u64, end: u64, done: u64, write: Option<&[u8]>, out: &mut [u8]) -> u64 {
-        let pt = self.mirror.pt.lock();
+        let pt = self.table.pt.lock();
         let mut n = done;
         let mut va = start + done * PAGE_SIZE;
         while va < end {
             let Some(e) = pt.get(&va).copied() else { break };
-            let Some(region) = self.mirror.device.phys.region(e.pfn) else {
+            let Some(region) = self.device.phys.region(e.pfn) else {
                 break;
             };
             let at = (n * PAGE_SIZE) as usize..((n + 1) * PAGE_SIZE) as usize;
@@ -602,7 +444,7 @@ impl Dmirror {
         let cmd = "MIGRATE_TO_DEV";
         let end = check(cmd, addr, npages)?;
         Self::check_buffer(cmd, out.len(), npages)?;
-        let dev = &self.mirror.device;
+        let dev = &self.device;
         self.each_step(cmd, addr.0, end, |start, next, vma_writable| {
             let mut m = self
                 .mm
@@ -632,7 +474,7 @@ impl Dmirror {
             m.pages();
             let src = m.src();
             {
-                let mut pt = self.mirror.pt.lock();
+                let mut pt = self.table.pt.lock();
                 for (i, dpage) in dsts {
                     if src[i].migrate {
                         // As the new entry maps it: writable as the page was, or as
@@ -701,7 +543,7 @@ impl Dmirror {
     pub fn migrate_to_sys(&self, addr: VirtAddr, npages: u64) -> Result<Counts, DmirrorError> {
         let cmd = "MIGRATE_TO_SYS";
         let end = check(cmd, addr, npages)?;
-        let dev = &self.mirror.device;
+        let dev = &self.device;
         let select = match dev.memory {
             DmirrorMemory::Private => Select::DEVICE_PRIVATE,
             DmirrorMemory::Coherent => Select::DEVICE_COHERENT,
@@ -723,7 +565,7 @@ impl Dmirror {
                 if let Some(sr) = dev.phys.region(spage) {
                     sr.copy_frame(spage, &ram, new);
                 }
-                self.mirror.erase(
+                self.table.erase(
                     start + i as u64 * PAGE_SIZE,
                     start + (i as u64 + 1) * PAGE_SIZE,
                 );
@@ -787,7 +629,7 @@ impl Dmirror {
         let cmd = "EXCLUSIVE";
         let end = check(cmd, addr, npages)?;
         Self::check_buffer(cmd, out.len(), npages)?;
-        let owner = self.mirror.device.owner;
+        let owner = self.device.owner;
         let mut va = addr.0;
         while va < end {
             let page = self
@@ -795,7 +637,7 @@ impl Dmirror {
                 .make_device_exclusive(VirtAddr(va), owner)
                 .map_err(|e| DmirrorError::mm(cmd, e))?;
             // Mapped while the page is locked: a CPU access revoking it waits.
-            self.mirror.pt.lock().insert(
+            self.table.pt.lock().insert(
                 va,
                 PtEntry {
                     pfn: page.pfn(),
@@ -815,7 +657,7 @@ impl Dmirror {
         let cmd = "CHECK_EXCLUSIVE";
         let end = check(cmd, addr, npages)?;
         if self
-            .mirror
+            .table
             .pt
             .lock()
             .range(addr.0..end)
@@ -852,13 +694,13 @@ impl Dmirror {
                 .subscribe(VirtAddr(start), next - start, Arc::new(Nop));
             let pfns = loop {
                 let mut range = HmmRange::new(&sub, VirtAddr(start), VirtAddr(next));
-                range.dev_private_owner = Some(self.mirror.device.owner);
+                range.dev_private_owner = Some(self.device.owner);
                 match hmm_range_fault(&self.mm, &mut range) {
                     Ok(()) => {}
                     Err(MmError::Busy { .. }) => continue,
                     Err(e) => return Err(DmirrorError::mm(cmd, e)),
                 }
-                let _pt = self.mirror.pt.lock();
+                let _pt = self.table.pt.lock();
                 if sub.read_retry(range.notifier_seq) {
                     continue;
                 }
@@ -881,8 +723,8 @@ impl Dmirror {
         let Some(pfn) = f.pfn() else {
             return prot::NONE;
         };
-        let mine = self.mirror.device.owner;
-        let base = match self.mirror.device.phys.region(pfn) {
+        let mine = self.device.owner;
+        let base = match self.device.phys.region(pfn) {
             Some(r) if r.kind().is_device_private() => {
                 if r.kind().owner() == Some(mine) {
                     prot::DEV_PRIVATE_LOCAL

@@ -7,6 +7,7 @@
 //! change.
 
 pub mod dmirror;
+mod mirror;
 pub mod nvme;
 
 use std::any::Any;
