@@ -18,7 +18,9 @@
 //!   data;
 //! - a CPU write racing a device taking the page for atomics leaves no stale grant;
 //! - device-memory eviction (`migrate_device_range`) racing a CPU write and a fork
-//!   keeps every write and leaves nothing on the device.
+//!   keeps every write and leaves nothing on the device;
+//! - a GPU store racing a CPU fault on its VRAM page is never lost (the GPU's entry
+//!   goes before the page is copied).
 
 #![cfg(feature = "shuttle")]
 
@@ -541,4 +543,41 @@ fn eviction_racing_a_cpu_write_and_a_fork_keeps_every_write() {
             iterations(),
         );
     }
+}
+
+#[test]
+fn a_gpu_store_racing_a_cpu_fault_on_its_vram_page_is_never_lost() {
+    // The CPU fault brings the VRAM page back through the GPU's migrate_to_ram, which
+    // must drop the GPU's entry before it copies: a store after the copy would be lost.
+    // The window is one scheduling point wide, so this runs shuttle's PCT scheduler
+    // (depth 3), which finds it within a few hundred schedules with the order reversed;
+    // the random scheduler did not in 4000.
+    shuttle::check_pct(
+        || {
+            let h = common::host(8 << 20);
+            let bdf = "0000:03:00.0".parse().unwrap();
+            let gpu = peerdma::drivers::gpu::Gpu::new(h.phys(), bdf, 16 * PAGE_SIZE).unwrap();
+            let mm = h.spawn();
+            let ctx = Arc::new(gpu.open(&mm));
+            let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+            ctx.fill(a, PAGE_SIZE, 0).unwrap();
+            assert!(mm.pte(a).is_device_private());
+            let storer = {
+                let ctx = ctx.clone();
+                thread::spawn(move || ctx.store(a, b"gpu-data").unwrap())
+            };
+            let reader = {
+                let mm = mm.clone();
+                thread::spawn(move || read8(&mm, peerdma::addr::VirtAddr(a.0 + 8)))
+            };
+            storer.join().unwrap();
+            assert_eq!(reader.join().unwrap(), [0; 8]);
+            let mut got = [0u8; 8];
+            ctx.load(a, &mut got).unwrap();
+            assert_eq!(&got, b"gpu-data", "the GPU sees its store");
+            assert_eq!(&read8(&mm, a), b"gpu-data", "and so does the CPU");
+        },
+        iterations(),
+        3,
+    );
 }

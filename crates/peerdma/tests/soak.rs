@@ -32,6 +32,7 @@ use rand_chacha::ChaCha8Rng;
 use peerdma::addr::{Bdf, Pfn, VirtAddr, PAGE_SIZE};
 use peerdma::dma::{Direction, DmaError, DmaMapping, SgTable};
 use peerdma::drivers::dmirror::{Dmirror, DmirrorDevice, DmirrorMemory};
+use peerdma::drivers::gpu::{Gpu, GpuContext, Placement};
 use peerdma::drivers::nvme::Nvme;
 use peerdma::errno::Errno;
 use peerdma::gup::{get_user_dma_sg, GupError, UserDmaSg, UserSg};
@@ -108,6 +109,10 @@ enum Op {
     HmmMigrate,
     HmmExclusive,
     Evict,
+    GpuRead,
+    GpuWrite,
+    GpuPlace,
+    GpuEvict,
 }
 
 /// Weighted operation mix.
@@ -138,6 +143,10 @@ const MIX: &[(Op, u32)] = &[
     (Op::HmmMigrate, 3),
     (Op::HmmExclusive, 2),
     (Op::Evict, 1),
+    (Op::GpuRead, 4),
+    (Op::GpuWrite, 4),
+    (Op::GpuPlace, 1),
+    (Op::GpuEvict, 1),
 ];
 
 struct Proc {
@@ -145,6 +154,8 @@ struct Proc {
     shared: VirtAddr,
     /// The HMM test device's mirror of this process.
     hmm: Dmirror,
+    /// The GPU's context mirroring this process (unified memory).
+    gpu: GpuContext,
 }
 
 /// What every thread shares.
@@ -760,6 +771,48 @@ impl<'w> Worker<'w> {
                     Err(e) => fail(seed, self.t, op, e.to_string()),
                 }
             }
+            Op::GpuRead | Op::GpuWrite => {
+                // The GPU loads or stores this thread's slot through its page table
+                // (migrating the page into VRAM on first touch, or mapping it remotely):
+                // it must see and leave what the oracle says.
+                let ctx = &w.procs[proc].gpu;
+                if op == Op::GpuWrite {
+                    let tag = self.tag();
+                    ctx.store(slot, &tag.to_le_bytes())
+                        .unwrap_or_else(|e| fail(seed, self.t, op, e.to_string()));
+                    self.oracle[proc][page as usize] = tag;
+                } else {
+                    let mut b = [0u8; 8];
+                    ctx.load(slot, &mut b)
+                        .unwrap_or_else(|e| fail(seed, self.t, op, e.to_string()));
+                    let want = self.oracle[proc][page as usize];
+                    self.check(seed, op, u64::from_le_bytes(b), want, "gpu load");
+                }
+            }
+            Op::GpuPlace => {
+                let place = if self.rng.gen_bool(0.5) {
+                    Placement::Remote
+                } else {
+                    Placement::MigrateOnTouch
+                };
+                let page_va = VirtAddr(w.procs[proc].shared.0 + page * PAGE_SIZE);
+                ok_or_fail(
+                    w.procs[proc]
+                        .gpu
+                        .set_placement(page_va, PAGE_SIZE, place)
+                        .map_err(|e| e.to_string()),
+                );
+            }
+            Op::GpuEvict => {
+                let ev = w.procs[proc]
+                    .gpu
+                    .gpu()
+                    .evict()
+                    .unwrap_or_else(|e| fail(seed, self.t, op, e.to_string()));
+                if let Some((pfn, e)) = ev.refused.first() {
+                    fail(seed, self.t, op, format!("VRAM page {pfn} stayed: {e}"));
+                }
+            }
             Op::HmmRead | Op::HmmMigrate | Op::HmmExclusive => {
                 // The HMM test device reads the page through its mirror
                 // (hmm_range_fault), moves it into its memory (migrate_vma), or takes
@@ -897,7 +950,16 @@ fn pick(rng: &mut ChaCha8Rng) -> Op {
     let hmm = hmm_ops();
     let mix = || {
         MIX.iter().filter(move |(op, _)| {
-            hmm || !matches!(op, Op::HmmRead | Op::HmmMigrate | Op::HmmExclusive)
+            hmm || !matches!(
+                op,
+                Op::HmmRead
+                    | Op::HmmMigrate
+                    | Op::HmmExclusive
+                    | Op::GpuRead
+                    | Op::GpuWrite
+                    | Op::GpuPlace
+                    | Op::GpuEvict
+            )
         })
     };
     let total: u32 = mix().map(|(_, w)| w).sum();
@@ -921,12 +983,20 @@ fn build(iommu: bool) -> World {
         .memremap_pages(RegionKind::DeviceCoherent { owner: 0xd2 }, 8 << 20)
         .unwrap();
     let hmm_dev = DmirrorDevice::new(&phys, DmirrorMemory::Private, 8 << 20);
+    // A GPU with little VRAM, so first touches also find it full.
+    let gpu = Gpu::new(&phys, "0000:03:00.0".parse().unwrap(), 64 * PAGE_SIZE).unwrap();
     let procs = (0..PROCS)
         .map(|_| {
             let mm = host.spawn();
             let shared = mm.mmap_anon(SHARED_PAGES * PAGE_SIZE, Prot::RW).unwrap();
             let hmm = hmm_dev.open(&mm);
-            Proc { mm, shared, hmm }
+            let gpu = gpu.open(&mm);
+            Proc {
+                mm,
+                shared,
+                hmm,
+                gpu,
+            }
         })
         .collect();
     let devices: Vec<Bdf> = [

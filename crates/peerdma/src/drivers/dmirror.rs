@@ -562,13 +562,15 @@ impl Dmirror {
                 let new = ram
                     .alloc()
                     .map_err(|e: MemError| DmirrorError::new(cmd, Errno::ENOMEM, e.to_string()))?;
-                if let Some(sr) = dev.phys.region(spage) {
-                    sr.copy_frame(spage, &ram, new);
-                }
+                // The device lets go before the copy, so no write of its lands in the
+                // old page afterwards.
                 self.table.erase(
                     start + i as u64 * PAGE_SIZE,
                     start + (i as u64 + 1) * PAGE_SIZE,
                 );
+                if let Some(sr) = dev.phys.region(spage) {
+                    sr.copy_frame(spage, &ram, new);
+                }
                 m.set_dst(i, &ram, new);
             }
             m.pages();

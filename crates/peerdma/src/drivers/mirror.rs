@@ -232,8 +232,11 @@ pub(crate) fn owner_fault_to_ram(
     } else {
         ram.alloc().map_err(|e| MmError::nomem(op, fault.va(), e))
     }?;
-    fault.region().copy_frame(src, &ram, new);
+    // The device lets go first: dropping its entries waits for any access in progress
+    // (it holds the table) and stops new ones, so nothing writes the old page after
+    // the copy (test_hmm erases before copy_highpage too).
     mirrors.forget(fault.mm().id(), fault.va(), PAGE_SIZE);
+    fault.region().copy_frame(src, &ram, new);
     m.set_dst(0, &ram, new);
     m.pages();
     let moved = m.src()[0].migrate;

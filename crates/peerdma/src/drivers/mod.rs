@@ -7,6 +7,7 @@
 //! change.
 
 pub mod dmirror;
+pub mod gpu;
 mod mirror;
 pub mod nvme;
 
