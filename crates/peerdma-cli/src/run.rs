@@ -1,7 +1,9 @@
-//! `peerdma run`: the main job on an emulated host. With no scenario it runs the
-//! built-in p2pmem-test copy on the workstation preset: drive A reads into drive B's
-//! controller memory buffer mapped in a process, drive B writes it out, then the same
-//! through host RAM; every byte is checked and the report says what moved where.
+//! `peerdma run`: a built-in job on an emulated host. With no argument (or `p2pmem`)
+//! it runs the p2pmem-test copy on the workstation preset: drive A reads into drive
+//! B's controller memory buffer mapped in a process, drive B writes it out, then the
+//! same through host RAM; every byte is checked and the report says what moved where.
+//! `peerdma run hmm` runs the HMM job: a process buffer mirrored into a GPU, GPU work
+//! migrating it into VRAM under VRAM pressure, the CPU reading it back.
 
 use std::path::PathBuf;
 
@@ -12,13 +14,15 @@ use peerdma::addr::Bdf;
 use peerdma::fabric::import::file;
 use peerdma::fabric::{preset, Topology};
 use peerdma::host::{Host, HostConfig};
+use peerdma::scenario::hmm_job::{self, HmmJobParams, HmmJobReport};
 use peerdma::scenario::p2p_copy::{self, P2pCopyParams, P2pCopyReport};
 
 /// What to run.
 #[derive(Args)]
 pub struct RunArgs {
-    /// A scenario file; only the built-in p2pmem-test copy exists so far.
-    scenario: Option<PathBuf>,
+    /// A built-in job: `p2pmem` (the default) or `hmm`. Scenario files are not
+    /// supported yet.
+    job: Option<PathBuf>,
     /// The machine: a preset name or a topology TOML file.
     #[arg(long, default_value = "workstation")]
     topology: String,
@@ -41,6 +45,18 @@ pub struct RunArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// HMM job: bytes of process memory the GPU works on.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    buffer_size: u64,
+    /// HMM job: VRAM per GPU (smaller than the buffer puts it under pressure).
+    #[arg(long, default_value = "32M", value_parser = parse_size)]
+    vram: u64,
+    /// HMM job: GPU passes over the buffer (VRAM is evicted between them).
+    #[arg(long, default_value_t = 3)]
+    passes: u32,
+    /// HMM job: the GPU to use (default: the first).
+    #[arg(long)]
+    gpu: Option<Bdf>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -69,11 +85,16 @@ fn load(topology: &str) -> Result<Topology> {
 }
 
 pub fn run(args: &RunArgs) -> Result<()> {
-    if let Some(s) = &args.scenario {
-        bail!(
-            "scenario files are not supported yet ({}); run without one for the built-in p2pmem-test copy",
-            s.display()
-        );
+    match args.job.as_ref().and_then(|p| p.to_str()) {
+        None | Some("p2pmem") => {}
+        Some("hmm") => return run_hmm(args),
+        Some(_) => {
+            let s = args.job.as_ref().map(|p| p.display().to_string());
+            bail!(
+                "`{}` is not a built-in job (p2pmem, hmm), and scenario files are not supported yet",
+                s.unwrap_or_default()
+            );
+        }
     }
     let topo = load(&args.topology)?;
     let capacity = (2 * args.chunk_size * args.chunks)
@@ -171,6 +192,109 @@ fn print(host: &Host, r: &P2pCopyReport) {
     );
     if r.sanitizer.is_empty() {
         println!("  sanitizer: clean (every device access was through a live mapping)");
+    } else {
+        println!("  sanitizer: {} violations", r.sanitizer.len());
+        for v in &r.sanitizer {
+            println!("    {v}");
+        }
+    }
+}
+
+/// `peerdma run hmm`.
+fn run_hmm(args: &RunArgs) -> Result<()> {
+    let topo = load(&args.topology)?;
+    let specs = Host::gpu_specs(&topo, args.vram);
+    if specs.is_empty() {
+        bail!(
+            "{} has no GPU-class function for the GPU model to bind to",
+            topo.source()
+        );
+    }
+    let ram = (4 * args.buffer_size).max(64 << 20);
+    let host = Host::build(
+        topo,
+        &HostConfig {
+            ram_bytes: ram,
+            iommu: args.iommu,
+        },
+        &specs,
+    )
+    .context("building the emulated host")?;
+    let params = HmmJobParams {
+        buffer_bytes: args.buffer_size,
+        passes: args.passes,
+        gpu: args.gpu,
+    };
+    let bar = if args.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(u64::from(args.passes) + 2).with_style(
+            ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} phases")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        )
+    };
+    bar.set_message("hmm");
+    let report = hmm_job::run(&host, &params, &mut |done, _| {
+        bar.set_position(u64::from(done))
+    });
+    bar.finish_and_clear();
+    let report = report.with_context(|| format!("HMM job on {}", host.topology().source()))?;
+    if args.json {
+        let mut v = serde_json::to_value(&report)?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("schema".into(), "peerdma-run-hmm/1".into());
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print_hmm(&host, &report);
+    }
+    if !report.verified || !report.quiescent || !report.sanitizer.is_empty() {
+        bail!("the HMM job did not verify, leaked, or the sanitizer caught violations (see the report)");
+    }
+    Ok(())
+}
+
+fn print_hmm(host: &Host, r: &HmmJobReport) {
+    println!(
+        "HMM job on {}: {:.0} MiB of process memory mirrored into GPU {} with {:.0} MiB of VRAM, {} passes",
+        host.topology().source(),
+        mib(r.buffer_bytes),
+        r.gpu,
+        mib(r.vram_bytes),
+        r.passes
+    );
+    for p in &r.phases {
+        println!(
+            "  {:<18} {:>8.3} s   {:>7} pages in VRAM after",
+            p.name, p.seconds, p.vram_pages
+        );
+    }
+    let s = &r.gpu_stats;
+    println!(
+        "  GPU faults {}, migrated into VRAM {} pages, mapped remotely {} (VRAM full {}), evicted {}, brought back by the CPU {}",
+        s.faults, s.migrated_to_vram, s.remote_mapped, s.vram_full, s.evicted, s.migrated_to_ram
+    );
+    println!(
+        "  checksums: GPU {:#x}, CPU {:#x}: {}",
+        r.gpu_checksum,
+        r.cpu_checksum,
+        if r.verified {
+            "every u32 verified"
+        } else {
+            "MISMATCH"
+        }
+    );
+    println!(
+        "  after exit: {}",
+        if r.quiescent {
+            "nothing left (frames, pins, mappings, notifiers)".to_string()
+        } else {
+            format!("{} frames still held", r.frames_left)
+        }
+    );
+    if r.sanitizer.is_empty() {
+        println!("  sanitizer: clean (GPU work goes through the GPU page table; no DMA yet)");
     } else {
         println!("  sanitizer: {} violations", r.sanitizer.len());
         for v in &r.sanitizer {

@@ -348,6 +348,53 @@ fn run_text_report_and_refusal_on_q35() {
 }
 
 #[test]
+fn run_hmm_mirrors_a_buffer_into_a_gpu_under_vram_pressure() {
+    // 8 MiB of process memory (2048 pages), 4 MiB of VRAM (1024), 3 passes evicting
+    // in between: pass 1 migrates 1024 and maps 1024 remotely (VRAM full); each
+    // eviction returns 1024, which the next pass migrates in again; the CPU brings the
+    // last 1024 back.
+    let out = stdout(&peerdma(&[
+        "run",
+        "hmm",
+        "--buffer-size",
+        "8M",
+        "--vram",
+        "4M",
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["schema"], "peerdma-run-hmm/1");
+    assert_eq!(v["gpu"], "0000:03:00.0");
+    assert_eq!(v["verified"], true);
+    assert_eq!(v["gpu_checksum"], v["cpu_checksum"]);
+    let s = &v["gpu_stats"];
+    assert_eq!(s["faults"], 2048 + 2 * 1024);
+    assert_eq!(s["migrated_to_vram"], 3 * 1024);
+    assert_eq!(s["remote_mapped"], 1024);
+    assert_eq!(s["vram_full"], 1024);
+    assert_eq!(s["evicted"], 2 * 1024);
+    assert_eq!(s["migrated_to_ram"], 1024);
+    assert_eq!(v["quiescent"], true);
+    assert_eq!(v["frames_left"], 0);
+    let text = stdout(&peerdma(&[
+        "run",
+        "hmm",
+        "--buffer-size",
+        "1M",
+        "--passes",
+        "1",
+    ]));
+    assert!(text.contains("every u32 verified"), "{text}");
+    assert!(text.contains("nothing left"), "{text}");
+    // Unknown jobs and machines without a GPU are refused with the reason.
+    let o = peerdma(&["run", "nosuch"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8(o.stderr)
+        .unwrap()
+        .contains("not a built-in job"));
+}
+
+#[test]
 fn bench_dma_reports_against_memcpy_and_the_kernel() {
     let out = stdout(&peerdma(&[
         "bench",

@@ -289,8 +289,18 @@ impl Gpu {
     /// (`migrate_device_range`): what VRAM pressure and removal do. Pinned pages cannot
     /// be (device-private pages never are: a pin brings them back first).
     pub fn evict(&self) -> Result<DeviceRangeEviction, MmError> {
+        // Eviction moves pages through the GPU's own migrate_to_ram, which counts
+        // them as brought back by the CPU: count them as evicted instead (pages a CPU
+        // access brings back while an eviction runs may land in either count).
+        let back = self.stats.migrated_to_ram.load(Ordering::Relaxed);
         let ev =
             migrate_device_range(&self.phys, &self.vram, self.vram.base(), self.vram.frames())?;
+        let by_eviction = (self.stats.migrated_to_ram.load(Ordering::Relaxed))
+            .saturating_sub(back)
+            .min(ev.moved);
+        self.stats
+            .migrated_to_ram
+            .fetch_sub(by_eviction, Ordering::Relaxed);
         bump(&self.stats.evicted, ev.moved);
         Ok(ev)
     }

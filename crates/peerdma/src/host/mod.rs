@@ -172,6 +172,22 @@ impl Host {
         Ok(())
     }
 
+    /// A GPU model (`drivers::gpu`) with `vram_bytes` of VRAM for every GPU-class
+    /// endpoint of `topo`.
+    pub fn gpu_specs(topo: &Topology, vram_bytes: u64) -> Vec<DeviceSpec> {
+        topo.functions()
+            .iter()
+            .filter(|f| f.kind == PortKind::Endpoint && f.device_class() == DeviceClass::Gpu)
+            .map(|f| {
+                crate::drivers::gpu::GpuSpec {
+                    bdf: f.bdf,
+                    vram_bytes,
+                }
+                .into()
+            })
+            .collect()
+    }
+
     /// Every NVMe endpoint of the topology as a controller with a namespace of
     /// `capacity` bytes; a prefetchable BAR 2 of at least 2 MiB becomes its CMB.
     pub fn nvme_specs(topo: &Topology, capacity: u64) -> Vec<DeviceSpec> {

@@ -2,4 +2,5 @@
 //! its processes and its devices only through the public calls a program or a driver
 //! would make.
 
+pub mod hmm_job;
 pub mod p2p_copy;
