@@ -395,6 +395,22 @@ fn run_hmm_mirrors_a_buffer_into_a_gpu_under_vram_pressure() {
 }
 
 #[test]
+fn bench_gpu_reports_unified_memory_against_memcpy() {
+    let out = stdout(&peerdma(&[
+        "bench", "gpu", "--bytes", "4194304", "--runs", "1",
+    ]));
+    assert!(out.contains("1024 pages (4 MiB)"), "{out}");
+    for line in [
+        "GPU first touch, migrate into VRAM",
+        "GPU first touch, remote access",
+        "GPU read, all pages mapped",
+    ] {
+        assert!(out.contains(line), "{out}");
+    }
+    assert_eq!(out.matches("x memcpy").count(), 3, "{out}");
+}
+
+#[test]
 fn bench_dma_reports_against_memcpy_and_the_kernel() {
     let out = stdout(&peerdma(&[
         "bench",

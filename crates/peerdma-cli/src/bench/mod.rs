@@ -2,6 +2,7 @@
 //! `cargo bench`), each reported beside a baseline measured in the same run.
 
 pub mod dma;
+pub mod gpu;
 pub mod hmm;
 pub mod mm;
 
@@ -39,6 +40,16 @@ enum Which {
         #[arg(long, default_value_t = 1 << 30)]
         bytes: u64,
         /// Runs; medians are reported.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// The GPU model's unified memory: first-touch faults (migrating or remote) and
+    /// mapped reads, against memcpy.
+    Gpu {
+        /// Bytes of process memory the GPU touches (default 1 GiB).
+        #[arg(long, default_value_t = 1 << 30)]
+        bytes: u64,
+        /// Alternating runs; medians are reported.
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
@@ -104,6 +115,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             runs,
         } => {
             dma::print(&dma::run(transfer, bytes, runs)?);
+            Ok(())
+        }
+        Which::Gpu { bytes, runs } => {
+            gpu::print(&gpu::run(bytes, runs)?);
             Ok(())
         }
         Which::Hmm { bytes, runs } => {
