@@ -20,7 +20,9 @@
 //! - device-memory eviction (`migrate_device_range`) racing a CPU write and a fork
 //!   keeps every write and leaves nothing on the device;
 //! - a GPU store racing a CPU fault on its VRAM page is never lost (the GPU's entry
-//!   goes before the page is copied).
+//!   goes before the page is copied);
+//! - a GPU first touch (migrating or remote) racing munmap leaves no stale GPU entry
+//!   and nothing in VRAM.
 
 #![cfg(feature = "shuttle")]
 
@@ -580,4 +582,44 @@ fn a_gpu_store_racing_a_cpu_fault_on_its_vram_page_is_never_lost() {
         iterations(),
         3,
     );
+}
+
+#[test]
+fn a_gpu_first_touch_racing_munmap_leaves_no_stale_gpu_entry() {
+    // The GPU migrates the page into VRAM (or maps it remotely) while the process
+    // unmaps it: afterwards the GPU maps nothing there, and VRAM holds nothing.
+    use peerdma::drivers::gpu::Placement;
+    for placement in [Placement::MigrateOnTouch, Placement::Remote] {
+        shuttle::check_random(
+            move || {
+                let h = common::host(8 << 20);
+                let bdf = "0000:03:00.0".parse().unwrap();
+                let gpu = peerdma::drivers::gpu::Gpu::new(h.phys(), bdf, 16 * PAGE_SIZE).unwrap();
+                let mm = h.spawn();
+                let ctx = Arc::new(gpu.open(&mm));
+                let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+                mm.write(a, b"cpu-data").unwrap();
+                ctx.set_placement(a, PAGE_SIZE, placement).unwrap();
+                let toucher = {
+                    let ctx = ctx.clone();
+                    thread::spawn(move || {
+                        let mut b = [0u8; 8];
+                        ctx.load(a, &mut b).map(|()| b)
+                    })
+                };
+                let unmapper = {
+                    let mm = mm.clone();
+                    thread::spawn(move || mm.munmap(a, PAGE_SIZE).unwrap())
+                };
+                unmapper.join().unwrap();
+                match toucher.join().unwrap() {
+                    Ok(b) => assert_eq!(&b, b"cpu-data"),
+                    Err(e) => assert_eq!(e.errno(), peerdma::errno::Errno::EFAULT, "{e}"),
+                }
+                assert_eq!(ctx.mapped(a), None, "no stale GPU entry");
+                assert_eq!(gpu.vram_bytes().1, 0, "nothing left in VRAM");
+            },
+            iterations(),
+        );
+    }
 }
