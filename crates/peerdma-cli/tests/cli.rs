@@ -350,9 +350,9 @@ fn run_text_report_and_refusal_on_q35() {
 #[test]
 fn run_hmm_mirrors_a_buffer_into_a_gpu_under_vram_pressure() {
     // 8 MiB of process memory (2048 pages), 4 MiB of VRAM (1024), 3 passes evicting
-    // in between: pass 1 migrates 1024 and maps 1024 remotely (VRAM full); each
-    // eviction returns 1024, which the next pass migrates in again; the CPU brings the
-    // last 1024 back.
+    // in between: pass 1 migrates 1024 in 16 faults of 64 pages and maps 1024
+    // remotely, a fault each (VRAM full); each eviction returns 1024, which the next
+    // pass migrates in again in 16 faults; the CPU brings the last 1024 back.
     let out = stdout(&peerdma(&[
         "run",
         "hmm",
@@ -368,7 +368,7 @@ fn run_hmm_mirrors_a_buffer_into_a_gpu_under_vram_pressure() {
     assert_eq!(v["verified"], true);
     assert_eq!(v["gpu_checksum"], v["cpu_checksum"]);
     let s = &v["gpu_stats"];
-    assert_eq!(s["faults"], 2048 + 2 * 1024);
+    assert_eq!(s["faults"], 1024 + 3 * 16);
     assert_eq!(s["migrated_to_vram"], 3 * 1024);
     assert_eq!(s["remote_mapped"], 1024);
     assert_eq!(s["vram_full"], 1024);

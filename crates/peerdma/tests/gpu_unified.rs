@@ -64,10 +64,12 @@ fn first_touch_migrates_into_vram_and_a_cpu_access_brings_it_back() {
     }
     assert_eq!(gpu.vram_bytes().1, n * PAGE_SIZE, "VRAM used");
     let s = gpu.stats();
-    assert_eq!((s.faults, s.migrated_to_vram, s.remote_mapped), (n, n, 0));
+    // One fault migrates the whole window around it (FAULT_AROUND pages, inside the
+    // VMA): here all eight pages.
+    assert_eq!((s.faults, s.migrated_to_vram, s.remote_mapped), (1, n, 0));
     // A second pass finds everything mapped: no fault.
     assert_eq!(ctx.checksum(a, n * PAGE_SIZE).unwrap(), sum(&data));
-    assert_eq!(gpu.stats().faults, n);
+    assert_eq!(gpu.stats().faults, 1);
     // The CPU reads: every page comes back, the GPU table forgets it.
     assert_eq!(read(&p, a, n * PAGE_SIZE), data);
     assert_eq!(gpu.stats().migrated_to_ram, n);
@@ -324,9 +326,40 @@ fn closing_the_context_and_exiting_leave_nothing_behind() {
     assert_eq!(
         gpu.stats(),
         GpuStats {
-            faults: 8,
+            faults: 1,
             migrated_to_vram: 8,
             ..GpuStats::default()
         }
     );
+}
+
+#[test]
+fn a_fault_migrates_its_window_inside_the_vma_and_only_pages_placed_to_move() {
+    // FAULT_AROUND pages, aligned, clipped to the VMA; pages placed Remote stay.
+    use peerdma::drivers::gpu::FAULT_AROUND;
+    let (h, gpu) = with_gpu(4 * FAULT_AROUND);
+    let p = h.spawn();
+    let ctx = gpu.open(&p);
+    let n = 2 * FAULT_AROUND;
+    let a = p.mmap_anon(n * PAGE_SIZE, Prot::RW).unwrap();
+    p.write(a, &pattern(n)).unwrap();
+    let window = FAULT_AROUND * PAGE_SIZE;
+    let first = a.0.next_multiple_of(window); // the first aligned window inside
+    let pg = |i: u64| VirtAddr(a.0 + i * PAGE_SIZE);
+    let remote_at = (first - a.0) / PAGE_SIZE + 3;
+    ctx.set_placement(pg(remote_at), PAGE_SIZE, Placement::Remote)
+        .unwrap();
+    ctx.checksum(VirtAddr(first + 5 * PAGE_SIZE), 8).unwrap();
+    let in_vram: Vec<u64> = (0..n)
+        .filter(|&i| p.pte(pg(i)).is_device_private())
+        .collect();
+    let want: Vec<u64> = (0..n)
+        .filter(|&i| {
+            let va = a.0 + i * PAGE_SIZE;
+            va >= first && va < first + window && i != remote_at
+        })
+        .collect();
+    assert_eq!(in_vram, want);
+    assert_eq!(gpu.stats().faults, 1);
+    assert_eq!(ctx.mapped(pg(remote_at)), None, "not touched, not mapped");
 }

@@ -22,7 +22,9 @@
 //! - a GPU store racing a CPU fault on its VRAM page is never lost (the GPU's entry
 //!   goes before the page is copied);
 //! - a GPU first touch (migrating or remote) racing munmap leaves no stale GPU entry
-//!   and nothing in VRAM.
+//!   and nothing in VRAM;
+//! - a GPU store through a remote mapping racing a fault that migrates its window is
+//!   never lost (mapped pages stay out of the window).
 
 #![cfg(feature = "shuttle")]
 
@@ -622,4 +624,40 @@ fn a_gpu_first_touch_racing_munmap_leaves_no_stale_gpu_entry() {
             iterations(),
         );
     }
+}
+
+#[test]
+fn a_gpu_store_through_a_remote_mapping_racing_a_window_migration_is_never_lost() {
+    // Page 0 is mapped remotely; a fault on page 1 migrates its window. Page 0 must
+    // not move under a GPU store through its entry (the soak found that lost write).
+    use peerdma::drivers::gpu::Placement;
+    shuttle::check_pct(
+        || {
+            let h = common::host(8 << 20);
+            let bdf = "0000:03:00.0".parse().unwrap();
+            let gpu = peerdma::drivers::gpu::Gpu::new(h.phys(), bdf, 16 * PAGE_SIZE).unwrap();
+            let mm = h.spawn();
+            let ctx = Arc::new(gpu.open(&mm));
+            let a = mm.mmap_anon(2 * PAGE_SIZE, Prot::RW).unwrap();
+            let b = peerdma::addr::VirtAddr(a.0 + PAGE_SIZE);
+            mm.write(a, &[1; 2 * PAGE_SIZE as usize]).unwrap();
+            ctx.set_placement(a, PAGE_SIZE, Placement::Remote).unwrap();
+            ctx.fill(a, 8, 0).unwrap(); // mapped remotely now
+            ctx.set_placement(a, PAGE_SIZE, Placement::MigrateOnTouch)
+                .unwrap();
+            let storer = {
+                let ctx = ctx.clone();
+                thread::spawn(move || ctx.store(a, b"gpu-data").unwrap())
+            };
+            let toucher = {
+                let ctx = ctx.clone();
+                thread::spawn(move || ctx.checksum(b, 8).unwrap())
+            };
+            storer.join().unwrap();
+            assert_eq!(toucher.join().unwrap(), 8);
+            assert_eq!(&read8(&mm, a), b"gpu-data");
+        },
+        iterations(),
+        3,
+    );
 }

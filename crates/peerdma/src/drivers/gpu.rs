@@ -35,6 +35,10 @@ use crate::sync::{order, Arc, OrderedMutex, Weak};
 
 /// VRAM per GPU unless configured.
 pub const DEFAULT_VRAM: u64 = 16 << 30;
+/// Pages a GPU fault migrates at once: the aligned 256 KiB window around the faulting
+/// page, inside its VMA (drivers fault ranges: nouveau up to 2 MiB, amdgpu whole SVM
+/// ranges).
+pub const FAULT_AROUND: u64 = 64;
 
 /// Where a range's pages go when the GPU first touches them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -604,18 +608,28 @@ impl GpuContext {
         Ok(())
     }
 
-    /// Migrates `page` into VRAM and maps it: false when it does not move (no VMA or
-    /// one it cannot migrate in, a page that is pinned, shared or not anonymous, a
-    /// read-only page the GPU wants to write, or VRAM full), for the caller to map it
+    /// Migrates the pages around `page` (its [`FAULT_AROUND`] window, inside its VMA)
+    /// that are placed to migrate on touch into VRAM and maps them, as drivers fault a
+    /// range at a time. Returns whether `page` itself moved; when it did not (no VMA
+    /// or one it cannot migrate in, a page that is pinned, shared or not anonymous, a
+    /// read-only page the GPU wants to write, or VRAM full) the caller maps it
     /// remotely.
     fn migrate_in(&self, page: u64, write: bool) -> Result<bool, GpuError> {
         let gpu = &self.gpu;
         let Some(vma) = self.mm.vma(VirtAddr(page)).filter(|v| v.prot.readable()) else {
             return Ok(false); // the remote path reports the fault
         };
+        let span = FAULT_AROUND * PAGE_SIZE;
+        let start = (page - page % span).max(vma.start.0);
+        let end = (page - page % span + span).min(vma.end.0);
+        // Placement is read before the migration holds the address-space lock.
+        let wanted: Vec<bool> = (start..end)
+            .step_by(PAGE_SIZE as usize)
+            .map(|va| self.placement_of(va) == Placement::MigrateOnTouch)
+            .collect();
         let mut m = match self.mm.migrate_vma_setup(
-            VirtAddr(page),
-            VirtAddr(page + PAGE_SIZE),
+            VirtAddr(start),
+            VirtAddr(end),
             Select::SYSTEM,
             Some(gpu.owner),
         ) {
@@ -629,41 +643,69 @@ impl GpuContext {
                 })
             }
         };
-        let src = m.src()[0];
-        // A read-only page (copy-on-write) would need a CPU write fault right after:
-        // a write maps it remotely, breaking COW in RAM, instead.
-        if !src.migrate || (write && src.pfn.is_some() && !src.write) {
-            return Ok(false);
-        }
-        let Some(dst) = gpu.alloc_vram() else {
-            bump(&gpu.stats.vram_full, 1);
-            return Ok(false);
+        let me = ((page - start) / PAGE_SIZE) as usize;
+        // Pages the GPU maps already stay where they are: its own migration does not
+        // drop its entries, and a GPU store through one after the copy would be lost
+        // (the soak found that). No entry appears for a collected page meanwhile: a
+        // fault on it waits for the migration, and a fault result from before it is
+        // stale by the notifier's sequence.
+        let mapped: Vec<bool> = {
+            let pt = self.table.pt.lock();
+            (0..wanted.len())
+                .map(|i| pt.contains_key(&(start + i as u64 * PAGE_SIZE)))
+                .collect()
         };
-        if let Some(s) = src.pfn {
-            if let Some(r) = gpu.phys.region(s) {
-                r.copy_frame(s, &gpu.vram, dst);
+        let mut chosen = Vec::new();
+        let mut full = false;
+        for (i, src) in m.src().iter().enumerate() {
+            // A read-only page (copy-on-write) would need a CPU write fault right
+            // after: a write maps it remotely, breaking COW in RAM, instead.
+            if !src.migrate || !wanted[i] || mapped[i] || (write && src.pfn.is_some() && !src.write)
+            {
+                continue;
             }
-        }
-        m.set_dst(0, &gpu.vram, dst);
-        m.pages();
-        let moved = m.src()[0].migrate;
-        if moved {
-            // Mapped while the page is still locked by the migration: a CPU access
-            // bringing it back waits, then drops this entry.
-            let write = if src.pfn.is_some() {
+            let Some(dst) = gpu.alloc_vram() else {
+                full = true;
+                break;
+            };
+            if let Some(s) = src.pfn {
+                if let Some(r) = gpu.phys.region(s) {
+                    r.copy_frame(s, &gpu.vram, dst);
+                }
+            }
+            // Writable as the page was, or as the mapping is for an empty entry.
+            let w = if src.pfn.is_some() {
                 src.write
             } else {
                 vma.prot.writable()
             };
-            let entry = PtEntry {
-                pfn: dst,
-                write,
-                atomic: false,
-            };
-            self.table.pt.lock().insert(page, entry);
-            bump(&gpu.stats.migrated_to_vram, 1);
+            chosen.push((i, dst, w));
+        }
+        for &(i, dst, _) in &chosen {
+            m.set_dst(i, &gpu.vram, dst);
+        }
+        m.pages();
+        let moved = m.src();
+        let mut mine = false;
+        {
+            // Mapped while the pages are still locked by the migration: a CPU access
+            // bringing one back waits, then drops its entry.
+            let mut pt = self.table.pt.lock();
+            for &(i, dst, write) in chosen.iter().filter(|(i, _, _)| moved[*i].migrate) {
+                let entry = PtEntry {
+                    pfn: dst,
+                    write,
+                    atomic: false,
+                };
+                pt.insert(start + i as u64 * PAGE_SIZE, entry);
+                bump(&gpu.stats.migrated_to_vram, 1);
+                mine |= i == me;
+            }
         }
         m.finalize();
-        Ok(moved)
+        if full && !mine {
+            bump(&gpu.stats.vram_full, 1);
+        }
+        Ok(mine)
     }
 }
