@@ -363,3 +363,27 @@ fn a_fault_migrates_its_window_inside_the_vma_and_only_pages_placed_to_move() {
     assert_eq!(gpu.stats().faults, 1);
     assert_eq!(ctx.mapped(pg(remote_at)), None, "not touched, not mapped");
 }
+
+#[test]
+fn hot_removal_brings_every_vram_page_home_and_refuses_new_work() {
+    let (mut h, gpu) = with_gpu(64);
+    let p = h.spawn();
+    let ctx = gpu.open(&p);
+    let n = 16;
+    let a = p.mmap_anon(n * PAGE_SIZE, Prot::RW).unwrap();
+    let data = pattern(n);
+    p.write(a, &data).unwrap();
+    ctx.add_u32(a, n * PAGE_SIZE, 0).unwrap();
+    let vram_pfn = p.pte(a).pfn().unwrap();
+    assert!(gpu.vram().contains(vram_pfn));
+    h.remove_device(d0(), Some(std::time::Duration::from_secs(1)))
+        .unwrap();
+    assert!(h.device::<Gpu>(d0()).is_none(), "unbound");
+    assert!(gpu.removed());
+    assert!(h.phys().region(vram_pfn).is_none(), "VRAM unregistered");
+    assert!(!p.pte(a).is_device_private());
+    assert_eq!(read(&p, a, n * PAGE_SIZE), data, "every byte came home");
+    assert_eq!(gpu.stats().evicted, n);
+    let e = ctx.checksum(a, 8).unwrap_err();
+    assert_eq!(e.errno(), Errno::ENODEV);
+}

@@ -18,6 +18,7 @@
 //! over DMA mappings, BO eviction and the dma-buf hook.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use crate::addr::{Bdf, Pfn, VirtAddr, PAGE_SIZE};
 use crate::drivers::mirror::{owner_fault_to_ram, MirrorSet, MirrorTable, PtEntry};
@@ -29,8 +30,8 @@ use crate::mm::{
     MigrateToRam, Mm, MmError, Select,
 };
 use crate::notifier::IntervalNotifier;
-use crate::p2pmem::P2pRegistry;
-use crate::sync::atomic::{AtomicU64, Ordering};
+use crate::p2pmem::{P2pError, P2pRegistry};
+use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use crate::sync::{order, Arc, OrderedMutex, Weak};
 
 /// VRAM per GPU unless configured.
@@ -79,6 +80,12 @@ pub enum GpuError {
         /// Why.
         why: &'static str,
     },
+    /// The GPU was removed (ENODEV).
+    #[error("GPU {dev} was removed")]
+    Removed {
+        /// The GPU.
+        dev: Bdf,
+    },
     /// The GPU's VRAM could not be registered.
     #[error("GPU {dev}: cannot register {bytes:#x} bytes of VRAM: {why}")]
     Vram {
@@ -97,6 +104,7 @@ impl GpuError {
         match self {
             GpuError::Fault { source, .. } => source.errno(),
             GpuError::Invalid { .. } => Errno::EINVAL,
+            GpuError::Removed { .. } => Errno::ENODEV,
             GpuError::Vram { .. } => Errno::ENOMEM,
         }
     }
@@ -147,6 +155,8 @@ pub struct Gpu {
     vram: Arc<Region>,
     mirrors: MirrorSet,
     stats: Counters,
+    /// Set when hot removal begins: no new work, no new VRAM.
+    removed: AtomicBool,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -206,6 +216,41 @@ impl Device for Gpu {
     fn kind(&self) -> &'static str {
         "gpu"
     }
+    /// Hot removal: new GPU work is refused (ENODEV) and no page moves into VRAM any
+    /// more; every VRAM page goes back to system RAM (`migrate_device_range`, again as
+    /// racing faults bring pages home), and the VRAM region is unregistered once free.
+    /// EBUSY, with the GPU left removed but its region in place, when VRAM is still
+    /// in use at `timeout`.
+    fn remove(&self, p2p: &P2pRegistry, timeout: Option<Duration>) -> Result<(), P2pError> {
+        self.removed.store(true, Ordering::SeqCst);
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        loop {
+            // Device-private pages are never pinned: eviction refuses nothing.
+            let _ = self.evict();
+            if self.vram.free_frames() == self.vram.frames() {
+                break;
+            }
+            let slice = Duration::from_millis(10);
+            let wait = match deadline {
+                Some(d) => {
+                    let left = d.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        return Err(P2pError::Busy {
+                            dev: self.bdf,
+                            frames: self.vram.frames() - self.vram.free_frames(),
+                            pinned: 0,
+                            holders: "none (VRAM pages still referenced)".into(),
+                        });
+                    }
+                    left.min(slice)
+                }
+                None => slice,
+            };
+            self.vram.wait_until_free(Some(wait));
+        }
+        let _ = self.phys.memunmap_pages(self.vram.id());
+        p2p.remove_device(self.bdf, timeout)
+    }
 }
 
 impl Gpu {
@@ -237,6 +282,7 @@ impl Gpu {
             vram: vram.clone(),
             mirrors: MirrorSet::new(),
             stats: Counters::default(),
+            removed: AtomicBool::new(false),
         });
         set_migrate_to_ram(&vram, Arc::new(VramOps(Arc::downgrade(&gpu))));
         Ok(gpu)
@@ -309,9 +355,17 @@ impl Gpu {
         Ok(ev)
     }
 
-    /// One VRAM page, or `None` when VRAM is full.
+    /// One VRAM page, or `None` when VRAM is full or the GPU is going away.
     fn alloc_vram(&self) -> Option<Pfn> {
+        if self.removed.load(Ordering::SeqCst) {
+            return None;
+        }
         self.vram.alloc().ok()
+    }
+
+    /// Whether hot removal has begun.
+    pub fn removed(&self) -> bool {
+        self.removed.load(Ordering::SeqCst)
     }
 }
 
@@ -505,6 +559,9 @@ impl GpuContext {
         write: bool,
         mut f: impl FnMut(&Region, Pfn, u64, usize, usize),
     ) -> Result<(), GpuError> {
+        if self.gpu.removed() {
+            return Err(GpuError::Removed { dev: self.gpu.bdf });
+        }
         let mut done = 0u64;
         let mut region: Option<Arc<Region>> = None;
         while done < len {
