@@ -118,31 +118,43 @@ pub fn run(args: &RunArgs) -> Result<()> {
         target: args.target,
         ..P2pCopyParams::default()
     };
-    let bar = if args.json {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(2 * args.chunks).with_style(
-            ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} chunks")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        )
-    };
-    bar.set_message("copying");
+    let bar = progress_bar(args.json, 2 * args.chunks, "chunks", "copying");
     let report = p2p_copy::run(&host, &params, &mut |done, _| bar.set_position(done));
     bar.finish_and_clear();
     let report = report.with_context(|| format!("p2pmem copy on {}", host.topology().source()))?;
     if args.json {
-        let mut v = serde_json::to_value(&report)?;
-        if let Some(o) = v.as_object_mut() {
-            o.insert("schema".into(), "peerdma-run/1".into());
-        }
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        print_json(&report, "peerdma-run/1")?;
     } else {
         print(&host, &report);
     }
     if !report.sanitizer.is_empty() || !report.p2p.verified || !report.host_ram.verified {
         bail!("the copy did not verify or the sanitizer caught violations (see the report)");
     }
+    Ok(())
+}
+
+/// A progress bar of `len` `unit`s labelled `msg`; hidden for JSON output.
+fn progress_bar(json: bool, len: u64, unit: &str, msg: &'static str) -> ProgressBar {
+    if json {
+        return ProgressBar::hidden();
+    }
+    let template = format!("{{msg:>12}} [{{bar:40}}] {{pos}}/{{len}} {unit}");
+    let bar = ProgressBar::new(len).with_style(
+        ProgressStyle::with_template(&template)
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(msg);
+    bar
+}
+
+/// Prints `report` as pretty JSON with its `schema` name.
+fn print_json(report: &impl serde::Serialize, schema: &str) -> Result<()> {
+    let mut v = serde_json::to_value(report)?;
+    if let Some(o) = v.as_object_mut() {
+        o.insert("schema".into(), schema.into());
+    }
+    println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(())
 }
 
@@ -225,27 +237,14 @@ fn run_hmm(args: &RunArgs) -> Result<()> {
         passes: args.passes,
         gpu: args.gpu,
     };
-    let bar = if args.json {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(u64::from(args.passes) + 2).with_style(
-            ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} phases")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        )
-    };
-    bar.set_message("hmm");
+    let bar = progress_bar(args.json, u64::from(args.passes) + 2, "phases", "hmm");
     let report = hmm_job::run(&host, &params, &mut |done, _| {
         bar.set_position(u64::from(done))
     });
     bar.finish_and_clear();
     let report = report.with_context(|| format!("HMM job on {}", host.topology().source()))?;
     if args.json {
-        let mut v = serde_json::to_value(&report)?;
-        if let Some(o) = v.as_object_mut() {
-            o.insert("schema".into(), "peerdma-run-hmm/1".into());
-        }
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        print_json(&report, "peerdma-run-hmm/1")?;
     } else {
         print_hmm(&host, &report);
     }
