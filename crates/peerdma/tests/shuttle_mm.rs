@@ -549,6 +549,21 @@ fn eviction_racing_a_cpu_write_and_a_fork_keeps_every_write() {
     }
 }
 
+/// A host with a GPU of 16 VRAM pages, a process, and a GPU context mirroring it.
+fn gpu_host() -> (
+    common::Checked,
+    Arc<peerdma::drivers::gpu::Gpu>,
+    peerdma::host::Process,
+    Arc<peerdma::drivers::gpu::GpuContext>,
+) {
+    let h = common::host(8 << 20);
+    let bdf = "0000:03:00.0".parse().unwrap();
+    let gpu = peerdma::drivers::gpu::Gpu::new(h.phys(), bdf, 16 * PAGE_SIZE).unwrap();
+    let mm = h.spawn();
+    let ctx = Arc::new(gpu.open(&mm));
+    (h, gpu, mm, ctx)
+}
+
 #[test]
 fn a_gpu_store_racing_a_cpu_fault_on_its_vram_page_is_never_lost() {
     // The CPU fault brings the VRAM page back through the GPU's migrate_to_ram, which
@@ -558,11 +573,7 @@ fn a_gpu_store_racing_a_cpu_fault_on_its_vram_page_is_never_lost() {
     // the random scheduler did not in 4000.
     shuttle::check_pct(
         || {
-            let h = common::host(8 << 20);
-            let bdf = "0000:03:00.0".parse().unwrap();
-            let gpu = peerdma::drivers::gpu::Gpu::new(h.phys(), bdf, 16 * PAGE_SIZE).unwrap();
-            let mm = h.spawn();
-            let ctx = Arc::new(gpu.open(&mm));
+            let (_h, _gpu, mm, ctx) = gpu_host();
             let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
             ctx.fill(a, PAGE_SIZE, 0).unwrap();
             assert!(mm.pte(a).is_device_private());
@@ -594,11 +605,7 @@ fn a_gpu_first_touch_racing_munmap_leaves_no_stale_gpu_entry() {
     for placement in [Placement::MigrateOnTouch, Placement::Remote] {
         shuttle::check_random(
             move || {
-                let h = common::host(8 << 20);
-                let bdf = "0000:03:00.0".parse().unwrap();
-                let gpu = peerdma::drivers::gpu::Gpu::new(h.phys(), bdf, 16 * PAGE_SIZE).unwrap();
-                let mm = h.spawn();
-                let ctx = Arc::new(gpu.open(&mm));
+                let (_h, gpu, mm, ctx) = gpu_host();
                 let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
                 mm.write(a, b"cpu-data").unwrap();
                 ctx.set_placement(a, PAGE_SIZE, placement).unwrap();
@@ -633,11 +640,7 @@ fn a_gpu_store_through_a_remote_mapping_racing_a_window_migration_is_never_lost(
     use peerdma::drivers::gpu::Placement;
     shuttle::check_pct(
         || {
-            let h = common::host(8 << 20);
-            let bdf = "0000:03:00.0".parse().unwrap();
-            let gpu = peerdma::drivers::gpu::Gpu::new(h.phys(), bdf, 16 * PAGE_SIZE).unwrap();
-            let mm = h.spawn();
-            let ctx = Arc::new(gpu.open(&mm));
+            let (_h, _gpu, mm, ctx) = gpu_host();
             let a = mm.mmap_anon(2 * PAGE_SIZE, Prot::RW).unwrap();
             let b = peerdma::addr::VirtAddr(a.0 + PAGE_SIZE);
             mm.write(a, &[1; 2 * PAGE_SIZE as usize]).unwrap();
