@@ -101,16 +101,12 @@ pub fn run(args: &RunArgs) -> Result<()> {
         .next_multiple_of(4096)
         .max(1 << 20);
     let specs = Host::nvme_specs(&topo, capacity);
-    let ram = (args.chunk_size * 4).max(64 << 20);
-    let host = Host::build(
+    let host = build(
         topo,
-        &HostConfig {
-            ram_bytes: ram,
-            iommu: args.iommu,
-        },
+        (args.chunk_size * 4).max(64 << 20),
+        args.iommu,
         &specs,
-    )
-    .context("building the emulated host")?;
+    )?;
     let params = P2pCopyParams {
         chunk_size: args.chunk_size,
         chunks: args.chunks,
@@ -131,6 +127,16 @@ pub fn run(args: &RunArgs) -> Result<()> {
         bail!("the copy did not verify or the sanitizer caught violations (see the report)");
     }
     Ok(())
+}
+
+/// The emulated host a job runs on.
+fn build(
+    topo: Topology,
+    ram_bytes: u64,
+    iommu: Option<bool>,
+    specs: &[peerdma::host::DeviceSpec],
+) -> Result<Host> {
+    Host::build(topo, &HostConfig { ram_bytes, iommu }, specs).context("building the emulated host")
 }
 
 /// A progress bar of `len` `unit`s labelled `msg`; hidden for JSON output.
@@ -222,16 +228,12 @@ fn run_hmm(args: &RunArgs) -> Result<()> {
             topo.source()
         );
     }
-    let ram = (4 * args.buffer_size).max(64 << 20);
-    let host = Host::build(
+    let host = build(
         topo,
-        &HostConfig {
-            ram_bytes: ram,
-            iommu: args.iommu,
-        },
+        (4 * args.buffer_size).max(64 << 20),
+        args.iommu,
         &specs,
-    )
-    .context("building the emulated host")?;
+    )?;
     let params = HmmJobParams {
         buffer_bytes: args.buffer_size,
         passes: args.passes,
