@@ -387,3 +387,40 @@ fn hot_removal_brings_every_vram_page_home_and_refuses_new_work() {
     let e = ctx.checksum(a, 8).unwrap_err();
     assert_eq!(e.errno(), Errno::ENODEV);
 }
+
+#[test]
+fn prefetch_moves_a_range_into_vram_and_back_ahead_of_use() {
+    use peerdma::drivers::gpu::Location;
+    let (h, gpu) = with_gpu(256);
+    let p = h.spawn();
+    let ctx = gpu.open(&p);
+    let n = 100; // more than one fault window
+    let a = p.mmap_anon(n * PAGE_SIZE, Prot::RW).unwrap();
+    let data = pattern(n);
+    p.write(a, &data).unwrap();
+    // Placed remote and already mapped remotely: a prefetch takes them anyway.
+    ctx.set_placement(a, n * PAGE_SIZE, Placement::Remote)
+        .unwrap();
+    ctx.checksum(a, PAGE_SIZE).unwrap();
+    assert_eq!(ctx.prefetch(a, n * PAGE_SIZE, Location::Vram).unwrap(), n);
+    assert!((0..n).all(|i| p.pte(VirtAddr(a.0 + i * PAGE_SIZE)).is_device_private()));
+    let faults = gpu.stats().faults;
+    assert_eq!(ctx.checksum(a, n * PAGE_SIZE).unwrap(), sum(&data));
+    assert_eq!(
+        gpu.stats().faults,
+        faults,
+        "prefetched pages are mapped: no fault"
+    );
+    // A second prefetch has nothing to move.
+    assert_eq!(ctx.prefetch(a, n * PAGE_SIZE, Location::Vram).unwrap(), 0);
+    // Back to RAM, every byte with it.
+    assert_eq!(ctx.prefetch(a, n * PAGE_SIZE, Location::Ram).unwrap(), n);
+    assert_eq!(gpu.vram_bytes().1, 0);
+    assert_eq!(read(&p, a, n * PAGE_SIZE), data);
+    assert_eq!(
+        ctx.prefetch(VirtAddr(a.0 + 1), PAGE_SIZE, Location::Vram)
+            .unwrap_err()
+            .errno(),
+        Errno::EINVAL
+    );
+}

@@ -32,7 +32,7 @@ use rand_chacha::ChaCha8Rng;
 use peerdma::addr::{Bdf, Pfn, VirtAddr, PAGE_SIZE};
 use peerdma::dma::{Direction, DmaError, DmaMapping, SgTable};
 use peerdma::drivers::dmirror::{Dmirror, DmirrorDevice, DmirrorMemory};
-use peerdma::drivers::gpu::{Gpu, GpuContext, Placement};
+use peerdma::drivers::gpu::{Gpu, GpuContext, Location, Placement};
 use peerdma::drivers::nvme::Nvme;
 use peerdma::errno::Errno;
 use peerdma::gup::{get_user_dma_sg, GupError, UserDmaSg, UserSg};
@@ -113,6 +113,7 @@ enum Op {
     GpuWrite,
     GpuPlace,
     GpuEvict,
+    GpuPrefetch,
 }
 
 /// Weighted operation mix.
@@ -147,6 +148,7 @@ const MIX: &[(Op, u32)] = &[
     (Op::GpuWrite, 4),
     (Op::GpuPlace, 1),
     (Op::GpuEvict, 1),
+    (Op::GpuPrefetch, 1),
 ];
 
 struct Proc {
@@ -803,6 +805,21 @@ impl<'w> Worker<'w> {
                         .map_err(|e| e.to_string()),
                 );
             }
+            Op::GpuPrefetch => {
+                // A few pages of the shared area into VRAM or back, racing everything.
+                let first = self.rng.gen_range(0..SHARED_PAGES);
+                let n = self.rng.gen_range(1..=(SHARED_PAGES - first).min(8));
+                let to = if self.rng.gen_bool(0.5) {
+                    Location::Vram
+                } else {
+                    Location::Ram
+                };
+                let va = VirtAddr(w.procs[proc].shared.0 + first * PAGE_SIZE);
+                w.procs[proc]
+                    .gpu
+                    .prefetch(va, n * PAGE_SIZE, to)
+                    .unwrap_or_else(|e| fail(seed, self.t, op, e.to_string()));
+            }
             Op::GpuEvict => {
                 let ev = w.procs[proc]
                     .gpu
@@ -959,6 +976,7 @@ fn pick(rng: &mut ChaCha8Rng) -> Op {
                     | Op::GpuWrite
                     | Op::GpuPlace
                     | Op::GpuEvict
+                    | Op::GpuPrefetch
             )
         })
     };

@@ -51,6 +51,15 @@ pub enum Placement {
     Remote,
 }
 
+/// Where [`GpuContext::prefetch`] moves pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Location {
+    /// The GPU's VRAM.
+    Vram,
+    /// System RAM.
+    Ram,
+}
+
 /// A GPU operation refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GpuError {
@@ -461,6 +470,56 @@ impl GpuContext {
         va.0.checked_add(len).ok_or(bad("the range wraps"))
     }
 
+    /// Moves the pages of `[start, start + len)` (page aligned) ahead of use, as
+    /// `cudaMemPrefetchAsync` and `hipMemPrefetchAsync` do: into VRAM (every page the
+    /// GPU may take there, whatever the range's placement; pages it maps remotely are
+    /// let go first, which waits for a GPU access in progress), or back to system RAM
+    /// (as a CPU access would bring each). Pages that cannot move stay. Returns the
+    /// pages moved.
+    pub fn prefetch(&self, start: VirtAddr, len: u64, to: Location) -> Result<u64, GpuError> {
+        let end = self.check("prefetch", start, len, PAGE_SIZE)?;
+        if self.gpu.removed() {
+            return Err(GpuError::Removed { dev: self.gpu.bdf });
+        }
+        let fault = |va: u64, source| GpuError::Fault {
+            dev: self.gpu.bdf,
+            va: VirtAddr(va),
+            source,
+        };
+        let own = |va: u64| {
+            let pte = self.mm.pte(VirtAddr(va));
+            pte.is_device_private() && pte.pfn().is_some_and(|p| self.gpu.vram.contains(p))
+        };
+        let mut moved = 0;
+        match to {
+            Location::Vram => {
+                // The GPU lets go of its remote mappings of the range first.
+                self.table.erase(start.0, end);
+                let before = self.gpu.stats().migrated_to_vram;
+                let window = FAULT_AROUND * PAGE_SIZE;
+                let mut va = start.0;
+                while va < end {
+                    if !own(va) {
+                        self.migrate_in(va, false, true)?;
+                    }
+                    va = (va - va % window + window).min(end);
+                }
+                moved = self.gpu.stats().migrated_to_vram - before;
+            }
+            Location::Ram => {
+                for va in (start.0..end).step_by(PAGE_SIZE as usize) {
+                    if own(va) {
+                        self.mm
+                            .handle_mm_fault(VirtAddr(va), Access::Read)
+                            .map_err(|e| fault(va, e))?;
+                        moved += 1;
+                    }
+                }
+            }
+        }
+        Ok(moved)
+    }
+
     /// GPU work: fills `[va, va + len)` with `byte`.
     pub fn fill(&self, va: VirtAddr, len: u64, byte: u8) -> Result<(), GpuError> {
         self.check("fill", va, len, 1)?;
@@ -635,7 +694,7 @@ impl GpuContext {
                     .map_err(fault)?;
             } else if !own_vram
                 && self.placement_of(page) == Placement::MigrateOnTouch
-                && self.migrate_in(page, write)?
+                && self.migrate_in(page, write, false)?
             {
                 return Ok(());
             }
@@ -666,12 +725,12 @@ impl GpuContext {
     }
 
     /// Migrates the pages around `page` (its [`FAULT_AROUND`] window, inside its VMA)
-    /// that are placed to migrate on touch into VRAM and maps them, as drivers fault a
-    /// range at a time. Returns whether `page` itself moved; when it did not (no VMA
+    /// that are placed to migrate on touch (all of them for `any_placement`: a
+    /// prefetch) into VRAM and maps them, as drivers fault a range at a time. Returns whether `page` itself moved; when it did not (no VMA
     /// or one it cannot migrate in, a page that is pinned, shared or not anonymous, a
     /// read-only page the GPU wants to write, or VRAM full) the caller maps it
     /// remotely.
-    fn migrate_in(&self, page: u64, write: bool) -> Result<bool, GpuError> {
+    fn migrate_in(&self, page: u64, write: bool, any_placement: bool) -> Result<bool, GpuError> {
         let gpu = &self.gpu;
         let Some(vma) = self.mm.vma(VirtAddr(page)).filter(|v| v.prot.readable()) else {
             return Ok(false); // the remote path reports the fault
@@ -682,7 +741,7 @@ impl GpuContext {
         // Placement is read before the migration holds the address-space lock.
         let wanted: Vec<bool> = (start..end)
             .step_by(PAGE_SIZE as usize)
-            .map(|va| self.placement_of(va) == Placement::MigrateOnTouch)
+            .map(|va| any_placement || self.placement_of(va) == Placement::MigrateOnTouch)
             .collect();
         let mut m = match self.mm.migrate_vma_setup(
             VirtAddr(start),
