@@ -372,17 +372,30 @@ fn two_cpu_faults_through_the_owners_migrate_to_ram_both_see_the_data() {
 /// hmm_range_fault racing munmap: the mirror commits a page only if no invalidation
 /// hit it since its `read_begin` (checked under the mirror's lock, which the
 /// invalidation takes too), so after both no mirror entry names the freed page.
+/// A host with the HMM test device mirroring a process whose one page holds `data`.
+fn dmirror_host(
+    data: &[u8],
+) -> (
+    common::Checked,
+    peerdma::host::Process,
+    peerdma::addr::VirtAddr,
+    Arc<peerdma::drivers::dmirror::Dmirror>,
+) {
+    use peerdma::drivers::dmirror::{DmirrorDevice, DmirrorMemory};
+    let h = common::host(8 << 20);
+    let dev = DmirrorDevice::new(h.phys(), DmirrorMemory::Private, 1 << 20);
+    let mm = h.spawn();
+    let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+    mm.write(a, data).unwrap();
+    let f = Arc::new(dev.open(&mm));
+    (h, mm, a, f)
+}
+
 #[test]
 fn a_device_fault_racing_munmap_leaves_no_stale_mirror_entry() {
-    use peerdma::drivers::dmirror::{DmirrorDevice, DmirrorMemory};
     shuttle::check_random(
         || {
-            let h = common::host(8 << 20);
-            let dev = DmirrorDevice::new(h.phys(), DmirrorMemory::Private, 1 << 20);
-            let mm = h.spawn();
-            let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
-            mm.write(a, b"mirrored").unwrap();
-            let f = Arc::new(dev.open(&mm));
+            let (_h, mm, a, f) = dmirror_host(b"mirrored");
             let reader = {
                 let f = f.clone();
                 thread::spawn(move || {
@@ -456,15 +469,9 @@ fn two_devices_faulting_one_page_while_one_migrates_it_see_the_data() {
 /// device holds the page for atomics exactly when the entry is still device-exclusive.
 #[test]
 fn a_cpu_write_racing_a_device_taking_the_page_for_atomics_leaves_no_stale_grant() {
-    use peerdma::drivers::dmirror::{DmirrorDevice, DmirrorMemory};
     shuttle::check_random(
         || {
-            let h = common::host(8 << 20);
-            let dev = DmirrorDevice::new(h.phys(), DmirrorMemory::Private, 1 << 20);
-            let mm = h.spawn();
-            let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
-            mm.write(a, b"atomics!").unwrap();
-            let f = Arc::new(dev.open(&mm));
+            let (_h, mm, a, f) = dmirror_host(b"atomics!");
             let device = {
                 let f = f.clone();
                 thread::spawn(move || {
