@@ -241,6 +241,9 @@ pub mod order {
     pub static SHM_PAGES: LockClass = class("ShmObject::pages", 35, false);
     /// The page-table lock.
     pub static PAGE_TABLE: LockClass = class("Mm::pt", 40, true);
+    /// A GPU buffer object's state (where it lives, its pins and importers), held
+    /// while it moves — which waits for the DMA through its importers' mappings.
+    pub static GPU_BO: LockClass = class("GPU buffer object", 45, false);
     /// The DMA registry of devices.
     pub static DMA_DEVICES: LockClass = class("Dma::devices", 50, true);
     /// One device's live DMA mappings.

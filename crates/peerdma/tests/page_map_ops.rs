@@ -39,7 +39,7 @@ impl PageMapOps for Driver {
         lock(&self.freed).push(pfn);
     }
 
-    fn peer_reach(&self) -> Option<PeerReach> {
+    fn peer_reach(&self, _pfn: Pfn) -> Option<PeerReach> {
         self.reach
     }
 }

@@ -565,7 +565,7 @@ fn gpu_host() -> (
 ) {
     let h = common::host(8 << 20);
     let bdf = "0000:03:00.0".parse().unwrap();
-    let gpu = peerdma::drivers::gpu::Gpu::new(h.phys(), bdf, 16 * PAGE_SIZE).unwrap();
+    let gpu = peerdma::drivers::gpu::Gpu::new(h.dma(), bdf, 16 * PAGE_SIZE).unwrap();
     let mm = h.spawn();
     let ctx = Arc::new(gpu.open(&mm));
     (h, gpu, mm, ctx)

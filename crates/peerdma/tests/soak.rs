@@ -1002,7 +1002,7 @@ fn build(iommu: bool) -> World {
         .unwrap();
     let hmm_dev = DmirrorDevice::new(&phys, DmirrorMemory::Private, 8 << 20);
     // A GPU with little VRAM, so first touches also find it full.
-    let gpu = Gpu::new(&phys, "0000:03:00.0".parse().unwrap(), 64 * PAGE_SIZE).unwrap();
+    let gpu = Gpu::new(host.dma(), "0000:03:00.0".parse().unwrap(), 64 * PAGE_SIZE).unwrap();
     let procs = (0..PROCS)
         .map(|_| {
             let mm = host.spawn();

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use peerdma::addr::{Bdf, PAGE_SIZE};
+use peerdma::dma::Dma;
 use peerdma::drivers::gpu::{Gpu, Placement};
+use peerdma::fabric::preset;
 use peerdma::mem::PhysMem;
 use peerdma::mm::{Mm, Prot};
 use peerdma::sync::Arc;
@@ -59,7 +61,8 @@ pub fn run(bytes: u64, runs: usize) -> Result<GpuFigures> {
     let bytes = bytes.next_multiple_of(PAGE_SIZE);
     let phys = PhysMem::new(bytes + (64 << 20))?;
     let bdf: Bdf = "0000:03:00.0".parse()?;
-    let gpu = Gpu::new(&phys, bdf, bytes + (64 << 20))?;
+    let dma = Dma::new(Arc::new(preset("workstation")?), phys.clone(), false);
+    let gpu = Gpu::new(&dma, bdf, bytes + (64 << 20))?;
     let src = vec![1u8; bytes as usize];
     let mut dst = vec![2u8; bytes as usize];
     let (mut mig, mut rem, mut rd, mut cpy) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());

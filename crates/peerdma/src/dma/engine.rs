@@ -45,6 +45,20 @@ impl DmaDevice {
         })
     }
 
+    /// One transfer through a list of pieces where the device model itself is the
+    /// other end: `f(region, first frame, offset, bytes before, bytes)` runs for every
+    /// physically contiguous run of memory the transfer reaches, after every piece is
+    /// checked, so a copy engine can move bytes between that memory and its own
+    /// without a bounce buffer. `write`: the device writes memory.
+    pub(crate) fn transfer_with(
+        &self,
+        pieces: &[(DmaAddr, u64)],
+        write: bool,
+        f: impl FnMut(&Region, Pfn, u64, usize, usize),
+    ) -> Result<(), DmaError> {
+        self.access(pieces, write, f)
+    }
+
     fn iommu_fault(&self, addr: DmaAddr, write: bool, reason: FaultReason) {
         self.dma.iommu.report_fault(DmaFault {
             dev: self.bdf(),

@@ -173,6 +173,54 @@ impl DmaMapping {
             })
     }
 
+    /// Transfers through this mapping at `offset` where the device model is the
+    /// other end: `f(region, first frame, offset, bytes before, bytes)` runs for every
+    /// physically contiguous run (see [`DmaDevice::transfer_with`]). Unlike
+    /// [`dma_write`](Self::dma_write) the span may cross segments: one transfer per
+    /// segment it touches, in order.
+    pub(crate) fn transfer_with(
+        &self,
+        offset: u64,
+        len: u64,
+        write: bool,
+        mut f: impl FnMut(&Region, Pfn, u64, usize, usize),
+    ) -> Result<(), DmaError> {
+        let mut base = 0u64;
+        let mut done = 0u64;
+        for r in &self.records {
+            let (lo, hi) = (base, base + r.len);
+            base = hi;
+            let at = offset + done;
+            if done == len || at >= hi {
+                continue;
+            }
+            if at < lo {
+                break;
+            }
+            let n = (hi - at).min(len - done);
+            let skip = done as usize;
+            self.dev.access_mapping(
+                std::slice::from_ref(r),
+                at - lo,
+                n,
+                write,
+                |reg, p, o, k, m| f(reg, p, o, skip + k, m),
+            )?;
+            done += n;
+        }
+        if done < len {
+            // Past the end: let the engine refuse it and record the violation.
+            return self.dev.access_mapping(
+                &self.records,
+                offset + done,
+                len - done,
+                write,
+                |_, _, _, _, _| {},
+            );
+        }
+        Ok(())
+    }
+
     /// Whether [`revoke`](Self::revoke) was called.
     pub fn is_revoked(&self) -> bool {
         self.records
@@ -258,10 +306,19 @@ impl DmaDevice {
                     kind: kind.to_string(),
                 });
             }
+            // Device memory its owner keeps off the bus just now (VRAM outside a
+            // small BAR's window) cannot be mapped.
+            if let Some(why) = (0..e.frames()).find_map(|k| region.bus_hidden(Pfn(e.pfn.0 + k))) {
+                return Err(DmaError::NotAddressable {
+                    dev,
+                    pfn: e.pfn,
+                    kind: format!("{kind} ({why})"),
+                });
+            }
             // Memory a BAR exposes (p2p memory, or device memory whose owner says
             // where peers find it) goes by the fabric's verdict between its provider
             // and this device.
-            let peer = region.peer_reach();
+            let peer = region.peer_reach(e.pfn);
             let direct = match peer.map(|r| (r.provider, r.bus_offset)) {
                 Some((provider, bus_offset)) => {
                     let v = self.verdict(provider).map_err(|_| DmaError::NoProvider {
@@ -270,7 +327,9 @@ impl DmaDevice {
                         provider,
                     })?;
                     match v.map_type {
-                        MapType::BusAddr => Some((MapKind::BusAddr, DmaAddr(phys + bus_offset))),
+                        MapType::BusAddr => {
+                            Some((MapKind::BusAddr, DmaAddr(phys.wrapping_add(bus_offset))))
+                        }
                         MapType::ThruHostBridge => None,
                         MapType::NotSupported => {
                             return Err(DmaError::RemoteIo {

@@ -121,11 +121,16 @@ pub trait PageMapOps: Send + Sync {
     /// A frame of the map lost its last reference and went back to the region's free
     /// frames (`page_free` / `folio_free`). Called with no lock held.
     fn page_free(&self, _pfn: Pfn) {}
-    /// Where peers reach this memory on the bus, when a BAR exposes it (device
-    /// memory the CPU and peers both address, like VRAM behind a resizable BAR);
-    /// `None` keeps it reachable only through the IOMMU or not at all. A p2p region
-    /// carries this in its kind and does not need it.
-    fn peer_reach(&self) -> Option<PeerReach> {
+    /// Where peers reach frame `pfn` of this memory on the bus, when a BAR exposes it
+    /// (device memory the CPU and peers both address, like VRAM behind a resizable
+    /// BAR; a BAR window makes it depend on the frame); `None` keeps it reachable only
+    /// through the IOMMU. A p2p region carries this in its kind and does not need it.
+    fn peer_reach(&self, _pfn: Pfn) -> Option<PeerReach> {
+        None
+    }
+    /// Why frame `pfn` cannot be put on the bus at all just now (VRAM outside the
+    /// window a small BAR opens onto it), or `None` when it can.
+    fn bus_hidden(&self, _pfn: Pfn) -> Option<&'static str> {
         None
     }
 }
@@ -407,18 +412,25 @@ impl Region {
         self.ops.get()
     }
 
-    /// Where a peer reaches this region's memory on the bus: a p2p region's provider
-    /// and bus offset, or what the owner's ops say for other device memory. `None`
-    /// for system RAM and device-private memory.
-    pub fn peer_reach(&self) -> Option<PeerReach> {
+    /// Where a peer reaches frame `pfn` of this region on the bus: a p2p region's
+    /// provider and bus offset, or what the owner's ops say for other device memory.
+    /// `None` for system RAM and device-private memory.
+    pub fn peer_reach(&self, pfn: Pfn) -> Option<PeerReach> {
         match self.kind.p2p() {
             Some((provider, bus_offset)) => Some(PeerReach {
                 provider,
                 bus_offset,
             }),
-            None if self.kind.is_device_coherent() => self.ops.get()?.peer_reach(),
+            None if self.kind.is_device_coherent() => self.ops.get()?.peer_reach(pfn),
             None => None,
         }
+    }
+
+    /// Why frame `pfn` cannot be put on the bus now, as its owner says
+    /// ([`PageMapOps::bus_hidden`]); `None` when it can (and always for memory
+    /// without an owner).
+    pub fn bus_hidden(&self, pfn: Pfn) -> Option<&'static str> {
+        self.ops.get()?.bus_hidden(pfn)
     }
 
     /// Returns frames whose last reference dropped to the allocator, under one lock,
@@ -647,16 +659,7 @@ impl Region {
     pub fn write_span(&self, first: Pfn, off: u64, src: &[u8]) {
         let at = self.span_offset(first, off, src.len());
         self.backing.write(at, src);
-        let (lo, hi) = (
-            at as u64 / PAGE_SIZE,
-            (at + src.len()).div_ceil(PAGE_SIZE as usize) as u64,
-        );
-        for idx in lo..hi {
-            let m = self.meta.get(idx);
-            if m.flags() & flags::DIRTY == 0 {
-                m.set(flags::DIRTY);
-            }
-        }
+        self.mark_dirty(at, src.len());
     }
 
     /// Copies a whole frame of this region to `dst` in region `to` (possibly this one).
@@ -677,6 +680,38 @@ impl Region {
             to.idx(Pfn(dst.0 + n - 1));
         }
         self.backing.engine_copy_to(s, &to.backing, d, len);
+    }
+
+    /// Copies `n` bytes from `src_off` bytes into the physically contiguous frames
+    /// from `src` to `dst_off` bytes into those from `dst` in region `to` (possibly
+    /// this one, not overlapping), as a copy engine does, and marks the destination
+    /// frames dirty. Both spans must lie inside their regions.
+    pub fn engine_copy_span(
+        &self,
+        src: Pfn,
+        src_off: u64,
+        to: &Region,
+        dst: Pfn,
+        dst_off: u64,
+        n: usize,
+    ) {
+        let s = self.span_offset(src, src_off, n);
+        let d = to.span_offset(dst, dst_off, n);
+        self.backing.engine_copy_to(s, &to.backing, d, n);
+        to.mark_dirty(d, n);
+    }
+
+    fn mark_dirty(&self, at: usize, n: usize) {
+        let (lo, hi) = (
+            at as u64 / PAGE_SIZE,
+            (at + n).div_ceil(PAGE_SIZE as usize) as u64,
+        );
+        for idx in lo..hi {
+            let m = self.meta.get(idx);
+            if m.flags() & flags::DIRTY == 0 {
+                m.set(flags::DIRTY);
+            }
+        }
     }
 
     /// Marks a frame's contents as moved elsewhere: the generation changes, so a DMA

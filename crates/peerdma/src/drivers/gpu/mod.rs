@@ -1,8 +1,11 @@
-//! A GPU whose memory moves — first part: VRAM as device-private memory and unified
-//! memory through HMM (what amdgpu's SVM, nouveau's SVMM and NVIDIA's UVM do).
+//! A GPU whose memory moves: VRAM managed as buffer objects and as device-private pages
+//! for unified memory through HMM (what amdgpu's SVM, nouveau's SVMM and NVIDIA's UVM
+//! do), a BAR through which peers reach VRAM, a copy engine, and eviction.
 //!
-//! A [`Gpu`] owns its VRAM (a device-private region, sparse, 16 GiB by default) and
-//! mirrors processes into its address space: [`Gpu::open`] gives a [`GpuContext`]
+//! A [`Gpu`] owns its VRAM (16 GiB by default, sparse): one budget shared by two
+//! page maps, buffer objects ([`bo`]: a device-coherent region the BAR opens onto) and
+//! the device-private pages unified memory migrates into. It mirrors processes into
+//! its address space: [`Gpu::open`] gives a [`GpuContext`]
 //! whose GPU virtual addresses are the process's own (shared virtual memory). GPU work
 //! ([`GpuContext::fill`], [`copy`](GpuContext::copy), [`checksum`](GpuContext::checksum),
 //! [`add_u32`](GpuContext::add_u32)) touches memory through the GPU page table; a page
@@ -14,24 +17,34 @@
 //! `migrate_to_ram`; [`Gpu::evict`] moves every VRAM page back with
 //! `migrate_device_range`, as VRAM pressure or removal does.
 //!
-//! Not here yet (docs/gpu.md): buffer objects, the BAR and peer access, the copy engine
-//! over DMA mappings, BO eviction and the dma-buf hook.
+//! Buffer objects are mapped into a context at GPU addresses above every process
+//! address ([`bo::BO_VA_BASE`]); GPU work reaches them there, and the copy engine
+//! ([`Gpu::ce_copy`]) moves bytes between them, system RAM and peers' BARs through DMA
+//! mappings. When VRAM runs out, BOs move to system RAM (and their DMA address
+//! changes) and unified-memory pages are evicted; see [`bo`] for the order of a move.
+
+pub mod bo;
+mod ce;
+
+pub use bo::{Bar, BoDmaMap, BoDomain, BoEviction, BoHandle, BoInfo, MoveNotify};
+pub use ce::CeAddr;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::addr::{Bdf, Pfn, VirtAddr, PAGE_SIZE};
+use crate::dma::{Dma, DmaDevice, DmaError};
 use crate::drivers::mirror::{owner_fault_to_ram, MirrorSet, MirrorTable, PtEntry};
 use crate::drivers::{Device, Probe, ProbeError};
 use crate::errno::Errno;
-use crate::mem::{PhysMem, Region, RegionKind};
+use crate::mem::{PageMapOps, PhysMem, Region, RegionKind};
 use crate::mm::{
     migrate_device_range, set_migrate_to_ram, Access, DeviceFault, DeviceRangeEviction,
     MigrateToRam, Mm, MmError, Select,
 };
 use crate::notifier::IntervalNotifier;
 use crate::p2pmem::{P2pError, P2pRegistry};
-use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use crate::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use crate::sync::{order, Arc, OrderedMutex, Weak};
 
 /// VRAM per GPU unless configured.
@@ -95,6 +108,75 @@ pub enum GpuError {
         /// The GPU.
         dev: Bdf,
     },
+    /// No buffer object has this handle (ENOENT).
+    #[error("GPU {dev}: no {handle} (ENOENT)")]
+    NoBo {
+        /// The GPU.
+        dev: Bdf,
+        /// The handle.
+        handle: BoHandle,
+    },
+    /// An access past a buffer object's end (EFAULT).
+    #[error("GPU {dev}: {len:#x} bytes at offset {offset:#x} run past the end of {handle} ({bytes:#x} bytes) (EFAULT)")]
+    BoRange {
+        /// The GPU.
+        dev: Bdf,
+        /// The BO.
+        handle: BoHandle,
+        /// The offset asked for.
+        offset: u64,
+        /// The length asked for.
+        len: u64,
+        /// The BO's size.
+        bytes: u64,
+    },
+    /// A GPU address that nothing maps: an unresolvable GPU fault, reported (EFAULT).
+    #[error("GPU {dev}: unresolvable fault at {va}: {why} (EFAULT)")]
+    Unmapped {
+        /// The GPU.
+        dev: Bdf,
+        /// The faulting GPU address.
+        va: VirtAddr,
+        /// What is (not) there.
+        why: String,
+    },
+    /// Something still holds what was to be freed or moved (EBUSY).
+    #[error("GPU {dev}: {what} is busy (EBUSY): {holders}")]
+    Busy {
+        /// The GPU.
+        dev: Bdf,
+        /// What was to be freed or moved.
+        what: String,
+        /// Who holds it.
+        holders: String,
+    },
+    /// VRAM cannot take the request even after evicting what may move (ENOMEM).
+    #[error("GPU {dev}: out of VRAM (ENOMEM): {bytes:#x} bytes asked, {free:#x} free; held by {holders}")]
+    NoVram {
+        /// The GPU.
+        dev: Bdf,
+        /// Bytes asked for.
+        bytes: u64,
+        /// Bytes free.
+        free: u64,
+        /// What holds VRAM.
+        holders: String,
+    },
+    /// The GPU's function has no memory BAR onto its VRAM (ENXIO).
+    #[error("GPU {dev}: no BAR opens onto its VRAM (ENXIO)")]
+    NoBar {
+        /// The GPU.
+        dev: Bdf,
+    },
+    /// A DMA mapping or transfer was refused.
+    #[error("GPU {dev}: {source}")]
+    Dma {
+        /// The GPU.
+        dev: Bdf,
+        /// The DMA layer's refusal.
+        #[source]
+        source: DmaError,
+    },
     /// The GPU's VRAM could not be registered.
     #[error("GPU {dev}: cannot register {bytes:#x} bytes of VRAM: {why}")]
     Vram {
@@ -114,7 +196,12 @@ impl GpuError {
             GpuError::Fault { source, .. } => source.errno(),
             GpuError::Invalid { .. } => Errno::EINVAL,
             GpuError::Removed { .. } => Errno::ENODEV,
-            GpuError::Vram { .. } => Errno::ENOMEM,
+            GpuError::Vram { .. } | GpuError::NoVram { .. } => Errno::ENOMEM,
+            GpuError::NoBo { .. } => Errno::ENOENT,
+            GpuError::BoRange { .. } | GpuError::Unmapped { .. } => Errno::EFAULT,
+            GpuError::Busy { .. } => Errno::EBUSY,
+            GpuError::NoBar { .. } => Errno::ENXIO,
+            GpuError::Dma { source, .. } => source.errno(),
         }
     }
 }
@@ -135,6 +222,32 @@ pub struct GpuStats {
     pub evicted: u64,
     /// First touches that found VRAM full and mapped the page remotely instead.
     pub vram_full: u64,
+    /// Buffer objects moved from VRAM to system RAM.
+    pub bo_evicted: u64,
+    /// Buffer objects moved back into VRAM.
+    pub bo_restored: u64,
+    /// Bytes those moves copied.
+    pub bo_bytes_moved: u64,
+    /// Bytes the copy engine copied for `ce_copy`.
+    pub ce_bytes: u64,
+}
+
+impl GpuStats {
+    /// What happened since `before` was taken.
+    pub fn since(&self, before: &GpuStats) -> GpuStats {
+        GpuStats {
+            faults: self.faults - before.faults,
+            migrated_to_vram: self.migrated_to_vram - before.migrated_to_vram,
+            remote_mapped: self.remote_mapped - before.remote_mapped,
+            migrated_to_ram: self.migrated_to_ram - before.migrated_to_ram,
+            evicted: self.evicted - before.evicted,
+            vram_full: self.vram_full - before.vram_full,
+            bo_evicted: self.bo_evicted - before.bo_evicted,
+            bo_restored: self.bo_restored - before.bo_restored,
+            bo_bytes_moved: self.bo_bytes_moved - before.bo_bytes_moved,
+            ce_bytes: self.ce_bytes - before.ce_bytes,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -145,6 +258,10 @@ struct Counters {
     migrated_to_ram: AtomicU64,
     evicted: AtomicU64,
     vram_full: AtomicU64,
+    bo_evicted: AtomicU64,
+    bo_restored: AtomicU64,
+    bo_bytes_moved: AtomicU64,
+    ce_bytes: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -156,16 +273,41 @@ fn bump(c: &AtomicU64, n: u64) {
 /// # Invariants
 /// `vram` is a device-private region owned by `owner`, with this GPU's
 /// `migrate_to_ram`; every entry of every context's table that names a VRAM frame was
-/// put there by this GPU's own migration, while the page was locked.
+/// put there by this GPU's own migration, while the page was locked. `used` counts the
+/// frames allocated (or reserved for allocation) of `vram` and `bo_vram` together and
+/// never exceeds `vram_pages`: every allocation reserves first, every free returns
+/// through the regions' `page_free`.
 pub struct Gpu {
     bdf: Bdf,
     phys: Arc<PhysMem>,
+    dma: DmaDevice,
     owner: u64,
     vram: Arc<Region>,
+    /// VRAM for buffer objects.
+    bo_vram: Arc<Region>,
+    bo_ops: Arc<bo::BoVramOps>,
+    vram_pages: u64,
+    used: Arc<AtomicU64>,
+    /// Live BOs by handle. Lock order: a leaf.
+    bos: OrderedMutex<BTreeMap<u32, Arc<bo::Bo>>>,
+    next_handle: AtomicU32,
+    /// Which BO a small BAR's window shows. Lock order: a leaf.
+    window_target: OrderedMutex<Option<BoHandle>>,
+    /// A use counter for least-recently-used eviction.
+    clock: AtomicU64,
     mirrors: MirrorSet,
     stats: Counters,
     /// Set when hot removal begins: no new work, no new VRAM.
     removed: AtomicBool,
+}
+
+/// The device-private pool's page-map ops: a page freed leaves the VRAM budget.
+struct Budget(Arc<AtomicU64>);
+
+impl PageMapOps for Budget {
+    fn page_free(&self, _pfn: Pfn) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl std::fmt::Debug for Gpu {
@@ -192,6 +334,24 @@ impl MigrateToRam for VramOps {
     }
 }
 
+/// The BAR of `bdf` that opens onto VRAM: its largest prefetchable memory BAR (BAR 1
+/// on NVIDIA GPUs, BAR 0 on AMD ones), whole VRAM when at least `vram` bytes.
+fn vram_bar(dma: &Dma, bdf: Bdf, vram: u64) -> Option<Bar> {
+    let topo = dma.topology();
+    let f = topo.function(topo.lookup(bdf)?);
+    let b = f
+        .bars
+        .iter()
+        .filter(|b| !b.io && b.prefetchable && b.size >= PAGE_SIZE)
+        .max_by_key(|b| b.size)?;
+    Some(Bar {
+        index: b.index,
+        bus: b.bus,
+        bytes: b.size.min(vram),
+        full: b.size >= vram,
+    })
+}
+
 /// A GPU to bring up at an endpoint.
 #[derive(Clone, Debug)]
 pub struct GpuSpec {
@@ -206,7 +366,7 @@ impl Probe for GpuSpec {
         self.bdf
     }
     fn probe(&self, p2p: &Arc<P2pRegistry>) -> Result<Arc<dyn Device>, ProbeError> {
-        match Gpu::new(p2p.dma().phys(), self.bdf, self.vram_bytes) {
+        match Gpu::new(p2p.dma(), self.bdf, self.vram_bytes) {
             Ok(g) => Ok(g),
             Err(e) => Err(ProbeError {
                 dev: self.bdf,
@@ -232,6 +392,8 @@ impl Device for Gpu {
     /// in use at `timeout`.
     fn remove(&self, p2p: &P2pRegistry, timeout: Option<Duration>) -> Result<(), P2pError> {
         self.removed.store(true, Ordering::SeqCst);
+        // Buffer objects go first: importers are told and revoked, storage freed.
+        self.remove_bos();
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         loop {
             // Device-private pages are never pinned: eviction refuses nothing.
@@ -258,14 +420,18 @@ impl Device for Gpu {
             self.vram.wait_until_free(Some(wait));
         }
         let _ = self.phys.memunmap_pages(self.vram.id());
+        let _ = self.phys.memunmap_pages(self.bo_vram.id());
         p2p.remove_device(self.bdf, timeout)
     }
 }
 
 impl Gpu {
-    /// Brings up a GPU at `bdf` with `vram_bytes` of VRAM (rounded up to pages; EINVAL
-    /// for none).
-    pub fn new(phys: &Arc<PhysMem>, bdf: Bdf, vram_bytes: u64) -> Result<Arc<Self>, GpuError> {
+    /// Brings up a GPU at `bdf` of `dma`'s fabric with `vram_bytes` of VRAM (rounded up
+    /// to pages; EINVAL for none): attaches it for DMA and finds its BAR onto VRAM (the
+    /// function's largest prefetchable memory BAR: all of VRAM when at least as large,
+    /// otherwise a window).
+    pub fn new(dma: &Arc<Dma>, bdf: Bdf, vram_bytes: u64) -> Result<Arc<Self>, GpuError> {
+        let phys = dma.phys();
         let vram_err = |why: String| GpuError::Vram {
             dev: bdf,
             bytes: vram_bytes,
@@ -280,15 +446,57 @@ impl Gpu {
                 why: "a GPU needs some VRAM",
             });
         }
+        let handle = dma.attach(bdf).map_err(|e| GpuError::Dma {
+            dev: bdf,
+            source: e,
+        })?;
+        // GPUs address 4 GiB segments.
+        handle.set_max_segment(4 << 30);
+        let vram_pages = vram_bytes.div_ceil(PAGE_SIZE);
         let owner = phys.next_id() | 0x6770_0000_0000;
         let vram = phys
             .memremap_pages(RegionKind::DevicePrivate { owner }, vram_bytes)
             .map_err(|e| vram_err(e.to_string()))?;
+        let bo_vram = match phys.memremap_pages(
+            RegionKind::DeviceCoherent {
+                owner: owner | 0x1_0000_0000_0000,
+            },
+            vram_bytes,
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = phys.memunmap_pages(vram.id());
+                return Err(vram_err(e.to_string()));
+            }
+        };
+        let bar = vram_bar(dma, bdf, vram_pages * PAGE_SIZE);
+        let window = bar.filter(|b| b.full).map(|b| {
+            let base = bo_vram.base();
+            (base, vram_pages, b.bus.0.wrapping_sub(base.addr().0))
+        });
+        let used = Arc::new(AtomicU64::new(0));
+        let bo_ops = Arc::new(bo::BoVramOps {
+            used: used.clone(),
+            dev: bdf,
+            bar,
+            window: Arc::new(OrderedMutex::new(&order::LEAF, window)),
+        });
+        bo_vram.set_page_map_ops(bo_ops.clone());
+        vram.set_page_map_ops(Arc::new(Budget(used.clone())));
         let gpu = Arc::new(Gpu {
             bdf,
             phys: phys.clone(),
+            dma: handle,
             owner,
             vram: vram.clone(),
+            bo_vram,
+            bo_ops,
+            vram_pages,
+            used,
+            bos: OrderedMutex::new(&order::LEAF, BTreeMap::new()),
+            next_handle: AtomicU32::new(1),
+            window_target: OrderedMutex::new(&order::LEAF, None),
+            clock: AtomicU64::new(1),
             mirrors: MirrorSet::new(),
             stats: Counters::default(),
             removed: AtomicBool::new(false),
@@ -302,16 +510,27 @@ impl Gpu {
         self.bdf
     }
 
-    /// Its VRAM region.
+    /// Its VRAM region for unified memory (device-private pages).
     pub fn vram(&self) -> &Arc<Region> {
         &self.vram
     }
 
-    /// VRAM in bytes: total, used, free (`nvidia-smi`'s memory columns).
+    /// Its VRAM region for buffer objects.
+    pub fn bo_vram(&self) -> &Arc<Region> {
+        &self.bo_vram
+    }
+
+    /// Its DMA handle: the copy engine's accesses go through it.
+    pub fn dma(&self) -> &DmaDevice {
+        &self.dma
+    }
+
+    /// VRAM in bytes: total, used, free (`nvidia-smi`'s memory columns), buffer
+    /// objects and unified-memory pages together.
     pub fn vram_bytes(&self) -> (u64, u64, u64) {
-        let total = self.vram.frames() * PAGE_SIZE;
-        let free = self.vram.free_frames() * PAGE_SIZE;
-        (total, total - free, free)
+        let total = self.vram_pages * PAGE_SIZE;
+        let used = self.used.load(Ordering::Acquire).min(self.vram_pages) * PAGE_SIZE;
+        (total, used, total - used)
     }
 
     /// What it has done so far.
@@ -325,6 +544,10 @@ impl Gpu {
             migrated_to_ram: l(&s.migrated_to_ram),
             evicted: l(&s.evicted),
             vram_full: l(&s.vram_full),
+            bo_evicted: l(&s.bo_evicted),
+            bo_restored: l(&s.bo_restored),
+            bo_bytes_moved: l(&s.bo_bytes_moved),
+            ce_bytes: l(&s.ce_bytes),
         }
     }
 
@@ -341,6 +564,7 @@ impl Gpu {
             mm: mm.clone(),
             sub,
             placement: OrderedMutex::new(&order::LEAF, BTreeMap::new()),
+            bo_vas: OrderedMutex::new(&order::LEAF, BTreeMap::new()),
         }
     }
 
@@ -364,12 +588,20 @@ impl Gpu {
         Ok(ev)
     }
 
-    /// One VRAM page, or `None` when VRAM is full or the GPU is going away.
+    /// One VRAM page for unified memory, or `None` when VRAM is full or the GPU is
+    /// going away. (A unified-memory fault does not evict buffer objects: a page that
+    /// finds no room is mapped remotely.)
     fn alloc_vram(&self) -> Option<Pfn> {
-        if self.removed.load(Ordering::SeqCst) {
+        if self.removed.load(Ordering::SeqCst) || !self.reserve(1) {
             return None;
         }
-        self.vram.alloc().ok()
+        match self.vram.alloc() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                self.used.fetch_sub(1, Ordering::AcqRel);
+                None
+            }
+        }
     }
 
     /// Whether hot removal has begun.
@@ -387,6 +619,17 @@ pub struct GpuContext {
     sub: IntervalNotifier,
     /// Placement of ranges by start: (end, placement). Lock order: a leaf.
     placement: OrderedMutex<BTreeMap<u64, (u64, Placement)>>,
+    /// Buffer objects mapped at GPU addresses. Lock order: a leaf.
+    bo_vas: OrderedMutex<bo::BoVas>,
+}
+
+impl Drop for GpuContext {
+    fn drop(&mut self) {
+        let vas = std::mem::take(&mut *self.bo_vas.lock());
+        for bo in vas.into_values() {
+            self.gpu.bo_unmap_va(&bo);
+        }
+    }
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -621,6 +864,9 @@ impl GpuContext {
         if self.gpu.removed() {
             return Err(GpuError::Removed { dev: self.gpu.bdf });
         }
+        if va.0 >= bo::BO_VA_BASE {
+            return self.bo_access(va, len, write, f);
+        }
         let mut done = 0u64;
         let mut region: Option<Arc<Region>> = None;
         while done < len {
@@ -651,6 +897,99 @@ impl GpuContext {
             }
         }
         Ok(())
+    }
+
+    /// Maps buffer object `h` into this context's GPU address space (`GEM_VA` map);
+    /// returns its GPU address, above every process address. GPU work reaches the BO
+    /// there wherever it lives; the BO cannot be freed while mapped.
+    pub fn map_bo(&self, h: BoHandle) -> Result<VirtAddr, GpuError> {
+        if self.gpu.removed() {
+            return Err(GpuError::Removed { dev: self.gpu.bdf });
+        }
+        let bo = self.gpu.bo_map_va(h)?;
+        let mut vas = self.bo_vas.lock();
+        // After the last mapping, 2 MiB aligned, as drivers place BOs.
+        let align = 2 << 20;
+        let start = vas.iter().next_back().map_or(bo::BO_VA_BASE, |(s, b)| {
+            (s + b.bytes()).next_multiple_of(align)
+        });
+        if start + bo.bytes() > bo::BO_VA_END {
+            drop(vas);
+            self.gpu.bo_unmap_va(&bo);
+            return Err(GpuError::Invalid {
+                dev: self.gpu.bdf,
+                op: "map_bo",
+                va: VirtAddr(start),
+                len: bo.bytes(),
+                why: "the GPU address space is full",
+            });
+        }
+        vas.insert(start, bo);
+        Ok(VirtAddr(start))
+    }
+
+    /// Unmaps the buffer object mapped at GPU address `va`; EINVAL when none starts
+    /// there.
+    pub fn unmap_bo(&self, va: VirtAddr) -> Result<(), GpuError> {
+        let bo = self.bo_vas.lock().remove(&va.0).ok_or(GpuError::Invalid {
+            dev: self.gpu.bdf,
+            op: "unmap_bo",
+            va,
+            len: 0,
+            why: "no buffer object is mapped at this address",
+        })?;
+        self.gpu.bo_unmap_va(&bo);
+        Ok(())
+    }
+
+    /// GPU work on a buffer object's GPU addresses: the BO is moved into VRAM first
+    /// when it may (`ttm_bo_validate` on command submission; it is worked on in system
+    /// RAM through the GART when VRAM cannot take it), counted busy, and reached page
+    /// by page. An address no BO maps, or a range running past its BO, is an
+    /// unresolvable GPU fault.
+    fn bo_access(
+        &self,
+        va: VirtAddr,
+        len: u64,
+        write: bool,
+        mut f: impl FnMut(&Region, Pfn, u64, usize, usize),
+    ) -> Result<(), GpuError> {
+        let unmapped = |why: String| GpuError::Unmapped {
+            dev: self.gpu.bdf,
+            va,
+            why,
+        };
+        let (start, bo) = self
+            .bo_vas
+            .lock()
+            .range(..=va.0)
+            .next_back()
+            .map(|(s, b)| (*s, b.clone()))
+            .ok_or_else(|| unmapped("no buffer object is mapped there".into()))?;
+        let off = va.0 - start;
+        if off >= bo.bytes() {
+            return Err(unmapped("no buffer object is mapped there".into()));
+        }
+        if off + len > bo.bytes() {
+            return Err(unmapped(format!(
+                "the access runs past the end of {} at {:#x}",
+                bo.handle(),
+                start + bo.bytes()
+            )));
+        }
+        let u = self.gpu.bo_use_of(bo, off, len, true)?;
+        self.gpu
+            .place_access(&u, off, len, write, |r, p, o, at, n| {
+                // Split into pages, as the GPU work's callbacks expect.
+                let (mut o, mut at, mut left) = (o, at, n);
+                while left > 0 {
+                    let k = ((PAGE_SIZE - o % PAGE_SIZE) as usize).min(left);
+                    f(r, Pfn(p.0 + o / PAGE_SIZE), o % PAGE_SIZE, at, k);
+                    o += k as u64;
+                    at += k;
+                    left -= k;
+                }
+            })
     }
 
     /// Resolves a GPU fault on `page` by its placement: into VRAM if it should and can
