@@ -618,7 +618,6 @@ impl Mm {
                 return Err(MmError::nomem(op, va, e));
             }
         };
-        region.copy_frame(old, ram, new);
         ram.meta(new).set(flags::ANON_EXCLUSIVE);
         let guard = match self.invalidate(op, va, VirtAddr(va.0 + PAGE_SIZE), event) {
             Ok(g) => g,
@@ -632,6 +631,12 @@ impl Mm {
         let cur = pt.get(va);
         let swapped = (cur.is_present() || cur.is_device_private()) && cur.pfn() == Some(old);
         if swapped {
+            // Copied here, after the invalidation and under the page-table lock: the
+            // old page may still be writable (eviction copies out a page something
+            // else references), and a CPU store holds this lock while it writes, a
+            // device dropped its mapping in the invalidation. Copied before, a store
+            // landing in between was lost (the soak found that).
+            region.copy_frame(old, ram, new);
             pt.set(va, Pte::present(new, writable));
         }
         drop(pt);

@@ -334,6 +334,12 @@ impl Mm {
                     why: "a device holds the page for atomics",
                 });
             }
+            if !pte.is_empty() {
+                // Collection found no page, but one is mapped now: a device held it
+                // for atomics and a CPU access took it back in between (the soak
+                // found that). Look again.
+                return Ok(OnePage::Again);
+            }
             return Err(MmError::Fault {
                 op,
                 addr: va,
