@@ -395,7 +395,7 @@ fn run_hmm_mirrors_a_buffer_into_a_gpu_under_vram_pressure() {
 }
 
 #[test]
-fn bench_gpu_reports_unified_memory_against_memcpy() {
+fn bench_gpu_reports_unified_memory_the_copy_engine_and_bo_eviction_against_memcpy() {
     let out = stdout(&peerdma(&[
         "bench", "gpu", "--bytes", "4194304", "--runs", "1",
     ]));
@@ -404,10 +404,17 @@ fn bench_gpu_reports_unified_memory_against_memcpy() {
         "GPU first touch, migrate into VRAM",
         "GPU first touch, remote access",
         "GPU read, all pages mapped",
+        "copy engine, 1 MiB blocks over 4 MiB",
+        "VRAM to VRAM",
+        "VRAM to system RAM",
+        "VRAM to a peer's BAR",
+        "BO eviction of 4 MiB",
+        "to system RAM",
+        "back into VRAM",
     ] {
         assert!(out.contains(line), "{out}");
     }
-    assert_eq!(out.matches("x memcpy").count(), 3, "{out}");
+    assert_eq!(out.matches("x memcpy").count(), 8, "{out}");
 }
 
 #[test]

@@ -671,3 +671,152 @@ fn a_gpu_store_through_a_remote_mapping_racing_a_window_migration_is_never_lost(
         3,
     );
 }
+
+#[test]
+fn an_eviction_copying_out_a_referenced_page_never_loses_a_cpu_store() {
+    // migrate_device_range gives an address space its own copy of a device-coherent
+    // page that something else references (get_user_pages here), as a COW break
+    // would. The page is still writable: the copy must come after the invalidation and
+    // under the page-table lock a CPU store holds, or a store landing between the copy
+    // and the swap is lost (the soak found that; PCT at depth 3 finds it at once).
+    shuttle::check_pct(
+        || {
+            let h = common::host(8 << 20);
+            let coh = h
+                .phys()
+                .memremap_pages(RegionKind::DeviceCoherent { owner: 0xc0 }, 1 << 20)
+                .unwrap();
+            let mm = h.spawn();
+            let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+            mm.write(a, b"old-data").unwrap();
+            mm.migrate_page(a, &coh).unwrap();
+            let got = peerdma::gup::get_user_pages(&mm, a, 1, FollFlags::NONE).unwrap();
+            let writer = {
+                let mm = mm.clone();
+                thread::spawn(move || mm.write(a, b"new-data").unwrap())
+            };
+            let evictor = {
+                let (phys, coh) = (h.phys().clone(), coh.clone());
+                thread::spawn(move || {
+                    peerdma::mm::migrate_device_range(&phys, &coh, coh.base(), coh.frames())
+                        .unwrap()
+                })
+            };
+            writer.join().unwrap();
+            let ev = evictor.join().unwrap();
+            assert!(ev.refused.is_empty(), "{:?}", ev.refused);
+            assert_eq!(&read8(&mm, a), b"new-data", "the store survived the copy");
+            assert!(!mm.pte(a).pfn().is_some_and(|p| coh.contains(p)));
+            drop(got);
+        },
+        iterations(),
+        3,
+    );
+}
+
+/// A host with a GPU of 32 VRAM pages bound through the registry, a process, a GPU
+/// context, and a 2-page BO mapped at a GPU address.
+fn bo_host() -> (
+    common::Checked,
+    Arc<peerdma::drivers::gpu::Gpu>,
+    peerdma::drivers::gpu::GpuContext,
+    peerdma::drivers::gpu::BoHandle,
+    peerdma::addr::VirtAddr,
+) {
+    let mut h = common::host(8 << 20);
+    let bdf = "0000:03:00.0".parse().unwrap();
+    let spec = peerdma::drivers::gpu::GpuSpec {
+        bdf,
+        vram_bytes: 32 * PAGE_SIZE,
+    };
+    h.add_device(&spec.into()).unwrap();
+    let gpu = h.device::<peerdma::drivers::gpu::Gpu>(bdf).unwrap();
+    let mm = h.spawn();
+    let ctx = gpu.open(&mm);
+    let bo = gpu.bo_alloc(2 * PAGE_SIZE).unwrap();
+    let va = ctx.map_bo(bo).unwrap();
+    (h, gpu, ctx, bo, va)
+}
+
+#[test]
+fn gpu_work_on_a_bo_racing_its_eviction_is_never_lost() {
+    // The eviction waits for the GPU work counted busy on the BO before it copies;
+    // work that starts after the move finds the BO in RAM and brings it back, or works
+    // on it there. Either way the stored bytes are in the BO afterwards.
+    shuttle::check_random(
+        || {
+            let (_h, gpu, ctx, bo, va) = bo_host();
+            let ctx = Arc::new(ctx);
+            let storer = {
+                let ctx = ctx.clone();
+                thread::spawn(move || ctx.store(va, b"gpu-data").unwrap())
+            };
+            let evictor = {
+                let gpu = gpu.clone();
+                thread::spawn(move || gpu.bo_evict(bo).unwrap())
+            };
+            storer.join().unwrap();
+            evictor.join().unwrap();
+            let mut b = [0u8; 8];
+            gpu.bo_read(bo, 0, &mut b).unwrap();
+            assert_eq!(&b, b"gpu-data");
+            ctx.unmap_bo(va).unwrap();
+            gpu.bo_free(bo).unwrap();
+        },
+        iterations(),
+    );
+}
+
+#[test]
+fn a_peer_write_racing_a_bo_eviction_lands_before_the_move_or_is_refused() {
+    // The move revokes the peer's mapping, which waits for the DMA in flight: a write
+    // that got in is copied with the BO; one that came later fails with EAGAIN and
+    // left nothing anywhere. The copy engine's copy out of the BO races too.
+    shuttle::check_random(
+        || {
+            let (h, gpu, ctx, bo, va) = bo_host();
+            let peer = common::attach(&h, "0000:05:00.0");
+            let m = gpu
+                .bo_map_peer(bo, &peer, peerdma::dma::Direction::Bidirectional, None)
+                .unwrap();
+            let other = gpu.bo_alloc(PAGE_SIZE).unwrap();
+            gpu.bo_write(bo, PAGE_SIZE, b"ce-data!").unwrap();
+            let writer = {
+                let m = m.clone();
+                thread::spawn(move || m.mapping().dma_write(0, b"peerdata"))
+            };
+            let copier = {
+                let gpu = gpu.clone();
+                thread::spawn(move || {
+                    use peerdma::drivers::gpu::CeAddr;
+                    gpu.ce_copy(CeAddr::Bo(other, 0), CeAddr::Bo(bo, PAGE_SIZE), 8)
+                        .unwrap()
+                })
+            };
+            let evictor = {
+                let gpu = gpu.clone();
+                thread::spawn(move || gpu.bo_evict(bo).unwrap())
+            };
+            let wrote = writer.join().unwrap();
+            copier.join().unwrap();
+            assert!(evictor.join().unwrap());
+            let mut b = [0u8; 8];
+            gpu.bo_read(bo, 0, &mut b).unwrap();
+            match wrote {
+                Ok(()) => assert_eq!(&b, b"peerdata"),
+                Err(e) => {
+                    assert_eq!(e.errno(), peerdma::errno::Errno::EAGAIN, "{e}");
+                    assert_eq!(b, [0; 8]);
+                }
+            }
+            gpu.bo_read(other, 0, &mut b).unwrap();
+            assert_eq!(&b, b"ce-data!");
+            assert!(h.dma().sanitizer().is_clean());
+            drop(m);
+            ctx.unmap_bo(va).unwrap();
+            gpu.bo_free(bo).unwrap();
+            gpu.bo_free(other).unwrap();
+        },
+        iterations(),
+    );
+}

@@ -32,7 +32,7 @@ use rand_chacha::ChaCha8Rng;
 use peerdma::addr::{Bdf, Pfn, VirtAddr, PAGE_SIZE};
 use peerdma::dma::{Direction, DmaError, DmaMapping, SgTable};
 use peerdma::drivers::dmirror::{Dmirror, DmirrorDevice, DmirrorMemory};
-use peerdma::drivers::gpu::{Gpu, GpuContext, Location, Placement};
+use peerdma::drivers::gpu::{BoHandle, CeAddr, Gpu, GpuContext, Location, Placement};
 use peerdma::drivers::nvme::Nvme;
 use peerdma::errno::Errno;
 use peerdma::gup::{get_user_dma_sg, GupError, UserDmaSg, UserSg};
@@ -48,6 +48,8 @@ const PROCS: usize = 3;
 const SHARED_PAGES: u64 = 16;
 /// Bytes of one thread's slot in a shared page.
 const SLOT: u64 = 64;
+/// Pages of each thread's GPU buffer object.
+const BO_PAGES: u64 = 8;
 /// Nothing finished for this long: the watchdog aborts.
 const WATCHDOG: Duration = Duration::from_secs(60);
 
@@ -78,7 +80,18 @@ const OPS: &[&str] = &[
     "hmm device read",
     "hmm migrate to device",
     "hmm exclusive",
-    "remove provider",
+    "evict device range",
+    "gpu read",
+    "gpu write",
+    "gpu placement",
+    "gpu evict",
+    "gpu prefetch",
+    "bo write",
+    "bo read",
+    "bo peer dma",
+    "bo copy",
+    "bo evict",
+    "bo pin",
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -114,6 +127,12 @@ enum Op {
     GpuPlace,
     GpuEvict,
     GpuPrefetch,
+    BoWrite,
+    BoRead,
+    BoPeerDma,
+    BoCopy,
+    BoEvict,
+    BoPin,
 }
 
 /// Weighted operation mix.
@@ -149,6 +168,12 @@ const MIX: &[(Op, u32)] = &[
     (Op::GpuPlace, 1),
     (Op::GpuEvict, 1),
     (Op::GpuPrefetch, 1),
+    (Op::BoWrite, 3),
+    (Op::BoRead, 3),
+    (Op::BoPeerDma, 2),
+    (Op::BoCopy, 2),
+    (Op::BoEvict, 1),
+    (Op::BoPin, 1),
 ];
 
 struct Proc {
@@ -184,6 +209,10 @@ struct World {
     per_op: Vec<AtomicU64>,
     /// Refusals the kernel also gives: EBUSY migrations, p2p pages revoked by removal.
     refused: AtomicU64,
+    /// The GPU, and each thread's buffer object with its GPU address in process 0's
+    /// context.
+    gpu: Arc<Gpu>,
+    bos: Vec<(BoHandle, VirtAddr)>,
 }
 
 impl World {
@@ -274,6 +303,18 @@ struct Worker<'w> {
     p2p: Vec<P2pMap>,
     mirror: Arc<Mirror>,
     sub: IntervalNotifier,
+    /// What each page of this thread's BO holds (its first 8 bytes).
+    bo_oracle: Vec<u64>,
+    bo_pinned: bool,
+    /// The operation under way, for tags.
+    op: usize,
+}
+
+/// The operation that wrote a tag (see [`Worker::tag`]).
+fn writer(tag: u64) -> &'static str {
+    OPS.get(((tag >> 48) & 0xff) as usize)
+        .copied()
+        .unwrap_or("nobody")
 }
 
 fn fail(seed: u64, t: usize, op: Op, what: String) -> ! {
@@ -281,9 +322,11 @@ fn fail(seed: u64, t: usize, op: Op, what: String) -> ! {
 }
 
 impl<'w> Worker<'w> {
+    /// A fresh value: the thread in the top byte, the operation that writes it (its
+    /// index in `MIX`) in the next, so a failure names who wrote what was lost.
     fn tag(&mut self) -> u64 {
         self.next_tag += 1;
-        ((self.t as u64 + 1) << 56) | self.next_tag
+        ((self.t as u64 + 1) << 56) | ((self.op as u64) << 48) | self.next_tag
     }
 
     fn slot(&self, proc: usize, page: u64) -> VirtAddr {
@@ -297,7 +340,11 @@ impl<'w> Worker<'w> {
                 seed,
                 self.t,
                 op,
-                format!("{what}: read {got:#x}, expected {want:#x}"),
+                format!(
+                    "{what}: read {got:#x} (written by {}), expected {want:#x} (written by {})",
+                    writer(got),
+                    writer(want)
+                ),
             );
         }
     }
@@ -317,6 +364,7 @@ impl<'w> Worker<'w> {
     /// Does one operation; false when there was nothing to do it on (no pin held, no
     /// child, the limit reached), which the report counts apart.
     fn step(&mut self, seed: u64, op: Op) -> bool {
+        self.op = op_index(op);
         let w = self.w;
         let proc = self.rng.gen_range(0..PROCS);
         let page = self.rng.gen_range(0..SHARED_PAGES);
@@ -765,7 +813,12 @@ impl<'w> Worker<'w> {
                     Ok(ev) => {
                         for (pfn, e) in &ev.refused {
                             if e.errno() != Errno::EBUSY {
-                                fail(seed, self.t, op, format!("{pfn}: {e}"));
+                                fail(
+                                    seed,
+                                    self.t,
+                                    op,
+                                    format!("{pfn} of {} at {}: {e}", r.kind(), r.base()),
+                                );
                             }
                             w.refused.fetch_add(1, Ordering::Relaxed);
                         }
@@ -788,7 +841,21 @@ impl<'w> Worker<'w> {
                     ctx.load(slot, &mut b)
                         .unwrap_or_else(|e| fail(seed, self.t, op, e.to_string()));
                     let want = self.oracle[proc][page as usize];
-                    self.check(seed, op, u64::from_le_bytes(b), want, "gpu load");
+                    let got = u64::from_le_bytes(b);
+                    if got != want {
+                        let gpu_map = ctx.mapped(slot);
+                        let pte = w.procs[proc].mm.pte(slot);
+                        let cpu = Self::read_u64(&mm, slot);
+                        let what = format!(
+                            "gpu load {got:#x} (written by {}), expected {want:#x} (written \
+                             by {}); the GPU maps {gpu_map:?}, the process {pte:?}, the CPU \
+                             reads {cpu:x?}",
+                            writer(got),
+                            writer(want)
+                        );
+                        fail(seed, self.t, op, what);
+                    }
+                    self.check(seed, op, got, want, "gpu load");
                 }
             }
             Op::GpuPlace => {
@@ -830,6 +897,9 @@ impl<'w> Worker<'w> {
                     fail(seed, self.t, op, format!("VRAM page {pfn} stayed: {e}"));
                 }
             }
+            Op::BoWrite | Op::BoRead | Op::BoPeerDma | Op::BoCopy | Op::BoEvict | Op::BoPin => {
+                return self.bo_step(seed, op, page % BO_PAGES);
+            }
             Op::HmmRead | Op::HmmMigrate | Op::HmmExclusive => {
                 // The HMM test device reads the page through its mirror
                 // (hmm_range_fault), moves it into its memory (migrate_vma), or takes
@@ -860,8 +930,9 @@ impl<'w> Worker<'w> {
                                 self.t,
                                 op,
                                 format!(
-                                    "device read {got:#x}, expected {want:#x}; the table maps \
-                                     {table:?} ({}), the process {pte:?} ({})",
+                                    "device read {got:#x}, expected {want:#x} (written by {}); \
+                                     the table maps {table:?} ({}), the process {pte:?} ({})",
+                                    writer(want),
                                     kind(table),
                                     kind(pte.pfn())
                                 ),
@@ -923,9 +994,122 @@ impl<'w> Worker<'w> {
         c.mm.exit();
     }
 
+    /// An operation on this thread's GPU buffer object (or, to evict, anyone's),
+    /// racing evictions, the unified memory's use of VRAM and the other threads' BOs:
+    /// every byte must be where the oracle says, whichever way it is reached.
+    fn bo_step(&mut self, seed: u64, op: Op, page: u64) -> bool {
+        let w = self.w;
+        let t = self.t;
+        let (bo, va) = w.bos[t];
+        let off = page * PAGE_SIZE;
+        let ctx = &w.procs[0].gpu;
+        let die = |e: String| -> ! { fail(seed, t, op, e) };
+        match op {
+            Op::BoWrite => {
+                let tag = self.tag();
+                let r = if self.rng.gen_bool(0.5) {
+                    ctx.store(VirtAddr(va.0 + off), &tag.to_le_bytes())
+                } else {
+                    w.gpu.bo_write(bo, off, &tag.to_le_bytes())
+                };
+                r.unwrap_or_else(|e| die(e.to_string()));
+                self.bo_oracle[page as usize] = tag;
+            }
+            Op::BoRead => {
+                let mut b = [0u8; 8];
+                let r = if self.rng.gen_bool(0.5) {
+                    ctx.load(VirtAddr(va.0 + off), &mut b)
+                } else {
+                    w.gpu.bo_read(bo, off, &mut b)
+                };
+                r.unwrap_or_else(|e| die(e.to_string()));
+                let want = self.bo_oracle[page as usize];
+                self.check(seed, op, u64::from_le_bytes(b), want, "own BO");
+            }
+            Op::BoPeerDma => {
+                // A peer writes the page through its mapping of the BO; when the BO
+                // moves first, the mapping is revoked (EAGAIN) and the peer maps again.
+                let tag = self.tag();
+                let dev = w.host.dma().attach(w.devices[2]).unwrap();
+                loop {
+                    let m = w
+                        .gpu
+                        .bo_map_peer(bo, &dev, Direction::Bidirectional, None)
+                        .unwrap_or_else(|e| die(e.to_string()));
+                    match m.mapping().dma_write(off, &tag.to_le_bytes()) {
+                        Ok(()) => break,
+                        Err(e) if e.errno() == Errno::EAGAIN => {
+                            w.refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => die(e.to_string()),
+                    }
+                }
+                self.bo_oracle[page as usize] = tag;
+            }
+            Op::BoCopy => {
+                let src = (page + 1) % BO_PAGES;
+                w.gpu
+                    .ce_copy(CeAddr::Bo(bo, off), CeAddr::Bo(bo, src * PAGE_SIZE), 8)
+                    .unwrap_or_else(|e| die(e.to_string()));
+                self.bo_oracle[page as usize] = self.bo_oracle[src as usize];
+            }
+            Op::BoEvict => {
+                if self.rng.gen_bool(0.2) {
+                    let ev = w.gpu.evict_bos();
+                    for (h, why) in &ev.skipped {
+                        if !why.starts_with("pinned by") {
+                            die(format!("{h} stayed: {why}"));
+                        }
+                    }
+                } else {
+                    let (h, _) = w.bos[self.rng.gen_range(0..THREADS)];
+                    match w.gpu.bo_evict(h) {
+                        Ok(_) => {}
+                        Err(e) if e.errno() == Errno::EBUSY => {
+                            w.refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => die(e.to_string()),
+                    }
+                }
+            }
+            Op::BoPin => {
+                let me = format!("soak {t}");
+                if self.bo_pinned {
+                    w.gpu
+                        .bo_unpin(bo, &me)
+                        .unwrap_or_else(|e| die(e.to_string()));
+                } else {
+                    w.gpu.bo_pin(bo, &me).unwrap_or_else(|e| die(e.to_string()));
+                }
+                self.bo_pinned = !self.bo_pinned;
+            }
+            _ => unreachable!("not a BO operation"),
+        }
+        true
+    }
+
     /// Gives everything back, checking what is checkable.
     fn finish(mut self, seed: u64) {
         self.held.clear();
+        let (bo, _) = self.w.bos[self.t];
+        if self.bo_pinned {
+            self.w
+                .gpu
+                .bo_unpin(bo, &format!("soak {}", self.t))
+                .unwrap();
+        }
+        for page in 0..BO_PAGES {
+            let mut b = [0u8; 8];
+            self.w.gpu.bo_read(bo, page * PAGE_SIZE, &mut b).unwrap();
+            let want = self.bo_oracle[page as usize];
+            self.check(
+                seed,
+                Op::BoRead,
+                u64::from_le_bytes(b),
+                want,
+                "own BO at the end",
+            );
+        }
         for c in std::mem::take(&mut self.children) {
             self.exit_child(seed, Op::ExitChild, c);
         }
@@ -977,6 +1161,12 @@ fn pick(rng: &mut ChaCha8Rng) -> Op {
                     | Op::GpuPlace
                     | Op::GpuEvict
                     | Op::GpuPrefetch
+                    | Op::BoWrite
+                    | Op::BoRead
+                    | Op::BoPeerDma
+                    | Op::BoCopy
+                    | Op::BoEvict
+                    | Op::BoPin
             )
         })
     };
@@ -1003,7 +1193,7 @@ fn build(iommu: bool) -> World {
     let hmm_dev = DmirrorDevice::new(&phys, DmirrorMemory::Private, 8 << 20);
     // A GPU with little VRAM, so first touches also find it full.
     let gpu = Gpu::new(host.dma(), "0000:03:00.0".parse().unwrap(), 64 * PAGE_SIZE).unwrap();
-    let procs = (0..PROCS)
+    let procs: Vec<Proc> = (0..PROCS)
         .map(|_| {
             let mm = host.spawn();
             let shared = mm.mmap_anon(SHARED_PAGES * PAGE_SIZE, Prot::RW).unwrap();
@@ -1053,6 +1243,12 @@ fn build(iommu: bool) -> World {
     }
     probe.exit();
     assert!(peers.iter().any(|(p, _)| *p == 0), "provider 0 has a peer");
+    let bos = (0..THREADS)
+        .map(|_| {
+            let h = gpu.bo_alloc(BO_PAGES * PAGE_SIZE).unwrap();
+            (h, procs[0].gpu.map_bo(h).unwrap())
+        })
+        .collect();
     World {
         host,
         procs,
@@ -1070,6 +1266,8 @@ fn build(iommu: bool) -> World {
         checks: AtomicU64::new(0),
         per_op: MIX.iter().map(|_| AtomicU64::new(0)).collect(),
         refused: AtomicU64::new(0),
+        gpu,
+        bos,
     }
 }
 
@@ -1118,6 +1316,9 @@ fn soak(seed: u64, iommu: bool, secs: f64) -> Report {
                     p2p: Vec::new(),
                     mirror,
                     sub,
+                    bo_oracle: vec![0; BO_PAGES as usize],
+                    bo_pinned: false,
+                    op: 0,
                 };
                 while !w.stop.load(Ordering::Relaxed) {
                     let op = pick(&mut me.rng);
@@ -1204,9 +1405,18 @@ fn soak(seed: u64, iommu: bool, secs: f64) -> Report {
             .all(|r| r.id() != w.providers[0].region().id()),
         "the removed provider's page map is gone"
     );
-    let World { host, procs, .. } = w;
+    let World {
+        host,
+        procs,
+        gpu,
+        bos,
+        ..
+    } = w;
     for p in procs {
         p.mm.exit();
+    }
+    for (h, _) in bos {
+        gpu.bo_free(h).unwrap();
     }
     host.quiescent().assert_clean();
     Report {

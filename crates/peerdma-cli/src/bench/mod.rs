@@ -43,10 +43,11 @@ enum Which {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
-    /// The GPU model's unified memory: first-touch faults (migrating or remote) and
-    /// mapped reads, against memcpy.
+    /// The GPU model: unified-memory first touches (migrating or remote) and mapped
+    /// reads, the copy engine in 1 MiB blocks, and BO eviction, against memcpy.
     Gpu {
-        /// Bytes of process memory the GPU touches (default 1 GiB).
+        /// Bytes of process memory the GPU touches, and of BOs evicted (default 1 GiB;
+        /// the copy engine copies up to 256 MiB of it).
         #[arg(long, default_value_t = 1 << 30)]
         bytes: u64,
         /// Alternating runs; medians are reported.

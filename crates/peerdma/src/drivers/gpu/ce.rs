@@ -51,15 +51,17 @@ impl Gpu {
         if self.removed() {
             return Err(GpuError::Removed { dev: self.bdf });
         }
-        // BOs are taken busy in handle order, so two copies never wait on each other.
+        // BOs are taken busy in handle order, so two copies never wait on each other;
+        // a copy within one BO takes it once (a second take could wait behind a move
+        // that waits for the first).
         let (du, su) = match (dst, src) {
             (CeAddr::Bo(d, doff), CeAddr::Bo(s, soff)) if d == s => {
                 if doff < soff.saturating_add(len) && soff < doff.saturating_add(len) {
                     return Err(invalid("the source and destination overlap"));
                 }
-                let u = self.bo_use(d, doff, len, false)?;
-                let v = self.bo_use(d, soff, len, false)?;
-                (Some(u), Some(v))
+                let lo = doff.min(soff);
+                let span = (doff.max(soff) - lo).saturating_add(len);
+                (Some(self.bo_use(d, lo, span, false)?), None)
             }
             (CeAddr::Bo(d, doff), CeAddr::Bo(s, soff)) if s < d => {
                 let v = self.bo_use(s, soff, len, false)?;
@@ -78,7 +80,10 @@ impl Gpu {
                 (u, v)
             }
         };
-        let (d, s) = (end_of(dst, du.as_ref()), end_of(src, su.as_ref()));
+        let (d, s) = (
+            end_of(dst, du.as_ref()),
+            end_of(src, su.as_ref().or(du.as_ref())),
+        );
         let vram = &*self.bo_vram;
         match (d, s) {
             (End::Vram(df, doff), End::Vram(sf, soff)) => {
