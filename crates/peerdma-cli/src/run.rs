@@ -221,7 +221,7 @@ fn print(host: &Host, r: &P2pCopyReport) {
 /// `peerdma run hmm`.
 fn run_hmm(args: &RunArgs) -> Result<()> {
     let topo = load(&args.topology)?;
-    let specs = Host::gpu_specs(&topo, args.vram);
+    let specs = Host::gpu_specs(&topo, Some(args.vram));
     if specs.is_empty() {
         bail!(
             "{} has no GPU-class function for the GPU model to bind to",
@@ -295,7 +295,7 @@ fn print_hmm(host: &Host, r: &HmmJobReport) {
         }
     );
     if r.sanitizer.is_empty() {
-        println!("  sanitizer: clean (GPU work goes through the GPU page table; no DMA yet)");
+        println!("  sanitizer: clean (no device access broke a rule; the GPU work reached memory through its page table)");
     } else {
         println!("  sanitizer: {} violations", r.sanitizer.len());
         for v in &r.sanitizer {

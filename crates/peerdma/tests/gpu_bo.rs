@@ -44,6 +44,25 @@ fn with_gpu(vram_pages: u64, iommu: bool) -> (common::Checked, Arc<Gpu>) {
     (h, gpu)
 }
 
+/// A leak-checked host of `topo` (no IOMMU) with a GPU of `vram` bytes at `gpu`.
+fn host_with_gpu(topo: peerdma::fabric::Topology, gpu: Bdf, vram: u64) -> common::Checked {
+    common::Checked(
+        Host::build(
+            topo,
+            &HostConfig {
+                ram_bytes: 16 << 20,
+                iommu: Some(false),
+            },
+            &[GpuSpec {
+                bdf: gpu,
+                vram_bytes: vram,
+            }
+            .into()],
+        )
+        .unwrap(),
+    )
+}
+
 /// `n` bytes of a pattern that differs per `seed`.
 fn pattern(n: u64, seed: u8) -> Vec<u8> {
     (0..n)
@@ -310,21 +329,7 @@ fn a_peer_behind_a_non_allowlisted_host_bridge_is_refused_with_the_reason() {
         "0000:00:01.0".parse().unwrap(),
         "0000:00:03.0".parse().unwrap(),
     );
-    let h = common::Checked(
-        Host::build(
-            topo,
-            &HostConfig {
-                ram_bytes: 16 << 20,
-                iommu: Some(false),
-            },
-            &[GpuSpec {
-                bdf: gpu_fn,
-                vram_bytes: 16 * PAGE_SIZE,
-            }
-            .into()],
-        )
-        .unwrap(),
-    );
+    let h = host_with_gpu(topo, gpu_fn, 16 * PAGE_SIZE);
     let gpu = h.device::<Gpu>(gpu_fn).unwrap();
     assert!(
         gpu.bar().unwrap().full,
@@ -367,21 +372,7 @@ fn acs_redirect_keeps_a_peer_off_the_bus_address() {
         })
         .map(|f| f.bdf)
         .collect();
-    let h = common::Checked(
-        Host::build(
-            topo.clone(),
-            &HostConfig {
-                ram_bytes: 16 << 20,
-                iommu: Some(false),
-            },
-            &[GpuSpec {
-                bdf: gpus[0],
-                vram_bytes: 16 * PAGE_SIZE,
-            }
-            .into()],
-        )
-        .unwrap(),
-    );
+    let h = host_with_gpu(topo, gpus[0], 16 * PAGE_SIZE);
     let gpu = h.device::<Gpu>(gpus[0]).unwrap();
     let bo = gpu.bo_alloc(PAGE_SIZE).unwrap();
     let peer = h.dma().attach(gpus[1]).unwrap();
@@ -491,21 +482,7 @@ fn small_bar_host(vram: u64) -> (common::Checked, Arc<Gpu>) {
     let text = std::fs::read_to_string(path).unwrap();
     let text = text.replacen("size = 34359738368", "size = 268435456", 1);
     let topo = peerdma::fabric::import::file::parse("small-bar", &text).unwrap();
-    let h = common::Checked(
-        Host::build(
-            topo,
-            &HostConfig {
-                ram_bytes: 16 << 20,
-                iommu: Some(false),
-            },
-            &[GpuSpec {
-                bdf: gpu_bdf(),
-                vram_bytes: vram,
-            }
-            .into()],
-        )
-        .unwrap(),
-    );
+    let h = host_with_gpu(topo, gpu_bdf(), vram);
     let gpu = h.device::<Gpu>(gpu_bdf()).unwrap();
     (h, gpu)
 }
@@ -747,4 +724,52 @@ fn removing_a_gpu_with_shared_bos_revokes_importers_and_frees_everything() {
         "b's RAM pages are freed"
     );
     drop((m, ctx));
+}
+
+#[test]
+fn the_topology_file_states_each_gpus_vram() {
+    // The workstation preset says 24 GiB per GPU; a file may say it in bytes or with
+    // a unit; the job's --vram (Some) overrides it; nothing said is 16 GiB.
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/presets/workstation.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let vram_of = |text: &str, vram: Option<u64>| -> Vec<u64> {
+        let topo = peerdma::fabric::import::file::parse("t", text).unwrap();
+        let specs = Host::gpu_specs(&topo, vram);
+        let h = common::Checked(
+            Host::build(
+                topo,
+                &HostConfig {
+                    ram_bytes: 8 << 20,
+                    iommu: Some(false),
+                },
+                &specs,
+            )
+            .unwrap(),
+        );
+        h.devices_of::<Gpu>()
+            .iter()
+            .map(|g| g.vram_bytes().0)
+            .collect()
+    };
+    assert_eq!(vram_of(&text, None), vec![24 << 30, 24 << 30]);
+    assert_eq!(vram_of(&text, Some(1 << 20)), vec![1 << 20, 1 << 20]);
+    let bytes = text.replacen("memory = \"24GiB\"", "memory = 268435456", 1);
+    assert_eq!(vram_of(&bytes, None), vec![256 << 20, 24 << 30]);
+    let none = text.replace("memory = \"24GiB\"\n", "");
+    assert_eq!(vram_of(&none, None), vec![16 << 30, 16 << 30]);
+    // The model keeps it: the TOML it writes says it again.
+    let topo = peerdma::fabric::import::file::parse("t", &bytes).unwrap();
+    let again = peerdma::fabric::import::file::to_toml(&topo);
+    assert!(again.contains("memory = 268435456"), "{again}");
+    // A size that is not one is refused, naming the function.
+    for bad in ["\"24 parsecs\"", "\"\"", "0", "\"99999999999TiB\""] {
+        let t = text.replacen("memory = \"24GiB\"", &format!("memory = {bad}"), 1);
+        let e = peerdma::fabric::import::file::parse("t", &t)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("0000:03:00.0") && e.contains("not a size"),
+            "{bad}: {e}"
+        );
+    }
 }

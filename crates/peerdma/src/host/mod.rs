@@ -172,16 +172,19 @@ impl Host {
         Ok(())
     }
 
-    /// A GPU model (`drivers::gpu`) with `vram_bytes` of VRAM for every GPU-class
-    /// endpoint of `topo`.
-    pub fn gpu_specs(topo: &Topology, vram_bytes: u64) -> Vec<DeviceSpec> {
+    /// A GPU model (`drivers::gpu`) for every GPU-class endpoint of `topo`, with
+    /// `vram_bytes` of VRAM when given, else the memory its topology entry states,
+    /// else [`DEFAULT_VRAM`](crate::drivers::gpu::DEFAULT_VRAM).
+    pub fn gpu_specs(topo: &Topology, vram_bytes: Option<u64>) -> Vec<DeviceSpec> {
         topo.functions()
             .iter()
             .filter(|f| f.kind == PortKind::Endpoint && f.device_class() == DeviceClass::Gpu)
             .map(|f| {
                 crate::drivers::gpu::GpuSpec {
                     bdf: f.bdf,
-                    vram_bytes,
+                    vram_bytes: vram_bytes
+                        .or(f.memory)
+                        .unwrap_or(crate::drivers::gpu::DEFAULT_VRAM),
                 }
                 .into()
             })

@@ -72,9 +72,47 @@ pub struct FunctionEntry {
     /// NUMA node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub numa_node: Option<u32>,
+    /// On-board memory for a device model (a GPU's VRAM): bytes, or a string with a
+    /// unit, `"16GiB"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemSize>,
     /// BARs.
     #[serde(default, rename = "bar", skip_serializing_if = "Vec::is_empty")]
     pub bars: Vec<Bar>,
+}
+
+/// A size in a topology file: an integer of bytes, or text such as `"256MiB"`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MemSize {
+    /// Bytes.
+    Bytes(u64),
+    /// A number with an optional unit: B, KiB, MiB, GiB or TiB (K, M, G, T too).
+    Text(String),
+}
+
+impl MemSize {
+    /// The size in bytes, or `None` when the text is not a size.
+    pub fn bytes(&self) -> Option<u64> {
+        match self {
+            MemSize::Bytes(b) => Some(*b),
+            MemSize::Text(t) => {
+                let t = t.trim();
+                let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+                let (num, unit) = t.split_at(split);
+                let n: u64 = num.parse().ok()?;
+                let shift = match unit.trim() {
+                    "" | "B" => 0,
+                    "K" | "KiB" => 10,
+                    "M" | "MiB" => 20,
+                    "G" | "GiB" => 30,
+                    "T" | "TiB" => 40,
+                    _ => return None,
+                };
+                n.checked_mul(1u64 << shift)
+            }
+        }
+    }
 }
 
 fn is_unknown(a: &Acs) -> bool {
@@ -151,6 +189,18 @@ pub fn from_file(source: &str, file: &TopologyFile) -> Result<Topology, FabricEr
                 return Err(bad(e.bdf, format!("a {k} cannot have buses")));
             }
         }
+        let memory = match &e.memory {
+            None => None,
+            Some(m) => Some(m.bytes().filter(|b| *b > 0).ok_or_else(|| {
+                bad(
+                    e.bdf,
+                    format!(
+                        "memory `{m:?}` is not a size: bytes, or a number with B, KiB, MiB, \
+                         GiB or TiB"
+                    ),
+                )
+            })?),
+        };
         specs.push(FunctionSpec {
             function: Function {
                 bdf: e.bdf,
@@ -166,6 +216,7 @@ pub fn from_file(source: &str, file: &TopologyFile) -> Result<Topology, FabricEr
                 acs: e.acs,
                 iommu_group: e.iommu_group,
                 numa_node: e.numa_node,
+                memory,
                 upstream: Upstream::HostBridge(0),
             },
             parent: None,
@@ -218,6 +269,7 @@ pub fn to_file(topo: &Topology) -> TopologyFile {
                 acs: f.acs,
                 iommu_group: f.iommu_group,
                 numa_node: f.numa_node,
+                memory: f.memory.map(MemSize::Bytes),
                 bars: f.bars.clone(),
             })
             .collect(),

@@ -258,6 +258,7 @@ impl Parser<'_> {
             acs: Acs::Unknown,
             iommu_group: None,
             numa_node: None,
+            memory: None,
             upstream: Upstream::HostBridge(0),
         };
         if self.at(col) == Some(b'-') {

@@ -91,6 +91,7 @@ pub fn synthetic(functions: usize) -> Topology {
                 acs,
                 iommu_group: Some(group),
                 numa_node: Some(numa),
+                memory: None,
                 upstream: Upstream::HostBridge(0),
             },
             parent: None,

@@ -21,7 +21,7 @@ use crate::fabric::model::{
 };
 
 /// The attribute files the reader uses; `--save` copies exactly these.
-pub const ATTRIBUTES: [&str; 13] = [
+pub const ATTRIBUTES: [&str; 14] = [
     "vendor",
     "device",
     "class",
@@ -30,6 +30,7 @@ pub const ATTRIBUTES: [&str; 13] = [
     "config",
     "resource",
     "numa_node",
+    "mem_info_vram_total",
     "current_link_speed",
     "current_link_width",
     "max_link_speed",
@@ -241,6 +242,16 @@ fn read_function(dir: &Path, bdf: Bdf) -> Result<FunctionSpec, FabricError> {
             u32::try_from(v).ok()
         }
     };
+    // amdgpu publishes its VRAM size here; other drivers say nothing.
+    let memory = match attr(dir, "mem_info_vram_total")? {
+        None => None,
+        Some(t) => Some(t.parse::<u64>().map_err(|_| {
+            FabricError::sysfs(
+                dir.join("mem_info_vram_total"),
+                format!("`{t}` is not a number of bytes"),
+            )
+        })?),
+    };
     let link = read_link(dir)?;
     let is_bridge = facts.is_bridge_header || Function::class_is_pci_bridge(class);
     let (kind, kind_known) = match facts.pcie_kind {
@@ -265,6 +276,7 @@ fn read_function(dir: &Path, bdf: Bdf) -> Result<FunctionSpec, FabricError> {
             acs: facts.acs,
             iommu_group: None,
             numa_node,
+            memory: memory.filter(|b| *b > 0),
             upstream: Upstream::HostBridge(0),
         },
         parent: None,
@@ -499,6 +511,9 @@ pub fn write_snapshot(topo: &Topology, to: &Path) -> Result<usize, FabricError> 
         write("resource", resource.as_bytes())?;
         let numa = f.numa_node.map_or("-1".to_string(), |n| n.to_string());
         write("numa_node", format!("{numa}\n").as_bytes())?;
+        if let Some(m) = f.memory {
+            write("mem_info_vram_total", format!("{m}\n").as_bytes())?;
+        }
         if let Some(l) = f.link {
             write(
                 "current_link_speed",

@@ -169,6 +169,9 @@ pub struct Function {
     pub iommu_group: Option<u32>,
     /// Its NUMA node, when known.
     pub numa_node: Option<u32>,
+    /// Bytes of on-board memory a device model binding to it should have (a GPU's
+    /// VRAM), when the topology states it; the hardware does not tell.
+    pub memory: Option<u64>,
     /// What is directly above it.
     pub upstream: Upstream,
 }
