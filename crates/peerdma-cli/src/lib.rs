@@ -2,3 +2,4 @@
 //! runners behind `peerdma bench`, also run by `cargo bench -p peerdma-cli`.
 
 pub mod bench;
+pub mod io;

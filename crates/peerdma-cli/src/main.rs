@@ -44,6 +44,9 @@ fn main() -> ExitCode {
         Command::Topo(args) => topo::run(&args),
         Command::Bench(args) => bench::run(&args),
     };
+    // Output that could not be written (a full disk) fails the command; a closed pipe
+    // does not.
+    let result = result.and_then(|()| peerdma_cli::io::finish());
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

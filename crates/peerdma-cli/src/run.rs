@@ -77,7 +77,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 fn load(topology: &str) -> Result<Topology> {
     let path = std::path::Path::new(topology);
     if path.exists() {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {topology}"))?;
+        let text = peerdma_cli::io::read_file(path)?;
         Ok(file::parse(topology, &text)?)
     } else {
         Ok(preset(topology)?)
@@ -160,7 +160,7 @@ fn print_json(report: &impl serde::Serialize, schema: &str) -> Result<()> {
     if let Some(o) = v.as_object_mut() {
         o.insert("schema".into(), schema.into());
     }
-    println!("{}", serde_json::to_string_pretty(&v)?);
+    peerdma_cli::outln!("{}", serde_json::to_string_pretty(&v)?);
     Ok(())
 }
 
@@ -169,7 +169,7 @@ fn mib(b: u64) -> f64 {
 }
 
 fn print(host: &Host, r: &P2pCopyReport) {
-    println!(
+    peerdma_cli::outln!(
         "p2pmem copy on {}: {} x {} KiB from {} to {} through {}'s CMB",
         host.topology().source(),
         r.chunks,
@@ -178,15 +178,17 @@ fn print(host: &Host, r: &P2pCopyReport) {
         r.target,
         r.target
     );
-    println!(
+    peerdma_cli::outln!(
         "  {} reaches the CMB: {} ({})",
-        r.source, r.source_to_cmb, r.source_to_cmb_reason
+        r.source,
+        r.source_to_cmb,
+        r.source_to_cmb_reason
     );
     for (name, p) in [
         ("through the CMB", &r.p2p),
         ("through host RAM", &r.host_ram),
     ] {
-        println!(
+        peerdma_cli::outln!(
             "  copy {name:<17} {:>8.1} MiB in {:>7.3} s  {:>8.1} MiB/s  {}",
             mib(p.bytes),
             p.seconds,
@@ -198,22 +200,26 @@ fn print(host: &Host, r: &P2pCopyReport) {
             }
         );
     }
-    println!(
+    peerdma_cli::outln!(
         "  bytes moved by path: through the switch {:.1} MiB, through a host bridge {:.1} MiB, via host RAM {:.1} MiB",
         mib(r.dma.via_switch),
         mib(r.dma.via_host_bridge),
         mib(r.dma.host_ram)
     );
-    println!(
+    peerdma_cli::outln!(
         "  DMA mappings made {} / released {} ({} left), pages pinned {} ({} pins left)",
-        r.dma.mappings, r.dma.unmappings, r.mappings_left, r.pages_pinned, r.pins_left
+        r.dma.mappings,
+        r.dma.unmappings,
+        r.mappings_left,
+        r.pages_pinned,
+        r.pins_left
     );
     if r.sanitizer.is_empty() {
-        println!("  sanitizer: clean (every device access was through a live mapping)");
+        peerdma_cli::outln!("  sanitizer: clean (every device access was through a live mapping)");
     } else {
-        println!("  sanitizer: {} violations", r.sanitizer.len());
+        peerdma_cli::outln!("  sanitizer: {} violations", r.sanitizer.len());
         for v in &r.sanitizer {
-            println!("    {v}");
+            peerdma_cli::outln!("    {v}");
         }
     }
 }
@@ -257,7 +263,7 @@ fn run_hmm(args: &RunArgs) -> Result<()> {
 }
 
 fn print_hmm(host: &Host, r: &HmmJobReport) {
-    println!(
+    peerdma_cli::outln!(
         "HMM job on {}: {:.0} MiB of process memory mirrored into GPU {} with {:.0} MiB of VRAM, {} passes",
         host.topology().source(),
         mib(r.buffer_bytes),
@@ -266,17 +272,19 @@ fn print_hmm(host: &Host, r: &HmmJobReport) {
         r.passes
     );
     for p in &r.phases {
-        println!(
+        peerdma_cli::outln!(
             "  {:<18} {:>8.3} s   {:>7} pages in VRAM after",
-            p.name, p.seconds, p.vram_pages
+            p.name,
+            p.seconds,
+            p.vram_pages
         );
     }
     let s = &r.gpu_stats;
-    println!(
+    peerdma_cli::outln!(
         "  GPU faults {}, migrated into VRAM {} pages, mapped remotely {} (VRAM full {}), evicted {}, brought back by the CPU {}",
         s.faults, s.migrated_to_vram, s.remote_mapped, s.vram_full, s.evicted, s.migrated_to_ram
     );
-    println!(
+    peerdma_cli::outln!(
         "  checksums: GPU {:#x}, CPU {:#x}: {}",
         r.gpu_checksum,
         r.cpu_checksum,
@@ -286,7 +294,7 @@ fn print_hmm(host: &Host, r: &HmmJobReport) {
             "MISMATCH"
         }
     );
-    println!(
+    peerdma_cli::outln!(
         "  after exit: {}",
         if r.quiescent {
             "nothing left (frames, pins, mappings, notifiers)".to_string()
@@ -295,11 +303,11 @@ fn print_hmm(host: &Host, r: &HmmJobReport) {
         }
     );
     if r.sanitizer.is_empty() {
-        println!("  sanitizer: clean (no device access broke a rule; the GPU work reached memory through its page table)");
+        peerdma_cli::outln!("  sanitizer: clean (no device access broke a rule; the GPU work reached memory through its page table)");
     } else {
-        println!("  sanitizer: {} violations", r.sanitizer.len());
+        peerdma_cli::outln!("  sanitizer: {} violations", r.sanitizer.len());
         for v in &r.sanitizer {
-            println!("    {v}");
+            peerdma_cli::outln!("    {v}");
         }
     }
 }

@@ -1,7 +1,6 @@
 //! `peerdma topo`: load a topology from one source, then print the devices, the
 //! `nvidia-smi topo -m` matrix, the kernel's verdict matrix, or one pair explained.
 
-use std::io::Read;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -41,9 +40,13 @@ pub struct TopoArgs {
     #[arg(long, num_args = 2, value_names = ["A", "B"])]
     explain: Option<Vec<String>>,
     /// Write a sysfs snapshot to DIR (readable with --sysfs DIR): of this machine, or of
-    /// the topology another source option names.
+    /// the topology another source option names. All or nothing; DIR must not exist or
+    /// be empty.
     #[arg(long, value_name = "DIR")]
     save: Option<PathBuf>,
+    /// With --save: replace a DIR that holds something, whole.
+    #[arg(long, requires = "save")]
+    force: bool,
     /// Print the topology as a TOML file (docs/topology.md) instead of the report.
     #[arg(long, conflicts_with_all = ["json", "explain"])]
     toml: bool,
@@ -55,9 +58,11 @@ pub fn run(args: &TopoArgs) -> Result<()> {
         && args.file.is_none()
         && args.preset.is_none();
     if let (Some(dir), true) = (&args.save, live) {
-        let n = sysfs::save(std::path::Path::new("/"), dir)
-            .with_context(|| format!("saving a sysfs snapshot to {}", dir.display()))?;
-        println!(
+        let n = sysfs::save_into(dir, args.force, |tmp| {
+            sysfs::save(std::path::Path::new("/"), tmp)
+        })
+        .context("saving a sysfs snapshot of this machine")?;
+        peerdma_cli::outln!(
             "saved {n} PCI functions to {} (read it back with --sysfs {0})",
             dir.display()
         );
@@ -65,9 +70,9 @@ pub fn run(args: &TopoArgs) -> Result<()> {
     }
     let topo = load(args)?;
     if let Some(dir) = &args.save {
-        let n = sysfs::write_snapshot(&topo, dir)
-            .with_context(|| format!("writing a sysfs snapshot to {}", dir.display()))?;
-        println!(
+        let n = sysfs::save_into(dir, args.force, |tmp| sysfs::write_snapshot(&topo, tmp))
+            .context("writing a sysfs snapshot")?;
+        peerdma_cli::outln!(
             "wrote {n} PCI functions of {} to {} (read it back with --sysfs {1})",
             topo.source(),
             dir.display()
@@ -75,7 +80,7 @@ pub fn run(args: &TopoArgs) -> Result<()> {
         return Ok(());
     }
     if args.toml {
-        print!("{}", file::to_toml(&topo));
+        peerdma_cli::outp!("{}", file::to_toml(&topo));
         return Ok(());
     }
     if let Some(pair) = &args.explain {
@@ -83,7 +88,7 @@ pub fn run(args: &TopoArgs) -> Result<()> {
         let b = topo.find(&pair[1])?;
         let e = explain(&topo, a, b);
         if args.json {
-            println!("{}", serde_json::to_string_pretty(&e)?);
+            peerdma_cli::outln!("{}", serde_json::to_string_pretty(&e)?);
         } else {
             print_explain(&topo, &e);
         }
@@ -93,7 +98,7 @@ pub fn run(args: &TopoArgs) -> Result<()> {
     let ids = select(&topo, &classes);
     let report = Report::new(&topo, &ids);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        peerdma_cli::outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_report(&topo, &report, &classes);
     }
@@ -105,18 +110,13 @@ fn load(args: &TopoArgs) -> Result<Topology> {
         sysfs::read(dir)?
     } else if let Some(src) = &args.lspci {
         let text = if src == "-" {
-            let mut s = String::new();
-            std::io::stdin()
-                .read_to_string(&mut s)
-                .context("reading lspci text from stdin")?;
-            s
+            peerdma_cli::io::read_bounded(std::io::stdin().lock(), "lspci text from stdin")?
         } else {
-            std::fs::read_to_string(src).with_context(|| format!("reading {src}"))?
+            peerdma_cli::io::read_file(std::path::Path::new(src))?
         };
         lspci::parse(src, &text)?
     } else if let Some(path) = &args.file {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = peerdma_cli::io::read_file(path)?;
         file::parse(&path.display().to_string(), &text)?
     } else if let Some(name) = &args.preset {
         preset(name)?

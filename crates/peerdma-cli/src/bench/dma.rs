@@ -174,11 +174,11 @@ pub fn run(transfer: u64, sg_bytes: u64, runs: usize) -> Result<DmaFigures> {
 /// Prints the figures against the goals.
 pub fn print(f: &DmaFigures) {
     let gbs = |d: Duration| (64 * f.transfer) as f64 / d.as_secs_f64() / 1e9;
-    println!(
+    crate::outln!(
         "dma benchmark: 64 device writes of {} KiB, IOMMU on, medians of runs",
         f.transfer >> 10
     );
-    println!(
+    crate::outln!(
         "  memcpy baseline                    {:>7.2} GB/s",
         gbs(f.memcpy)
     );
@@ -186,7 +186,7 @@ pub fn print(f: &DmaFigures) {
         ("contiguous frames", f.contiguous),
         ("scattered frames", f.scattered),
     ] {
-        println!(
+        crate::outln!(
             "  DMA engine, {name:<20} {:>7.2} GB/s   ratio {:.2}x memcpy (goal >= 0.8x)",
             gbs(d),
             f.memcpy.as_secs_f64() / d.as_secs_f64()
@@ -195,7 +195,7 @@ pub fn print(f: &DmaFigures) {
     let pages = f.sg_bytes / PAGE_SIZE;
     let mpps = |d: Duration| pages as f64 / d.as_secs_f64() / 1e6;
     match f.sg_kernel {
-        Some(k) => println!(
+        Some(k) => crate::outln!(
             "  get_user_dma_sg {} MiB + release   {:>8.2} ms {:>6.1} Mpages/s   kernel io_uring register+unregister {:>8.2} ms {:>6.1} Mpages/s   ratio {:.2}x (goal >= 1x)",
             f.sg_bytes >> 20,
             f.sg_ours.as_secs_f64() * 1e3,
@@ -204,7 +204,7 @@ pub fn print(f: &DmaFigures) {
             mpps(k),
             k.as_secs_f64() / f.sg_ours.as_secs_f64()
         ),
-        None => println!(
+        None => crate::outln!(
             "  get_user_dma_sg {} MiB + release   {:>8.2} ms   kernel baseline skipped: {}",
             f.sg_bytes >> 20,
             f.sg_ours.as_secs_f64() * 1e3,

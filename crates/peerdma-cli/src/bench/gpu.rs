@@ -232,7 +232,7 @@ pub fn print(f: &GpuFigures) {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let mpps = |d: Duration| f.pages as f64 / d.as_secs_f64() / 1e6;
     let ratio = |d: Duration| f.memcpy.as_secs_f64() / d.as_secs_f64();
-    println!(
+    crate::outln!(
         "gpu benchmark: unified memory over {} pages ({} MiB), medians of alternating runs; memcpy of the same bytes {:.2} ms",
         f.pages,
         (f.pages * PAGE_SIZE) >> 20,
@@ -243,7 +243,7 @@ pub fn print(f: &GpuFigures) {
         ("GPU first touch, remote access", f.remote),
         ("GPU read, all pages mapped", f.mapped_read),
     ] {
-        println!(
+        crate::outln!(
             "  {name:<36} {:>9.2} ms  {:>6.2} Mpages/s  {:.2}x memcpy",
             ms(d),
             mpps(d),
@@ -251,7 +251,7 @@ pub fn print(f: &GpuFigures) {
         );
     }
     let gbps = |b: u64, d: Duration| b as f64 / d.as_secs_f64() / 1e9;
-    println!(
+    crate::outln!(
         "  copy engine, 1 MiB blocks over {} MiB; memcpy of 1 MiB blocks {:.2} GB/s",
         f.ce_bytes >> 20,
         gbps(f.ce_bytes, f.ce_memcpy)
@@ -261,13 +261,13 @@ pub fn print(f: &GpuFigures) {
         ("VRAM to system RAM", f.ce_vram_to_ram),
         ("VRAM to a peer's BAR", f.ce_vram_to_peer),
     ] {
-        println!(
+        crate::outln!(
             "    {name:<34} {:>9.2} GB/s  {:.2}x memcpy",
             gbps(f.ce_bytes, d),
             f.ce_memcpy.as_secs_f64() / d.as_secs_f64()
         );
     }
-    println!(
+    crate::outln!(
         "  BO eviction of {} MiB; memcpy of the same bytes {:.2} GB/s",
         f.bo_bytes >> 20,
         gbps(f.bo_bytes, f.bo_memcpy)
@@ -276,7 +276,7 @@ pub fn print(f: &GpuFigures) {
         ("to system RAM", f.bo_evict),
         ("back into VRAM", f.bo_restore),
     ] {
-        println!(
+        crate::outln!(
             "    {name:<34} {:>9.2} GB/s  {:.2}x memcpy",
             gbps(f.bo_bytes, d),
             f.bo_memcpy.as_secs_f64() / d.as_secs_f64()

@@ -147,24 +147,24 @@ pub fn run(bytes: u64, runs: usize) -> Result<HmmFigures> {
 pub fn print(f: &HmmFigures) {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let mpps = |d: Duration| f.pages as f64 / d.as_secs_f64() / 1e6;
-    println!(
+    crate::outln!(
         "hmm benchmark: {} pages ({} MiB), medians of alternating runs",
         f.pages,
         (f.pages * PAGE_SIZE) >> 20
     );
     match f.pin_kernel {
-        Some(k) => println!(
+        Some(k) => crate::outln!(
             "  hmm_range_fault snapshot         {:>8.2} ms  {:>6.1} Mpages/s (goal >= 30)   kernel io_uring register+unregister {:>8.2} ms  {:>6.1} Mpages/s   ratio {:.2}x (goal >= 2x)",
             ms(f.snapshot), mpps(f.snapshot), ms(k), mpps(k), k.as_secs_f64() / f.snapshot.as_secs_f64()
         ),
-        None => println!(
+        None => crate::outln!(
             "  hmm_range_fault snapshot         {:>8.2} ms  {:>6.1} Mpages/s (goal >= 30)   kernel baseline skipped: {}",
             ms(f.snapshot),
             mpps(f.snapshot),
             f.kernel_skip.as_deref().unwrap_or("io_uring unavailable")
         ),
     }
-    println!(
+    crate::outln!(
         "  migrate to device-private and back {:>8.2} ms  {:>6.2} Mpages/s each way   memcpy twice {:>8.2} ms   ratio {:.2}x memcpy (goal >= 0.5x)",
         ms(f.migrate),
         2.0 * f.pages as f64 / f.migrate.as_secs_f64() / 1e6,

@@ -198,24 +198,24 @@ pub fn run(bytes: u64, runs: usize) -> Result<MmFigures> {
 pub fn print(f: &MmFigures) {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let mpps = |d: Duration| f.pages as f64 / d.as_secs_f64() / 1e6;
-    println!(
+    crate::outln!(
         "mm benchmark: {} pages ({} MiB), medians of alternating runs",
         f.pages,
         (f.pages * PAGE_SIZE) >> 20
     );
     match f.pin_kernel {
-        Some(k) => println!(
+        Some(k) => crate::outln!(
             "  pin+unpin (WRITE|LONGTERM)          {:>8.2} ms  {:>6.1} Mpages/s   kernel io_uring register+unregister {:>8.2} ms  {:>6.1} Mpages/s   ratio {:.2}x (goal >= 3x)",
             ms(f.pin_ours), mpps(f.pin_ours), ms(k), mpps(k), k.as_secs_f64() / f.pin_ours.as_secs_f64()
         ),
-        None => println!(
+        None => crate::outln!(
             "  pin+unpin (WRITE|LONGTERM)          {:>8.2} ms  {:>6.1} Mpages/s   kernel baseline skipped: {}",
             ms(f.pin_ours),
             mpps(f.pin_ours),
             f.kernel_skip.as_deref().unwrap_or("io_uring unavailable")
         ),
     }
-    println!(
+    crate::outln!(
         "  munmap with one notifier            {:>8.2} ms  {:>6.1} ns/page   kernel munmap {:>8.2} ms  {:>6.1} ns/page   ratio {:.2}x (goal <= 1x)",
         ms(f.munmap_ours),
         f.munmap_ours.as_nanos() as f64 / f.pages as f64,
@@ -223,7 +223,7 @@ pub fn print(f: &MmFigures) {
         f.munmap_kernel.as_nanos() as f64 / f.pages as f64,
         f.munmap_ours.as_secs_f64() / f.munmap_kernel.as_secs_f64()
     );
-    println!(
+    crate::outln!(
         "  1 TiB device region, {} MiB touched: {:.1} B metadata/frame (goal <= 16; {} KiB allocated in 128 MiB sections), RSS +{} MiB, of which {} MiB the touched bytes themselves, overhead {} MiB (goal < 100 MiB)",
         f.touched >> 20,
         f.meta_bytes_per_frame,

@@ -159,24 +159,24 @@ fn topo(functions: usize, iterations: usize) -> Result<()> {
             Ok(Matrix::build(&t, &ids).ids.len())
         })?;
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        println!(
+        crate::outln!(
             "topo benchmark: {functions} functions, {} pairs, median of {iterations}",
             functions * functions
         );
-        println!(
+        crate::outln!(
             "  baseline: read the snapshot's attribute files   {:>8.2} ms",
             ms(baseline)
         );
-        println!(
+        crate::outln!(
             "  import the snapshot (sysfs::read)              {:>8.2} ms  ({:.2}x baseline)",
             ms(import),
             ms(import) / ms(baseline)
         );
-        println!(
+        crate::outln!(
             "  all-pairs matrix                               {:>8.2} ms",
             ms(matrix)
         );
-        println!("  import + all pairs                             {:>8.2} ms  ({:.2}x baseline; goal < 100 ms)", ms(both), ms(both) / ms(baseline));
+        crate::outln!("  import + all pairs                             {:>8.2} ms  ({:.2}x baseline; goal < 100 ms)", ms(both), ms(both) / ms(baseline));
         Ok(())
     })();
     let _ = std::fs::remove_dir_all(&dir);

@@ -140,13 +140,13 @@ pub fn explain(topo: &Topology, a: FnId, b: FnId) -> Explain {
 }
 
 pub fn print_explain(topo: &Topology, e: &Explain) {
-    println!(
+    peerdma_cli::outln!(
         "{}: {} (provider) -> {} (client)",
         topo.source(),
         e.provider,
         e.client
     );
-    println!("\nPath, provider side up, then client side down:");
+    peerdma_cli::outln!("\nPath, provider side up, then client side down:");
     for h in &e.walk {
         let marker = match h.side {
             "common" => "* ",
@@ -154,10 +154,10 @@ pub fn print_explain(topo: &Topology, e: &Explain) {
             _ => "  ",
         };
         if h.side == "host" {
-            println!("{marker}{}", h.bdf);
+            peerdma_cli::outln!("{marker}{}", h.bdf);
             continue;
         }
-        println!(
+        peerdma_cli::outln!(
             "{marker}{:<14} {:<23} {:<34} {:<22} {}",
             h.bdf,
             h.kind.to_string(),
@@ -166,19 +166,19 @@ pub fn print_explain(topo: &Topology, e: &Explain) {
             h.name
         );
     }
-    println!("  (* common upstream bridge, # host bridge crossed)");
-    println!(
+    peerdma_cli::outln!("  (* common upstream bridge, # host bridge crossed)");
+    peerdma_cli::outln!(
         "\nKernel verdict: {}, distance {}{}",
         e.verdict.map_type,
         e.verdict.distance,
         if e.uncertain { " (UNCERTAIN)" } else { "" }
     );
-    println!("Why: {}", e.reason);
-    println!("nvidia-smi topo level: {}", e.level);
+    peerdma_cli::outln!("Why: {}", e.reason);
+    peerdma_cli::outln!("nvidia-smi topo level: {}", e.level);
     match (e.bandwidth.bottleneck, e.bandwidth.bottleneck_gbytes_per_s) {
         (Some(i), Some(g)) => {
             let h = &e.bandwidth.hops[i];
-            println!(
+            peerdma_cli::outln!(
                 "Bottleneck: {} <-> {} at {:.1} GB/s ({}){}",
                 h.from,
                 h.to,
@@ -191,10 +191,10 @@ pub fn print_explain(topo: &Topology, e: &Explain) {
                 }
             );
         }
-        _ => println!("Bottleneck: unknown (no link speeds in this source)"),
+        _ => peerdma_cli::outln!("Bottleneck: unknown (no link speeds in this source)"),
     }
-    println!("\nTo get a bus-address path:");
+    peerdma_cli::outln!("\nTo get a bus-address path:");
     for a in &e.to_get_bus_address {
-        println!("  - {a}");
+        peerdma_cli::outln!("  - {a}");
     }
 }

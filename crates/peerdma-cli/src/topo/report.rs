@@ -148,13 +148,13 @@ fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
 }
 
 pub fn print_report(topo: &Topology, r: &Report, classes: &[DeviceClass]) {
-    println!(
+    peerdma_cli::outln!(
         "{}: {} functions below {} host bridge(s)",
         r.source,
         topo.functions().len(),
         topo.host_bridges().len()
     );
-    println!(
+    peerdma_cli::outln!(
         "CPU: {} family {}{}   IOMMU: {}",
         r.cpu_vendor.as_deref().unwrap_or("unknown"),
         r.cpu_family.map_or("?".to_string(), |f| format!("{f:#x}")),
@@ -170,7 +170,7 @@ pub fn print_report(topo: &Topology, r: &Report, classes: &[DeviceClass]) {
         }
     );
     for hb in &r.host_bridges {
-        println!(
+        peerdma_cli::outln!(
             "Host bridge {}: NUMA {}, 00.0 = {}{}",
             hb.root,
             opt(hb.numa_node),
@@ -183,23 +183,27 @@ pub fn print_report(topo: &Topology, r: &Report, classes: &[DeviceClass]) {
         );
     }
     for n in &r.not_read {
-        println!("Not read: {n}");
+        peerdma_cli::outln!("Not read: {n}");
     }
-    println!();
+    peerdma_cli::outln!();
     if r.devices.is_empty() {
         let names: Vec<&str> = classes.iter().map(|c| c.name()).collect();
-        println!(
+        peerdma_cli::outln!(
             "No endpoints of class {} here; try --class other or --class bridge.",
             names.join(",")
         );
         return;
     }
-    println!(
+    peerdma_cli::outln!(
         "{:<4} {:<14} {:<7} {:<5} {:<34} NAME",
-        "", "BDF", "CLASS", "NUMA", "LINK"
+        "",
+        "BDF",
+        "CLASS",
+        "NUMA",
+        "LINK"
     );
     for d in &r.devices {
-        println!(
+        peerdma_cli::outln!(
             "{:<4} {:<14} {:<7} {:<5} {:<34} {}",
             d.label,
             d.bdf,
@@ -212,35 +216,37 @@ pub fn print_report(topo: &Topology, r: &Report, classes: &[DeviceClass]) {
     let n = r.devices.len();
     let width = 6;
     let header = || {
-        print!("{:<6}", "");
+        peerdma_cli::outp!("{:<6}", "");
         for d in &r.devices {
-            print!("{:>width$}", d.label);
+            peerdma_cli::outp!("{:>width$}", d.label);
         }
     };
-    println!("\nnvidia-smi topo -m view:");
+    peerdma_cli::outln!("\nnvidia-smi topo -m view:");
     header();
-    println!("{:>8}", "NUMA");
+    peerdma_cli::outln!("{:>8}", "NUMA");
     for i in 0..n {
-        print!("{:<6}", r.devices[i].label);
+        peerdma_cli::outp!("{:<6}", r.devices[i].label);
         for j in 0..n {
-            print!("{:>width$}", r.matrix.get(i, j).level.to_string());
+            peerdma_cli::outp!("{:>width$}", r.matrix.get(i, j).level.to_string());
         }
-        println!("{:>8}", opt(r.devices[i].numa_node));
+        peerdma_cli::outln!("{:>8}", opt(r.devices[i].numa_node));
     }
-    println!("\nLegend:");
+    peerdma_cli::outln!("\nLegend:");
     for (l, text) in TopoLevel::LEGEND {
-        println!("  {:<5} = {text}", l.to_string());
+        peerdma_cli::outln!("  {:<5} = {text}", l.to_string());
     }
-    println!("\nKernel P2PDMA verdict, provider row to client column (map type, distance):");
+    peerdma_cli::outln!(
+        "\nKernel P2PDMA verdict, provider row to client column (map type, distance):"
+    );
     let width = 8;
-    print!("{:<6}", "");
+    peerdma_cli::outp!("{:<6}", "");
     for d in &r.devices {
-        print!("{:>width$}", d.label);
+        peerdma_cli::outp!("{:>width$}", d.label);
     }
-    println!();
+    peerdma_cli::outln!();
     let mut any_uncertain = false;
     for i in 0..n {
-        print!("{:<6}", r.devices[i].label);
+        peerdma_cli::outp!("{:<6}", r.devices[i].label);
         for j in 0..n {
             let c = r.matrix.get(i, j);
             let kind = match c.map_type {
@@ -255,16 +261,20 @@ pub fn print_report(topo: &Topology, r: &Report, classes: &[DeviceClass]) {
             } else {
                 format!("{kind} {}{mark}", c.distance)
             };
-            print!("{cell:>width$}");
+            peerdma_cli::outp!("{cell:>width$}");
         }
-        println!();
+        peerdma_cli::outln!();
     }
-    println!("\nLegend:");
-    println!("  BUS n = by PCI bus address through a common switch or port, distance n (PCI_P2PDMA_MAP_BUS_ADDR)");
-    println!("  HB n  = through the host bridge, by IOVA or physical address (PCI_P2PDMA_MAP_THRU_HOST_BRIDGE)");
-    println!("  --    = not supported: the host bridge is not known to forward peer traffic");
+    peerdma_cli::outln!("\nLegend:");
+    peerdma_cli::outln!("  BUS n = by PCI bus address through a common switch or port, distance n (PCI_P2PDMA_MAP_BUS_ADDR)");
+    peerdma_cli::outln!("  HB n  = through the host bridge, by IOVA or physical address (PCI_P2PDMA_MAP_THRU_HOST_BRIDGE)");
+    peerdma_cli::outln!(
+        "  --    = not supported: the host bridge is not known to forward peer traffic"
+    );
     if any_uncertain {
-        println!("  ?     = uncertain: rests on ACS or CPU state that could not be read");
+        peerdma_cli::outln!(
+            "  ?     = uncertain: rests on ACS or CPU state that could not be read"
+        );
     }
-    println!("Ask why with: peerdma topo --explain A B (BDFs)");
+    peerdma_cli::outln!("Ask why with: peerdma topo --explain A B (BDFs)");
 }

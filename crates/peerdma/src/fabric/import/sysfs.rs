@@ -387,6 +387,81 @@ fn read_host(root: &Path, any_group: bool) -> Result<HostInfo, FabricError> {
     Ok(host)
 }
 
+/// Writes a snapshot into the directory `to` all or nothing: `write` fills a fresh
+/// directory beside it, which then takes `to`'s place by rename, so a failure leaves
+/// `to` as it was and no reader ever sees half a snapshot. A `to` that exists must be
+/// an empty directory, or, with `force`, a directory that is replaced whole (never
+/// merged with what it held). Returns what `write` returned.
+pub fn save_into(
+    to: &Path,
+    force: bool,
+    write: impl FnOnce(&Path) -> Result<usize, FabricError>,
+) -> Result<usize, FabricError> {
+    let refuse = |reason: String| FabricError::Sysfs {
+        path: to.to_path_buf(),
+        reason,
+    };
+    let existing = match fs::symlink_metadata(to) {
+        Ok(m) if !m.is_dir() => return Err(refuse("exists and is not a directory".into())),
+        Ok(_) => {
+            let empty = fs::read_dir(to)
+                .map_err(|e| FabricError::io(to, e))?
+                .next()
+                .is_none();
+            if !empty && !force {
+                return Err(refuse(
+                    "is not empty: a snapshot is never mixed with other files (--force \
+                     replaces the directory whole)"
+                        .into(),
+                ));
+            }
+            true
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(FabricError::io(to, e)),
+    };
+    let name = to
+        .file_name()
+        .ok_or_else(|| refuse("names no directory".into()))?
+        .to_string_lossy()
+        .into_owned();
+    let parent = match to.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => Path::new(".").to_path_buf(),
+    };
+    let tmp = parent.join(format!(".{name}.peerdma-{}.tmp", std::process::id()));
+    let old = parent.join(format!(".{name}.peerdma-{}.old", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    let written = fs::create_dir(&tmp)
+        .map_err(|e| FabricError::io(&tmp, e))
+        .and_then(|()| write(&tmp));
+    let n = match written {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    if existing {
+        if let Err(e) = fs::rename(to, &old) {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(FabricError::io(to, e));
+        }
+    }
+    if let Err(e) = fs::rename(&tmp, to) {
+        // Put the old directory back; the new snapshot is dropped.
+        if existing {
+            let _ = fs::rename(&old, to);
+        }
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(FabricError::io(to, e));
+    }
+    if existing {
+        let _ = fs::remove_dir_all(&old);
+    }
+    Ok(n)
+}
+
 /// Writes a snapshot of the machine at `from` (normally `/`) into `to`, with exactly
 /// the files [`read`] uses, so `read(to)` gives the same topology.
 pub fn save(from: &Path, to: &Path) -> Result<usize, FabricError> {
