@@ -414,7 +414,14 @@ impl Gpu {
             ),
             busy: InFlight::new(),
         });
-        self.bos.lock().insert(handle.0, bo);
+        self.bos.lock().insert(handle.0, bo.clone());
+        if self.removed() {
+            // Removal began meanwhile and may have emptied the table already.
+            if self.bos.lock().remove(&handle.0).is_some() {
+                self.release_storage(&bo, &mut bo.state.lock());
+            }
+            return Err(GpuError::Removed { dev: self.bdf });
+        }
         Ok(handle)
     }
 
