@@ -79,6 +79,9 @@ fn load(topology: &str) -> Result<Topology> {
     if path.exists() {
         let text = peerdma_cli::io::read_file(path)?;
         Ok(file::parse(topology, &text)?)
+    } else if topology.contains(std::path::MAIN_SEPARATOR) || topology.ends_with(".toml") {
+        // Meant as a file, not a preset name: say so.
+        bail!("topology file {topology} does not exist")
     } else {
         Ok(preset(topology)?)
     }

@@ -154,3 +154,16 @@ fn a_save_is_all_or_nothing_and_never_mixes_with_other_files() {
         Some(2)
     );
 }
+
+#[test]
+fn a_missing_topology_file_is_named_as_a_file_not_a_preset() {
+    let o = peerdma(&["run", "--topology", "/nonexistent/machine.toml"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        err(&o).trim(),
+        "peerdma: error: topology file /nonexistent/machine.toml does not exist"
+    );
+    // A bare name is still a preset.
+    let o = peerdma(&["run", "--topology", "nope"]);
+    assert!(err(&o).contains("no preset `nope`"), "{}", err(&o));
+}
