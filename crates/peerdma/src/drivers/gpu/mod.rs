@@ -357,7 +357,8 @@ fn vram_bar(dma: &Dma, bdf: Bdf, vram: u64) -> Option<Bar> {
 pub struct GpuSpec {
     /// The endpoint.
     pub bdf: Bdf,
-    /// Its VRAM in bytes ([`DEFAULT_VRAM`] if unsure; a topology file may state it, see [`Host::gpu_specs`](crate::host::Host::gpu_specs)).
+    /// Its VRAM in bytes ([`DEFAULT_VRAM`] if unsure; a topology file may state it as the
+    /// function's [`memory`](crate::fabric::Function::memory)).
     pub vram_bytes: u64,
 }
 
