@@ -29,7 +29,7 @@ fn workstation_levels_pix_in_the_switch_phb_to_the_other_root_port() {
 }
 
 #[test]
-fn cascaded_switches_are_pxb_and_a_shared_root_port_is_phb() {
+fn cascaded_switches_are_pxb_and_two_functions_below_one_root_port_are_pix() {
     // Root port 01.0 -> switch A (02:00.0, ports 03:00.0 and 03:01.0);
     // port 03:00.0 -> switch B (04:00.0, port 05:00.0) -> endpoint 06:00.0;
     // port 03:01.0 -> endpoint 07:00.0. Root port 00:02.0 -> a two-function device.
@@ -112,7 +112,9 @@ class = "0x020700"
         "kinds inferred from the tree's shape"
     );
     assert_eq!(level(&t, "0000:06:00.0", "0000:07:00.0"), TopoLevel::PXB);
-    assert_eq!(level(&t, "0000:08:00.0", "0000:08:00.1"), TopoLevel::PHB);
+    // A dual-port NIC in a root-port slot: its two functions cross one bridge, the
+    // root port, and never the host bridge — PIX, as nvidia-smi shows on real servers.
+    assert_eq!(level(&t, "0000:08:00.0", "0000:08:00.1"), TopoLevel::PIX);
     assert_eq!(level(&t, "0000:06:00.0", "0000:08:00.0"), TopoLevel::PHB);
     let v = peerdma::fabric::calc_map_type_and_dist(
         &t,

@@ -3,9 +3,11 @@
 //!
 //! Both come from the same tree as the kernel's verdict. Levels count a PCIe switch
 //! (its upstream port and all its downstream ports) as one bridge, as NVIDIA does:
-//! - `PIX`: the pair meets inside one switch, or under one non-root port;
-//! - `PXB`: they meet in a switch, but one of them hangs below a further switch;
-//! - `PHB`: they meet at a root port or at the host bridge of one root bus;
+//! - `PIX`: the pair meets inside one switch, under one non-root port, or directly
+//!   below one root port (the functions of one device in a root-port slot);
+//! - `PXB`: they meet in a switch (or at a root port), but one of them hangs below a
+//!   further bridge;
+//! - `PHB`: they meet at the host bridge of one root bus;
 //! - `NODE`: different host bridges on one NUMA node; `SYS`: different NUMA nodes.
 
 use std::collections::BTreeSet;
@@ -85,7 +87,15 @@ pub(crate) fn level_with_paths(topo: &Topology, pa: &[FnId], pb: &[FnId]) -> Top
     };
     let common = pa[i];
     if topo.function(common).kind == PortKind::RootPort {
-        return TopoLevel::PHB;
+        // Below one root port without a switch: the functions of one device in a
+        // root-port slot (a dual-port NIC). They cross a single bridge, the root port,
+        // never the host bridge: PIX, as nvidia-smi shows them on real servers; more
+        // bridges on the way make it PXB.
+        let more = pa[1..i]
+            .iter()
+            .chain(&pb[1..j])
+            .any(|&id| topo.function(id).kind.is_bridge());
+        return if more { TopoLevel::PXB } else { TopoLevel::PIX };
     }
     // Distinct switches (or legacy bridges) the pair crosses up to where they meet.
     let mut switches = BTreeSet::new();
