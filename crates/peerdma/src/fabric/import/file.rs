@@ -231,20 +231,21 @@ pub fn from_file(source: &str, file: &TopologyFile) -> Result<Topology, FabricEr
         ..Gaps::default()
     };
     let name = file.name.clone().unwrap_or_else(|| source.to_string());
-    Topology::build(
+    Ok(Topology::build(
         name,
         file.host.clone(),
         file.host_bridges.clone(),
         specs,
         gaps,
-    )
+    )?
+    .with_description(file.description.clone()))
 }
 
 /// The file that describes a model, every field explicit.
 pub fn to_file(topo: &Topology) -> TopologyFile {
     TopologyFile {
         name: Some(topo.source().to_string()),
-        description: None,
+        description: topo.description().map(str::to_string),
         host: topo.host().clone(),
         host_bridges: topo.host_bridges().to_vec(),
         functions: topo

@@ -90,6 +90,9 @@ pub struct Topology {
     depth: Vec<u32>,
     gaps: Gaps,
     source: String,
+    /// A sentence about the machine, when its source gave one (a topology file's
+    /// `description`).
+    description: Option<String>,
 }
 
 impl Topology {
@@ -267,7 +270,19 @@ impl Topology {
             depth,
             gaps,
             source,
+            description: None,
         })
+    }
+
+    /// The model with `description` as the sentence about the machine.
+    pub fn with_description(mut self, description: Option<String>) -> Self {
+        self.description = description;
+        self
+    }
+
+    /// The sentence about the machine its source gave, if any.
+    pub fn description(&self) -> Option<&str> {
+        self.description.as_deref()
     }
 
     /// The host's CPU and IOMMU facts.
