@@ -167,3 +167,26 @@ fn a_missing_topology_file_is_named_as_a_file_not_a_preset() {
     let o = peerdma(&["run", "--topology", "nope"]);
     assert!(err(&o).contains("no preset `nope`"), "{}", err(&o));
 }
+
+#[test]
+fn an_unknown_cpu_leaves_cpu_supports_p2pdma_unknown() {
+    // lspci text says nothing about the CPU: the kernel's cpu_supports_p2pdma() cannot
+    // be answered, so the JSON says null, not false. A preset states its CPU.
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("tree.txt");
+    std::fs::write(&f, "-[0000:00]-+-00.0  Intel Corporation Device\n           \\-01.0  NVIDIA Corporation Device\n").unwrap();
+    let json = |args: &[&str]| -> serde_json::Value {
+        let o = peerdma(args);
+        assert!(o.status.success(), "{}", err(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let v = json(&["topo", "--lspci", f.to_str().unwrap(), "--json"]);
+    assert!(v["cpu_vendor"].is_null());
+    assert!(
+        v["cpu_supports_p2pdma"].is_null(),
+        "{}",
+        v["cpu_supports_p2pdma"]
+    );
+    let v = json(&["topo", "--preset", "workstation", "--json"]);
+    assert_eq!(v["cpu_supports_p2pdma"], serde_json::Value::Bool(false));
+}

@@ -43,7 +43,8 @@ pub struct Report {
     source: String,
     cpu_vendor: Option<String>,
     cpu_family: Option<u32>,
-    cpu_supports_p2pdma: bool,
+    /// `null` when the CPU is unknown: the kernel's answer depends on it.
+    cpu_supports_p2pdma: Option<bool>,
     iommu: Option<bool>,
     not_read: Vec<String>,
     host_bridges: Vec<HostBridgeRow>,
@@ -113,7 +114,13 @@ impl Report {
             source: topo.source().to_string(),
             cpu_vendor: topo.host().cpu_vendor.clone(),
             cpu_family: topo.host().cpu_family,
-            cpu_supports_p2pdma: topo.host().cpu_supports_p2pdma(),
+            cpu_supports_p2pdma: {
+                // The kernel's answer depends on the vendor, and for AMD on the family.
+                let h = topo.host();
+                let amd = h.cpu_vendor.as_deref() == Some("AuthenticAMD");
+                (h.cpu_vendor.is_some() && (!amd || h.cpu_family.is_some()))
+                    .then(|| h.cpu_supports_p2pdma())
+            },
             iommu: topo.host().iommu,
             not_read: not_read(topo),
             host_bridges,
@@ -158,7 +165,7 @@ pub fn print_report(topo: &Topology, r: &Report, classes: &[DeviceClass]) {
         "CPU: {} family {}{}   IOMMU: {}",
         r.cpu_vendor.as_deref().unwrap_or("unknown"),
         r.cpu_family.map_or("?".to_string(), |f| format!("{f:#x}")),
-        if r.cpu_supports_p2pdma {
+        if r.cpu_supports_p2pdma == Some(true) {
             " (AMD Zen or newer: any host bridge forwards P2P)"
         } else {
             ""
