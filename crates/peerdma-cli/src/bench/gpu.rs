@@ -251,35 +251,41 @@ pub fn print(f: &GpuFigures) {
         );
     }
     let gbps = |b: u64, d: Duration| b as f64 / d.as_secs_f64() / 1e9;
+    // Rows of GB/s over `bytes`, each beside `memcpy` of the same bytes.
+    let rows = |bytes: u64, memcpy: Duration, rows: &[(&str, Duration)]| {
+        for &(name, d) in rows {
+            crate::outln!(
+                "    {name:<34} {:>9.2} GB/s  {:.2}x memcpy",
+                gbps(bytes, d),
+                memcpy.as_secs_f64() / d.as_secs_f64()
+            );
+        }
+    };
     crate::outln!(
         "  copy engine, 1 MiB blocks over {} MiB; memcpy of 1 MiB blocks {:.2} GB/s",
         f.ce_bytes >> 20,
         gbps(f.ce_bytes, f.ce_memcpy)
     );
-    for (name, d) in [
-        ("VRAM to VRAM", f.ce_vram_to_vram),
-        ("VRAM to system RAM", f.ce_vram_to_ram),
-        ("VRAM to a peer's BAR", f.ce_vram_to_peer),
-    ] {
-        crate::outln!(
-            "    {name:<34} {:>9.2} GB/s  {:.2}x memcpy",
-            gbps(f.ce_bytes, d),
-            f.ce_memcpy.as_secs_f64() / d.as_secs_f64()
-        );
-    }
+    rows(
+        f.ce_bytes,
+        f.ce_memcpy,
+        &[
+            ("VRAM to VRAM", f.ce_vram_to_vram),
+            ("VRAM to system RAM", f.ce_vram_to_ram),
+            ("VRAM to a peer's BAR", f.ce_vram_to_peer),
+        ],
+    );
     crate::outln!(
         "  BO eviction of {} MiB; memcpy of the same bytes {:.2} GB/s",
         f.bo_bytes >> 20,
         gbps(f.bo_bytes, f.bo_memcpy)
     );
-    for (name, d) in [
-        ("to system RAM", f.bo_evict),
-        ("back into VRAM", f.bo_restore),
-    ] {
-        crate::outln!(
-            "    {name:<34} {:>9.2} GB/s  {:.2}x memcpy",
-            gbps(f.bo_bytes, d),
-            f.bo_memcpy.as_secs_f64() / d.as_secs_f64()
-        );
-    }
+    rows(
+        f.bo_bytes,
+        f.bo_memcpy,
+        &[
+            ("to system RAM", f.bo_evict),
+            ("back into VRAM", f.bo_restore),
+        ],
+    );
 }

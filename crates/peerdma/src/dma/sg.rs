@@ -32,6 +32,15 @@ pub struct SgTable {
 }
 
 impl SgTable {
+    /// The table for `len` bytes starting `offset` bytes into the first of `frames`,
+    /// one frame at a time (contiguous ones are coalesced, as [`from_runs`] does).
+    ///
+    /// [`from_runs`]: Self::from_runs
+    pub fn from_frames(frames: &[Pfn], offset: u64, len: u64, max_segment: u64) -> Self {
+        let runs: Vec<(Pfn, u32)> = frames.iter().map(|&p| (p, 1)).collect();
+        Self::from_runs(&runs, offset, len, max_segment)
+    }
+
     /// The table for `len` bytes starting `offset` bytes into the first of `frames`
     /// (given as runs of contiguous frames `(first, count)`), coalescing contiguous
     /// frames and splitting at `max_segment` bytes (at least one page).

@@ -221,18 +221,6 @@ impl PageMapOps for BoVramOps {
     }
 }
 
-/// Runs of consecutive frames as (first, count), for an SG table.
-fn frame_runs(frames: &[Pfn]) -> Vec<(Pfn, u32)> {
-    let mut out: Vec<(Pfn, u32)> = Vec::new();
-    for &p in frames {
-        match out.last_mut() {
-            Some((f, n)) if f.0 + u64::from(*n) == p.0 && *n < u32::MAX => *n += 1,
-            _ => out.push((p, 1)),
-        }
-    }
-    out
-}
-
 /// A snapshot of a BO's storage for one access, taken with the BO counted busy.
 pub(crate) enum Place {
     /// VRAM from this frame.
@@ -574,7 +562,7 @@ impl Gpu {
             return Err("system RAM is full".into());
         }
         let bytes = bo.pages * PAGE_SIZE;
-        let sg = SgTable::from_runs(&frame_runs(&frames), 0, bytes, self.dma.max_segment());
+        let sg = SgTable::from_frames(&frames, 0, bytes, self.dma.max_segment());
         let gart = match self.dma.map_sg(&sg, Direction::Bidirectional) {
             Ok(m) => m,
             Err(e) => {
@@ -788,7 +776,7 @@ impl Gpu {
                 SgTable::from_runs(&runs, 0, bytes, dev.max_segment())
             }
             Storage::Ram { frames, .. } => {
-                SgTable::from_runs(&frame_runs(frames), 0, bytes, dev.max_segment())
+                SgTable::from_frames(frames, 0, bytes, dev.max_segment())
             }
             Storage::Gone => {
                 return Err(GpuError::NoBo {
