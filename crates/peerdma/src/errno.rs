@@ -18,6 +18,8 @@ pub enum Errno {
     EIO = 5,
     /// No such device or address.
     ENXIO = 6,
+    /// Bad file descriptor.
+    EBADF = 9,
     /// Try again.
     EAGAIN = 11,
     /// Out of memory.
@@ -32,8 +34,12 @@ pub enum Errno {
     ENODEV = 19,
     /// Invalid argument.
     EINVAL = 22,
+    /// Inappropriate ioctl for the file.
+    ENOTTY = 25,
     /// Result out of range.
     ERANGE = 34,
+    /// Value too large for the type.
+    EOVERFLOW = 75,
     /// Operation not supported.
     EOPNOTSUPP = 95,
     /// Timed out.
@@ -55,6 +61,7 @@ impl Errno {
             Errno::ENOENT => "ENOENT",
             Errno::EIO => "EIO",
             Errno::ENXIO => "ENXIO",
+            Errno::EBADF => "EBADF",
             Errno::EAGAIN => "EAGAIN",
             Errno::ENOMEM => "ENOMEM",
             Errno::EACCES => "EACCES",
@@ -62,7 +69,9 @@ impl Errno {
             Errno::EBUSY => "EBUSY",
             Errno::ENODEV => "ENODEV",
             Errno::EINVAL => "EINVAL",
+            Errno::ENOTTY => "ENOTTY",
             Errno::ERANGE => "ERANGE",
+            Errno::EOVERFLOW => "EOVERFLOW",
             Errno::EOPNOTSUPP => "EOPNOTSUPP",
             Errno::ETIMEDOUT => "ETIMEDOUT",
             Errno::EREMOTEIO => "EREMOTEIO",

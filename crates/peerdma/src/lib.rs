@@ -14,6 +14,7 @@
 
 pub mod addr;
 pub mod dma;
+pub mod dmabuf;
 pub mod drivers;
 pub mod errno;
 pub mod fabric;

@@ -241,9 +241,17 @@ pub mod order {
     pub static SHM_PAGES: LockClass = class("ShmObject::pages", 35, false);
     /// The page-table lock.
     pub static PAGE_TABLE: LockClass = class("Mm::pt", 40, true);
+    /// A dma-buf's reservation object (`dma_resv_lock`): held to map, pin and move
+    /// the buffer, and by the exporter while it tells importers the buffer moves.
+    pub static DMA_RESV: LockClass = class("dma_resv", 44, false);
     /// A GPU buffer object's state (where it lives, its pins and importers), held
     /// while it moves — which waits for the DMA through its importers' mappings.
     pub static GPU_BO: LockClass = class("GPU buffer object", 45, false);
+    /// An RDMA NIC's atomic unit: held across an atomic's read-modify-write.
+    pub static RDMA_ATOMIC: LockClass = class("RDMA NIC atomics", 46, false);
+    /// An RDMA memory region's translation (`umem_mutex`, the dma-buf MR's mapping):
+    /// held while the NIC reaches memory through it, so taking it drains the NIC.
+    pub static RDMA_MR: LockClass = class("RDMA MR translation", 47, false);
     /// The DMA registry of devices.
     pub static DMA_DEVICES: LockClass = class("Dma::devices", 50, true);
     /// One device's live DMA mappings.

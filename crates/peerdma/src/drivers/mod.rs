@@ -10,6 +10,7 @@ pub mod dmirror;
 pub mod gpu;
 mod mirror;
 pub mod nvme;
+pub mod rnic;
 
 use std::any::Any;
 use std::collections::BTreeMap;

@@ -191,6 +191,16 @@ impl Host {
             .collect()
     }
 
+    /// An RDMA NIC model (`drivers::rnic`) with `caps` for every network-class
+    /// endpoint of `topo`.
+    pub fn rnic_specs(topo: &Topology, caps: crate::drivers::rnic::RnicCaps) -> Vec<DeviceSpec> {
+        topo.functions()
+            .iter()
+            .filter(|f| f.kind == PortKind::Endpoint && f.device_class() == DeviceClass::Nic)
+            .map(|f| crate::drivers::rnic::RnicSpec { bdf: f.bdf, caps }.into())
+            .collect()
+    }
+
     /// Every NVMe endpoint of the topology as a controller with a namespace of
     /// `capacity` bytes; a prefetchable BAR 2 of at least 2 MiB becomes its CMB.
     pub fn nvme_specs(topo: &Topology, capacity: u64) -> Vec<DeviceSpec> {

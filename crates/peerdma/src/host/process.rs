@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::dmabuf::FdTable;
 use crate::mem::PhysMem;
 use crate::mm::{Mm, MmError};
 use crate::sync::atomic::{AtomicU32, Ordering};
@@ -41,7 +42,7 @@ impl Table {
         })
     }
 
-    fn add(self: &Arc<Self>, mm: Arc<Mm>) -> Process {
+    fn add(self: &Arc<Self>, mm: Arc<Mm>, files: Arc<FdTable>) -> Process {
         let pid = Pid(self.next.fetch_add(1, Ordering::Relaxed));
         self.running.lock().insert(pid, mm.clone());
         let mut all = self.all.lock();
@@ -53,6 +54,7 @@ impl Table {
         Process {
             pid,
             mm,
+            files,
             table: self.clone(),
         }
     }
@@ -84,6 +86,7 @@ impl Table {
 pub struct Process {
     pid: Pid,
     mm: Arc<Mm>,
+    files: Arc<FdTable>,
     table: Arc<Table>,
 }
 
@@ -98,7 +101,7 @@ impl std::fmt::Debug for Process {
 
 impl Process {
     pub(crate) fn spawn(table: &Arc<Table>, phys: &Arc<PhysMem>) -> Process {
-        table.add(Mm::new(phys))
+        table.add(Mm::new(phys), FdTable::new())
     }
 
     /// Its id.
@@ -109,15 +112,22 @@ impl Process {
     pub fn mm(&self) -> &Arc<Mm> {
         &self.mm
     }
-    /// `fork()`: a child process with a copy of the address space (see [`Mm::fork`]).
+    /// Its file descriptors (dma-bufs, open devices).
+    pub fn files(&self) -> &Arc<FdTable> {
+        &self.files
+    }
+    /// `fork()`: a child process with a copy of the address space (see [`Mm::fork`])
+    /// and of the descriptor table (the same files).
     pub fn fork(&self) -> Result<Process, MmError> {
         let child = self.mm.fork()?;
-        Ok(self.table.add(child))
+        Ok(self.table.add(child, self.files.fork()))
     }
-    /// `exit()`: every notifier subscriber hears `Release`, every page is unmapped, and
-    /// the process leaves the host's table. Pins and DMA mappings others hold keep
+    /// `exit()`: every descriptor is closed (an RDMA context deregisters its MRs), every
+    /// notifier subscriber hears `Release`, every page is unmapped, and the process
+    /// leaves the host's table. Pins and DMA mappings others hold keep
     /// their pages; the address space object lives while anything holds it.
     pub fn exit(self) {
+        self.files.close_all();
         self.mm.exit();
         self.table.running.lock().remove(&self.pid);
     }

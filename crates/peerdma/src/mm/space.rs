@@ -12,7 +12,7 @@ use crate::mm::pte::Pte;
 use crate::mm::vma::{PagesOwnerRef, Prot, ShmObject, Vma, VmaKind, Vmas};
 use crate::mm::MmError;
 use crate::notifier::{InvalidateGuard, Notifier, NotifyEvent, NotifyRange};
-use crate::sync::atomic::{AtomicBool, Ordering};
+use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use crate::sync::{
     order, Arc, Held, MutexGuard, OrderedMutex, OrderedRwLock, RwLockReadGuard, Weak,
 };
@@ -39,6 +39,10 @@ pub struct Mm {
     /// Set once any page was pinned (`MMF_HAS_PINNED`): fork then checks pins.
     pub(crate) has_pinned: AtomicBool,
     exited: AtomicBool,
+    /// Pages charged by long-term pinning users (`mm->pinned_vm`).
+    pinned_vm: AtomicU64,
+    /// `RLIMIT_MEMLOCK` in pages; `u64::MAX` is unlimited.
+    memlock_pages: AtomicU64,
 }
 
 impl std::fmt::Debug for Mm {
@@ -96,6 +100,8 @@ impl Mm {
             pt: OrderedMutex::new(&order::PAGE_TABLE, PageTable::new()),
             has_pinned: AtomicBool::new(false),
             exited: AtomicBool::new(false),
+            pinned_vm: AtomicU64::new(0),
+            memlock_pages: AtomicU64::new(u64::MAX),
         });
         let mut list = mm_list(phys).0.lock();
         // Forget the dead whenever the list has doubled.
@@ -110,6 +116,49 @@ impl Mm {
     /// Its id.
     pub fn id(&self) -> MmId {
         self.id
+    }
+    /// Whether the process exited (its pages are gone; a device faulting on it fails).
+    pub fn is_exited(&self) -> bool {
+        self.exited.load(Ordering::Acquire)
+    }
+    /// `setrlimit(RLIMIT_MEMLOCK)`: `None` is unlimited (the default here, as for a
+    /// process with `CAP_IPC_LOCK` or `ulimit -l unlimited`, what RDMA setups use).
+    pub fn set_memlock_limit(&self, bytes: Option<u64>) {
+        let pages = bytes.map_or(u64::MAX, |b| b / PAGE_SIZE);
+        self.memlock_pages.store(pages, Ordering::Relaxed);
+    }
+    /// Pages charged to `pinned_vm`.
+    pub fn pinned_vm(&self) -> u64 {
+        self.pinned_vm.load(Ordering::Acquire)
+    }
+    /// Charges `pages` to `pinned_vm` against `RLIMIT_MEMLOCK`, as `ib_umem_get`
+    /// does: EPERM when the limit is zero (`can_do_mlock`), ENOMEM when the charge
+    /// would pass it (and nothing is charged).
+    pub fn charge_pinned(&self, pages: u64) -> Result<(), MmError> {
+        let op = "pinned_vm charge";
+        let limit = self.memlock_pages.load(Ordering::Relaxed);
+        if limit == 0 {
+            return Err(MmError::NotPermitted {
+                op,
+                addr: VirtAddr(0),
+                why: "RLIMIT_MEMLOCK is 0",
+            });
+        }
+        let new = self.pinned_vm.fetch_add(pages, Ordering::AcqRel) + pages;
+        if new > limit {
+            self.pinned_vm.fetch_sub(pages, Ordering::AcqRel);
+            return Err(MmError::NoMemory {
+                op,
+                addr: VirtAddr(0),
+                why: format!("{new} pinned pages would pass RLIMIT_MEMLOCK ({limit} pages)"),
+                source: None,
+            });
+        }
+        Ok(())
+    }
+    /// Takes back a charge of [`charge_pinned`](Self::charge_pinned).
+    pub fn uncharge_pinned(&self, pages: u64) {
+        self.pinned_vm.fetch_sub(pages, Ordering::AcqRel);
     }
     /// The physical memory it maps.
     pub fn phys(&self) -> &Arc<PhysMem> {
@@ -329,10 +378,11 @@ impl Mm {
         tracing::debug!(mm = self.id.0, addr = %addr, len, "munmap");
         let guard = self.invalidate("munmap", addr, end, NotifyEvent::Unmap)?;
         let freed = self.zap(addr, end);
-        vmas.remove_range(addr, end);
+        let gone = vmas.remove_range(addr, end);
         drop(guard);
         drop(vmas);
         self.put_frames(&freed);
+        self.tell_owners(&gone);
         Ok(())
     }
 
@@ -450,10 +500,20 @@ impl Mm {
         // Release cannot be refused: it is always blockable.
         let guard = self.notifier.invalidate_range_start(all).ok();
         let freed = self.zap(VirtAddr(0), VirtAddr(TASK_SIZE));
-        *vmas = Vmas::default();
+        let gone: Vec<Vma> = std::mem::take(&mut *vmas).iter().cloned().collect();
         drop(guard);
         drop(vmas);
         self.put_frames(&freed);
+        self.tell_owners(&gone);
+    }
+
+    /// Tells the owners of device-page mappings that `gone` is no longer mapped.
+    fn tell_owners(&self, gone: &[Vma]) {
+        for v in gone {
+            if let VmaKind::Pages { owner: Some(o) } = &v.kind {
+                o.0.unmapped(self, v.start, v.end.0 - v.start.0);
+            }
+        }
     }
 
     /// Reads `buf.len()` bytes at `addr` as the CPU would, faulting pages in.

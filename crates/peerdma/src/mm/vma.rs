@@ -179,6 +179,9 @@ pub enum VmaKind {
 pub trait PagesOwner: Send + Sync {
     /// `child` now maps `[start, start + len)` as a copy of the owner's mapping.
     fn forked(&self, child: &Arc<crate::mm::Mm>, start: VirtAddr, len: u64);
+    /// `mm` no longer maps `[start, start + len)` of the owner's mapping (munmap, exit).
+    /// Called with no lock of the address space held.
+    fn unmapped(&self, _mm: &crate::mm::Mm, _start: VirtAddr, _len: u64) {}
 }
 
 /// A shared reference to a [`PagesOwner`].

@@ -428,6 +428,38 @@ impl P2pAlloc {
     pub fn bus_addr(&self) -> BusAddr {
         BusAddr(self.provider.bus.0 + (self.first.0 - self.provider.region.base().0) * PAGE_SIZE)
     }
+    /// The provider.
+    pub fn provider(&self) -> &Arc<Provider> {
+        &self.provider
+    }
+    /// Maps `pages` of the allocation from page `pgoff` into `mm` (what an exporter of
+    /// p2p memory does for a CPU mmap of its buffer): shared, revoked with the rest of
+    /// the provider's user mappings on removal. EINVAL past the allocation; ENODEV once
+    /// removal has begun.
+    pub fn mmap(
+        &self,
+        mm: &Arc<Mm>,
+        pgoff: u64,
+        pages: u64,
+        prot: Prot,
+    ) -> Result<VirtAddr, P2pError> {
+        let p = &self.provider;
+        if pgoff.checked_add(pages).is_none_or(|e| e > self.pages) || pages == 0 {
+            return Err(P2pError::Invalid {
+                dev: p.dev,
+                why: format!("{pages} pages from page {pgoff} run past the allocation"),
+            });
+        }
+        let removing = p.removing.read();
+        if *removing {
+            return Err(P2pError::NoDevice { dev: p.dev });
+        }
+        let frames: Vec<Pfn> = (0..pages).map(|i| Pfn(self.first.0 + pgoff + i)).collect();
+        p.users.lock().add(mm);
+        let mapped = mm.mmap_pages(&frames, prot, Some(PagesOwnerRef(p.clone())));
+        drop(removing);
+        Ok(mapped?)
+    }
 }
 
 impl Drop for P2pAlloc {

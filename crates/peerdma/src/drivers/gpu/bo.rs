@@ -23,6 +23,7 @@ use std::fmt;
 
 use crate::addr::{Bdf, BusAddr, Pfn, VirtAddr, PAGE_SIZE};
 use crate::dma::{Direction, DmaDevice, DmaMapping, SgTable};
+use crate::dmabuf::{DmaBuf, Fence, Resv, ResvGuard, Usage};
 use crate::drivers::gpu::{bump, Gpu, GpuError};
 use crate::mem::{PageMapOps, PeerReach, Region};
 use crate::sync::atomic::{AtomicU64, Ordering};
@@ -128,6 +129,8 @@ struct BoState {
     pins: Vec<String>,
     gpu_mappings: usize,
     importers: Vec<Weak<BoDmaMap>>,
+    /// The dma-bufs exporting it, told before every move.
+    exports: Vec<Weak<DmaBuf>>,
     last_use: u64,
     moves: u64,
 }
@@ -142,6 +145,9 @@ struct BoState {
 pub(crate) struct Bo {
     handle: BoHandle,
     pages: u64,
+    /// Its reservation object (the GEM object's `resv`, shared with its dma-bufs):
+    /// taken before `state` by whoever moves, maps for a peer or pins it.
+    pub(crate) resv: Arc<Resv>,
     state: OrderedMutex<BoState>,
     /// GPU work and copies using the storage now (the BO's fence).
     busy: InFlight,
@@ -359,8 +365,9 @@ impl Gpu {
             if lru == u64::MAX {
                 break;
             }
+            let mut resv = bo.resv.lock();
             let mut s = bo.state.lock();
-            if self.move_to_ram(&bo, &mut s).unwrap_or(false) {
+            if self.move_to_ram(&bo, &mut s, &mut resv).unwrap_or(false) {
                 return true;
             }
         }
@@ -396,10 +403,12 @@ impl Gpu {
                     pins: Vec::new(),
                     gpu_mappings: 0,
                     importers: Vec::new(),
+                    exports: Vec::new(),
                     last_use: self.tick(),
                     moves: 0,
                 },
             ),
+            resv: Resv::new(),
             busy: InFlight::new(),
         });
         self.bos.lock().insert(handle.0, bo.clone());
@@ -435,6 +444,10 @@ impl Gpu {
             .collect();
         if !peers.is_empty() {
             holders.push(format!("DMA-mapped by {}", peers.join(", ")));
+        }
+        s.exports.retain(|w| w.strong_count() > 0);
+        if !s.exports.is_empty() {
+            holders.push(format!("exported as {} dma-buf(s)", s.exports.len()));
         }
         if !holders.is_empty() {
             return Err(GpuError::Busy {
@@ -525,16 +538,31 @@ impl Gpu {
         Ok(())
     }
 
-    /// Tells every importer of the BO that it moves and revokes its mapping (which
-    /// waits for the DMA in flight through it), then waits for GPU work using it.
-    fn quiesce(&self, bo: &Bo, s: &mut BoState) {
-        self.revoke_importers(bo.handle, s);
+    /// Before a move (the reservation lock held): adds the move's KERNEL fence, tells
+    /// every importer of the BO that it moves and revokes its mapping (which waits for
+    /// the DMA in flight through it), waits for the fences importers added and for GPU
+    /// work using it. The caller signals the returned fence once the BO is in place.
+    fn quiesce(&self, bo: &Bo, s: &mut BoState, resv: &mut ResvGuard<'_>) -> Fence {
+        let fence = Fence::new(format!("{} {} move", self.bdf, bo.handle));
+        resv.add_fence(fence.clone(), Usage::Kernel);
+        self.revoke_importers(bo.handle, s, resv);
+        for f in resv.fences(Usage::Bookkeep) {
+            if !f.same(&fence) {
+                f.wait();
+            }
+        }
         bo.busy.wait_idle();
+        fence
     }
 
-    /// Tells every importer of the BO that its address changes (`move_notify`) and
-    /// revokes its mapping, waiting for the DMA in flight through it.
-    fn revoke_importers(&self, h: BoHandle, s: &mut BoState) {
+    /// Tells every importer of the BO that its address changes (the dma-bufs'
+    /// `move_notify`, then each mapping's own hook) and revokes its mapping, waiting
+    /// for the DMA in flight through it. The reservation lock is held.
+    fn revoke_importers(&self, h: BoHandle, s: &mut BoState, resv: &ResvGuard<'_>) {
+        s.exports.retain(|w| w.strong_count() > 0);
+        for buf in s.exports.iter().filter_map(Weak::upgrade) {
+            buf.move_notify(resv);
+        }
         for m in s.importers.drain(..).filter_map(|w| w.upgrade()) {
             if let Some(n) = &m.notify {
                 n.move_notify(self.bdf, h);
@@ -545,7 +573,12 @@ impl Gpu {
 
     /// Moves a BO from VRAM to system RAM with the copy engine; Ok(false) when it is
     /// not in VRAM; Err(why) when it may not or cannot move.
-    fn move_to_ram(&self, bo: &Bo, s: &mut BoState) -> Result<bool, String> {
+    fn move_to_ram(
+        &self,
+        bo: &Bo,
+        s: &mut BoState,
+        resv: &mut ResvGuard<'_>,
+    ) -> Result<bool, String> {
         let Storage::Vram(first) = s.storage else {
             return Ok(false);
         };
@@ -570,7 +603,7 @@ impl Gpu {
                 return Err(format!("the GPU cannot map system RAM: {e}"));
             }
         };
-        self.quiesce(bo, s);
+        let fence = self.quiesce(bo, s, resv);
         self.close_window(first);
         let vram = &self.bo_vram;
         let copied = gart.transfer_with(0, bytes, true, |r, p, off, at, n| {
@@ -579,6 +612,7 @@ impl Gpu {
         if let Err(e) = copied {
             drop(gart);
             self.phys.ram().put_many(&frames);
+            fence.signal();
             return Err(format!("the copy engine failed: {e}"));
         }
         s.storage = Storage::Ram {
@@ -588,6 +622,7 @@ impl Gpu {
         s.moves += 1;
         let old: Vec<Pfn> = (0..bo.pages).map(|i| Pfn(first.0 + i)).collect();
         vram.put_many(&old);
+        fence.signal();
         bump(&self.stats.bo_evicted, 1);
         bump(&self.stats.bo_bytes_moved, bytes);
         Ok(true)
@@ -598,12 +633,14 @@ impl Gpu {
     /// it is pinned.
     pub fn bo_evict(&self, h: BoHandle) -> Result<bool, GpuError> {
         let bo = self.bo(h)?;
+        let mut resv = bo.resv.lock();
         let mut s = bo.state.lock();
-        self.move_to_ram(&bo, &mut s).map_err(|why| GpuError::Busy {
-            dev: self.bdf,
-            what: h.to_string(),
-            holders: why,
-        })
+        self.move_to_ram(&bo, &mut s, &mut resv)
+            .map_err(|why| GpuError::Busy {
+                dev: self.bdf,
+                what: h.to_string(),
+                holders: why,
+            })
     }
 
     /// Moves every BO that may move to system RAM (suspend, or a driver freeing all of
@@ -612,8 +649,9 @@ impl Gpu {
         let all: Vec<Arc<Bo>> = self.bos.lock().values().cloned().collect();
         let mut out = BoEviction::default();
         for bo in all {
+            let mut resv = bo.resv.lock();
             let mut s = bo.state.lock();
-            match self.move_to_ram(&bo, &mut s) {
+            match self.move_to_ram(&bo, &mut s, &mut resv) {
                 Ok(true) => {
                     out.moved.push(bo.handle);
                     out.bytes += bo.pages * PAGE_SIZE;
@@ -654,6 +692,7 @@ impl Gpu {
             let frames: Vec<Pfn> = (0..bo.pages).map(|i| Pfn(first.0 + i)).collect();
             self.bo_vram.put_many(&frames);
         };
+        let mut resv = bo.resv.lock();
         let mut s = bo.state.lock();
         if !matches!(s.storage, Storage::Ram { .. }) || !s.pins.is_empty() {
             // Moved or pinned meanwhile.
@@ -663,7 +702,7 @@ impl Gpu {
                 _ => BoDomain::Ram,
             });
         }
-        self.quiesce(bo, &mut s);
+        let fence = self.quiesce(bo, &mut s, &mut resv);
         let Storage::Ram { gart, .. } = &s.storage else {
             unreachable!("checked above")
         };
@@ -674,6 +713,7 @@ impl Gpu {
         });
         if let Err(e) = copied {
             release(first);
+            fence.signal();
             return Err(GpuError::Dma {
                 dev: self.bdf,
                 source: e,
@@ -687,6 +727,7 @@ impl Gpu {
         }
         s.moves += 1;
         s.last_use = self.tick();
+        fence.signal();
         bump(&self.stats.bo_restored, 1);
         bump(&self.stats.bo_bytes_moved, bytes);
         Ok(BoDomain::Vram)
@@ -725,7 +766,8 @@ impl Gpu {
         let shown = self.window_target.lock().take();
         if let Some(old) = shown.and_then(|o| self.bo(o).ok()) {
             if old.handle != h {
-                self.revoke_importers(old.handle, &mut old.state.lock());
+                let resv = old.resv.lock();
+                self.revoke_importers(old.handle, &mut old.state.lock(), &resv);
             }
         }
         let s = bo.state.lock();
@@ -921,9 +963,63 @@ impl Gpu {
             .into_values()
             .collect();
         for bo in all {
+            let mut resv = bo.resv.lock();
             let mut s = bo.state.lock();
-            self.quiesce(&bo, &mut s);
+            let fence = self.quiesce(&bo, &mut s, &mut resv);
             self.release_storage(&bo, &mut s);
+            fence.signal();
+        }
+    }
+}
+
+/// What the dma-buf exporter needs of a BO (drivers/gpu/export.rs).
+impl Gpu {
+    /// Records `buf` as an export of the BO (told before every move) and returns the
+    /// BO's reservation object, which the buffer shares.
+    pub(crate) fn bo_add_export(&self, h: BoHandle, buf: &Arc<DmaBuf>) -> Result<(), GpuError> {
+        let bo = self.bo(h)?;
+        let _resv = bo.resv.lock();
+        let mut s = bo.state.lock();
+        s.exports.retain(|w| w.strong_count() > 0);
+        s.exports.push(Arc::downgrade(buf));
+        Ok(())
+    }
+
+    /// The BO's reservation object.
+    pub(crate) fn bo_resv(&self, h: BoHandle) -> Result<Arc<Resv>, GpuError> {
+        Ok(self.bo(h)?.resv.clone())
+    }
+
+    /// Moves the BO to system RAM with its reservation lock held (`resv`), for an
+    /// importer that cannot reach VRAM. EBUSY naming the holders when pinned in VRAM.
+    pub(crate) fn bo_to_ram_locked(
+        &self,
+        h: BoHandle,
+        resv: &mut ResvGuard<'_>,
+    ) -> Result<(), GpuError> {
+        let bo = self.bo(h)?;
+        debug_assert!(resv.holds(&bo.resv));
+        let mut s = bo.state.lock();
+        self.move_to_ram(&bo, &mut s, resv)
+            .map(|_| ())
+            .map_err(|why| GpuError::Busy {
+                dev: self.bdf,
+                what: h.to_string(),
+                holders: why,
+            })
+    }
+
+    /// The frames holding the BO now, in order (for a CPU mapping of a pinned BO).
+    pub(crate) fn bo_frames(&self, h: BoHandle) -> Result<Vec<Pfn>, GpuError> {
+        let bo = self.bo(h)?;
+        let s = bo.state.lock();
+        match &s.storage {
+            Storage::Vram(first) => Ok((0..bo.pages).map(|i| Pfn(first.0 + i)).collect()),
+            Storage::Ram { frames, .. } => Ok(frames.clone()),
+            Storage::Gone => Err(GpuError::NoBo {
+                dev: self.bdf,
+                handle: h,
+            }),
         }
     }
 }

@@ -25,9 +25,11 @@
 
 pub mod bo;
 mod ce;
+mod export;
 
 pub use bo::{Bar, BoDmaMap, BoDomain, BoEviction, BoHandle, BoInfo, MoveNotify};
 pub use ce::CeAddr;
+pub use export::P2pPolicy;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -1,0 +1,911 @@
+//! Memory regions: registration in the three styles and the NIC's access through
+//! them. Rule numbers (U, O, D) are those of shared/reference/rdma-dmabuf.md.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use crate::addr::{Pfn, VirtAddr, PAGE_SIZE};
+use crate::dma::{Direction, DmaError, DmaMapping, SgTable};
+use crate::dmabuf::{AttachMapping, Attachment, DmaBuf, Importer, Usage};
+use crate::drivers::rnic::{bump, Access, Context, Pd, Rnic, RnicError};
+use crate::errno::Errno;
+use crate::gup::{pin_user_pages, FollFlags, PinnedPages};
+use crate::hmm::{hmm_range_fault, HmmPfn, HmmRange};
+use crate::mem::Region;
+use crate::mm::page_table::TASK_SIZE;
+use crate::mm::{Mm, MmError};
+use crate::notifier::{IntervalNotifier, IntervalNotifierOps, NotifyRange, Subscription};
+use crate::sync::{order, Arc, OrderedMutex, Weak};
+
+/// How long an ODP fault retries a range that stays busy (`HMM_RANGE_DEFAULT_TIMEOUT`).
+const FAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1000);
+
+/// Which registration style an MR is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum MrKind {
+    /// Pinned user memory (`ib_umem`).
+    Pinned,
+    /// On-demand paging over a range (`ib_umem_odp`).
+    Odp,
+    /// Implicit on-demand paging over the whole address space.
+    ImplicitOdp,
+    /// A dynamic dma-buf import (`ib_umem_dmabuf`).
+    DmaBuf,
+    /// A pinned dma-buf import (`ib_umem_dmabuf_get_pinned`).
+    DmaBufPinned,
+}
+
+/// `ibv_advise_mr` advice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Advice {
+    /// Fault in for reading, even on a writable MR.
+    Prefetch,
+    /// Fault in for writing; EPERM on a read-only MR.
+    PrefetchWrite,
+    /// Map what the CPU has present, with its permissions; fault nothing.
+    PrefetchNoFault,
+}
+
+/// Why an access through an MR failed, for the completion status.
+#[derive(Debug)]
+pub(crate) enum AccessFault {
+    /// The key, PD, rights or range do not allow it.
+    Protection(String),
+    /// The memory could not be reached (an ODP fault failed, the MR is gone).
+    Fault(String),
+}
+
+impl AccessFault {
+    pub(crate) fn why(&self) -> &str {
+        match self {
+            AccessFault::Protection(w) | AccessFault::Fault(w) => w,
+        }
+    }
+}
+
+/// One NIC translation of an ODP page.
+struct OdpPage {
+    pfn: Pfn,
+    write: bool,
+    map: DmaMapping,
+}
+
+struct OdpState {
+    sub: Arc<IntervalNotifier>,
+    /// By page address.
+    pages: BTreeMap<u64, OdpPage>,
+}
+
+struct DmabufState {
+    att: Arc<Attachment>,
+    map: Option<AttachMapping>,
+    pinned: bool,
+}
+
+enum Backing {
+    Pinned {
+        map: DmaMapping,
+        pin: PinnedPages,
+        mm: Arc<Mm>,
+        pages: u64,
+    },
+    Odp(OdpState),
+    DmaBuf(DmabufState),
+    Dead,
+}
+
+/// A registered memory region (`ibv_mr`).
+///
+/// # Invariants
+/// `backing` is the NIC's only way to the memory; every access holds its lock for the
+/// whole transfer, so whoever takes the lock to change it (an invalidation, a
+/// move_notify, dereg) waits for the accesses in flight.
+pub struct Mr {
+    lkey: u32,
+    pd: Pd,
+    kind: MrKind,
+    access: Access,
+    /// The MR's I/O virtual address (what remote peers and SGEs name).
+    iova: u64,
+    len: u64,
+    /// The user address `iova` stands for (the dma-buf offset for dma-buf MRs).
+    addr: u64,
+    mm: Option<Arc<Mm>>,
+    backing: OrderedMutex<Backing>,
+}
+
+impl fmt::Debug for Mr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Mr")
+            .field("lkey", &format_args!("{:#x}", self.lkey))
+            .field("kind", &self.kind)
+            .field("iova", &format_args!("{:#x}", self.iova))
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl Mr {
+    /// The local key.
+    pub fn lkey(&self) -> u32 {
+        self.lkey
+    }
+    /// The remote key (the same number, as mlx5 and rxe give).
+    pub fn rkey(&self) -> u32 {
+        self.lkey
+    }
+    /// Its PD.
+    pub fn pd(&self) -> Pd {
+        self.pd
+    }
+    /// Its style.
+    pub fn kind(&self) -> MrKind {
+        self.kind
+    }
+    /// Its access flags.
+    pub fn access(&self) -> Access {
+        self.access
+    }
+    /// Its I/O virtual address.
+    pub fn iova(&self) -> u64 {
+        self.iova
+    }
+    /// Its length.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    /// Whether it is empty (never, for a registered MR).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Pages the NIC has translations for now (ODP: mapped pages; pinned: all;
+    /// dma-buf: the buffer's pages while mapped).
+    pub fn mapped_pages(&self) -> u64 {
+        match &*self.backing.lock() {
+            Backing::Pinned { pages, .. } => *pages,
+            Backing::Odp(st) => st.pages.len() as u64,
+            Backing::DmaBuf(st) => st
+                .map
+                .as_ref()
+                .map_or(0, |m| m.mapping().len().div_ceil(PAGE_SIZE)),
+            Backing::Dead => 0,
+        }
+    }
+    /// The DMA addresses the NIC uses now (pinned and dma-buf MRs; per page for ODP),
+    /// for tests that check they never change.
+    pub fn dma_addrs(&self) -> Vec<u64> {
+        match &*self.backing.lock() {
+            Backing::Pinned { map, .. } => map.segments().iter().map(|s| s.addr.0).collect(),
+            Backing::Odp(st) => st
+                .pages
+                .values()
+                .flat_map(|p| p.map.segments())
+                .map(|s| s.addr.0)
+                .collect(),
+            Backing::DmaBuf(st) => st.map.as_ref().map_or(Vec::new(), |m| {
+                m.mapping().segments().iter().map(|s| s.addr.0).collect()
+            }),
+            Backing::Dead => Vec::new(),
+        }
+    }
+
+    /// Whether `[iova, iova + len)` lies inside the MR.
+    fn covers(&self, iova: u64, len: u64) -> bool {
+        iova >= self.iova
+            && iova
+                .checked_add(len)
+                .is_some_and(|e| e <= self.iova + self.len)
+    }
+
+    /// Checks an access by the PD `pd` needing `need` to `[iova, iova + len)`.
+    pub(crate) fn check(
+        &self,
+        pd: Pd,
+        iova: u64,
+        len: u64,
+        need: Access,
+    ) -> Result<(), AccessFault> {
+        if pd != self.pd {
+            return Err(AccessFault::Protection(format!(
+                "key {:#x} belongs to PD {}, not PD {}",
+                self.lkey, self.pd.0, pd.0
+            )));
+        }
+        if !self.access.contains(need) {
+            return Err(AccessFault::Protection(format!(
+                "key {:#x} lacks the access right {:#x}",
+                self.lkey, need.0
+            )));
+        }
+        if !self.covers(iova, len) {
+            return Err(AccessFault::Protection(format!(
+                "{iova:#x}+{len:#x} is outside key {:#x} ({:#x}+{:#x})",
+                self.lkey, self.iova, self.len
+            )));
+        }
+        Ok(())
+    }
+
+    /// The NIC `nic` moves `len` bytes at `iova` through the MR: `f(region, frame,
+    /// offset, bytes before, bytes)` for each physically contiguous run, with the MR's
+    /// lock held throughout. ODP pages missing (or read-only for a write) are faulted
+    /// first; a dma-buf MR whose mapping was dropped maps the buffer again.
+    pub(crate) fn transfer(
+        &self,
+        nic: &Rnic,
+        iova: u64,
+        len: u64,
+        write: bool,
+        mut f: impl FnMut(&Region, Pfn, u64, usize, usize),
+    ) -> Result<(), AccessFault> {
+        let deadline = std::time::Instant::now() + FAULT_TIMEOUT;
+        loop {
+            let mut b = self.backing.lock();
+            match &mut *b {
+                Backing::Dead => return Err(AccessFault::Fault("the MR was deregistered".into())),
+                Backing::Pinned { map, .. } => {
+                    return map
+                        .transfer_with(iova - self.iova, len, write, &mut f)
+                        .map_err(|e| AccessFault::Fault(e.to_string()));
+                }
+                Backing::Odp(st) => {
+                    let va = self.addr + (iova - self.iova);
+                    if st.present(va, len, write) {
+                        return st.transfer(va, len, write, &mut f);
+                    }
+                    let sub = st.sub.clone();
+                    drop(b);
+                    let mut b = self.odp_fault(nic, &sub, va, len, write, false)?;
+                    let Backing::Odp(st) = &mut *b else {
+                        return Err(AccessFault::Fault("the MR was deregistered".into()));
+                    };
+                    if st.present(va, len, write) {
+                        return st.transfer(va, len, write, &mut f);
+                    }
+                    // Invalidated between the fault and here cannot happen (the lock
+                    // is held); a write still not allowed is a permission fault.
+                    return Err(AccessFault::Fault(format!(
+                        "the CPU page at {va:#x} stays read-only"
+                    )));
+                }
+                Backing::DmaBuf(st) => {
+                    let off = self.addr + (iova - self.iova);
+                    if let Some(m) = &st.map {
+                        match m.mapping().transfer_with(off, len, write, &mut f) {
+                            Ok(()) => return Ok(()),
+                            // Moved under us: drop the stale mapping and fault again.
+                            Err(DmaError::Revoked { .. }) if !st.pinned => {
+                                st.map = None;
+                            }
+                            Err(e) => return Err(AccessFault::Fault(e.to_string())),
+                        }
+                    }
+                    let att = st.att.clone();
+                    drop(b);
+                    if std::time::Instant::now() > deadline {
+                        return Err(AccessFault::Fault(
+                            "the dma-buf kept moving during the access".into(),
+                        ));
+                    }
+                    self.dmabuf_fault(nic, &att)?;
+                }
+            }
+        }
+    }
+
+    /// `pagefault_dmabuf_mr`: maps the buffer under its reservation lock, waits for
+    /// its KERNEL fences, installs the mapping (D4, D6).
+    fn dmabuf_fault(&self, nic: &Rnic, att: &Arc<Attachment>) -> Result<(), AccessFault> {
+        let buf = att.buf().clone();
+        let mut resv = buf.resv().lock();
+        let m = att
+            .map(&mut resv, Direction::Bidirectional)
+            .map_err(|e| AccessFault::Fault(e.to_string()))?;
+        resv.wait(Usage::Kernel);
+        let mut b = self.backing.lock();
+        if let Backing::DmaBuf(st) = &mut *b {
+            st.map = Some(m);
+            bump(&nic.counters.dmabuf_faults, 1);
+        }
+        Ok(())
+    }
+
+    /// `ib_umem_odp_map_dma_and_lock` (O13–O16): faults `[va, va + len)` (for writing
+    /// when `write`; only what is present when `snapshot`), retrying while the range
+    /// is busy or the result went stale, and maps the pages for the NIC. Returns with
+    /// the MR's lock held, so the caller uses the pages before any invalidation.
+    fn odp_fault(
+        &self,
+        nic: &Rnic,
+        sub: &IntervalNotifier,
+        va: u64,
+        len: u64,
+        write: bool,
+        snapshot: bool,
+    ) -> Result<crate::sync::Held<crate::sync::MutexGuard<'_, Backing>>, AccessFault> {
+        let Some(mm) = &self.mm else {
+            return Err(AccessFault::Fault("no address space".into()));
+        };
+        if mm.is_exited() {
+            return Err(AccessFault::Fault("the process exited".into()));
+        }
+        let start = va & !(PAGE_SIZE - 1);
+        let end = (va + len).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let deadline = std::time::Instant::now() + FAULT_TIMEOUT;
+        loop {
+            let mut range = HmmRange::new(sub, VirtAddr(start), VirtAddr(end));
+            if !snapshot {
+                range.default_flags = HmmPfn::REQ_FAULT
+                    | if write {
+                        HmmPfn::REQ_WRITE
+                    } else {
+                        HmmPfn::NONE
+                    };
+            }
+            // No device-private owner: a GPU's private pages are foreign and migrate
+            // back to RAM (O25).
+            match hmm_range_fault(mm, &mut range) {
+                Ok(()) => {}
+                Err(MmError::Busy { .. }) if std::time::Instant::now() < deadline => continue,
+                Err(e) => return Err(AccessFault::Fault(e.to_string())),
+            }
+            let mut b = self.backing.lock();
+            if sub.read_retry(range.notifier_seq) {
+                continue;
+            }
+            let Backing::Odp(st) = &mut *b else {
+                return Err(AccessFault::Fault("the MR was deregistered".into()));
+            };
+            let mut mapped = 0;
+            for (i, p) in range.pfns.iter().enumerate() {
+                let Some(pfn) = p.pfn() else { continue };
+                let at = start + i as u64 * PAGE_SIZE;
+                let w = p.contains(HmmPfn::WRITE);
+                match st.pages.get_mut(&at) {
+                    // Same page: only the permission changes, no remap.
+                    Some(e) if e.pfn == pfn => e.write = w,
+                    _ => {
+                        let sg = SgTable::from_frames(&[pfn], 0, PAGE_SIZE, PAGE_SIZE);
+                        let map = nic
+                            .dma
+                            .map_sg(&sg, Direction::Bidirectional)
+                            .map_err(|e| AccessFault::Fault(e.to_string()))?;
+                        st.pages.insert(at, OdpPage { pfn, write: w, map });
+                        mapped += 1;
+                    }
+                }
+            }
+            bump(&nic.counters.odp_faults, 1);
+            bump(&nic.counters.odp_pages_faulted, mapped);
+            return Ok(b);
+        }
+    }
+
+    /// Tears the MR down (dereg, context close, NIC removal): waits for accesses in
+    /// flight (they hold the lock), then releases in the kernel's order — unmap,
+    /// unpin (dirtying writable pages), uncharge `pinned_vm` (U20); for ODP, unmap
+    /// every page, then end the subscription (O29); for dma-buf, unmap, unpin, detach
+    /// (D8).
+    pub(crate) fn teardown(&self, nic: &Rnic) {
+        let old = std::mem::replace(&mut *self.backing.lock(), Backing::Dead);
+        match old {
+            Backing::Pinned {
+                map,
+                pin,
+                mm,
+                pages,
+            } => {
+                drop(map);
+                drop(pin);
+                mm.uncharge_pinned(pages);
+                nic.counters
+                    .pinned_pages
+                    .fetch_sub(pages, crate::sync::atomic::Ordering::Relaxed);
+            }
+            Backing::Odp(st) => {
+                drop(st.pages);
+                drop(st.sub);
+            }
+            Backing::DmaBuf(st) => {
+                let buf = st.att.buf().clone();
+                let resv = buf.resv().lock();
+                if let Some(m) = st.map {
+                    m.unmap(&resv);
+                }
+                if st.pinned {
+                    st.att.unpin(&resv);
+                }
+                drop(resv);
+                drop(st.att);
+            }
+            Backing::Dead => {}
+        }
+    }
+}
+
+impl OdpState {
+    fn present(&self, va: u64, len: u64, write: bool) -> bool {
+        let start = va & !(PAGE_SIZE - 1);
+        let end = (va + len).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let mut at = start;
+        while at < end {
+            match self.pages.get(&at) {
+                Some(p) if !write || p.write => {}
+                _ => return false,
+            }
+            at += PAGE_SIZE;
+        }
+        true
+    }
+
+    fn transfer(
+        &self,
+        va: u64,
+        len: u64,
+        write: bool,
+        f: &mut impl FnMut(&Region, Pfn, u64, usize, usize),
+    ) -> Result<(), AccessFault> {
+        let mut done = 0u64;
+        while done < len {
+            let at = va + done;
+            let page = at & !(PAGE_SIZE - 1);
+            let off = at - page;
+            let n = (PAGE_SIZE - off).min(len - done);
+            let p = self
+                .pages
+                .get(&page)
+                .unwrap_or_else(|| unreachable!("present() checked every page"));
+            let base = done as usize;
+            p.map
+                .transfer_with(off, n, write, |r, pfn, o, b, k| f(r, pfn, o, base + b, k))
+                .map_err(|e| AccessFault::Fault(e.to_string()))?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+/// The ODP MR's interval-notifier callback (`mlx5_ib_invalidate_range`,
+/// `rxe_ib_invalidate_range`, O9–O11).
+struct OdpOps {
+    mr: Weak<Mr>,
+    nic: Weak<Rnic>,
+}
+
+impl IntervalNotifierOps for OdpOps {
+    fn invalidate(&self, _sub: &Subscription, range: &NotifyRange, _seq: u64) -> bool {
+        if !range.blockable {
+            return false;
+        }
+        let Some(mr) = self.mr.upgrade() else {
+            return true;
+        };
+        // Taking the lock waits for the NIC's accesses through the MR.
+        let mut b = mr.backing.lock();
+        let Backing::Odp(st) = &mut *b else {
+            return true;
+        };
+        let keys: Vec<u64> = st
+            .pages
+            .range(range.start.0..range.end.0)
+            .map(|(k, _)| *k)
+            .collect();
+        if keys.is_empty() {
+            return true;
+        }
+        for k in &keys {
+            st.pages.remove(k);
+        }
+        if let Some(nic) = self.nic.upgrade() {
+            bump(&nic.counters.odp_invalidations, 1);
+            bump(&nic.counters.odp_pages_invalidated, keys.len() as u64);
+        }
+        true
+    }
+}
+
+/// The dma-buf MR's importer ops (`mlx5_ib_dmabuf_invalidate_cb`, D7): with the
+/// reservation lock held, drop the NIC's translation and unmap, so the next access
+/// faults at the new place.
+struct DmabufOps {
+    mr: OrderedMutex<Weak<Mr>>,
+    nic: Weak<Rnic>,
+    pinned: bool,
+}
+
+impl Importer for DmabufOps {
+    fn allow_peer2peer(&self) -> bool {
+        true
+    }
+    fn move_notify(&self, _att: &Attachment) {
+        if self.pinned {
+            tracing::warn!("move_notify on a pinned dma-buf MR: the exporter moved pinned memory");
+        }
+        let mr = self.mr.lock().upgrade();
+        let Some(mr) = mr else { return };
+        let old = {
+            let mut b = mr.backing.lock();
+            match &mut *b {
+                Backing::DmaBuf(st) => st.map.take(),
+                _ => None,
+            }
+        };
+        if let Some(nic) = self.nic.upgrade() {
+            bump(&nic.counters.dmabuf_move_notifies, 1);
+        }
+        drop(old);
+    }
+}
+
+const DMABUF_ACCESS: u32 = Access::LOCAL_WRITE.0
+    | Access::REMOTE_READ.0
+    | Access::REMOTE_WRITE.0
+    | Access::REMOTE_ATOMIC.0
+    | Access::RELAXED_ORDERING.0;
+
+impl Context {
+    fn access_err(&self, op: &'static str, access: Access) -> Result<(), RnicError> {
+        let nic = &self.nic;
+        // U2: ib_check_mr_access.
+        if access.0 & !Access::SUPPORTED != 0 {
+            return Err(nic.err(
+                op,
+                Errno::EINVAL,
+                format!("unknown access bits {:#x}", access.0),
+            ));
+        }
+        if (access.contains(Access::REMOTE_WRITE) || access.contains(Access::REMOTE_ATOMIC))
+            && !access.contains(Access::LOCAL_WRITE)
+        {
+            return Err(nic.err(
+                op,
+                Errno::EINVAL,
+                "REMOTE_WRITE or REMOTE_ATOMIC without LOCAL_WRITE",
+            ));
+        }
+        if access.contains(Access::ON_DEMAND) && !nic.caps.odp {
+            return Err(nic.err(op, Errno::EOPNOTSUPP, "the NIC has no on-demand paging"));
+        }
+        Ok(())
+    }
+
+    /// `ibv_reg_mr_iova2(pd, addr, len, iova, access)`: a pinned MR, or an ODP MR with
+    /// [`Access::ON_DEMAND`] (implicit when `addr` is 0 and `len` is `u64::MAX`).
+    ///
+    /// Refusals, in the kernel's order: EINVAL when `addr` and `iova` differ in their
+    /// page offset (U1), for unknown access bits or a remote write/atomic right without
+    /// LOCAL_WRITE (U2), for a zero length or one that wraps (U5, U8); EOPNOTSUPP for
+    /// ON_DEMAND on a NIC without ODP. A pinned MR then: EPERM when RLIMIT_MEMLOCK is 0
+    /// (U6), ENOMEM past it (U9), the pin's errno (EFAULT for an unmapped range or a
+    /// write pin of a read-only one, EREMOTEIO for p2p memory, U11).
+    pub fn reg_mr(
+        &self,
+        pd: Pd,
+        addr: VirtAddr,
+        len: u64,
+        iova: u64,
+        access: Access,
+    ) -> Result<Arc<Mr>, RnicError> {
+        let op = "reg_mr";
+        self.check(op)?;
+        self.check_pd(op, pd)?;
+        let nic = &self.nic;
+        if addr.0 % PAGE_SIZE != iova % PAGE_SIZE {
+            return Err(nic.err(op, Errno::EINVAL, "address and IOVA differ in page offset"));
+        }
+        self.access_err(op, access)?;
+        if access.contains(Access::ON_DEMAND) {
+            return self.reg_odp(pd, addr, len, iova, access);
+        }
+        let end = addr
+            .0
+            .checked_add(len)
+            .filter(|e| e.checked_next_multiple_of(PAGE_SIZE).is_some());
+        let Some(end) = end else {
+            return Err(nic.err(op, Errno::EINVAL, "the range wraps"));
+        };
+        if len == 0 {
+            return Err(nic.err(op, Errno::EINVAL, "zero length"));
+        }
+        let first = addr.0 & !(PAGE_SIZE - 1);
+        let pages = (end.div_ceil(PAGE_SIZE) * PAGE_SIZE - first) / PAGE_SIZE;
+        let mm = self.mm.clone();
+        mm.charge_pinned(pages)
+            .map_err(|e| nic.err(op, e.errno(), e.to_string()))?;
+        let writable = access.writable();
+        let mut gup = FollFlags::LONGTERM;
+        if writable {
+            gup = gup | FollFlags::WRITE;
+        }
+        let pinned = pin_user_pages(&mm, VirtAddr(first), pages as usize, gup)
+            .map_err(|e| e.errno())
+            .and_then(|p| match p.stopped_by() {
+                Some(e) => Err(e.errno()),
+                None => Ok(p),
+            });
+        let pin = match pinned {
+            Ok(p) => p,
+            Err(errno) => {
+                mm.uncharge_pinned(pages);
+                return Err(nic.err(
+                    op,
+                    errno,
+                    format!("cannot pin {pages} pages at {}", VirtAddr(first)),
+                ));
+            }
+        };
+        let sg = SgTable::from_runs(pin.runs(), addr.0 - first, len, nic.dma.max_segment());
+        let map = match nic.dma.map_sg(&sg, Direction::Bidirectional) {
+            Ok(m) => m,
+            Err(e) => {
+                drop(pin);
+                mm.uncharge_pinned(pages);
+                return Err(nic.err(op, e.errno(), e.to_string()));
+            }
+        };
+        bump(&nic.counters.pinned_pages, pages);
+        let mr = Arc::new(Mr {
+            lkey: nic.new_key(),
+            pd,
+            kind: MrKind::Pinned,
+            access,
+            iova,
+            len,
+            addr: addr.0,
+            mm: Some(mm.clone()),
+            backing: OrderedMutex::new(
+                &order::RDMA_MR,
+                Backing::Pinned {
+                    map,
+                    pin,
+                    mm,
+                    pages,
+                },
+            ),
+        });
+        Ok(self.add_mr(mr))
+    }
+
+    fn reg_odp(
+        &self,
+        pd: Pd,
+        addr: VirtAddr,
+        len: u64,
+        iova: u64,
+        access: Access,
+    ) -> Result<Arc<Mr>, RnicError> {
+        let op = "reg_mr";
+        let nic = &self.nic;
+        let implicit = addr.0 == 0 && len == u64::MAX;
+        let (start, span, kind) = if implicit {
+            // O6: implicit ODP needs IOVA 0 and the capability.
+            if iova != 0 {
+                return Err(nic.err(op, Errno::EINVAL, "implicit ODP needs IOVA 0"));
+            }
+            if !nic.caps.implicit_odp {
+                return Err(nic.err(op, Errno::EINVAL, "the NIC has no implicit ODP"));
+            }
+            (0, TASK_SIZE - PAGE_SIZE, MrKind::ImplicitOdp)
+        } else {
+            // O3.
+            let Some(end) = addr.0.checked_add(len) else {
+                return Err(nic.err(op, Errno::EOVERFLOW, "the range wraps"));
+            };
+            let Some(end) = end.checked_next_multiple_of(PAGE_SIZE) else {
+                return Err(nic.err(op, Errno::EOVERFLOW, "the range wraps"));
+            };
+            let start = addr.0 & !(PAGE_SIZE - 1);
+            if len == 0 {
+                return Err(nic.err(op, Errno::EINVAL, "zero length"));
+            }
+            (start, end - start, MrKind::Odp)
+        };
+        let mr = Arc::new_cyclic(|me: &Weak<Mr>| {
+            let ops = Arc::new(OdpOps {
+                mr: me.clone(),
+                nic: Arc::downgrade(nic),
+            });
+            let sub = self.mm.notifier().subscribe(VirtAddr(start), span, ops);
+            Mr {
+                lkey: nic.new_key(),
+                pd,
+                kind,
+                access,
+                iova,
+                len: if implicit { TASK_SIZE - PAGE_SIZE } else { len },
+                addr: addr.0,
+                mm: Some(self.mm.clone()),
+                backing: OrderedMutex::new(
+                    &order::RDMA_MR,
+                    Backing::Odp(OdpState {
+                        sub: Arc::new(sub),
+                        pages: BTreeMap::new(),
+                    }),
+                ),
+            }
+        });
+        // O5: one snapshot pass maps what is present now (explicit MRs only).
+        if !implicit {
+            let sub = match &*mr.backing.lock() {
+                Backing::Odp(st) => st.sub.clone(),
+                _ => unreachable!("made as ODP above"),
+            };
+            let _ = mr.odp_fault(nic, &sub, addr.0, len, false, true);
+        }
+        Ok(self.add_mr(mr))
+    }
+
+    /// `ibv_reg_dmabuf_mr(pd, offset, len, iova, fd, access)`: a dynamic importer of
+    /// the dma-buf `fd` that allows peer-to-peer; nothing is mapped until the first
+    /// access. With `pinned`, the pinned variant: the buffer is pinned and mapped now
+    /// (D9). Refusals (D1, D2): EOPNOTSUPP without dma-buf support; EINVAL for offset
+    /// and IOVA of different page offsets, access bits other than local/remote
+    /// read/write/atomic and relaxed ordering, a wrapping range, or one past the
+    /// buffer; EBADF for a bad fd; EINVAL for a file that is not a dma-buf; the
+    /// exporter's errno when it refuses the attach.
+    pub fn reg_dmabuf_mr(
+        &self,
+        pd: Pd,
+        offset: u64,
+        len: u64,
+        iova: u64,
+        fd: i32,
+        access: Access,
+        pinned: bool,
+    ) -> Result<Arc<Mr>, RnicError> {
+        let op = "reg_dmabuf_mr";
+        self.check(op)?;
+        self.check_pd(op, pd)?;
+        let nic = &self.nic;
+        if !nic.caps.dmabuf {
+            return Err(nic.err(op, Errno::EOPNOTSUPP, "the NIC cannot import dma-bufs"));
+        }
+        if offset % PAGE_SIZE != iova % PAGE_SIZE {
+            return Err(nic.err(op, Errno::EINVAL, "offset and IOVA differ in page offset"));
+        }
+        if access.0 & !DMABUF_ACCESS != 0 {
+            return Err(nic.err(
+                op,
+                Errno::EINVAL,
+                format!(
+                    "access bits {:#x} are not allowed on a dma-buf MR",
+                    access.0
+                ),
+            ));
+        }
+        self.access_err(op, access)?;
+        let Some(end) = offset.checked_add(len) else {
+            return Err(nic.err(op, Errno::EINVAL, "offset + length wraps"));
+        };
+        let files = self
+            .files
+            .upgrade()
+            .ok_or_else(|| nic.err(op, Errno::EBADF, "the process's files are gone"))?;
+        let buf: Arc<DmaBuf> = files.dma_buf(fd).map_err(|e| nic.err(op, e.errno, e.why))?;
+        if end > buf.size() {
+            return Err(nic.err(
+                op,
+                Errno::EINVAL,
+                format!(
+                    "{offset:#x}+{len:#x} runs past {} ({:#x} bytes)",
+                    buf.describe(),
+                    buf.size()
+                ),
+            ));
+        }
+        if len == 0 {
+            return Err(nic.err(op, Errno::EINVAL, "zero length"));
+        }
+        let ops = Arc::new(DmabufOps {
+            mr: OrderedMutex::new(&order::LEAF, Weak::new()),
+            nic: Arc::downgrade(nic),
+            pinned,
+        });
+        let att = buf
+            .dynamic_attach(&nic.dma, ops.clone())
+            .map_err(|e| nic.err(op, e.errno, e.why))?;
+        let mut st = DmabufState {
+            att: att.clone(),
+            map: None,
+            pinned: false,
+        };
+        if pinned {
+            let mut resv = buf.resv().lock();
+            att.pin(&mut resv)
+                .map_err(|e| nic.err(op, e.errno, e.why))?;
+            st.pinned = true;
+            match att.map(&mut resv, Direction::Bidirectional) {
+                Ok(m) => st.map = Some(m),
+                Err(e) => {
+                    att.unpin(&resv);
+                    return Err(nic.err(op, e.errno, e.why));
+                }
+            }
+        }
+        let mr = Arc::new(Mr {
+            lkey: nic.new_key(),
+            pd,
+            kind: if pinned {
+                MrKind::DmaBufPinned
+            } else {
+                MrKind::DmaBuf
+            },
+            access,
+            iova,
+            len,
+            addr: offset,
+            mm: None,
+            backing: OrderedMutex::new(&order::RDMA_MR, Backing::DmaBuf(st)),
+        });
+        *ops.mr.lock() = Arc::downgrade(&mr);
+        Ok(self.add_mr(mr))
+    }
+
+    /// `ibv_advise_mr(pd, advice, flags, sg_list)` on ODP MRs: faults the ranges in
+    /// ahead of the NIC. `flush` waits for the faults and returns the first error
+    /// (EFAULT for a range the MR does not cover or cannot fault); without it the
+    /// faults run on a worker and their errors are dropped, as the kernel's best-effort
+    /// prefetch does. EINVAL for an unknown key or one of another PD, EPERM for
+    /// PREFETCH_WRITE on a read-only MR, EOPNOTSUPP for a non-ODP MR.
+    pub fn advise_mr(
+        &self,
+        pd: Pd,
+        advice: Advice,
+        flush: bool,
+        sges: &[crate::drivers::rnic::Sge],
+    ) -> Result<(), RnicError> {
+        let op = "advise_mr";
+        self.check(op)?;
+        let nic = self.nic.clone();
+        if sges.is_empty() {
+            return Err(nic.err(op, Errno::EINVAL, "no SGE"));
+        }
+        let mut work = Vec::new();
+        for s in sges {
+            let mr = nic
+                .lookup_mr(s.lkey)
+                .filter(|m| m.pd == pd)
+                .ok_or_else(|| {
+                    nic.err(
+                        op,
+                        Errno::EINVAL,
+                        format!("no MR with key {:#x} in this PD", s.lkey),
+                    )
+                })?;
+            if !matches!(mr.kind, MrKind::Odp | MrKind::ImplicitOdp) {
+                return Err(nic.err(op, Errno::EOPNOTSUPP, "prefetch is for ODP MRs"));
+            }
+            if advice == Advice::PrefetchWrite && !mr.access.writable() {
+                return Err(nic.err(op, Errno::EPERM, "PREFETCH_WRITE on a read-only MR"));
+            }
+            work.push((mr, s.addr, u64::from(s.len)));
+        }
+        let run = move |nic: &Rnic| -> Result<(), RnicError> {
+            for (mr, iova, len) in &work {
+                if !mr.covers(*iova, *len) {
+                    return Err(nic.err(op, Errno::EFAULT, "the range is outside the MR"));
+                }
+                let sub = match &*mr.backing.lock() {
+                    Backing::Odp(st) => st.sub.clone(),
+                    _ => return Err(nic.err(op, Errno::EFAULT, "the MR was deregistered")),
+                };
+                let va = mr.addr + (iova - mr.iova);
+                let (write, snapshot) = match advice {
+                    Advice::Prefetch => (false, false),
+                    Advice::PrefetchWrite => (true, false),
+                    Advice::PrefetchNoFault => (false, true),
+                };
+                mr.odp_fault(nic, &sub, va, *len, write, snapshot)
+                    .map_err(|e| nic.err(op, Errno::EFAULT, e.why().to_string()))?;
+            }
+            Ok(())
+        };
+        if flush {
+            return run(&nic);
+        }
+        crate::sync::thread::spawn(move || {
+            let _ = run(&nic);
+        });
+        Ok(())
+    }
+}

@@ -1,0 +1,630 @@
+//! The RDMA NIC model: the kernel's registration rules (rule numbers from
+//! shared/reference/rdma-dmabuf.md: U pinned umem, O ODP, D dma-buf MR), the queue pair
+//! state machine and completion statuses of rxe, and real bytes moved by DMA between
+//! two NICs — into pinned memory, ODP memory, and GPU VRAM through a dma-buf. Every host
+//! is leak-checked when it drops: pins, mappings, attachments and frames return to
+//! zero.
+
+mod common;
+
+use peerdma::addr::{Bdf, VirtAddr, PAGE_SIZE};
+use peerdma::drivers::gpu::{BoDomain, Gpu, GpuSpec, P2pPolicy};
+use peerdma::drivers::rnic::{
+    Access, Advice, Context, MrKind, Pd, Qp, QpState, RecvWr, Rnic, RnicCaps, RnicSpec, SendOp,
+    SendWr, Sge, Wc, WcOpcode, WcStatus,
+};
+use peerdma::errno::Errno;
+use peerdma::host::{Host, HostConfig, Process};
+use peerdma::mm::Prot;
+use peerdma::sync::Arc;
+
+const GPU: &str = "0000:1a:00.0";
+const NIC_A: &str = "0000:1b:00.0";
+const NIC_B: &str = "0000:1d:00.0";
+
+fn bdf(s: &str) -> Bdf {
+    s.parse().unwrap()
+}
+
+/// `preset` booted with 32 MiB of RAM, the IOMMU as asked, two NICs and one GPU of
+/// `vram_pages` (at `gpu`).
+fn machine(
+    preset: &str,
+    iommu: bool,
+    nics: [&str; 2],
+    gpu: &str,
+    vram_pages: u64,
+) -> common::Checked {
+    let topo = peerdma::fabric::preset(preset).unwrap();
+    let specs = vec![
+        RnicSpec {
+            bdf: bdf(nics[0]),
+            caps: RnicCaps::default(),
+        }
+        .into(),
+        RnicSpec {
+            bdf: bdf(nics[1]),
+            caps: RnicCaps::default(),
+        }
+        .into(),
+        GpuSpec {
+            bdf: bdf(gpu),
+            vram_bytes: vram_pages * PAGE_SIZE,
+        }
+        .into(),
+    ];
+    common::Checked(
+        Host::build(
+            topo,
+            &HostConfig {
+                ram_bytes: 32 << 20,
+                iommu: Some(iommu),
+            },
+            &specs,
+        )
+        .unwrap(),
+    )
+}
+
+fn dgx(iommu: bool) -> common::Checked {
+    machine("dgx", iommu, [NIC_A, NIC_B], GPU, 64)
+}
+
+/// One side of a connection: a process, its verbs context, PD, CQ and QP.
+struct Side {
+    p: Process,
+    ctx: Arc<Context>,
+    pd: Pd,
+    cq: Arc<peerdma::drivers::rnic::Cq>,
+    qp: Arc<Qp>,
+}
+
+fn side(h: &Host, nic: &str) -> Side {
+    let p = h.spawn();
+    let nic = h.device::<Rnic>(bdf(nic)).unwrap();
+    let ctx = nic.open(&p, p.files()).unwrap();
+    let pd = ctx.alloc_pd().unwrap();
+    let cq = ctx.create_cq().unwrap();
+    let qp = ctx.create_qp(pd, &cq, &cq).unwrap();
+    Side { p, ctx, pd, cq, qp }
+}
+
+/// Two sides on NICs A and B with their QPs connected and in RTS.
+fn pair(h: &Host) -> (Side, Side) {
+    let a = side(h, NIC_A);
+    let b = side(h, NIC_B);
+    for (x, y) in [(&a.qp, &b.qp), (&b.qp, &a.qp)] {
+        x.modify(QpState::Init, None).unwrap();
+        x.modify(QpState::Rtr, Some(y)).unwrap();
+        x.modify(QpState::Rts, None).unwrap();
+    }
+    (a, b)
+}
+
+fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i % 253) as u8 ^ seed.wrapping_mul(29))
+        .collect()
+}
+
+const RW: Access = Access(Access::LOCAL_WRITE.0 | Access::REMOTE_WRITE.0 | Access::REMOTE_READ.0);
+
+fn one(cq: &peerdma::drivers::rnic::Cq) -> Wc {
+    let wcs = cq.poll(16);
+    assert_eq!(wcs.len(), 1, "{wcs:?}");
+    wcs[0]
+}
+
+fn write_wr(local: (u64, u32, u32), remote_addr: u64, rkey: u32) -> SendWr {
+    SendWr {
+        wr_id: 7,
+        op: SendOp::Write { remote_addr, rkey },
+        sg: vec![Sge {
+            addr: local.0,
+            len: local.1,
+            lkey: local.2,
+        }],
+        signaled: true,
+    }
+}
+
+#[test]
+fn registration_refusals_follow_ib_check_mr_access_and_ib_umem_get() {
+    let h = dgx(true);
+    let a = side(&h, NIC_A);
+    let buf = a.p.mmap_anon(4 * PAGE_SIZE, Prot::RW).unwrap();
+    let reg = |addr: u64, len: u64, iova: u64, acc: Access| {
+        a.ctx
+            .reg_mr(a.pd, VirtAddr(addr), len, iova, acc)
+            .map(|_| ())
+            .map_err(|e| e.errno)
+    };
+    // U1: VA and IOVA with different page offsets.
+    assert_eq!(reg(buf.0 + 8, 64, 0x1000, RW), Err(Errno::EINVAL));
+    // U2: remote write or atomic without LOCAL_WRITE; unknown bits.
+    assert_eq!(
+        reg(buf.0, 64, buf.0, Access::REMOTE_WRITE),
+        Err(Errno::EINVAL)
+    );
+    assert_eq!(
+        reg(buf.0, 64, buf.0, Access::REMOTE_ATOMIC),
+        Err(Errno::EINVAL)
+    );
+    assert_eq!(reg(buf.0, 64, buf.0, Access(1 << 30)), Err(Errno::EINVAL));
+    // U5, U8: zero length and wrap.
+    assert_eq!(reg(buf.0, 0, buf.0, RW), Err(Errno::EINVAL));
+    assert_eq!(
+        reg(u64::MAX - 10, 100, u64::MAX - 10, RW),
+        Err(Errno::EINVAL)
+    );
+    // U11: an unmapped range, and a write pin of a read-only mapping: EFAULT.
+    assert_eq!(
+        reg(0x7000_0000, PAGE_SIZE, 0x7000_0000, RW),
+        Err(Errno::EFAULT)
+    );
+    let ro = a.p.mmap_anon(PAGE_SIZE, Prot::READ).unwrap();
+    assert_eq!(reg(ro.0, PAGE_SIZE, ro.0, RW), Err(Errno::EFAULT));
+    // A read-only MR pins a read-only mapping (no FOLL_WRITE).
+    assert_eq!(reg(ro.0, PAGE_SIZE, ro.0, Access::REMOTE_READ), Ok(()));
+    // An unaligned address counts every page it touches (U8): 0x..ff0 + 0x20 = 2 pages.
+    let before = a.p.pinned_vm();
+    let mr = a
+        .ctx
+        .reg_mr(a.pd, VirtAddr(buf.0 + 0xff0), 0x20, 0xff0, RW)
+        .unwrap();
+    assert_eq!(a.p.pinned_vm() - before, 2);
+    a.ctx.dereg_mr(&mr).unwrap();
+    assert_eq!(a.p.pinned_vm(), before);
+    // ON_DEMAND on a NIC without ODP: EOPNOTSUPP.
+    let nic = Rnic::new(
+        h.dma(),
+        bdf("0000:3e:00.0"),
+        RnicCaps {
+            odp: false,
+            implicit_odp: false,
+            dmabuf: false,
+        },
+    )
+    .unwrap();
+    let ctx = nic.open(&a.p, a.p.files()).unwrap();
+    let pd = ctx.alloc_pd().unwrap();
+    let e = ctx
+        .reg_mr(pd, buf, PAGE_SIZE, buf.0, RW | Access::ON_DEMAND)
+        .unwrap_err();
+    assert_eq!(e.errno, Errno::EOPNOTSUPP);
+    // O6: implicit ODP needs IOVA 0.
+    let e = a
+        .ctx
+        .reg_mr(a.pd, VirtAddr(0), u64::MAX, 0x1000, RW | Access::ON_DEMAND)
+        .unwrap_err();
+    assert_eq!(e.errno, Errno::EINVAL);
+    // A PD of another context.
+    assert_eq!(
+        a.ctx
+            .reg_mr(pd, buf, PAGE_SIZE, buf.0, RW)
+            .unwrap_err()
+            .errno,
+        Errno::EINVAL
+    );
+}
+
+#[test]
+fn pinned_mrs_are_charged_to_pinned_vm_against_rlimit_memlock() {
+    let h = dgx(false);
+    let a = side(&h, NIC_A);
+    let buf = a.p.mmap_anon(8 * PAGE_SIZE, Prot::RW).unwrap();
+    // U6: a limit of zero is EPERM; U9: past the limit ENOMEM, nothing charged.
+    a.p.set_memlock_limit(Some(0));
+    let e = a.ctx.reg_mr(a.pd, buf, PAGE_SIZE, buf.0, RW).unwrap_err();
+    assert_eq!(e.errno, Errno::EPERM);
+    a.p.set_memlock_limit(Some(4 * PAGE_SIZE));
+    let m1 = a.ctx.reg_mr(a.pd, buf, 3 * PAGE_SIZE, buf.0, RW).unwrap();
+    let e = a
+        .ctx
+        .reg_mr(a.pd, buf, 2 * PAGE_SIZE, buf.0, RW)
+        .unwrap_err();
+    assert_eq!(e.errno, Errno::ENOMEM);
+    assert_eq!(a.p.pinned_vm(), 3);
+    // Two MRs over the same page count twice.
+    let m2 = a.ctx.reg_mr(a.pd, buf, PAGE_SIZE, buf.0, RW).unwrap();
+    assert_eq!(a.p.pinned_vm(), 4);
+    // ODP is never charged (O1).
+    let odp = a
+        .ctx
+        .reg_mr(a.pd, buf, 8 * PAGE_SIZE, buf.0, RW | Access::ON_DEMAND)
+        .unwrap();
+    assert_eq!(a.p.pinned_vm(), 4);
+    assert_eq!(odp.kind(), MrKind::Odp);
+    let nic = h.device::<Rnic>(bdf(NIC_A)).unwrap();
+    assert_eq!(nic.stats().pinned_pages, 4);
+    for m in [m1, m2, odp] {
+        a.ctx.dereg_mr(&m).unwrap();
+    }
+    assert_eq!(a.p.pinned_vm(), 0);
+    assert_eq!(nic.stats().pinned_pages, 0);
+    assert_eq!(nic.stats().mrs, 0);
+}
+
+#[test]
+fn rdma_write_read_send_and_atomics_move_real_bytes_between_two_nics() {
+    for iommu in [false, true] {
+        let h = dgx(iommu);
+        let (a, b) = pair(&h);
+        let n = 3 * PAGE_SIZE as usize + 100;
+        let src = a.p.mmap_anon(4 * PAGE_SIZE, Prot::RW).unwrap();
+        let dst = b.p.mmap_anon(4 * PAGE_SIZE, Prot::RW).unwrap();
+        let data = pattern(n, 3);
+        a.p.write(src, &data).unwrap();
+        let la = a.ctx.reg_mr(a.pd, src, 4 * PAGE_SIZE, src.0, RW).unwrap();
+        let rb = b
+            .ctx
+            .reg_mr(
+                b.pd,
+                dst,
+                4 * PAGE_SIZE,
+                0x10_0000,
+                RW | Access::REMOTE_ATOMIC,
+            )
+            .unwrap();
+        // RDMA WRITE at an offset into B's MR, named by its IOVA.
+        a.qp.post_send(write_wr(
+            (src.0, n as u32, la.lkey()),
+            0x10_0000 + 16,
+            rb.rkey(),
+        ))
+        .unwrap();
+        let wc = one(&a.cq);
+        assert_eq!(
+            (wc.status, wc.opcode, wc.byte_len),
+            (WcStatus::Success, WcOpcode::RdmaWrite, n as u32)
+        );
+        let mut got = vec![0u8; n];
+        b.p.read(VirtAddr(dst.0 + 16), &mut got).unwrap();
+        assert_eq!(got, data, "iommu {iommu}");
+        // RDMA READ back into the start of A's buffer.
+        a.qp.post_send(SendWr {
+            wr_id: 8,
+            op: SendOp::Read {
+                remote_addr: 0x10_0000 + 16,
+                rkey: rb.rkey(),
+            },
+            sg: vec![Sge {
+                addr: src.0 + 2 * PAGE_SIZE,
+                len: 200,
+                lkey: la.lkey(),
+            }],
+            signaled: true,
+        })
+        .unwrap();
+        assert_eq!(one(&a.cq).status, WcStatus::Success);
+        let mut back = vec![0u8; 200];
+        a.p.read(VirtAddr(src.0 + 2 * PAGE_SIZE), &mut back)
+            .unwrap();
+        assert_eq!(back, data[..200]);
+        // SEND into a posted receive.
+        b.qp.post_recv(RecvWr {
+            wr_id: 99,
+            sg: vec![Sge {
+                addr: 0x10_0000 + 3 * PAGE_SIZE as u64,
+                len: 512,
+                lkey: rb.lkey(),
+            }],
+        })
+        .unwrap();
+        a.qp.post_send(SendWr {
+            wr_id: 9,
+            op: SendOp::Send,
+            sg: vec![Sge {
+                addr: src.0 + 1000,
+                len: 300,
+                lkey: la.lkey(),
+            }],
+            signaled: true,
+        })
+        .unwrap();
+        assert_eq!(one(&a.cq).status, WcStatus::Success);
+        let r = one(&b.cq);
+        assert_eq!(
+            (r.wr_id, r.status, r.opcode, r.byte_len),
+            (99, WcStatus::Success, WcOpcode::Recv, 300)
+        );
+        let mut msg = vec![0u8; 300];
+        b.p.read(VirtAddr(dst.0 + 3 * PAGE_SIZE), &mut msg).unwrap();
+        assert_eq!(msg, data[1000..1300]);
+        // Atomics on an aligned word: fetch-and-add, then a failing and a succeeding CAS.
+        b.p.write(dst, &40u64.to_le_bytes()).unwrap();
+        let old_at = src.0 + 3 * PAGE_SIZE;
+        let atomic = |op| SendWr {
+            wr_id: 10,
+            op,
+            sg: vec![Sge {
+                addr: old_at,
+                len: 8,
+                lkey: la.lkey(),
+            }],
+            signaled: true,
+        };
+        let old = |s: &Side| {
+            let mut w = [0u8; 8];
+            s.p.read(VirtAddr(old_at), &mut w).unwrap();
+            u64::from_le_bytes(w)
+        };
+        let word = || {
+            let mut w = [0u8; 8];
+            b.p.read(dst, &mut w).unwrap();
+            u64::from_le_bytes(w)
+        };
+        a.qp.post_send(atomic(SendOp::FetchAdd {
+            remote_addr: 0x10_0000,
+            rkey: rb.rkey(),
+            add: 2,
+        }))
+        .unwrap();
+        assert_eq!(one(&a.cq).status, WcStatus::Success);
+        assert_eq!((old(&a), word()), (40, 42));
+        a.qp.post_send(atomic(SendOp::CompSwap {
+            remote_addr: 0x10_0000,
+            rkey: rb.rkey(),
+            compare: 7,
+            swap: 1,
+        }))
+        .unwrap();
+        assert_eq!(one(&a.cq).status, WcStatus::Success);
+        assert_eq!((old(&a), word()), (42, 42));
+        a.qp.post_send(atomic(SendOp::CompSwap {
+            remote_addr: 0x10_0000,
+            rkey: rb.rkey(),
+            compare: 42,
+            swap: 5,
+        }))
+        .unwrap();
+        assert_eq!(one(&a.cq).status, WcStatus::Success);
+        assert_eq!((old(&a), word()), (42, 5));
+        assert!(h.dma().sanitizer().is_clean());
+    }
+}
+
+#[test]
+fn errors_complete_with_the_kernels_statuses_and_move_qps_to_error() {
+    let h = dgx(false);
+    let (a, b) = pair(&h);
+    let src = a.p.mmap_anon(2 * PAGE_SIZE, Prot::RW).unwrap();
+    let dst = b.p.mmap_anon(2 * PAGE_SIZE, Prot::RW).unwrap();
+    let la = a.ctx.reg_mr(a.pd, src, 2 * PAGE_SIZE, src.0, RW).unwrap();
+    // Read-only remote MR: no REMOTE_WRITE right.
+    let ro = b
+        .ctx
+        .reg_mr(b.pd, dst, 2 * PAGE_SIZE, dst.0, Access::REMOTE_READ)
+        .unwrap();
+    a.qp.post_send(write_wr((src.0, 64, la.lkey()), dst.0, ro.rkey()))
+        .unwrap();
+    assert_eq!(one(&a.cq).status, WcStatus::RemAccessErr);
+    assert_eq!((a.qp.state(), b.qp.state()), (QpState::Err, QpState::Err));
+    // In ERR, new requests flush; posted receives flushed when it went to ERR.
+    a.qp.post_send(write_wr((src.0, 64, la.lkey()), dst.0, ro.rkey()))
+        .unwrap();
+    assert_eq!(one(&a.cq).status, WcStatus::WrFlushErr);
+    b.qp.post_recv(RecvWr {
+        wr_id: 5,
+        sg: vec![],
+    })
+    .unwrap();
+    assert_eq!(one(&b.cq).status, WcStatus::WrFlushErr);
+    // The state machine: RESET cannot go to RTS; post_send before RTS is EINVAL.
+    a.qp.modify(QpState::Reset, None).unwrap();
+    assert_eq!(
+        a.qp.modify(QpState::Rts, None).unwrap_err().errno,
+        Errno::EINVAL
+    );
+    assert_eq!(
+        a.qp.post_send(write_wr((src.0, 64, la.lkey()), dst.0, ro.rkey()))
+            .unwrap_err()
+            .errno,
+        Errno::EINVAL
+    );
+    assert_eq!(
+        a.qp.post_recv(RecvWr {
+            wr_id: 1,
+            sg: vec![]
+        })
+        .unwrap_err()
+        .errno,
+        Errno::EINVAL
+    );
+
+    // Fresh pair: a local key of another PD is LOC_PROT_ERR; requester only.
+    let (a, b) = pair(&h);
+    let src = a.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+    let dst = b.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+    let pd2 = a.ctx.alloc_pd().unwrap();
+    let other = a.ctx.reg_mr(pd2, src, PAGE_SIZE, src.0, RW).unwrap();
+    let rb = b
+        .ctx
+        .reg_mr(b.pd, dst, PAGE_SIZE, dst.0, RW | Access::REMOTE_ATOMIC)
+        .unwrap();
+    a.qp.post_send(write_wr((src.0, 64, other.lkey()), dst.0, rb.rkey()))
+        .unwrap();
+    assert_eq!(one(&a.cq).status, WcStatus::LocProtErr);
+    assert_eq!((a.qp.state(), b.qp.state()), (QpState::Err, QpState::Rts));
+
+    // Out of the remote MR's range, and an unknown rkey: REM_ACCESS_ERR.
+    let (a, b) = pair(&h);
+    let src = a.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+    let la = a.ctx.reg_mr(a.pd, src, PAGE_SIZE, src.0, RW).unwrap();
+    let dst = b.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+    let rb = b
+        .ctx
+        .reg_mr(b.pd, dst, PAGE_SIZE, dst.0, RW | Access::REMOTE_ATOMIC)
+        .unwrap();
+    a.qp.post_send(write_wr(
+        (src.0, 64, la.lkey()),
+        dst.0 + PAGE_SIZE - 32,
+        rb.rkey(),
+    ))
+    .unwrap();
+    assert_eq!(one(&a.cq).status, WcStatus::RemAccessErr);
+    let (a, _b) = pair(&h);
+    let src = a.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+    let la = a.ctx.reg_mr(a.pd, src, PAGE_SIZE, src.0, RW).unwrap();
+    a.qp.post_send(write_wr((src.0, 64, la.lkey()), 0, 0xdead_be00))
+        .unwrap();
+    assert_eq!(one(&a.cq).status, WcStatus::RemAccessErr);
+
+    // A misaligned atomic: REM_INV_REQ_ERR. A SEND with no receive posted: RNR.
+    let (a, b) = pair(&h);
+    let src = a.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+    let la = a.ctx.reg_mr(a.pd, src, PAGE_SIZE, src.0, RW).unwrap();
+    let dst = b.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+    let rb = b
+        .ctx
+        .reg_mr(b.pd, dst, PAGE_SIZE, dst.0, RW | Access::REMOTE_ATOMIC)
+        .unwrap();
+    a.qp.post_send(SendWr {
+        wr_id: 1,
+        op: SendOp::FetchAdd {
+            remote_addr: dst.0 + 4,
+            rkey: rb.rkey(),
+            add: 1,
+        },
+        sg: vec![Sge {
+            addr: src.0,
+            len: 8,
+            lkey: la.lkey(),
+        }],
+        signaled: true,
+    })
+    .unwrap();
+    assert_eq!(one(&a.cq).status, WcStatus::RemInvReqErr);
+    let (a, _b) = pair(&h);
+    let src = a.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+    let la = a.ctx.reg_mr(a.pd, src, PAGE_SIZE, src.0, RW).unwrap();
+    a.qp.post_send(SendWr {
+        wr_id: 2,
+        op: SendOp::Send,
+        sg: vec![Sge {
+            addr: src.0,
+            len: 8,
+            lkey: la.lkey(),
+        }],
+        signaled: true,
+    })
+    .unwrap();
+    assert_eq!(one(&a.cq).status, WcStatus::RnrRetryExcErr);
+    // A message longer than the receive: LOC_LEN_ERR at the responder, REM_INV_REQ at
+    // the requester.
+    let (a, b) = pair(&h);
+    let src = a.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+    let la = a.ctx.reg_mr(a.pd, src, PAGE_SIZE, src.0, RW).unwrap();
+    let dst = b.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+    let rb = b.ctx.reg_mr(b.pd, dst, PAGE_SIZE, dst.0, RW).unwrap();
+    b.qp.post_recv(RecvWr {
+        wr_id: 3,
+        sg: vec![Sge {
+            addr: dst.0,
+            len: 16,
+            lkey: rb.lkey(),
+        }],
+    })
+    .unwrap();
+    a.qp.post_send(SendWr {
+        wr_id: 4,
+        op: SendOp::Send,
+        sg: vec![Sge {
+            addr: src.0,
+            len: 64,
+            lkey: la.lkey(),
+        }],
+        signaled: true,
+    })
+    .unwrap();
+    assert_eq!(one(&a.cq).status, WcStatus::RemInvReqErr);
+    assert_eq!(one(&b.cq).status, WcStatus::LocLenErr);
+}
+
+#[test]
+fn a_pinned_mr_keeps_its_frames_across_munmap_and_fork_and_its_dma_address_never_changes() {
+    let h = dgx(true);
+    let (a, b) = pair(&h);
+    let src = a.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+    let la = a.ctx.reg_mr(a.pd, src, PAGE_SIZE, src.0, RW).unwrap();
+    let dst = b.p.mmap_anon(2 * PAGE_SIZE, Prot::RW).unwrap();
+    b.p.write(dst, b"parent").unwrap();
+    let rb = b.ctx.reg_mr(b.pd, dst, 2 * PAGE_SIZE, dst.0, RW).unwrap();
+    let addrs = rb.dma_addrs();
+    // Fork: the parent keeps the pinned page (U22); the child has a copy.
+    let child = b.p.fork().unwrap();
+    a.p.write(src, b"after fork").unwrap();
+    a.qp.post_send(write_wr((src.0, 10, la.lkey()), dst.0, rb.rkey()))
+        .unwrap();
+    assert_eq!(one(&a.cq).status, WcStatus::Success);
+    let mut got = [0u8; 10];
+    b.p.read(dst, &mut got).unwrap();
+    assert_eq!(&got, b"after fork");
+    child.read(dst, &mut got[..6]).unwrap();
+    assert_eq!(&got[..6], b"parent");
+    child.exit();
+    // munmap: the MR keeps the old frames (U24); a new mapping there is not seen.
+    b.p.munmap(dst, 2 * PAGE_SIZE).unwrap();
+    let again = b.p.mmap_anon(2 * PAGE_SIZE, Prot::RW).unwrap();
+    assert_eq!(again, dst, "the same address is reused");
+    a.p.write(src, b"into the void").unwrap();
+    a.qp.post_send(write_wr((src.0, 13, la.lkey()), dst.0, rb.rkey()))
+        .unwrap();
+    assert_eq!(
+        one(&a.cq).status,
+        WcStatus::Success,
+        "no error for a pinned MR"
+    );
+    b.p.read(again, &mut got).unwrap();
+    assert_eq!(
+        got, [0u8; 10],
+        "the new mapping does not see the NIC's write"
+    );
+    assert_eq!(rb.dma_addrs(), addrs);
+    // Migration of a pinned page is refused (hmm migrate to a GPU leaves it).
+    let gpu = h.device::<Gpu>(bdf(GPU)).unwrap();
+    let ctx = gpu.open(&a.p);
+    ctx.prefetch(src, PAGE_SIZE, peerdma::drivers::gpu::Location::Vram)
+        .unwrap();
+    assert_eq!(
+        gpu.vram().frames() - gpu.vram().free_frames(),
+        0,
+        "a pinned page does not move"
+    );
+    let before = la.dma_addrs();
+    a.p.write(src, b"still here").unwrap();
+    a.qp.post_send(write_wr((src.0, 10, la.lkey()), dst.0, rb.rkey()))
+        .unwrap();
+    assert_eq!(one(&a.cq).status, WcStatus::Success);
+    assert_eq!(la.dma_addrs(), before);
+    assert!(h.dma().sanitizer().is_clean());
+}
+
+#[test]
+fn process_exit_deregisters_everything_and_counters_return_to_zero() {
+    let h = dgx(true);
+    let (a, b) = pair(&h);
+    let nic = h.device::<Rnic>(bdf(NIC_B)).unwrap();
+    let dst = b.p.mmap_anon(4 * PAGE_SIZE, Prot::RW).unwrap();
+    b.ctx.reg_mr(b.pd, dst, 4 * PAGE_SIZE, dst.0, RW).unwrap();
+    b.ctx
+        .reg_mr(b.pd, dst, 4 * PAGE_SIZE, dst.0, RW | Access::ON_DEMAND)
+        .unwrap();
+    b.ctx
+        .reg_mr(b.pd, VirtAddr(0), u64::MAX, 0, RW | Access::ON_DEMAND)
+        .unwrap();
+    assert_eq!(nic.stats().mrs, 3);
+    assert_eq!(nic.stats().pinned_pages, 4);
+    let Side { p, ctx, qp, .. } = b;
+    p.exit();
+    assert_eq!(nic.stats().mrs, 0);
+    assert_eq!(nic.stats().pinned_pages, 0);
+    assert_eq!(qp.state(), QpState::Err);
+    assert_eq!(ctx.alloc_pd().unwrap_err().errno, Errno::EBADF);
+    // The peer's requests now fail: the responder is gone.
+    let src = a.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+    let la = a.ctx.reg_mr(a.pd, src, PAGE_SIZE, src.0, RW).unwrap();
+    a.qp.post_send(write_wr((src.0, 8, la.lkey()), dst.0, 0x100))
+        .unwrap();
+    assert_ne!(one(&a.cq).status, WcStatus::Success);
+}
