@@ -8,7 +8,7 @@
 mod common;
 
 use peerdma::addr::{Bdf, VirtAddr, PAGE_SIZE};
-use peerdma::drivers::gpu::{BoDomain, Gpu, GpuSpec, P2pPolicy};
+use peerdma::drivers::gpu::{Gpu, GpuSpec};
 use peerdma::drivers::rnic::{
     Access, Advice, Context, MrKind, Pd, Qp, QpState, RecvWr, Rnic, RnicCaps, RnicSpec, SendOp,
     SendWr, Sge, Wc, WcOpcode, WcStatus,
@@ -305,7 +305,7 @@ fn rdma_write_read_send_and_atomics_move_real_bytes_between_two_nics() {
         b.qp.post_recv(RecvWr {
             wr_id: 99,
             sg: vec![Sge {
-                addr: 0x10_0000 + 3 * PAGE_SIZE as u64,
+                addr: 0x10_0000 + 3 * PAGE_SIZE,
                 len: 512,
                 lkey: rb.lkey(),
             }],
@@ -627,4 +627,342 @@ fn process_exit_deregisters_everything_and_counters_return_to_zero() {
     a.qp.post_send(write_wr((src.0, 8, la.lkey()), dst.0, 0x100))
         .unwrap();
     assert_ne!(one(&a.cq).status, WcStatus::Success);
+}
+
+fn odp() -> Access {
+    RW | Access::ON_DEMAND
+}
+
+#[test]
+fn odp_faults_on_first_access_follows_munmap_and_remaps_and_breaks_cow_in_the_parent() {
+    let h = dgx(true);
+    let (a, b) = pair(&h);
+    let nic_b = h.device::<Rnic>(bdf(NIC_B)).unwrap();
+    let src = a.p.mmap_anon(2 * PAGE_SIZE, Prot::RW).unwrap();
+    a.p.write(src, &pattern(2 * PAGE_SIZE as usize, 1)).unwrap();
+    let la = a.ctx.reg_mr(a.pd, src, 2 * PAGE_SIZE, src.0, RW).unwrap();
+    let dst = b.p.mmap_anon(4 * PAGE_SIZE, Prot::RW).unwrap();
+    let rb = b
+        .ctx
+        .reg_mr(b.pd, dst, 4 * PAGE_SIZE, dst.0, odp())
+        .unwrap();
+    // O5: nothing was present, nothing is mapped; the first write faults 2 pages.
+    assert_eq!(rb.mapped_pages(), 0);
+    assert_eq!(b.p.pinned_vm(), 0);
+    let s0 = nic_b.stats();
+    a.qp.post_send(write_wr(
+        (src.0, 2 * PAGE_SIZE as u32, la.lkey()),
+        dst.0 + PAGE_SIZE,
+        rb.rkey(),
+    ))
+    .unwrap();
+    assert_eq!(one(&a.cq).status, WcStatus::Success);
+    let s1 = nic_b.stats();
+    assert_eq!(
+        (
+            s1.odp_faults - s0.odp_faults,
+            s1.odp_pages_faulted - s0.odp_pages_faulted
+        ),
+        (1, 2)
+    );
+    let mut got = vec![0u8; 2 * PAGE_SIZE as usize];
+    b.p.read(VirtAddr(dst.0 + PAGE_SIZE), &mut got).unwrap();
+    assert_eq!(got, pattern(2 * PAGE_SIZE as usize, 1));
+    // Resident now: the same write faults no more.
+    a.qp.post_send(write_wr(
+        (src.0, 64, la.lkey()),
+        dst.0 + PAGE_SIZE,
+        rb.rkey(),
+    ))
+    .unwrap();
+    assert_eq!(one(&a.cq).status, WcStatus::Success);
+    assert_eq!(nic_b.stats().odp_faults, s1.odp_faults);
+    // O27: munmap invalidates; the next access finds no VMA: REM_ACCESS_ERR.
+    b.p.munmap(dst, 4 * PAGE_SIZE).unwrap();
+    assert_eq!(rb.mapped_pages(), 0);
+    assert!(nic_b.stats().odp_invalidations > s1.odp_invalidations);
+    a.qp.post_send(write_wr((src.0, 64, la.lkey()), dst.0, rb.rkey()))
+        .unwrap();
+    assert_eq!(one(&a.cq).status, WcStatus::RemAccessErr);
+    // A new mapping at the same address is followed (unlike a pinned MR).
+    let (a, b2) = (a, b);
+    let again = b2.p.mmap_anon(4 * PAGE_SIZE, Prot::RW).unwrap();
+    assert_eq!(again, dst);
+    for q in [&a.qp, &b2.qp] {
+        q.modify(QpState::Reset, None).unwrap();
+    }
+    for (x, y) in [(&a.qp, &b2.qp), (&b2.qp, &a.qp)] {
+        x.modify(QpState::Init, None).unwrap();
+        x.modify(QpState::Rtr, Some(y)).unwrap();
+        x.modify(QpState::Rts, None).unwrap();
+    }
+    a.qp.post_send(write_wr((src.0, 64, la.lkey()), dst.0, rb.rkey()))
+        .unwrap();
+    assert_eq!(one(&a.cq).status, WcStatus::Success);
+    let mut w = vec![0u8; 64];
+    b2.p.read(again, &mut w).unwrap();
+    assert_eq!(w, pattern(2 * PAGE_SIZE as usize, 1)[..64]);
+    // O28: fork makes the parent's pages read-only (invalidating the NIC); the next
+    // NIC write faults for write and breaks COW in the parent.
+    let child = b2.p.fork().unwrap();
+    a.p.write(src, b"after the fork").unwrap();
+    a.qp.post_send(write_wr((src.0, 14, la.lkey()), dst.0, rb.rkey()))
+        .unwrap();
+    assert_eq!(one(&a.cq).status, WcStatus::Success);
+    let mut p = [0u8; 14];
+    b2.p.read(dst, &mut p).unwrap();
+    assert_eq!(&p, b"after the fork");
+    child.read(dst, &mut p).unwrap();
+    assert_eq!(
+        p[..],
+        pattern(2 * PAGE_SIZE as usize, 1)[..14],
+        "the child keeps the old bytes"
+    );
+    child.exit();
+    assert!(h.dma().sanitizer().is_clean());
+}
+
+#[test]
+fn odp_write_permission_follows_the_cpu_page_and_a_read_only_mapping_refuses_writes() {
+    let h = dgx(false);
+    let (a, b) = pair(&h);
+    let src = a.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+    a.p.write(src, b"0123456789").unwrap();
+    let la = a.ctx.reg_mr(a.pd, src, PAGE_SIZE, src.0, RW).unwrap();
+    let dst = b.p.mmap_anon(PAGE_SIZE, Prot::READ).unwrap();
+    let rb = b.ctx.reg_mr(b.pd, dst, PAGE_SIZE, dst.0, odp()).unwrap();
+    // A read maps the page read-only (rxe asks no write for reads, O21).
+    a.qp.post_send(SendWr {
+        wr_id: 1,
+        op: SendOp::Read {
+            remote_addr: dst.0,
+            rkey: rb.rkey(),
+        },
+        sg: vec![Sge {
+            addr: src.0,
+            len: 8,
+            lkey: la.lkey(),
+        }],
+        signaled: true,
+    })
+    .unwrap();
+    assert_eq!(one(&a.cq).status, WcStatus::Success);
+    assert_eq!(rb.mapped_pages(), 1);
+    let mut got = [0xffu8; 8];
+    a.p.read(src, &mut got).unwrap();
+    assert_eq!(got, [0u8; 8], "a never-written page reads as zeros");
+    // A write needs the CPU page writable: the fault fails (EPERM/EFAULT), and the
+    // requester sees REM_ACCESS_ERR.
+    a.qp.post_send(write_wr((src.0, 8, la.lkey()), dst.0, rb.rkey()))
+        .unwrap();
+    assert_eq!(one(&a.cq).status, WcStatus::RemAccessErr);
+    // PREFETCH_WRITE on a read-only MR is EPERM (O24); a prefetch outside the MR EFAULT.
+    let ro = b
+        .ctx
+        .reg_mr(
+            b.pd,
+            dst,
+            PAGE_SIZE,
+            dst.0,
+            Access::REMOTE_READ | Access::ON_DEMAND,
+        )
+        .unwrap();
+    let sge = |mr: &peerdma::drivers::rnic::Mr, addr: u64| Sge {
+        addr,
+        len: PAGE_SIZE as u32,
+        lkey: mr.lkey(),
+    };
+    assert_eq!(
+        b.ctx
+            .advise_mr(b.pd, Advice::PrefetchWrite, true, &[sge(&ro, dst.0)])
+            .unwrap_err()
+            .errno,
+        Errno::EPERM
+    );
+    assert_eq!(
+        b.ctx
+            .advise_mr(b.pd, Advice::Prefetch, true, &[sge(&ro, dst.0 + PAGE_SIZE)])
+            .unwrap_err()
+            .errno,
+        Errno::EFAULT
+    );
+    assert_eq!(
+        b.ctx
+            .advise_mr(b.pd, Advice::Prefetch, true, &[])
+            .unwrap_err()
+            .errno,
+        Errno::EINVAL
+    );
+}
+
+#[test]
+fn advise_mr_prefetches_for_read_write_or_only_what_is_present() {
+    let h = dgx(true);
+    let b = side(&h, NIC_B);
+    let dst = b.p.mmap_anon(4 * PAGE_SIZE, Prot::RW).unwrap();
+    b.p.write(dst, b"present").unwrap();
+    let mr = b
+        .ctx
+        .reg_mr(b.pd, dst, 4 * PAGE_SIZE, dst.0, odp())
+        .unwrap();
+    // The registration snapshot mapped the one present page.
+    assert_eq!(mr.mapped_pages(), 1);
+    let sge = Sge {
+        addr: dst.0,
+        len: 4 * PAGE_SIZE as u32,
+        lkey: mr.lkey(),
+    };
+    b.ctx
+        .advise_mr(b.pd, Advice::PrefetchNoFault, true, &[sge])
+        .unwrap();
+    assert_eq!(mr.mapped_pages(), 1, "NO_FAULT maps only present pages");
+    b.ctx
+        .advise_mr(b.pd, Advice::PrefetchWrite, true, &[sge])
+        .unwrap();
+    assert_eq!(mr.mapped_pages(), 4);
+    assert_eq!(
+        b.p.resident_pages(),
+        4,
+        "PREFETCH_WRITE faulted the CPU pages in"
+    );
+    // Asynchronous prefetch on an implicit MR: best effort, returns at once.
+    let imr = b.ctx.reg_mr(b.pd, VirtAddr(0), u64::MAX, 0, odp()).unwrap();
+    assert_eq!(imr.kind(), MrKind::ImplicitOdp);
+    let sge = Sge {
+        addr: dst.0,
+        len: PAGE_SIZE as u32,
+        lkey: imr.lkey(),
+    };
+    b.ctx
+        .advise_mr(b.pd, Advice::Prefetch, true, &[sge])
+        .unwrap();
+    assert_eq!(imr.mapped_pages(), 1);
+    b.ctx
+        .advise_mr(b.pd, Advice::Prefetch, false, &[sge])
+        .unwrap();
+}
+
+#[test]
+fn an_odp_access_migrates_gpu_private_pages_back_to_ram() {
+    let h = dgx(true);
+    let (a, b) = pair(&h);
+    let gpu = h.device::<Gpu>(bdf(GPU)).unwrap();
+    let dst = b.p.mmap_anon(2 * PAGE_SIZE, Prot::RW).unwrap();
+    b.p.write(dst, &pattern(2 * PAGE_SIZE as usize, 9)).unwrap();
+    let gctx = gpu.open(&b.p);
+    assert_eq!(
+        gctx.prefetch(dst, 2 * PAGE_SIZE, peerdma::drivers::gpu::Location::Vram)
+            .unwrap(),
+        2
+    );
+    let rb = b
+        .ctx
+        .reg_mr(b.pd, dst, 2 * PAGE_SIZE, dst.0, odp())
+        .unwrap();
+    assert_eq!(
+        rb.mapped_pages(),
+        0,
+        "device-private pages are not present for the snapshot"
+    );
+    let src = a.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+    let la = a.ctx.reg_mr(a.pd, src, PAGE_SIZE, src.0, RW).unwrap();
+    // RDMA READ of the GPU's pages: they come home first (O25).
+    a.qp.post_send(SendWr {
+        wr_id: 1,
+        op: SendOp::Read {
+            remote_addr: dst.0 + PAGE_SIZE - 8,
+            rkey: rb.rkey(),
+        },
+        sg: vec![Sge {
+            addr: src.0,
+            len: 16,
+            lkey: la.lkey(),
+        }],
+        signaled: true,
+    })
+    .unwrap();
+    assert_eq!(one(&a.cq).status, WcStatus::Success);
+    let mut got = [0u8; 16];
+    a.p.read(src, &mut got).unwrap();
+    assert_eq!(
+        got[..],
+        pattern(2 * PAGE_SIZE as usize, 9)[PAGE_SIZE as usize - 8..PAGE_SIZE as usize + 8]
+    );
+    assert_eq!(
+        gpu.vram().frames() - gpu.vram().free_frames(),
+        0,
+        "both pages left VRAM"
+    );
+    assert!(h.dma().sanitizer().is_clean());
+}
+
+/// Case 2 of the thread: an ODP MR over memory the GPU migrates into VRAM (and the CPU
+/// brings back) while the NIC keeps writing; every write lands exactly once, in the
+/// page where the address points now.
+#[test]
+fn odp_writes_race_hmm_migration_and_every_byte_lands_once() {
+    let h = dgx(true);
+    let (a, b) = pair(&h);
+    let nic_b = h.device::<Rnic>(bdf(NIC_B)).unwrap();
+    let gpu = h.device::<Gpu>(bdf(GPU)).unwrap();
+    let pages = 8u64;
+    let dst = b.p.mmap_anon(pages * PAGE_SIZE, Prot::RW).unwrap();
+    b.p.write(dst, &vec![0u8; (pages * PAGE_SIZE) as usize])
+        .unwrap();
+    let rb = b
+        .ctx
+        .reg_mr(b.pd, dst, pages * PAGE_SIZE, dst.0, odp())
+        .unwrap();
+    let src = a.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+    let la = a.ctx.reg_mr(a.pd, src, PAGE_SIZE, src.0, RW).unwrap();
+    let rounds = 200u64;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let g = gpu.open(&b.p);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = g.prefetch(
+                    dst,
+                    pages * PAGE_SIZE,
+                    peerdma::drivers::gpu::Location::Vram,
+                );
+                let _ = g.prefetch(dst, pages * PAGE_SIZE, peerdma::drivers::gpu::Location::Ram);
+            }
+        });
+        // Each round writes an 8-byte counter into each page's slot `round % 512`.
+        for r in 0..rounds {
+            for p in 0..pages {
+                a.p.write(src, &(r * pages + p + 1).to_le_bytes()).unwrap();
+                let at = dst.0 + p * PAGE_SIZE + (r % 512) * 8;
+                a.qp.post_send(write_wr((src.0, 8, la.lkey()), at, rb.rkey()))
+                    .unwrap();
+                let wc = one(&a.cq);
+                assert_eq!(wc.status, WcStatus::Success, "round {r} page {p}");
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    for p in 0..pages {
+        for r in 0..rounds {
+            let mut w = [0u8; 8];
+            b.p.read(VirtAddr(dst.0 + p * PAGE_SIZE + (r % 512) * 8), &mut w)
+                .unwrap();
+            assert_eq!(
+                u64::from_le_bytes(w),
+                r * pages + p + 1,
+                "page {p} round {r}"
+            );
+        }
+    }
+    let st = nic_b.stats();
+    assert!(st.odp_faults >= 1 && st.odp_invalidations >= 1, "{st:?}");
+    assert!(
+        gpu.stats().migrated_to_vram > 0,
+        "the GPU did migrate meanwhile"
+    );
+    assert!(
+        h.dma().sanitizer().is_clean(),
+        "{:?}",
+        h.dma().sanitizer().violations()
+    );
 }

@@ -208,7 +208,7 @@ impl DmaBuf {
         size: u64,
         resv: Option<Arc<Resv>>,
     ) -> Result<Arc<DmaBuf>, DmaBufError> {
-        if size == 0 || size % PAGE_SIZE != 0 {
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
             return Err(DmaBufError::new(
                 "export",
                 Errno::EINVAL,
@@ -222,7 +222,7 @@ impl DmaBuf {
             id: NEXT_BUF.fetch_add(1, Ordering::Relaxed),
             size,
             exporter,
-            resv: resv.unwrap_or_else(Resv::new),
+            resv: resv.unwrap_or_default(),
             attachments: OrderedMutex::new(&order::LEAF, Vec::new()),
             next_attach: AtomicU64::new(1),
             mappings: AtomicU64::new(0),
@@ -335,7 +335,7 @@ impl DmaBuf {
         prot: Prot,
     ) -> Result<VirtAddr, DmaBufError> {
         let op = "mmap";
-        if offset % PAGE_SIZE != 0 || len == 0 {
+        if !offset.is_multiple_of(PAGE_SIZE) || len == 0 {
             return Err(DmaBufError::new(
                 op,
                 Errno::EINVAL,

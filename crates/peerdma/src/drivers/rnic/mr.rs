@@ -737,8 +737,7 @@ impl Context {
 
     /// `ibv_reg_dmabuf_mr(pd, offset, len, iova, fd, access)`: a dynamic importer of
     /// the dma-buf `fd` that allows peer-to-peer; nothing is mapped until the first
-    /// access. With `pinned`, the pinned variant: the buffer is pinned and mapped now
-    /// (D9). Refusals (D1, D2): EOPNOTSUPP without dma-buf support; EINVAL for offset
+    /// access. Refusals (D1, D2): EOPNOTSUPP without dma-buf support; EINVAL for offset
     /// and IOVA of different page offsets, access bits other than local/remote
     /// read/write/atomic and relaxed ordering, a wrapping range, or one past the
     /// buffer; EBADF for a bad fd; EINVAL for a file that is not a dma-buf; the
@@ -749,6 +748,32 @@ impl Context {
         offset: u64,
         len: u64,
         iova: u64,
+        fd: i32,
+        access: Access,
+    ) -> Result<Arc<Mr>, RnicError> {
+        self.reg_dmabuf(pd, (offset, len, iova), fd, access, false)
+    }
+
+    /// The pinned variant (`ib_umem_dmabuf_get_pinned`, D9), for importers that cannot
+    /// take move_notify: the buffer is pinned where this NIC reaches it and mapped now;
+    /// the exporter cannot move it until dereg. Refusals as [`reg_dmabuf_mr`]
+    /// (Self::reg_dmabuf_mr), plus the exporter's when it cannot pin.
+    pub fn reg_dmabuf_mr_pinned(
+        &self,
+        pd: Pd,
+        offset: u64,
+        len: u64,
+        iova: u64,
+        fd: i32,
+        access: Access,
+    ) -> Result<Arc<Mr>, RnicError> {
+        self.reg_dmabuf(pd, (offset, len, iova), fd, access, true)
+    }
+
+    fn reg_dmabuf(
+        &self,
+        pd: Pd,
+        (offset, len, iova): (u64, u64, u64),
         fd: i32,
         access: Access,
         pinned: bool,
