@@ -32,11 +32,15 @@ use rand_chacha::ChaCha8Rng;
 use peerdma::addr::{Bdf, Pfn, VirtAddr, PAGE_SIZE};
 use peerdma::dma::{Direction, DmaError, DmaMapping, SgTable};
 use peerdma::drivers::dmirror::{Dmirror, DmirrorDevice, DmirrorMemory};
-use peerdma::drivers::gpu::{BoHandle, CeAddr, Gpu, GpuContext, Location, Placement};
+use peerdma::dmabuf::DmaBuf;
+use peerdma::drivers::gpu::{BoHandle, CeAddr, Gpu, GpuContext, Location, P2pPolicy, Placement};
+use peerdma::drivers::rnic::{
+    Access, Cq, Qp, QpState, Rnic, RnicCaps, SendOp, SendWr, Sge, WcStatus,
+};
 use peerdma::drivers::nvme::Nvme;
 use peerdma::errno::Errno;
 use peerdma::gup::{get_user_dma_sg, GupError, UserDmaSg, UserSg};
-use peerdma::host::Process;
+use peerdma::host::{Host, Process};
 use peerdma::mem::{Region, RegionKind};
 use peerdma::mm::{migrate_device_range, Mm, MmError, Prot};
 use peerdma::notifier::{IntervalNotifier, IntervalNotifierOps, NotifyRange, Subscription};
@@ -92,6 +96,9 @@ const OPS: &[&str] = &[
     "bo copy",
     "bo evict",
     "bo pin",
+    "rdma odp write",
+    "rdma odp read",
+    "rdma write into a bo",
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -133,6 +140,9 @@ enum Op {
     BoCopy,
     BoEvict,
     BoPin,
+    RdmaOdpWrite,
+    RdmaOdpRead,
+    RdmaBoWrite,
 }
 
 /// Weighted operation mix.
@@ -174,6 +184,9 @@ const MIX: &[(Op, u32)] = &[
     (Op::BoCopy, 2),
     (Op::BoEvict, 1),
     (Op::BoPin, 1),
+    (Op::RdmaOdpWrite, 4),
+    (Op::RdmaOdpRead, 3),
+    (Op::RdmaBoWrite, 2),
 ];
 
 struct Proc {
@@ -213,6 +226,30 @@ struct World {
     /// context.
     gpu: Arc<Gpu>,
     bos: Vec<(BoHandle, VirtAddr)>,
+    /// The RDMA NIC (looped back to itself) and what each thread uses of it.
+    rdma: Rdma,
+}
+
+/// The NIC's side of the soak: every process's shared region is under an ODP MR of
+/// that process; every thread's BO is exported and imported by a dma-buf MR in process
+/// 0; each thread has a source buffer in a process of its own and, per process, a
+/// requester QP connected to a responder QP in that process's context.
+struct Rdma {
+    nic: Arc<Rnic>,
+    requester: Process,
+    /// Per process: the ODP MR's rkey.
+    odp_rkeys: Vec<u32>,
+    /// Per thread: the dma-buf and its MR's rkey.
+    bo_bufs: Vec<(Arc<DmaBuf>, u32)>,
+    threads: Vec<RdmaThread>,
+}
+
+struct RdmaThread {
+    src: VirtAddr,
+    lkey: u32,
+    cq: Arc<Cq>,
+    /// Per process.
+    qps: Vec<Arc<Qp>>,
 }
 
 impl World {
@@ -897,6 +934,9 @@ impl<'w> Worker<'w> {
                     fail(seed, self.t, op, format!("VRAM page {pfn} stayed: {e}"));
                 }
             }
+            Op::RdmaOdpWrite | Op::RdmaOdpRead | Op::RdmaBoWrite => {
+                return self.rdma_step(seed, op, proc, page);
+            }
             Op::BoWrite | Op::BoRead | Op::BoPeerDma | Op::BoCopy | Op::BoEvict | Op::BoPin => {
                 return self.bo_step(seed, op, page % BO_PAGES);
             }
@@ -1088,6 +1128,85 @@ impl<'w> Worker<'w> {
         true
     }
 
+    /// An RDMA operation through the looped-back NIC: a write or read of this thread's
+    /// slot through the process's ODP MR (racing migration, fork, exclusive access,
+    /// the GPU), or a write into this thread's BO through its dma-buf MR (racing
+    /// evictions): every one must complete, and the bytes be the oracle's.
+    fn rdma_step(&mut self, seed: u64, op: Op, proc: usize, page: u64) -> bool {
+        let w = self.w;
+        let t = self.t;
+        let r = &w.rdma.threads[t];
+        let die = |e: String| -> ! { fail(seed, t, op, e) };
+        let src = &w.rdma.requester;
+        let run = |wr_op: SendOp| {
+            r.qps[proc]
+                .post_send(SendWr {
+                    wr_id: 1,
+                    op: wr_op,
+                    sg: vec![Sge {
+                        addr: r.src.0,
+                        len: 8,
+                        lkey: r.lkey,
+                    }],
+                    signaled: true,
+                })
+                .unwrap_or_else(|e| die(e.to_string()));
+            let wc = r.cq.poll(4);
+            if wc.len() != 1 || wc[0].status != WcStatus::Success {
+                die(format!("completion {wc:?}"));
+            }
+        };
+        match op {
+            Op::RdmaOdpWrite => {
+                let tag = self.tag();
+                src.write(r.src, &tag.to_le_bytes())
+                    .unwrap_or_else(|e| die(e.to_string()));
+                run(SendOp::Write {
+                    remote_addr: self.slot(proc, page).0,
+                    rkey: w.rdma.odp_rkeys[proc],
+                });
+                self.oracle[proc][page as usize] = tag;
+            }
+            Op::RdmaOdpRead => {
+                run(SendOp::Read {
+                    remote_addr: self.slot(proc, page).0,
+                    rkey: w.rdma.odp_rkeys[proc],
+                });
+                let want = self.oracle[proc][page as usize];
+                self.expect(seed, op, src, r.src, want, "slot read by RDMA through ODP");
+            }
+            _ => {
+                let (_, rkey) = &w.rdma.bo_bufs[t];
+                let tag = self.tag();
+                src.write(r.src, &tag.to_le_bytes())
+                    .unwrap_or_else(|e| die(e.to_string()));
+                let page = page % BO_PAGES;
+                // Process 0's responder QP serves the dma-buf MR (same PD).
+                r.qps[0]
+                    .post_send(SendWr {
+                        wr_id: 2,
+                        op: SendOp::Write {
+                            remote_addr: page * PAGE_SIZE,
+                            rkey: *rkey,
+                        },
+                        sg: vec![Sge {
+                            addr: r.src.0,
+                            len: 8,
+                            lkey: r.lkey,
+                        }],
+                        signaled: true,
+                    })
+                    .unwrap_or_else(|e| die(e.to_string()));
+                let wc = r.cq.poll(4);
+                if wc.len() != 1 || wc[0].status != WcStatus::Success {
+                    die(format!("completion {wc:?}"));
+                }
+                self.bo_oracle[page as usize] = tag;
+            }
+        }
+        true
+    }
+
     /// Gives everything back, checking what is checkable.
     fn finish(mut self, seed: u64) {
         self.held.clear();
@@ -1167,6 +1286,7 @@ fn pick(rng: &mut ChaCha8Rng) -> Op {
                     | Op::BoCopy
                     | Op::BoEvict
                     | Op::BoPin
+                    | Op::RdmaBoWrite
             )
         })
     };
@@ -1243,13 +1363,15 @@ fn build(iommu: bool) -> World {
     }
     probe.exit();
     assert!(peers.iter().any(|(p, _)| *p == 0), "provider 0 has a peer");
-    let bos = (0..THREADS)
+    let bos: Vec<(BoHandle, VirtAddr)> = (0..THREADS)
         .map(|_| {
             let h = gpu.bo_alloc(BO_PAGES * PAGE_SIZE).unwrap();
             (h, procs[0].gpu.map_bo(h).unwrap())
         })
         .collect();
+    let rdma = rdma_setup(&host, &procs, &gpu, &bos);
     World {
+        rdma,
         host,
         procs,
         dev_private,
@@ -1268,6 +1390,68 @@ fn build(iommu: bool) -> World {
         refused: AtomicU64::new(0),
         gpu,
         bos,
+    }
+}
+
+/// The NIC at 0000:04:00.0 (the second GPU's slot, unused by a model here), looped
+/// back: see [`Rdma`].
+fn rdma_setup(host: &Host, procs: &[Proc], gpu: &Arc<Gpu>, bos: &[(BoHandle, VirtAddr)]) -> Rdma {
+    let nic = Rnic::new(host.dma(), "0000:04:00.0".parse().unwrap(), RnicCaps::default()).unwrap();
+    let rw = Access(Access::LOCAL_WRITE.0 | Access::REMOTE_WRITE.0 | Access::REMOTE_READ.0);
+    let requester = host.spawn();
+    let rctx = nic.open(&requester, requester.files()).unwrap();
+    let rpd = rctx.alloc_pd().unwrap();
+    let mut odp_rkeys = Vec::new();
+    let mut resp = Vec::new();
+    for p in procs {
+        let ctx = nic.open(&p.mm, p.mm.files()).unwrap();
+        let pd = ctx.alloc_pd().unwrap();
+        let mr = ctx
+            .reg_mr(pd, p.shared, SHARED_PAGES * PAGE_SIZE, p.shared.0, rw | Access::ON_DEMAND)
+            .unwrap();
+        odp_rkeys.push(mr.rkey());
+        resp.push((ctx, pd));
+    }
+    let bo_bufs = bos
+        .iter()
+        .map(|(h, _)| {
+            let buf = gpu.bo_export(*h, P2pPolicy::MoveToRam).unwrap();
+            let fd = procs[0].mm.files().export_fd(&buf);
+            let (ctx, pd) = &resp[0];
+            let mr = ctx
+                .reg_dmabuf_mr(*pd, 0, BO_PAGES * PAGE_SIZE, 0, fd, rw)
+                .unwrap();
+            (buf, mr.rkey())
+        })
+        .collect();
+    let threads = (0..THREADS)
+        .map(|_| {
+            let src = requester.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+            let lkey = rctx.reg_mr(rpd, src, PAGE_SIZE, src.0, rw).unwrap().lkey();
+            let cq = rctx.create_cq().unwrap();
+            let qps = resp
+                .iter()
+                .map(|(ctx, pd)| {
+                    let qcq = ctx.create_cq().unwrap();
+                    let rq = ctx.create_qp(*pd, &qcq, &qcq).unwrap();
+                    let q = rctx.create_qp(rpd, &cq, &cq).unwrap();
+                    for (x, y) in [(&q, &rq), (&rq, &q)] {
+                        x.modify(QpState::Init, None).unwrap();
+                        x.modify(QpState::Rtr, Some(y)).unwrap();
+                        x.modify(QpState::Rts, None).unwrap();
+                    }
+                    q
+                })
+                .collect();
+            RdmaThread { src, lkey, cq, qps }
+        })
+        .collect();
+    Rdma {
+        nic,
+        requester,
+        odp_rkeys,
+        bo_bufs,
+        threads,
     }
 }
 
@@ -1410,11 +1594,21 @@ fn soak(seed: u64, iommu: bool, secs: f64) -> Report {
         procs,
         gpu,
         bos,
+        rdma,
         ..
     } = w;
     for p in procs {
         p.mm.exit();
     }
+    let Rdma {
+        nic,
+        requester,
+        bo_bufs,
+        ..
+    } = rdma;
+    requester.exit();
+    drop(bo_bufs);
+    assert_eq!(nic.stats().mrs, 0, "every MR went with its process");
     for (h, _) in bos {
         gpu.bo_free(h).unwrap();
     }
