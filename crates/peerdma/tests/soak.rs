@@ -31,13 +31,13 @@ use rand_chacha::ChaCha8Rng;
 
 use peerdma::addr::{Bdf, Pfn, VirtAddr, PAGE_SIZE};
 use peerdma::dma::{Direction, DmaError, DmaMapping, SgTable};
-use peerdma::drivers::dmirror::{Dmirror, DmirrorDevice, DmirrorMemory};
 use peerdma::dmabuf::DmaBuf;
+use peerdma::drivers::dmirror::{Dmirror, DmirrorDevice, DmirrorMemory};
 use peerdma::drivers::gpu::{BoHandle, CeAddr, Gpu, GpuContext, Location, P2pPolicy, Placement};
+use peerdma::drivers::nvme::Nvme;
 use peerdma::drivers::rnic::{
     Access, Cq, Qp, QpState, Rnic, RnicCaps, SendOp, SendWr, Sge, WcStatus,
 };
-use peerdma::drivers::nvme::Nvme;
 use peerdma::errno::Errno;
 use peerdma::gup::{get_user_dma_sg, GupError, UserDmaSg, UserSg};
 use peerdma::host::{Host, Process};
@@ -1396,7 +1396,12 @@ fn build(iommu: bool) -> World {
 /// The NIC at 0000:04:00.0 (the second GPU's slot, unused by a model here), looped
 /// back: see [`Rdma`].
 fn rdma_setup(host: &Host, procs: &[Proc], gpu: &Arc<Gpu>, bos: &[(BoHandle, VirtAddr)]) -> Rdma {
-    let nic = Rnic::new(host.dma(), "0000:04:00.0".parse().unwrap(), RnicCaps::default()).unwrap();
+    let nic = Rnic::new(
+        host.dma(),
+        "0000:04:00.0".parse().unwrap(),
+        RnicCaps::default(),
+    )
+    .unwrap();
     let rw = Access(Access::LOCAL_WRITE.0 | Access::REMOTE_WRITE.0 | Access::REMOTE_READ.0);
     let requester = host.spawn();
     let rctx = nic.open(&requester, requester.files()).unwrap();
@@ -1407,7 +1412,13 @@ fn rdma_setup(host: &Host, procs: &[Proc], gpu: &Arc<Gpu>, bos: &[(BoHandle, Vir
         let ctx = nic.open(&p.mm, p.mm.files()).unwrap();
         let pd = ctx.alloc_pd().unwrap();
         let mr = ctx
-            .reg_mr(pd, p.shared, SHARED_PAGES * PAGE_SIZE, p.shared.0, rw | Access::ON_DEMAND)
+            .reg_mr(
+                pd,
+                p.shared,
+                SHARED_PAGES * PAGE_SIZE,
+                p.shared.0,
+                rw | Access::ON_DEMAND,
+            )
             .unwrap();
         odp_rkeys.push(mr.rkey());
         resp.push((ctx, pd));
