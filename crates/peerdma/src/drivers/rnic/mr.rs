@@ -756,8 +756,8 @@ impl Context {
 
     /// The pinned variant (`ib_umem_dmabuf_get_pinned`, D9), for importers that cannot
     /// take move_notify: the buffer is pinned where this NIC reaches it and mapped now;
-    /// the exporter cannot move it until dereg. Refusals as [`reg_dmabuf_mr`]
-    /// (Self::reg_dmabuf_mr), plus the exporter's when it cannot pin.
+    /// the exporter cannot move it until dereg. Refusals as
+    /// [`reg_dmabuf_mr`](Self::reg_dmabuf_mr), plus the exporter's when it cannot pin.
     pub fn reg_dmabuf_mr_pinned(
         &self,
         pd: Pd,
