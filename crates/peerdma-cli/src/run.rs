@@ -1,9 +1,12 @@
-//! `peerdma run`: a built-in job on an emulated host. With no argument (or `p2pmem`)
-//! it runs the p2pmem-test copy on the workstation preset: drive A reads into drive
-//! B's controller memory buffer mapped in a process, drive B writes it out, then the
-//! same through host RAM; every byte is checked and the report says what moved where.
-//! `peerdma run hmm` runs the HMM job: a process buffer mirrored into a GPU, GPU work
-//! migrating it into VRAM under VRAM pressure, the CPU reading it back.
+//! `peerdma run`: a built-in job on an emulated host. With no argument (or `rdma`) it
+//! runs the RDMA job on the dgx preset: a NIC writing into memory the GPU moves,
+//! registered pinned, on-demand and through a dma-buf of VRAM, plus VRAM shared
+//! between processes (the 2016 thread's cases). `peerdma run p2pmem` runs the
+//! p2pmem-test copy on the workstation preset: drive A reads into drive B's
+//! controller memory buffer mapped in a process, drive B writes it out, then the same
+//! through host RAM. `peerdma run hmm` runs the HMM job: a process buffer mirrored into
+//! a GPU, GPU work migrating it into VRAM under VRAM pressure, the CPU reading it back.
+//! Every job checks every byte and says what moved where.
 
 use std::path::PathBuf;
 
@@ -11,21 +14,24 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use peerdma::addr::Bdf;
+use peerdma::drivers::rnic::RnicCaps;
 use peerdma::fabric::import::file;
 use peerdma::fabric::{preset, Topology};
 use peerdma::host::{Host, HostConfig};
 use peerdma::scenario::hmm_job::{self, HmmJobParams, HmmJobReport};
 use peerdma::scenario::p2p_copy::{self, P2pCopyParams, P2pCopyReport};
+use peerdma::scenario::rdma_job::{self, RdmaJobParams, RdmaJobReport};
 
 /// What to run.
 #[derive(Args)]
 pub struct RunArgs {
-    /// A built-in job: `p2pmem` (the default) or `hmm`. Scenario files are not
-    /// supported yet.
+    /// A built-in job: `rdma` (the default), `p2pmem` or `hmm`. Scenario files are
+    /// not supported yet.
     job: Option<PathBuf>,
-    /// The machine: a preset name or a topology TOML file.
-    #[arg(long, default_value = "workstation")]
-    topology: String,
+    /// The machine: a preset name or a topology TOML file (default: dgx for `rdma`,
+    /// workstation for the others).
+    #[arg(long)]
+    topology: Option<String>,
     /// Bytes per transfer (K, M suffixes allowed).
     #[arg(long, default_value = "1M", value_parser = parse_size)]
     chunk_size: u64,
@@ -48,9 +54,16 @@ pub struct RunArgs {
     /// HMM job: bytes of process memory the GPU works on.
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     buffer_size: u64,
-    /// HMM job: VRAM per GPU (smaller than the buffer puts it under pressure).
-    #[arg(long, default_value = "32M", value_parser = parse_size)]
-    vram: u64,
+    /// VRAM per GPU (default: 32M for the HMM job, so the buffer puts it under
+    /// pressure; what the topology says for the RDMA job).
+    #[arg(long, value_parser = parse_size)]
+    vram: Option<u64>,
+    /// RDMA job: bytes per RDMA WRITE.
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    message_size: u64,
+    /// RDMA job: messages per case.
+    #[arg(long, default_value_t = 8)]
+    messages: u64,
     /// HMM job: GPU passes over the buffer (VRAM is evicted between them).
     #[arg(long, default_value_t = 3)]
     passes: u32,
@@ -89,17 +102,22 @@ fn load(topology: &str) -> Result<Topology> {
 
 pub fn run(args: &RunArgs) -> Result<()> {
     match args.job.as_ref().and_then(|p| p.to_str()) {
-        None | Some("p2pmem") => {}
-        Some("hmm") => return run_hmm(args),
+        None | Some("rdma") => run_rdma(args),
+        Some("p2pmem") => run_p2pmem(args),
+        Some("hmm") => run_hmm(args),
         Some(_) => {
             let s = args.job.as_ref().map(|p| p.display().to_string());
             bail!(
-                "`{}` is not a built-in job (p2pmem, hmm), and scenario files are not supported yet",
+                "`{}` is not a built-in job (rdma, p2pmem, hmm), and scenario files are not supported yet",
                 s.unwrap_or_default()
             );
         }
     }
-    let topo = load(&args.topology)?;
+}
+
+/// `peerdma run p2pmem`.
+fn run_p2pmem(args: &RunArgs) -> Result<()> {
+    let topo = load(args.topology.as_deref().unwrap_or("workstation"))?;
     let capacity = (2 * args.chunk_size * args.chunks)
         .next_multiple_of(4096)
         .max(1 << 20);
@@ -229,8 +247,8 @@ fn print(host: &Host, r: &P2pCopyReport) {
 
 /// `peerdma run hmm`.
 fn run_hmm(args: &RunArgs) -> Result<()> {
-    let topo = load(&args.topology)?;
-    let specs = Host::gpu_specs(&topo, Some(args.vram));
+    let topo = load(args.topology.as_deref().unwrap_or("workstation"))?;
+    let specs = Host::gpu_specs(&topo, Some(args.vram.unwrap_or(32 << 20)));
     if specs.is_empty() {
         bail!(
             "{} has no GPU-class function for the GPU model to bind to",
@@ -307,6 +325,110 @@ fn print_hmm(host: &Host, r: &HmmJobReport) {
     );
     if r.sanitizer.is_empty() {
         peerdma_cli::outln!("  sanitizer: clean (no device access broke a rule; the GPU work reached memory through its page table)");
+    } else {
+        peerdma_cli::outln!("  sanitizer: {} violations", r.sanitizer.len());
+        for v in &r.sanitizer {
+            peerdma_cli::outln!("    {v}");
+        }
+    }
+}
+
+/// `peerdma run` / `peerdma run rdma`.
+fn run_rdma(args: &RunArgs) -> Result<()> {
+    let topo = load(args.topology.as_deref().unwrap_or("dgx"))?;
+    let mut specs = Host::gpu_specs(&topo, args.vram);
+    if specs.is_empty() {
+        bail!(
+            "{} has no GPU-class function for the GPU model to bind to",
+            topo.source()
+        );
+    }
+    let nics = Host::rnic_specs(&topo, RnicCaps::default());
+    if nics.is_empty() {
+        bail!(
+            "{} has no network-class function for the RDMA NIC model to bind to",
+            topo.source()
+        );
+    }
+    specs.extend(nics);
+    let total = args.message_size.saturating_mul(args.messages);
+    let host = build(topo, (8 * total).max(256 << 20), args.iommu, &specs)?;
+    let params = RdmaJobParams {
+        message_bytes: args.message_size,
+        messages: args.messages,
+        gpu: args.gpu,
+    };
+    let bar = progress_bar(args.json, 5, "cases", "rdma");
+    let report = rdma_job::run(&host, &params, &mut |done, _| {
+        bar.set_position(u64::from(done))
+    });
+    bar.finish_and_clear();
+    let report = report.with_context(|| format!("RDMA job on {}", host.topology().source()))?;
+    if args.json {
+        print_json(&report, "peerdma-run-rdma/1")?;
+    } else {
+        print_rdma(&host, &report);
+    }
+    if report.cases.iter().any(|c| !c.verified) || !report.quiescent || !report.sanitizer.is_empty()
+    {
+        bail!("the RDMA job did not verify, leaked, or the sanitizer caught violations (see the report)");
+    }
+    Ok(())
+}
+
+fn print_rdma(host: &Host, r: &RdmaJobReport) {
+    peerdma_cli::outln!(
+        "RDMA job on {}: NIC {} writes into memory the GPU {} moves; requests come from NIC {}",
+        host.topology().source(),
+        r.nic,
+        r.gpu,
+        r.peer_nic
+    );
+    peerdma_cli::outln!("  NIC {} reaches the GPU's BAR: {}", r.nic, r.nic_to_gpu);
+    for c in &r.cases {
+        peerdma_cli::outln!("  {}. {} [{}]", c.case, c.name, c.registration);
+        for e in &c.events {
+            peerdma_cli::outln!("       {e}");
+        }
+        peerdma_cli::outln!(
+            "       {:.1} MiB in {:.3} s: {}",
+            mib(c.bytes),
+            c.seconds,
+            if c.verified {
+                "every byte verified"
+            } else {
+                "NOT VERIFIED"
+            }
+        );
+    }
+    let s = &r.nic_stats;
+    peerdma_cli::outln!(
+        "  NIC {}: ODP faults {} ({} pages), invalidations {} ({} pages), dma-buf re-faults {}, move_notifies {}, {:.1} MiB placed",
+        r.nic,
+        s.odp_faults,
+        s.odp_pages_faulted,
+        s.odp_invalidations,
+        s.odp_pages_invalidated,
+        s.dmabuf_faults,
+        s.dmabuf_move_notifies,
+        mib(s.bytes_in)
+    );
+    peerdma_cli::outln!(
+        "  bytes moved by path: through the switch {:.1} MiB, through a host bridge {:.1} MiB, via host RAM {:.1} MiB",
+        mib(r.dma.via_switch),
+        mib(r.dma.via_host_bridge),
+        mib(r.dma.host_ram)
+    );
+    peerdma_cli::outln!(
+        "  after exit: {}",
+        if r.quiescent {
+            "nothing left (pins, MRs, mappings, attachments, frames)"
+        } else {
+            "SOMETHING IS STILL HELD"
+        }
+    );
+    if r.sanitizer.is_empty() {
+        peerdma_cli::outln!("  sanitizer: clean (no DMA reached memory outside a live mapping, none reached moved storage)");
     } else {
         peerdma_cli::outln!("  sanitizer: {} violations", r.sanitizer.len());
         for v in &r.sanitizer {

@@ -234,6 +234,7 @@ fn json_output_has_exactly_the_documented_fields() {
     assert_eq!(keys(&explain["walk"][0]), keys(&examples[1]["walk"][0]));
     let run: serde_json::Value = serde_json::from_str(&stdout(&peerdma(&[
         "run",
+        "p2pmem",
         "--chunk-size",
         "16K",
         "--chunks",
@@ -245,6 +246,20 @@ fn json_output_has_exactly_the_documented_fields() {
     assert_eq!(keys(&run), keys(&examples[2]));
     assert_eq!(keys(&run["p2p"]), keys(&examples[2]["p2p"]));
     assert_eq!(keys(&run["dma"]), keys(&examples[2]["dma"]));
+    let rdma: serde_json::Value = serde_json::from_str(&stdout(&peerdma(&[
+        "run",
+        "--message-size",
+        "16K",
+        "--messages",
+        "2",
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(rdma["schema"], "peerdma-run-rdma/1");
+    assert_eq!(keys(&rdma), keys(&examples[3]));
+    assert_eq!(keys(&rdma["cases"][0]), keys(&examples[3]["cases"][0]));
+    assert_eq!(keys(&rdma["nic_stats"]), keys(&examples[3]["nic_stats"]));
+    assert_eq!(keys(&rdma["dma"]), keys(&examples[3]["dma"]));
 }
 
 #[test]
@@ -311,9 +326,10 @@ fn bench_mm_reports_each_figure_beside_its_kernel_baseline() {
 }
 
 #[test]
-fn run_default_copies_through_the_cmb_and_reports_json() {
+fn run_p2pmem_copies_through_the_cmb_and_reports_json() {
     let out = stdout(&peerdma(&[
         "run",
+        "p2pmem",
         "--chunk-size",
         "64K",
         "--chunks",
@@ -333,10 +349,17 @@ fn run_default_copies_through_the_cmb_and_reports_json() {
 
 #[test]
 fn run_text_report_and_refusal_on_q35() {
-    let out = stdout(&peerdma(&["run", "--chunk-size", "16K", "--chunks", "2"]));
+    let out = stdout(&peerdma(&[
+        "run",
+        "p2pmem",
+        "--chunk-size",
+        "16K",
+        "--chunks",
+        "2",
+    ]));
     assert!(out.contains("checksums match"), "{out}");
     assert!(out.contains("sanitizer: clean"), "{out}");
-    let o = peerdma(&["run", "--topology", "q35", "--chunks", "1"]);
+    let o = peerdma(&["run", "p2pmem", "--topology", "q35", "--chunks", "1"]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8(o.stderr).unwrap();
     assert!(
@@ -345,6 +368,72 @@ fn run_text_report_and_refusal_on_q35() {
     );
     let o = peerdma(&["run", "--chunk-size", "12x"]);
     assert_eq!(o.status.code(), Some(2), "clap rejects a bad size");
+}
+
+#[test]
+fn run_default_tells_the_rdma_story_with_every_case_verified() {
+    // 4 messages of 64 KiB per case on the dgx: the NIC under the GPU's switch takes
+    // the writes; case 3 writes half into VRAM by bus address (2 x 64 KiB through the
+    // switch, 128 KiB), the BO is evicted, the rest lands in system RAM.
+    let out = stdout(&peerdma(&[
+        "run",
+        "--message-size",
+        "64K",
+        "--messages",
+        "4",
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (v["gpu"].as_str(), v["nic"].as_str()),
+        (Some("0000:1a:00.0"), Some("0000:1b:00.0"))
+    );
+    let cases = v["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 5);
+    for c in cases {
+        assert_eq!(c["verified"], true, "{c}");
+        assert_eq!(c["bytes"].as_u64().unwrap() % 65536, 0, "{c}");
+    }
+    assert!(
+        cases[2]["events"]
+            .to_string()
+            .contains("0.1 MiB into VRAM through the switch"),
+        "{}",
+        cases[2]
+    );
+    assert!(
+        cases[3]["events"][0].as_str().unwrap().contains("EBUSY"),
+        "{}",
+        cases[3]
+    );
+    assert_eq!(v["nic_stats"]["dmabuf_move_notifies"], 1);
+    assert_eq!(v["nic_stats"]["pinned_pages"], 0);
+    assert_eq!(v["quiescent"], true);
+    assert_eq!(v["sanitizer"].as_array().unwrap().len(), 0);
+    // Text, and on q35 (no peer-to-peer): the BO goes to system RAM, still verified.
+    let out = stdout(&peerdma(&[
+        "run",
+        "--topology",
+        "q35",
+        "--vram",
+        "64M",
+        "--messages",
+        "2",
+        "--message-size",
+        "16K",
+    ]));
+    assert!(out.contains("not on the P2PDMA allowlist"), "{out}");
+    assert!(
+        out.contains("moved the BO to system RAM at the first map"),
+        "{out}"
+    );
+    assert!(out.contains("sanitizer: clean"), "{out}");
+    assert!(!out.contains("NOT VERIFIED"), "{out}");
+    let o = peerdma(&["run", "--topology", "workstation"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8(o.stderr)
+        .unwrap()
+        .contains("no network-class function"));
 }
 
 #[test]

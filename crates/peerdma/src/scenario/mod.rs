@@ -4,3 +4,4 @@
 
 pub mod hmm_job;
 pub mod p2p_copy;
+pub mod rdma_job;

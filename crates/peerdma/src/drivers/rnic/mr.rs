@@ -375,8 +375,11 @@ impl Mr {
                     }
                 }
             }
-            bump(&nic.counters.odp_faults, 1);
-            bump(&nic.counters.odp_pages_faulted, mapped);
+            // A snapshot that mapped nothing is no fault.
+            if !snapshot || mapped > 0 {
+                bump(&nic.counters.odp_faults, 1);
+                bump(&nic.counters.odp_pages_faulted, mapped);
+            }
             return Ok(b);
         }
     }
