@@ -5,6 +5,7 @@ pub mod dma;
 pub mod gpu;
 pub mod hmm;
 pub mod mm;
+pub mod rdma;
 
 use std::time::{Duration, Instant};
 
@@ -61,6 +62,17 @@ enum Which {
         bytes: u64,
         /// Alternating runs; medians are reported.
         #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// The RDMA NIC: pinned registration against io_uring pinning, ODP faults and
+    /// invalidation against munmap, RDMA WRITE into VRAM by dma-buf against memcpy.
+    Rdma {
+        /// Bytes to register, fault and invalidate (default 1 GiB; up to 256 MiB of it
+        /// is written into VRAM).
+        #[arg(long, default_value_t = 1 << 30)]
+        bytes: u64,
+        /// Alternating runs; medians are reported.
+        #[arg(long, default_value_t = 3)]
         runs: usize,
     },
     /// Pin, munmap and metadata of the memory core against the kernel's own.
@@ -124,6 +136,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
         Which::Hmm { bytes, runs } => {
             hmm::print(&hmm::run(bytes, runs)?);
+            Ok(())
+        }
+        Which::Rdma { bytes, runs } => {
+            rdma::print(&rdma::run(bytes, runs)?);
             Ok(())
         }
         Which::Mm { bytes, runs } => {

@@ -63,17 +63,30 @@ impl AccessFault {
     }
 }
 
-/// One NIC translation of an ODP page.
+/// One NIC translation of an ODP page: the frame, whether the NIC may write it, and
+/// where in the DMA mapping of its fault's run it sits.
 struct OdpPage {
     pfn: Pfn,
     write: bool,
-    map: DmaMapping,
+    /// The mapping of a run of physically contiguous pages faulted together (one
+    /// `map_sg` per run, not per page); it is unmapped when its last page goes.
+    map: Arc<DmaMapping>,
+    off: u64,
 }
 
+/// Pages per chunk of the translation table.
+const CHUNK: u64 = 512;
+
+/// An ODP MR's translations (the kernel's `pfn_list` / `dma_list`), in chunks of
+/// [`CHUNK`] pages so an implicit MR over the whole address space stays sparse.
+///
+/// # Invariants
+/// `mapped` counts the `Some` entries.
 struct OdpState {
     sub: Arc<IntervalNotifier>,
-    /// By page address.
-    pages: BTreeMap<u64, OdpPage>,
+    /// By page address / (CHUNK pages).
+    chunks: BTreeMap<u64, Vec<Option<OdpPage>>>,
+    mapped: u64,
 }
 
 struct DmabufState {
@@ -163,7 +176,7 @@ impl Mr {
     pub fn mapped_pages(&self) -> u64 {
         match &*self.backing.lock() {
             Backing::Pinned { pages, .. } => *pages,
-            Backing::Odp(st) => st.pages.len() as u64,
+            Backing::Odp(st) => st.mapped,
             Backing::DmaBuf(st) => st
                 .map
                 .as_ref()
@@ -177,10 +190,11 @@ impl Mr {
         match &*self.backing.lock() {
             Backing::Pinned { map, .. } => map.segments().iter().map(|s| s.addr.0).collect(),
             Backing::Odp(st) => st
-                .pages
+                .chunks
                 .values()
-                .flat_map(|p| p.map.segments())
-                .map(|s| s.addr.0)
+                .flatten()
+                .flatten()
+                .filter_map(|p| p.map.segments().first().map(|g| g.addr.0 + p.off))
                 .collect(),
             Backing::DmaBuf(st) => st.map.as_ref().map_or(Vec::new(), |m| {
                 m.mapping().segments().iter().map(|s| s.addr.0).collect()
@@ -356,24 +370,48 @@ impl Mr {
             let Backing::Odp(st) = &mut *b else {
                 return Err(AccessFault::Fault("the MR was deregistered".into()));
             };
-            let mut mapped = 0;
+            // Pages already mapped to the same frame only change permission; the
+            // others are mapped a physically contiguous run at a time.
+            let mut fresh: Vec<(u64, Pfn, bool)> = Vec::new();
             for (i, p) in range.pfns.iter().enumerate() {
                 let Some(pfn) = p.pfn() else { continue };
                 let at = start + i as u64 * PAGE_SIZE;
                 let w = p.contains(HmmPfn::WRITE);
-                match st.pages.get_mut(&at) {
-                    // Same page: only the permission changes, no remap.
+                match st.get_mut(at) {
                     Some(e) if e.pfn == pfn => e.write = w,
-                    _ => {
-                        let sg = SgTable::from_frames(&[pfn], 0, PAGE_SIZE, PAGE_SIZE);
-                        let map = nic
-                            .dma
-                            .map_sg(&sg, Direction::Bidirectional)
-                            .map_err(|e| AccessFault::Fault(e.to_string()))?;
-                        st.pages.insert(at, OdpPage { pfn, write: w, map });
-                        mapped += 1;
-                    }
+                    _ => fresh.push((at, pfn, w)),
                 }
+            }
+            let mapped = fresh.len() as u64;
+            let mut k = 0;
+            while k < fresh.len() {
+                let mut n = 1;
+                while k + n < fresh.len()
+                    && fresh[k + n].0 == fresh[k].0 + n as u64 * PAGE_SIZE
+                    && fresh[k + n].1 .0 == fresh[k].1 .0 + n as u64
+                {
+                    n += 1;
+                }
+                let run = [(fresh[k].1, n as u32)];
+                let bytes = n as u64 * PAGE_SIZE;
+                let sg = SgTable::from_runs(&run, 0, bytes, bytes);
+                let map = Arc::new(
+                    nic.dma
+                        .map_sg(&sg, Direction::Bidirectional)
+                        .map_err(|e| AccessFault::Fault(e.to_string()))?,
+                );
+                for (m, &(at, pfn, write)) in fresh[k..k + n].iter().enumerate() {
+                    st.insert(
+                        at,
+                        OdpPage {
+                            pfn,
+                            write,
+                            map: map.clone(),
+                            off: m as u64 * PAGE_SIZE,
+                        },
+                    );
+                }
+                k += n;
             }
             // A snapshot that mapped nothing is no fault.
             if !snapshot || mapped > 0 {
@@ -406,7 +444,7 @@ impl Mr {
                     .fetch_sub(pages, crate::sync::atomic::Ordering::Relaxed);
             }
             Backing::Odp(st) => {
-                drop(st.pages);
+                drop(st.chunks);
                 drop(st.sub);
             }
             Backing::DmaBuf(st) => {
@@ -427,12 +465,61 @@ impl Mr {
 }
 
 impl OdpState {
+    fn get(&self, va: u64) -> Option<&OdpPage> {
+        let page = va / PAGE_SIZE;
+        self.chunks.get(&(page / CHUNK))?[(page % CHUNK) as usize].as_ref()
+    }
+
+    fn get_mut(&mut self, va: u64) -> Option<&mut OdpPage> {
+        let page = va / PAGE_SIZE;
+        self.chunks.get_mut(&(page / CHUNK))?[(page % CHUNK) as usize].as_mut()
+    }
+
+    fn insert(&mut self, va: u64, p: OdpPage) {
+        let page = va / PAGE_SIZE;
+        let chunk = self
+            .chunks
+            .entry(page / CHUNK)
+            .or_insert_with(|| (0..CHUNK).map(|_| None).collect());
+        if chunk[(page % CHUNK) as usize].replace(p).is_none() {
+            self.mapped += 1;
+        }
+    }
+
+    /// Drops the translations of `[start, end)`; how many there were.
+    fn clear(&mut self, start: u64, end: u64) -> u64 {
+        let (first, last) = (start / PAGE_SIZE, end.div_ceil(PAGE_SIZE));
+        if first >= last {
+            return 0;
+        }
+        let mut gone = 0;
+        let mut empty = Vec::new();
+        for (&c, chunk) in self
+            .chunks
+            .range_mut(first / CHUNK..=(last.saturating_sub(1)) / CHUNK)
+        {
+            let lo = first.saturating_sub(c * CHUNK).min(CHUNK) as usize;
+            let hi = (last - c * CHUNK).min(CHUNK) as usize;
+            for e in &mut chunk[lo..hi] {
+                gone += u64::from(e.take().is_some());
+            }
+            if chunk.iter().all(Option::is_none) {
+                empty.push(c);
+            }
+        }
+        for c in empty {
+            self.chunks.remove(&c);
+        }
+        self.mapped -= gone;
+        gone
+    }
+
     fn present(&self, va: u64, len: u64, write: bool) -> bool {
         let start = va & !(PAGE_SIZE - 1);
         let end = (va + len).div_ceil(PAGE_SIZE) * PAGE_SIZE;
         let mut at = start;
         while at < end {
-            match self.pages.get(&at) {
+            match self.get(at) {
                 Some(p) if !write || p.write => {}
                 _ => return false,
             }
@@ -455,12 +542,13 @@ impl OdpState {
             let off = at - page;
             let n = (PAGE_SIZE - off).min(len - done);
             let p = self
-                .pages
-                .get(&page)
+                .get(page)
                 .unwrap_or_else(|| unreachable!("present() checked every page"));
             let base = done as usize;
             p.map
-                .transfer_with(off, n, write, |r, pfn, o, b, k| f(r, pfn, o, base + b, k))
+                .transfer_with(p.off + off, n, write, |r, pfn, o, b, k| {
+                    f(r, pfn, o, base + b, k)
+                })
                 .map_err(|e| AccessFault::Fault(e.to_string()))?;
             done += n;
         }
@@ -488,20 +576,13 @@ impl IntervalNotifierOps for OdpOps {
         let Backing::Odp(st) = &mut *b else {
             return true;
         };
-        let keys: Vec<u64> = st
-            .pages
-            .range(range.start.0..range.end.0)
-            .map(|(k, _)| *k)
-            .collect();
-        if keys.is_empty() {
+        let gone = st.clear(range.start.0, range.end.0);
+        if gone == 0 {
             return true;
-        }
-        for k in &keys {
-            st.pages.remove(k);
         }
         if let Some(nic) = self.nic.upgrade() {
             bump(&nic.counters.odp_invalidations, 1);
-            bump(&nic.counters.odp_pages_invalidated, keys.len() as u64);
+            bump(&nic.counters.odp_pages_invalidated, gone);
         }
         true
     }
@@ -722,7 +803,8 @@ impl Context {
                     &order::RDMA_MR,
                     Backing::Odp(OdpState {
                         sub: Arc::new(sub),
-                        pages: BTreeMap::new(),
+                        chunks: BTreeMap::new(),
+                        mapped: 0,
                     }),
                 ),
             }

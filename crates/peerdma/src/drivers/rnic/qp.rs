@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 use std::fmt;
 
 use crate::drivers::rnic::mr::AccessFault;
+use crate::drivers::rnic::Mr;
 use crate::drivers::rnic::{bump, Access, Pd, Rnic, RnicError};
 use crate::errno::Errno;
 use crate::sync::{order, Arc, OrderedMutex, Weak};
@@ -475,56 +476,10 @@ impl Qp {
         Ok(())
     }
 
-    /// Reads the local SGEs into one message.
-    fn gather(&self, nic: &Rnic, sg: &[Sge]) -> Result<Vec<u8>, Failure> {
-        let total: usize = sg.iter().map(|s| s.len as usize).sum();
-        let mut data = vec![0u8; total];
-        let mut at = 0usize;
-        for s in sg {
-            let len = s.len as usize;
-            let mr = nic.lookup_mr(s.lkey).ok_or_else(|| {
-                Failure::local(AccessFault::Protection(format!(
-                    "no MR with lkey {:#x}",
-                    s.lkey
-                )))
-            })?;
-            mr.check(self.pd, s.addr, u64::from(s.len), Access::NONE)
-                .map_err(Failure::local)?;
-            let out = &mut data[at..at + len];
-            mr.transfer(nic, s.addr, u64::from(s.len), false, |r, p, off, b, n| {
-                r.read_span(p, off, &mut out[b..b + n])
-            })
-            .map_err(Failure::local)?;
-            at += len;
-        }
-        bump(&nic.counters.bytes_out, total as u64);
-        Ok(data)
-    }
-
-    /// Writes `data` into SGEs of `pd` on `nic` (a receive buffer, RDMA READ data, an
-    /// atomic's old value); the MRs need LOCAL_WRITE.
-    fn scatter(nic: &Rnic, pd: Pd, sg: &[Sge], data: &[u8]) -> Result<(), AccessFault> {
-        let mut at = 0usize;
-        for s in sg {
-            if at == data.len() {
-                break;
-            }
-            let len = (s.len as usize).min(data.len() - at);
-            let mr = nic
-                .lookup_mr(s.lkey)
-                .ok_or_else(|| AccessFault::Protection(format!("no MR with lkey {:#x}", s.lkey)))?;
-            mr.check(pd, s.addr, len as u64, Access::LOCAL_WRITE)?;
-            let src = &data[at..at + len];
-            mr.transfer(nic, s.addr, len as u64, true, |r, p, off, b, n| {
-                r.write_span(p, off, &src[b..b + n])
-            })?;
-            at += len;
-        }
-        bump(&nic.counters.bytes_in, data.len() as u64);
-        Ok(())
-    }
-
-    /// Runs one request against the responder `r`; the bytes moved.
+    /// Runs one request against the responder `r`; the bytes moved. Data moves a packet
+    /// at a time through a bounce buffer: the requester NIC reads a packet from its
+    /// memory by DMA, the responder NIC writes it into its own (or the other way for a
+    /// READ), as on the wire.
     fn execute(&self, nic: &Rnic, r: &Arc<Qp>, wr: &SendWr) -> Result<usize, Failure> {
         let rnic = r
             .nic
@@ -543,7 +498,8 @@ impl Qp {
             |f: AccessFault| Failure::remote(WcStatus::RemAccessErr, f.why().to_string());
         match wr.op {
             SendOp::Send => {
-                let data = self.gather(nic, &wr.sg)?;
+                let local =
+                    Local::resolve(nic, self.pd, &wr.sg, Access::NONE).map_err(Failure::local)?;
                 let recv = r.inner.lock().rq.pop_front();
                 let Some(recv) = recv else {
                     return Err(Failure {
@@ -552,73 +508,93 @@ impl Qp {
                         why: "no receive posted at the peer".into(),
                     });
                 };
-                let room: usize = recv.sg.iter().map(|s| s.len as usize).sum();
-                let (rstatus, result) = if data.len() > room {
-                    (
-                        WcStatus::LocLenErr,
-                        Err(Failure::remote(
-                            WcStatus::RemInvReqErr,
-                            "the message is longer than the receive buffer",
-                        )),
-                    )
-                } else {
-                    match Self::scatter(&rnic, r.pd, &recv.sg, &data) {
-                        Ok(()) => (WcStatus::Success, Ok(data.len())),
-                        Err(f) => (
-                            WcStatus::LocProtErr,
-                            Err(Failure::remote(WcStatus::RemOpErr, f.why().to_string())),
-                        ),
+                let total = local.total;
+                let room: u64 = recv.sg.iter().map(|s| u64::from(s.len)).sum();
+                let complete = |status: WcStatus, len: u64| {
+                    if status != WcStatus::Success {
+                        bump(&rnic.counters.wc_errors, 1);
+                    }
+                    r.recv_cq.push(Wc {
+                        wr_id: recv.wr_id,
+                        status,
+                        opcode: WcOpcode::Recv,
+                        byte_len: len as u32,
+                        qp_num: r.qpn,
+                    });
+                };
+                if total > room {
+                    complete(WcStatus::LocLenErr, 0);
+                    return Err(Failure::remote(
+                        WcStatus::RemInvReqErr,
+                        "the message is longer than the receive buffer",
+                    ));
+                }
+                let target = match Local::resolve(&rnic, r.pd, &recv.sg, Access::LOCAL_WRITE) {
+                    Ok(t) => t,
+                    Err(f) => {
+                        complete(WcStatus::LocProtErr, 0);
+                        return Err(Failure::remote(WcStatus::RemOpErr, f.why().to_string()));
                     }
                 };
-                if rstatus != WcStatus::Success {
-                    bump(&rnic.counters.wc_errors, 1);
-                }
-                r.recv_cq.push(Wc {
-                    wr_id: recv.wr_id,
-                    status: rstatus,
-                    opcode: WcOpcode::Recv,
-                    byte_len: if rstatus == WcStatus::Success {
-                        data.len() as u32
-                    } else {
-                        0
-                    },
-                    qp_num: r.qpn,
+                let moved = packets(total, |off, pkt| {
+                    local.copy(nic, off, pkt, false).map_err(Failure::local)?;
+                    target
+                        .copy(&rnic, off, pkt, true)
+                        .map_err(|f| Failure::remote(WcStatus::RemOpErr, f.why().to_string()))
                 });
-                result
+                match &moved {
+                    Ok(()) => complete(WcStatus::Success, total),
+                    Err(f) if f.status == WcStatus::RemOpErr => complete(WcStatus::LocProtErr, 0),
+                    Err(_) => complete(WcStatus::WrFlushErr, 0),
+                }
+                moved?;
+                bump(&nic.counters.bytes_out, total);
+                bump(&rnic.counters.bytes_in, total);
+                Ok(total as usize)
             }
             SendOp::Write { remote_addr, rkey } => {
-                let data = self.gather(nic, &wr.sg)?;
+                let local =
+                    Local::resolve(nic, self.pd, &wr.sg, Access::NONE).map_err(Failure::local)?;
+                let total = local.total;
                 let mr = rkey_mr(rkey)?;
-                mr.check(r.pd, remote_addr, data.len() as u64, Access::REMOTE_WRITE)
+                mr.check(r.pd, remote_addr, total, Access::REMOTE_WRITE)
                     .map_err(remote_fault)?;
-                mr.transfer(
-                    &rnic,
-                    remote_addr,
-                    data.len() as u64,
-                    true,
-                    |reg, p, off, b, n| reg.write_span(p, off, &data[b..b + n]),
-                )
-                .map_err(remote_fault)?;
-                bump(&rnic.counters.bytes_in, data.len() as u64);
-                Ok(data.len())
+                packets(total, |off, pkt| {
+                    local.copy(nic, off, pkt, false).map_err(Failure::local)?;
+                    mr.transfer(
+                        &rnic,
+                        remote_addr + off,
+                        pkt.len() as u64,
+                        true,
+                        |reg, p, o, b, n| reg.write_span(p, o, &pkt[b..b + n]),
+                    )
+                    .map_err(remote_fault)
+                })?;
+                bump(&nic.counters.bytes_out, total);
+                bump(&rnic.counters.bytes_in, total);
+                Ok(total as usize)
             }
             SendOp::Read { remote_addr, rkey } => {
-                let len: usize = wr.sg.iter().map(|s| s.len as usize).sum();
+                let local = Local::resolve(nic, self.pd, &wr.sg, Access::LOCAL_WRITE)
+                    .map_err(Failure::local)?;
+                let total = local.total;
                 let mr = rkey_mr(rkey)?;
-                mr.check(r.pd, remote_addr, len as u64, Access::REMOTE_READ)
+                mr.check(r.pd, remote_addr, total, Access::REMOTE_READ)
                     .map_err(remote_fault)?;
-                let mut data = vec![0u8; len];
-                mr.transfer(
-                    &rnic,
-                    remote_addr,
-                    len as u64,
-                    false,
-                    |reg, p, off, b, n| reg.read_span(p, off, &mut data[b..b + n]),
-                )
-                .map_err(remote_fault)?;
-                bump(&rnic.counters.bytes_out, len as u64);
-                Self::scatter(nic, self.pd, &wr.sg, &data).map_err(Failure::local)?;
-                Ok(len)
+                packets(total, |off, pkt| {
+                    mr.transfer(
+                        &rnic,
+                        remote_addr + off,
+                        pkt.len() as u64,
+                        false,
+                        |reg, p, o, b, n| reg.read_span(p, o, &mut pkt[b..b + n]),
+                    )
+                    .map_err(remote_fault)?;
+                    local.copy(nic, off, pkt, true).map_err(Failure::local)
+                })?;
+                bump(&rnic.counters.bytes_out, total);
+                bump(&nic.counters.bytes_in, total);
+                Ok(total as usize)
             }
             SendOp::CompSwap {
                 remote_addr, rkey, ..
@@ -631,6 +607,8 @@ impl Qp {
                         "an atomic needs one 8-byte local SGE".into(),
                     )));
                 }
+                let local = Local::resolve(nic, self.pd, &wr.sg, Access::LOCAL_WRITE)
+                    .map_err(Failure::local)?;
                 if remote_addr % 8 != 0 {
                     return Err(Failure::remote(
                         WcStatus::RemInvReqErr,
@@ -662,9 +640,90 @@ impl Qp {
                     })
                     .map_err(remote_fault)?;
                 }
-                Self::scatter(nic, self.pd, &wr.sg, &old).map_err(Failure::local)?;
+                local.copy(nic, 0, &mut old, true).map_err(Failure::local)?;
+                bump(&nic.counters.bytes_in, 8);
                 Ok(8)
             }
         }
+    }
+}
+
+/// Bytes a request moves per packet through the bounce buffer.
+const PACKET: usize = 64 << 10;
+
+std::thread_local! {
+    /// Each thread's bounce buffer: requests run in the poster's thread.
+    static BOUNCE: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; PACKET]);
+}
+
+/// Calls `f(offset, packet)` for each packet of a `total`-byte message, in order,
+/// stopping at the first error.
+fn packets(
+    total: u64,
+    mut f: impl FnMut(u64, &mut [u8]) -> Result<(), Failure>,
+) -> Result<(), Failure> {
+    BOUNCE.with(|b| {
+        let mut b = b.borrow_mut();
+        let mut off = 0u64;
+        while off < total {
+            let n = (total - off).min(PACKET as u64) as usize;
+            f(off, &mut b[..n])?;
+            off += n as u64;
+        }
+        Ok(())
+    })
+}
+
+/// A request's local SGEs, each resolved to its MR and checked (key, PD, right,
+/// range) before any byte moves.
+struct Local {
+    pieces: Vec<(Arc<Mr>, u64, u64)>,
+    total: u64,
+}
+
+impl Local {
+    fn resolve(nic: &Rnic, pd: Pd, sg: &[Sge], need: Access) -> Result<Local, AccessFault> {
+        let mut pieces = Vec::with_capacity(sg.len());
+        let mut total = 0;
+        for s in sg {
+            let mr = nic
+                .lookup_mr(s.lkey)
+                .ok_or_else(|| AccessFault::Protection(format!("no MR with lkey {:#x}", s.lkey)))?;
+            mr.check(pd, s.addr, u64::from(s.len), need)?;
+            pieces.push((mr, s.addr, u64::from(s.len)));
+            total += u64::from(s.len);
+        }
+        Ok(Local { pieces, total })
+    }
+
+    /// Moves `buf.len()` bytes at message offset `off` between the SGEs' memory and
+    /// `buf`: into memory when `to_mem`, out of it otherwise.
+    fn copy(&self, nic: &Rnic, off: u64, buf: &mut [u8], to_mem: bool) -> Result<(), AccessFault> {
+        let end = off + buf.len() as u64;
+        let mut base = 0u64;
+        for (mr, iova, len) in &self.pieces {
+            let start = base;
+            base += len;
+            let (lo, hi) = (start.max(off), base.min(end));
+            if lo >= hi {
+                continue;
+            }
+            let at = (lo - off) as usize;
+            let piece = &mut buf[at..at + (hi - lo) as usize];
+            mr.transfer(
+                nic,
+                iova + (lo - start),
+                hi - lo,
+                to_mem,
+                |r, p, o, b, n| {
+                    if to_mem {
+                        r.write_span(p, o, &piece[b..b + n])
+                    } else {
+                        r.read_span(p, o, &mut piece[b..b + n])
+                    }
+                },
+            )?;
+        }
+        Ok(())
     }
 }
