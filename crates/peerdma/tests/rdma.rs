@@ -966,3 +966,103 @@ fn odp_writes_race_hmm_migration_and_every_byte_lands_once() {
         h.dma().sanitizer().violations()
     );
 }
+
+#[test]
+fn rereg_changes_pd_and_access_but_never_makes_read_only_pins_writable() {
+    let h = dgx(false);
+    let (a, b) = pair(&h);
+    let src = a.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+    a.p.write(src, b"rereg").unwrap();
+    let la = a.ctx.reg_mr(a.pd, src, PAGE_SIZE, src.0, RW).unwrap();
+    let dst = b.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+    // Registered read-only (pinned without FOLL_WRITE): rereg to writable is EACCES
+    // (U25, ib_umem_check_rereg), and nothing changes.
+    let ro = b
+        .ctx
+        .reg_mr(b.pd, dst, PAGE_SIZE, dst.0, Access::REMOTE_READ)
+        .unwrap();
+    let e = b.ctx.rereg_mr(&ro, None, Some(RW)).unwrap_err();
+    assert_eq!(e.errno, Errno::EACCES);
+    assert_eq!(ro.access(), Access::REMOTE_READ);
+    a.qp.post_send(write_wr((src.0, 5, la.lkey()), dst.0, ro.rkey()))
+        .unwrap();
+    assert_eq!(one(&a.cq).status, WcStatus::RemAccessErr);
+    // Nothing to change, a bad access combination, ON_DEMAND toggled: EINVAL.
+    assert_eq!(
+        b.ctx.rereg_mr(&ro, None, None).unwrap_err().errno,
+        Errno::EINVAL
+    );
+    assert_eq!(
+        b.ctx
+            .rereg_mr(&ro, None, Some(Access::REMOTE_WRITE))
+            .unwrap_err()
+            .errno,
+        Errno::EINVAL
+    );
+    assert_eq!(
+        b.ctx
+            .rereg_mr(&ro, None, Some(Access::REMOTE_READ | Access::ON_DEMAND))
+            .unwrap_err()
+            .errno,
+        Errno::EINVAL
+    );
+    // A writable registration may drop and regain rights, and move to another PD.
+    let (a, b) = pair(&h);
+    let src = a.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+    a.p.write(src, b"rereg").unwrap();
+    let la = a.ctx.reg_mr(a.pd, src, PAGE_SIZE, src.0, RW).unwrap();
+    let dst = b.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+    let rw = b.ctx.reg_mr(b.pd, dst, PAGE_SIZE, dst.0, RW).unwrap();
+    b.ctx
+        .rereg_mr(&rw, None, Some(Access::REMOTE_READ))
+        .unwrap();
+    a.qp.post_send(write_wr((src.0, 5, la.lkey()), dst.0, rw.rkey()))
+        .unwrap();
+    assert_eq!(one(&a.cq).status, WcStatus::RemAccessErr);
+    let (a, b2) = (a, b);
+    let (a2, b3) = pair(&h);
+    let _ = (&a, &b2);
+    let other_pd = b3.ctx.alloc_pd().unwrap();
+    assert_eq!(
+        b2.ctx
+            .rereg_mr(&rw, Some(other_pd), None)
+            .unwrap_err()
+            .errno,
+        Errno::EINVAL,
+        "a PD of another context"
+    );
+    let pd2 = b2.ctx.alloc_pd().unwrap();
+    b2.ctx.rereg_mr(&rw, Some(pd2), Some(RW)).unwrap();
+    assert_eq!((rw.pd(), rw.access()), (pd2, RW));
+    drop((a2, b3));
+}
+
+#[test]
+fn removing_a_nic_errors_its_qps_and_releases_its_mrs() {
+    let mut h = dgx(true);
+    let (a, b) = pair(&h);
+    let dst = b.p.mmap_anon(2 * PAGE_SIZE, Prot::RW).unwrap();
+    let rb = b.ctx.reg_mr(b.pd, dst, 2 * PAGE_SIZE, dst.0, RW).unwrap();
+    b.ctx
+        .reg_mr(b.pd, dst, 2 * PAGE_SIZE, dst.0, odp())
+        .unwrap();
+    assert_eq!(b.p.pinned_vm(), 2);
+    let mappings = h.dma().live_mappings();
+    assert!(mappings > 0);
+    h.remove_device(bdf(NIC_B), Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(b.qp.state(), QpState::Err);
+    assert_eq!(b.p.pinned_vm(), 0, "the pinned MR was released");
+    assert!(h.dma().live_mappings() < mappings);
+    assert_eq!(b.ctx.alloc_pd().unwrap_err().errno, Errno::ENODEV);
+    let src = a.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+    let la = a.ctx.reg_mr(a.pd, src, PAGE_SIZE, src.0, RW).unwrap();
+    a.qp.post_send(write_wr((src.0, 8, la.lkey()), dst.0, rb.rkey()))
+        .unwrap();
+    assert_eq!(
+        one(&a.cq).status,
+        WcStatus::RetryExcErr,
+        "the peer NIC is gone"
+    );
+    drop(b);
+}

@@ -15,6 +15,7 @@ use crate::mem::Region;
 use crate::mm::page_table::TASK_SIZE;
 use crate::mm::{Mm, MmError};
 use crate::notifier::{IntervalNotifier, IntervalNotifierOps, NotifyRange, Subscription};
+use crate::sync::atomic::{AtomicU32, Ordering};
 use crate::sync::{order, Arc, OrderedMutex, Weak};
 
 /// How long an ODP fault retries a range that stays busy (`HMM_RANGE_DEFAULT_TIMEOUT`).
@@ -115,9 +116,14 @@ enum Backing {
 /// move_notify, dereg) waits for the accesses in flight.
 pub struct Mr {
     lkey: u32,
-    pd: Pd,
+    /// Its PD's number (rereg may change it).
+    pd: AtomicU32,
     kind: MrKind,
-    access: Access,
+    /// Its access flags (rereg may change them).
+    access: AtomicU32,
+    /// Whether the memory was registered writable (`umem->writable`: pinned with
+    /// FOLL_WRITE); rereg may not grant writes beyond it without a new translation.
+    writable_umem: bool,
     /// The MR's I/O virtual address (what remote peers and SGEs name).
     iova: u64,
     len: u64,
@@ -149,7 +155,7 @@ impl Mr {
     }
     /// Its PD.
     pub fn pd(&self) -> Pd {
-        self.pd
+        Pd(self.pd.load(Ordering::Acquire))
     }
     /// Its style.
     pub fn kind(&self) -> MrKind {
@@ -157,7 +163,7 @@ impl Mr {
     }
     /// Its access flags.
     pub fn access(&self) -> Access {
-        self.access
+        Access(self.access.load(Ordering::Acquire))
     }
     /// Its I/O virtual address.
     pub fn iova(&self) -> u64 {
@@ -219,13 +225,15 @@ impl Mr {
         len: u64,
         need: Access,
     ) -> Result<(), AccessFault> {
-        if pd != self.pd {
+        if pd != self.pd() {
             return Err(AccessFault::Protection(format!(
                 "key {:#x} belongs to PD {}, not PD {}",
-                self.lkey, self.pd.0, pd.0
+                self.lkey,
+                self.pd().0,
+                pd.0
             )));
         }
-        if !self.access.contains(need) {
+        if !self.access().contains(need) {
             return Err(AccessFault::Protection(format!(
                 "key {:#x} lacks the access right {:#x}",
                 self.lkey, need.0
@@ -730,9 +738,10 @@ impl Context {
         bump(&nic.counters.pinned_pages, pages);
         let mr = Arc::new(Mr {
             lkey: nic.new_key(),
-            pd,
+            pd: AtomicU32::new(pd.0),
             kind: MrKind::Pinned,
-            access,
+            access: AtomicU32::new(access.0),
+            writable_umem: writable,
             iova,
             len,
             addr: addr.0,
@@ -792,9 +801,10 @@ impl Context {
             let sub = self.mm.notifier().subscribe(VirtAddr(start), span, ops);
             Mr {
                 lkey: nic.new_key(),
-                pd,
+                pd: AtomicU32::new(pd.0),
                 kind,
-                access,
+                access: AtomicU32::new(access.0),
+                writable_umem: access.writable(),
                 iova,
                 len: if implicit { TASK_SIZE - PAGE_SIZE } else { len },
                 addr: addr.0,
@@ -934,13 +944,14 @@ impl Context {
         }
         let mr = Arc::new(Mr {
             lkey: nic.new_key(),
-            pd,
+            pd: AtomicU32::new(pd.0),
             kind: if pinned {
                 MrKind::DmaBufPinned
             } else {
                 MrKind::DmaBuf
             },
-            access,
+            access: AtomicU32::new(access.0),
+            writable_umem: access.writable(),
             iova,
             len,
             addr: offset,
@@ -949,6 +960,58 @@ impl Context {
         });
         *ops.mr.lock() = Arc::downgrade(&mr);
         Ok(self.add_mr(mr))
+    }
+
+    /// `ibv_rereg_mr(mr, flags, pd, addr, length, access)` for the PD and the access
+    /// flags (`IB_MR_REREG_PD | IB_MR_REREG_ACCESS`; a new translation is not offered,
+    /// as rxe has none). EINVAL with nothing to change, for a PD of another context,
+    /// for access flags `reg_mr` would refuse or that add or drop ON_DEMAND; EACCES
+    /// for write access on memory registered read-only (`ib_umem_check_rereg`, U25: the
+    /// pages were pinned without FOLL_WRITE).
+    pub fn rereg_mr(
+        &self,
+        mr: &Arc<Mr>,
+        pd: Option<Pd>,
+        access: Option<Access>,
+    ) -> Result<(), RnicError> {
+        let op = "rereg_mr";
+        self.check(op)?;
+        let nic = &self.nic;
+        if !self.objects.lock().mrs.iter().any(|m| Arc::ptr_eq(m, mr)) {
+            return Err(nic.err(
+                op,
+                Errno::EINVAL,
+                "the MR is not registered in this context",
+            ));
+        }
+        if pd.is_none() && access.is_none() {
+            return Err(nic.err(op, Errno::EINVAL, "nothing to change"));
+        }
+        if let Some(pd) = pd {
+            self.check_pd(op, pd)?;
+        }
+        if let Some(a) = access {
+            self.access_err(op, a)?;
+            if a.contains(Access::ON_DEMAND) != mr.access().contains(Access::ON_DEMAND) {
+                return Err(nic.err(op, Errno::EINVAL, "ON_DEMAND cannot change by rereg"));
+            }
+            if a.writable() && !mr.writable_umem {
+                return Err(nic.err(
+                    op,
+                    Errno::EACCES,
+                    "the memory was registered read-only; making it writable needs a new translation",
+                ));
+            }
+        }
+        // Under the MR's lock: no access runs with half the change.
+        let _b = mr.backing.lock();
+        if let Some(pd) = pd {
+            mr.pd.store(pd.0, Ordering::Release);
+        }
+        if let Some(a) = access {
+            mr.access.store(a.0, Ordering::Release);
+        }
+        Ok(())
     }
 
     /// `ibv_advise_mr(pd, advice, flags, sg_list)` on ODP MRs: faults the ranges in
@@ -974,7 +1037,7 @@ impl Context {
         for s in sges {
             let mr = nic
                 .lookup_mr(s.lkey)
-                .filter(|m| m.pd == pd)
+                .filter(|m| m.pd() == pd)
                 .ok_or_else(|| {
                     nic.err(
                         op,
@@ -985,7 +1048,7 @@ impl Context {
             if !matches!(mr.kind, MrKind::Odp | MrKind::ImplicitOdp) {
                 return Err(nic.err(op, Errno::EOPNOTSUPP, "prefetch is for ODP MRs"));
             }
-            if advice == Advice::PrefetchWrite && !mr.access.writable() {
+            if advice == Advice::PrefetchWrite && !mr.access().writable() {
                 return Err(nic.err(op, Errno::EPERM, "PREFETCH_WRITE on a read-only MR"));
             }
             work.push((mr, s.addr, u64::from(s.len)));

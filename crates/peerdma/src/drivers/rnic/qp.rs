@@ -651,27 +651,21 @@ impl Qp {
 /// Bytes a request moves per packet through the bounce buffer.
 const PACKET: usize = 64 << 10;
 
-std::thread_local! {
-    /// Each thread's bounce buffer: requests run in the poster's thread.
-    static BOUNCE: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; PACKET]);
-}
-
 /// Calls `f(offset, packet)` for each packet of a `total`-byte message, in order,
-/// stopping at the first error.
+/// stopping at the first error. The bounce buffer is the request's own (under shuttle
+/// every task shares one OS thread, so a thread-local buffer would be shared).
 fn packets(
     total: u64,
     mut f: impl FnMut(u64, &mut [u8]) -> Result<(), Failure>,
 ) -> Result<(), Failure> {
-    BOUNCE.with(|b| {
-        let mut b = b.borrow_mut();
-        let mut off = 0u64;
-        while off < total {
-            let n = (total - off).min(PACKET as u64) as usize;
-            f(off, &mut b[..n])?;
-            off += n as u64;
-        }
-        Ok(())
-    })
+    let mut b = vec![0u8; total.min(PACKET as u64) as usize];
+    let mut off = 0u64;
+    while off < total {
+        let n = (total - off).min(PACKET as u64) as usize;
+        f(off, &mut b[..n])?;
+        off += n as u64;
+    }
+    Ok(())
 }
 
 /// A request's local SGEs, each resolved to its MR and checked (key, PD, right,
