@@ -1,7 +1,8 @@
 //! The RDMA NIC model: the kernel's registration rules (rule numbers from
 //! shared/reference/rdma-dmabuf.md: U pinned umem, O ODP, D dma-buf MR), the queue pair
 //! state machine and completion statuses of rxe, and real bytes moved by DMA between
-//! two NICs — into pinned memory, ODP memory, and GPU VRAM through a dma-buf. Every host
+//! two NICs (on one host or two) — into pinned memory, ODP memory, and GPU VRAM through
+//! a dma-buf. Every host
 //! is leak-checked when it drops: pins, mappings, attachments and frames return to
 //! zero.
 
@@ -1065,4 +1066,123 @@ fn removing_a_nic_errors_its_qps_and_releases_its_mrs() {
         "the peer NIC is gone"
     );
     drop(b);
+}
+
+/// O9/O10: an invalidation of an ODP range waits for the NIC's DMA in flight into it:
+/// munmap does not return while the responder's write is stopped mid-transfer, and the
+/// write lands in the page before it goes.
+#[test]
+fn an_odp_invalidation_waits_for_the_nics_dma_in_flight() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc;
+    let h = dgx(true);
+    let (a, b) = pair(&h);
+    let nic_b = h.device::<Rnic>(bdf(NIC_B)).unwrap();
+    let src = a.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+    a.p.write(src, b"in flight").unwrap();
+    let la = a.ctx.reg_mr(a.pd, src, PAGE_SIZE, src.0, RW).unwrap();
+    let dst = b.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+    let rb = b.ctx.reg_mr(b.pd, dst, PAGE_SIZE, dst.0, odp()).unwrap();
+    // Map the page for the NIC first, so the write below is a plain transfer.
+    b.ctx
+        .advise_mr(
+            b.pd,
+            Advice::PrefetchWrite,
+            true,
+            &[Sge {
+                addr: dst.0,
+                len: 8,
+                lkey: rb.lkey(),
+            }],
+        )
+        .unwrap();
+    let (entered_tx, entered) = mpsc::channel();
+    let (go, go_rx) = mpsc::channel::<()>();
+    let go_rx = std::sync::Mutex::new(go_rx);
+    let first = AtomicBool::new(true);
+    let hook: peerdma::dma::TransferHook = Arc::new(move || {
+        if first.swap(false, Ordering::SeqCst) {
+            entered_tx.send(()).unwrap();
+            go_rx.lock().unwrap().recv().unwrap();
+        }
+    });
+    nic_b.dma().set_transfer_hook(Some(hook));
+    let unmapped = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            a.qp.post_send(write_wr((src.0, 9, la.lkey()), dst.0, rb.rkey()))
+                .unwrap();
+            one(&a.cq).status
+        });
+        entered.recv().unwrap();
+        // The responder's DMA is in flight: unmap the page.
+        let unmapper = s.spawn(|| {
+            b.p.munmap(dst, PAGE_SIZE).unwrap();
+            unmapped.store(true, Ordering::SeqCst);
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(
+            !unmapped.load(Ordering::SeqCst),
+            "munmap returned with the NIC's DMA in flight"
+        );
+        go.send(()).unwrap();
+        unmapper.join().unwrap();
+        assert_eq!(writer.join().unwrap(), WcStatus::Success);
+    });
+    nic_b.dma().set_transfer_hook(None);
+    assert!(unmapped.load(Ordering::SeqCst));
+    assert_eq!(rb.mapped_pages(), 0);
+    assert!(nic_b.stats().odp_invalidations >= 1);
+    assert!(
+        h.dma().sanitizer().is_clean(),
+        "{:?}",
+        h.dma().sanitizer().violations()
+    );
+}
+
+/// Two hosts joined by a link: a NIC on one writes into GPU VRAM on the other through a
+/// dma-buf MR; each NIC reaches only its own host's memory, by its own DMA.
+#[test]
+fn rdma_between_two_hosts_lands_in_the_remote_gpus_vram() {
+    let h1 = dgx(true);
+    let h2 = dgx(false);
+    let a = side(&h1, NIC_A);
+    let b = side(&h2, NIC_A);
+    for (x, y) in [(&a.qp, &b.qp), (&b.qp, &a.qp)] {
+        x.modify(QpState::Init, None).unwrap();
+        x.modify(QpState::Rtr, Some(y)).unwrap();
+        x.modify(QpState::Rts, None).unwrap();
+    }
+    let gpu = h2.device::<Gpu>(bdf(GPU)).unwrap();
+    let bo = gpu.bo_alloc(PAGE_SIZE).unwrap();
+    let buf = gpu
+        .bo_export(bo, peerdma::drivers::gpu::P2pPolicy::Refuse)
+        .unwrap();
+    let fd = b.p.files().export_fd(&buf);
+    let mr = b.ctx.reg_dmabuf_mr(b.pd, 0, PAGE_SIZE, 0, fd, RW).unwrap();
+    let src = a.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+    a.p.write(src, b"across the link").unwrap();
+    let la = a.ctx.reg_mr(a.pd, src, PAGE_SIZE, src.0, RW).unwrap();
+    let before = (h1.dma().stats(), h2.dma().stats());
+    a.qp.post_send(write_wr((src.0, 15, la.lkey()), 0, mr.rkey()))
+        .unwrap();
+    assert_eq!(one(&a.cq).status, WcStatus::Success);
+    let mut got = [0u8; 15];
+    gpu.bo_read(bo, 0, &mut got).unwrap();
+    assert_eq!(&got, b"across the link");
+    let (s1, s2) = (h1.dma().stats(), h2.dma().stats());
+    assert_eq!(
+        s1.host_ram - before.0.host_ram,
+        15,
+        "host 1's NIC read its RAM"
+    );
+    assert_eq!(
+        s2.via_switch - before.1.via_switch,
+        15,
+        "host 2's NIC wrote VRAM by bus address"
+    );
+    b.ctx.dereg_mr(&mr).unwrap();
+    b.p.files().close(fd).unwrap();
+    drop((buf, a, b));
+    gpu.bo_free(bo).unwrap();
 }
