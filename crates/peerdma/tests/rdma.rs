@@ -2,9 +2,8 @@
 //! shared/reference/rdma-dmabuf.md: U pinned umem, O ODP, D dma-buf MR), the queue pair
 //! state machine and completion statuses of rxe, and real bytes moved by DMA between
 //! two NICs (on one host or two) — into pinned memory, ODP memory, and GPU VRAM through
-//! a dma-buf. Every host
-//! is leak-checked when it drops: pins, mappings, attachments and frames return to
-//! zero.
+//! a dma-buf. Every host is leak-checked when it drops: pins, mappings, attachments and
+//! frames return to zero.
 
 mod common;
 
