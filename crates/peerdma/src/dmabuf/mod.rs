@@ -197,7 +197,9 @@ impl fmt::Debug for DmaBuf {
     }
 }
 
-static NEXT_BUF: AtomicU64 = AtomicU64::new(1);
+/// Buffer numbers, unique in the process (a plain std atomic: a shuttle atomic may not
+/// live in a static shared by test executions).
+static NEXT_BUF: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl DmaBuf {
     /// `dma_buf_export`: a buffer of `size` bytes backed by `exporter`, sharing the
@@ -219,7 +221,7 @@ impl DmaBuf {
             ));
         }
         Ok(Arc::new(DmaBuf {
-            id: NEXT_BUF.fetch_add(1, Ordering::Relaxed),
+            id: NEXT_BUF.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             size,
             exporter,
             resv: resv.unwrap_or_default(),

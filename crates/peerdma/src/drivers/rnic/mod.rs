@@ -378,9 +378,10 @@ impl Device for Rnic {
     }
 }
 
-/// PD numbers, unique on the machine so a PD of one context is never mistaken for
-/// another's.
-static NEXT_PD: AtomicU32 = AtomicU32::new(1);
+/// PD numbers, unique in the process so a PD of one context is never mistaken for
+/// another's (a plain std atomic: a shuttle atomic may not live in a static shared by
+/// test executions).
+static NEXT_PD: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
 
 /// A protection domain (`ibv_pd`): MRs and QPs of one PD work together only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -457,7 +458,7 @@ impl Context {
     /// `ibv_alloc_pd`.
     pub fn alloc_pd(&self) -> Result<Pd, RnicError> {
         self.check("alloc_pd")?;
-        let pd = Pd(NEXT_PD.fetch_add(1, Ordering::Relaxed));
+        let pd = Pd(NEXT_PD.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         self.objects.lock().pds.push(pd);
         Ok(pd)
     }
