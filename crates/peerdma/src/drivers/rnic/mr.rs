@@ -381,14 +381,26 @@ impl Mr {
             // Pages already mapped to the same frame only change permission; the
             // others are mapped a physically contiguous run at a time.
             let mut fresh: Vec<(u64, Pfn, bool)> = Vec::new();
-            for (i, p) in range.pfns.iter().enumerate() {
-                let Some(pfn) = p.pfn() else { continue };
-                let at = start + i as u64 * PAGE_SIZE;
-                let w = p.contains(HmmPfn::WRITE);
-                match st.get_mut(at) {
-                    Some(e) if e.pfn == pfn => e.write = w,
-                    _ => fresh.push((at, pfn, w)),
+            let pfns = &range.pfns;
+            let mut i = 0;
+            while i < pfns.len() {
+                // One table chunk at a time: one lookup per chunk, not per page.
+                let page = start / PAGE_SIZE + i as u64;
+                let end = pfns.len().min(i + (CHUNK - page % CHUNK) as usize);
+                let mut chunk = st.chunks.get_mut(&(page / CHUNK));
+                for (k, p) in pfns.iter().enumerate().take(end).skip(i) {
+                    let Some(pfn) = p.pfn() else { continue };
+                    let at = start + k as u64 * PAGE_SIZE;
+                    let w = p.contains(HmmPfn::WRITE);
+                    let slot = chunk
+                        .as_mut()
+                        .and_then(|c| c[((at / PAGE_SIZE) % CHUNK) as usize].as_mut());
+                    match slot {
+                        Some(e) if e.pfn == pfn => e.write = w,
+                        _ => fresh.push((at, pfn, w)),
+                    }
                 }
+                i = end;
             }
             let mapped = fresh.len() as u64;
             let mut k = 0;
@@ -408,17 +420,7 @@ impl Mr {
                         .map_sg(&sg, Direction::Bidirectional)
                         .map_err(|e| AccessFault::Fault(e.to_string()))?,
                 );
-                for (m, &(at, pfn, write)) in fresh[k..k + n].iter().enumerate() {
-                    st.insert(
-                        at,
-                        OdpPage {
-                            pfn,
-                            write,
-                            map: map.clone(),
-                            off: m as u64 * PAGE_SIZE,
-                        },
-                    );
-                }
+                st.insert_run(&fresh[k..k + n], &map);
                 k += n;
             }
             // A snapshot that mapped nothing is no fault.
@@ -478,19 +480,31 @@ impl OdpState {
         self.chunks.get(&(page / CHUNK))?[(page % CHUNK) as usize].as_ref()
     }
 
-    fn get_mut(&mut self, va: u64) -> Option<&mut OdpPage> {
-        let page = va / PAGE_SIZE;
-        self.chunks.get_mut(&(page / CHUNK))?[(page % CHUNK) as usize].as_mut()
-    }
-
-    fn insert(&mut self, va: u64, p: OdpPage) {
-        let page = va / PAGE_SIZE;
-        let chunk = self
-            .chunks
-            .entry(page / CHUNK)
-            .or_insert_with(|| (0..CHUNK).map(|_| None).collect());
-        if chunk[(page % CHUNK) as usize].replace(p).is_none() {
-            self.mapped += 1;
+    /// Installs a run of pages `(address, frame, writable)` that `map` maps in order.
+    fn insert_run(&mut self, run: &[(u64, Pfn, bool)], map: &Arc<DmaMapping>) {
+        let mut j = 0;
+        while j < run.len() {
+            let c = run[j].0 / PAGE_SIZE / CHUNK;
+            let chunk = self
+                .chunks
+                .entry(c)
+                .or_insert_with(|| (0..CHUNK).map(|_| None).collect());
+            while j < run.len() && run[j].0 / PAGE_SIZE / CHUNK == c {
+                let (at, pfn, write) = run[j];
+                let p = OdpPage {
+                    pfn,
+                    write,
+                    map: map.clone(),
+                    off: j as u64 * PAGE_SIZE,
+                };
+                if chunk[((at / PAGE_SIZE) % CHUNK) as usize]
+                    .replace(p)
+                    .is_none()
+                {
+                    self.mapped += 1;
+                }
+                j += 1;
+            }
         }
     }
 
