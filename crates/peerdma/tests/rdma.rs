@@ -1185,3 +1185,65 @@ fn rdma_between_two_hosts_lands_in_the_remote_gpus_vram() {
     drop((buf, a, b));
     gpu.bo_free(bo).unwrap();
 }
+
+/// U11: a pinned MR over p2p memory (an NVMe CMB mapped into the process) is refused
+/// with EREMOTEIO — long-term pins of p2p memory are — while an ODP MR over it maps the
+/// CMB by bus address (O26) and RDMA lands in the drive's memory.
+#[test]
+fn p2p_memory_cannot_be_pinned_long_term_but_odp_reaches_it() {
+    let topo = peerdma::fabric::preset("workstation").unwrap();
+    let mut specs: Vec<peerdma::host::DeviceSpec> = Host::nvme_specs(&topo, 1 << 20)
+        .into_iter()
+        .filter(|s| s.bdf() == bdf("0000:05:00.0"))
+        .collect();
+    for n in ["0000:04:00.0", "0000:06:00.0"] {
+        specs.push(
+            RnicSpec {
+                bdf: bdf(n),
+                caps: RnicCaps::default(),
+            }
+            .into(),
+        );
+    }
+    let h = common::Checked(
+        Host::build(
+            topo,
+            &HostConfig {
+                ram_bytes: 16 << 20,
+                iommu: Some(true),
+            },
+            &specs,
+        )
+        .unwrap(),
+    );
+    let cmb = common::cmb(&h);
+    let a = side(&h, "0000:06:00.0");
+    let b = side(&h, "0000:04:00.0");
+    for (x, y) in [(&a.qp, &b.qp), (&b.qp, &a.qp)] {
+        x.modify(QpState::Init, None).unwrap();
+        x.modify(QpState::Rtr, Some(y)).unwrap();
+        x.modify(QpState::Rts, None).unwrap();
+    }
+    let p2p = cmb.mmap(&b.p, PAGE_SIZE, true, 0, Prot::RW).unwrap();
+    let e = b.ctx.reg_mr(b.pd, p2p, PAGE_SIZE, p2p.0, RW).unwrap_err();
+    assert_eq!(e.errno, Errno::EREMOTEIO, "{e}");
+    assert_eq!(b.p.pinned_vm(), 0, "the charge was taken back");
+    let mr = b.ctx.reg_mr(b.pd, p2p, PAGE_SIZE, p2p.0, odp()).unwrap();
+    let src = a.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+    a.p.write(src, b"into the cmb").unwrap();
+    let la = a.ctx.reg_mr(a.pd, src, PAGE_SIZE, src.0, RW).unwrap();
+    let before = h.dma().stats().via_switch;
+    a.qp.post_send(write_wr((src.0, 12, la.lkey()), p2p.0, mr.rkey()))
+        .unwrap();
+    assert_eq!(one(&a.cq).status, WcStatus::Success);
+    assert_eq!(
+        h.dma().stats().via_switch - before,
+        12,
+        "by bus address through the switch"
+    );
+    let mut got = [0u8; 12];
+    b.p.read(p2p, &mut got).unwrap();
+    assert_eq!(&got, b"into the cmb");
+    b.p.munmap(p2p, PAGE_SIZE).unwrap();
+    assert_eq!(mr.mapped_pages(), 0);
+}
