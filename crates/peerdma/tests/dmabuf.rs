@@ -8,24 +8,15 @@ mod common;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use peerdma::addr::{Bdf, VirtAddr, PAGE_SIZE};
+use common::rdma::{bdf, connect, side, Side, RW};
+use peerdma::addr::{VirtAddr, PAGE_SIZE};
 use peerdma::dma::{Direction, MapKind};
 use peerdma::dmabuf::{DmaBuf, Fence, P2pMemExporter, SyncFlags, Usage};
-use peerdma::drivers::gpu::{BoDomain, BoHandle, Gpu, GpuSpec, P2pPolicy};
-use peerdma::drivers::rnic::{
-    Access, Context, MrKind, Pd, Qp, QpState, Rnic, RnicCaps, RnicSpec, SendOp, SendWr, Sge,
-    WcStatus,
-};
+use peerdma::drivers::gpu::{BoDomain, BoHandle, Gpu, P2pPolicy};
+use peerdma::drivers::rnic::{MrKind, Rnic, SendOp, SendWr, Sge, WcStatus};
 use peerdma::errno::Errno;
-use peerdma::host::{Host, HostConfig, Process};
 use peerdma::mm::Prot;
 use peerdma::sync::Arc;
-
-fn bdf(s: &str) -> Bdf {
-    s.parse().unwrap()
-}
-
-const RW: Access = Access(Access::LOCAL_WRITE.0 | Access::REMOTE_WRITE.0 | Access::REMOTE_READ.0);
 
 /// `preset` with 32 MiB of RAM, NICs at `nics` and a GPU of `vram_pages` at `gpu`,
 /// plus NVMe controllers (with their CMBs) when `nvme`.
@@ -37,72 +28,7 @@ fn machine(
     vram_pages: u64,
     nvme: bool,
 ) -> common::Checked {
-    let topo = peerdma::fabric::preset(preset).unwrap();
-    let mut specs: Vec<_> = nics
-        .iter()
-        .map(|n| {
-            RnicSpec {
-                bdf: bdf(n),
-                caps: RnicCaps::default(),
-            }
-            .into()
-        })
-        .collect();
-    specs.push(
-        GpuSpec {
-            bdf: bdf(gpu),
-            vram_bytes: vram_pages * PAGE_SIZE,
-        }
-        .into(),
-    );
-    if nvme {
-        let taken: Vec<Bdf> = nics.iter().map(|n| bdf(n)).collect();
-        specs.extend(
-            Host::nvme_specs(&topo, 1 << 20)
-                .into_iter()
-                .filter(|s| !taken.contains(&s.bdf())),
-        );
-    }
-    common::Checked(
-        Host::build(
-            topo,
-            &HostConfig {
-                ram_bytes: 32 << 20,
-                iommu: Some(iommu),
-            },
-            &specs,
-        )
-        .unwrap(),
-    )
-}
-
-struct Side {
-    p: Process,
-    ctx: Arc<Context>,
-    pd: Pd,
-    cq: Arc<peerdma::drivers::rnic::Cq>,
-    qp: Arc<Qp>,
-}
-
-fn side(h: &Host, nic: &str) -> Side {
-    let p = h.spawn();
-    let ctx = h
-        .device::<Rnic>(bdf(nic))
-        .unwrap()
-        .open(&p, p.files())
-        .unwrap();
-    let pd = ctx.alloc_pd().unwrap();
-    let cq = ctx.create_cq().unwrap();
-    let qp = ctx.create_qp(pd, &cq, &cq).unwrap();
-    Side { p, ctx, pd, cq, qp }
-}
-
-fn connect(a: &Side, b: &Side) {
-    for (x, y) in [(&a.qp, &b.qp), (&b.qp, &a.qp)] {
-        x.modify(QpState::Init, None).unwrap();
-        x.modify(QpState::Rtr, Some(y)).unwrap();
-        x.modify(QpState::Rts, None).unwrap();
-    }
+    common::rdma::machine(preset, 32 << 20, iommu, nics, (gpu, vram_pages), nvme)
 }
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
@@ -160,7 +86,7 @@ fn rdma_into_vram_through_a_dma_buf_mr_follows_the_bo_when_it_is_evicted() {
         let nic_b = h.device::<Rnic>(bdf(DGX_NICS[1])).unwrap();
         let a = side(&h, DGX_NICS[0]);
         let b = side(&h, DGX_NICS[1]);
-        connect(&a, &b);
+        connect(&a.qp, &b.qp);
         let bo = gpu.bo_alloc(4 * PAGE_SIZE).unwrap();
         let buf = gpu.bo_export(bo, P2pPolicy::MoveToRam).unwrap();
         let fd = b.p.files().export_fd(&buf);
@@ -242,7 +168,7 @@ fn without_p2p_the_exporter_moves_the_bo_to_ram_or_refuses_as_configured() {
         let gpu = h.device::<Gpu>(bdf(gpu_bdf)).unwrap();
         let a = side(&h, nic);
         let b = side(&h, nic);
-        connect(&a, &b);
+        connect(&a.qp, &b.qp);
         // xe's policy: refused.
         let bo = gpu.bo_alloc(PAGE_SIZE).unwrap();
         let buf = gpu.bo_export(bo, P2pPolicy::Refuse).unwrap();
@@ -303,7 +229,7 @@ fn static_importers_and_pinned_dma_buf_mrs_keep_the_bo_in_place() {
     // A pinned dma-buf MR: peer-to-peer, pinned in VRAM.
     let b = side(&h, DGX_NICS[1]);
     let a = side(&h, DGX_NICS[0]);
-    connect(&a, &b);
+    connect(&a.qp, &b.qp);
     let fd = b.p.files().export_fd(&buf);
     let mr = b
         .ctx
@@ -478,7 +404,7 @@ fn a_vram_buffer_is_shared_by_two_processes_through_a_dma_buf_fd() {
     assert_eq!(gpu.bo_evict(bo).unwrap_err().errno(), Errno::EBUSY);
     // The NIC reads it through its own import in a third process.
     let a = side(&h, DGX_NICS[0]);
-    connect(&a, &b);
+    connect(&a.qp, &b.qp);
     let fd3 = p2.files().pass(fd2, b.p.files()).unwrap();
     let mr = b
         .ctx
@@ -538,7 +464,7 @@ fn a_cmb_exported_as_a_dma_buf_takes_rdma_writes_peer_to_peer() {
     assert_eq!(buf.attach(nic.dma()).unwrap_err().errno, Errno::EOPNOTSUPP);
     let a = side(&h, "0000:04:00.0");
     let b = side(&h, "0000:06:00.0");
-    connect(&a, &b);
+    connect(&a.qp, &b.qp);
     let fd = b.p.files().export_fd(&buf);
     let mr = b
         .ctx
@@ -579,7 +505,7 @@ fn acs_redirect_sends_rdma_into_vram_through_the_host_bridge() {
     let gpu = h.device::<Gpu>(bdf(DGX_GPU)).unwrap();
     let a = side(&h, DGX_NICS[0]);
     let b = side(&h, DGX_NICS[1]);
-    connect(&a, &b);
+    connect(&a.qp, &b.qp);
     for policy in [P2pPolicy::Refuse, P2pPolicy::MoveToRam] {
         let bo = gpu.bo_alloc(PAGE_SIZE).unwrap();
         let buf = gpu.bo_export(bo, policy).unwrap();
@@ -616,7 +542,7 @@ fn a_dma_buf_of_a_removed_gpu_cannot_be_imported() {
     let bo = gpu.bo_alloc(PAGE_SIZE).unwrap();
     let buf: Arc<DmaBuf> = gpu.bo_export(bo, P2pPolicy::MoveToRam).unwrap();
     let (a, b) = (side(&h, DGX_NICS[0]), side(&h, DGX_NICS[1]));
-    connect(&a, &b);
+    connect(&a.qp, &b.qp);
     let fd = b.p.files().export_fd(&buf);
     let mr = b.ctx.reg_dmabuf_mr(b.pd, 0, PAGE_SIZE, 0, fd, RW).unwrap();
     assert_eq!(rdma_write(&a, b"before", 0, mr.rkey()), WcStatus::Success);

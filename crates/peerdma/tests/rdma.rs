@@ -7,14 +7,15 @@
 
 mod common;
 
-use peerdma::addr::{Bdf, VirtAddr, PAGE_SIZE};
-use peerdma::drivers::gpu::{Gpu, GpuSpec};
+use common::rdma::{bdf, connect, side, Side, RW};
+use peerdma::addr::{VirtAddr, PAGE_SIZE};
+use peerdma::drivers::gpu::Gpu;
 use peerdma::drivers::rnic::{
-    Access, Advice, Context, MrKind, Pd, Qp, QpState, RecvWr, Rnic, RnicCaps, RnicSpec, SendOp,
-    SendWr, Sge, Wc, WcOpcode, WcStatus,
+    Access, Advice, MrKind, QpState, RecvWr, Rnic, RnicCaps, SendOp, SendWr, Sge, Wc, WcOpcode,
+    WcStatus,
 };
 use peerdma::errno::Errno;
-use peerdma::host::{Host, HostConfig, Process};
+use peerdma::host::Host;
 use peerdma::mm::Prot;
 use peerdma::sync::Arc;
 
@@ -22,82 +23,16 @@ const GPU: &str = "0000:1a:00.0";
 const NIC_A: &str = "0000:1b:00.0";
 const NIC_B: &str = "0000:1d:00.0";
 
-fn bdf(s: &str) -> Bdf {
-    s.parse().unwrap()
-}
-
-/// `preset` booted with 32 MiB of RAM, the IOMMU as asked, two NICs and one GPU of
-/// `vram_pages` (at `gpu`).
-fn machine(
-    preset: &str,
-    iommu: bool,
-    nics: [&str; 2],
-    gpu: &str,
-    vram_pages: u64,
-) -> common::Checked {
-    let topo = peerdma::fabric::preset(preset).unwrap();
-    let specs = vec![
-        RnicSpec {
-            bdf: bdf(nics[0]),
-            caps: RnicCaps::default(),
-        }
-        .into(),
-        RnicSpec {
-            bdf: bdf(nics[1]),
-            caps: RnicCaps::default(),
-        }
-        .into(),
-        GpuSpec {
-            bdf: bdf(gpu),
-            vram_bytes: vram_pages * PAGE_SIZE,
-        }
-        .into(),
-    ];
-    common::Checked(
-        Host::build(
-            topo,
-            &HostConfig {
-                ram_bytes: 32 << 20,
-                iommu: Some(iommu),
-            },
-            &specs,
-        )
-        .unwrap(),
-    )
-}
-
+/// The dgx with 32 MiB of RAM, NICs A and B and a GPU of 64 VRAM pages.
 fn dgx(iommu: bool) -> common::Checked {
-    machine("dgx", iommu, [NIC_A, NIC_B], GPU, 64)
-}
-
-/// One side of a connection: a process, its verbs context, PD, CQ and QP.
-struct Side {
-    p: Process,
-    ctx: Arc<Context>,
-    pd: Pd,
-    cq: Arc<peerdma::drivers::rnic::Cq>,
-    qp: Arc<Qp>,
-}
-
-fn side(h: &Host, nic: &str) -> Side {
-    let p = h.spawn();
-    let nic = h.device::<Rnic>(bdf(nic)).unwrap();
-    let ctx = nic.open(&p, p.files()).unwrap();
-    let pd = ctx.alloc_pd().unwrap();
-    let cq = ctx.create_cq().unwrap();
-    let qp = ctx.create_qp(pd, &cq, &cq).unwrap();
-    Side { p, ctx, pd, cq, qp }
+    common::rdma::machine("dgx", 32 << 20, iommu, &[NIC_A, NIC_B], (GPU, 64), false)
 }
 
 /// Two sides on NICs A and B with their QPs connected and in RTS.
 fn pair(h: &Host) -> (Side, Side) {
     let a = side(h, NIC_A);
     let b = side(h, NIC_B);
-    for (x, y) in [(&a.qp, &b.qp), (&b.qp, &a.qp)] {
-        x.modify(QpState::Init, None).unwrap();
-        x.modify(QpState::Rtr, Some(y)).unwrap();
-        x.modify(QpState::Rts, None).unwrap();
-    }
+    connect(&a.qp, &b.qp);
     (a, b)
 }
 
@@ -106,8 +41,6 @@ fn pattern(n: usize, seed: u8) -> Vec<u8> {
         .map(|i| (i % 253) as u8 ^ seed.wrapping_mul(29))
         .collect()
 }
-
-const RW: Access = Access(Access::LOCAL_WRITE.0 | Access::REMOTE_WRITE.0 | Access::REMOTE_READ.0);
 
 fn one(cq: &peerdma::drivers::rnic::Cq) -> Wc {
     let wcs = cq.poll(16);
@@ -354,32 +287,43 @@ fn rdma_write_read_send_and_atomics_move_real_bytes_between_two_nics() {
             b.p.read(dst, &mut w).unwrap();
             u64::from_le_bytes(w)
         };
-        a.qp.post_send(atomic(SendOp::FetchAdd {
-            remote_addr: 0x10_0000,
-            rkey: rb.rkey(),
-            add: 2,
-        }))
-        .unwrap();
-        assert_eq!(one(&a.cq).status, WcStatus::Success);
-        assert_eq!((old(&a), word()), (40, 42));
-        a.qp.post_send(atomic(SendOp::CompSwap {
-            remote_addr: 0x10_0000,
-            rkey: rb.rkey(),
-            compare: 7,
-            swap: 1,
-        }))
-        .unwrap();
-        assert_eq!(one(&a.cq).status, WcStatus::Success);
-        assert_eq!((old(&a), word()), (42, 42));
-        a.qp.post_send(atomic(SendOp::CompSwap {
-            remote_addr: 0x10_0000,
-            rkey: rb.rkey(),
-            compare: 42,
-            swap: 5,
-        }))
-        .unwrap();
-        assert_eq!(one(&a.cq).status, WcStatus::Success);
-        assert_eq!((old(&a), word()), (42, 5));
+        // Each atomic returns the old value and leaves the new one (rkey atomics).
+        let rkey = rb.rkey();
+        for (op, want_old, want_word) in [
+            (
+                SendOp::FetchAdd {
+                    remote_addr: 0x10_0000,
+                    rkey,
+                    add: 2,
+                },
+                40,
+                42,
+            ),
+            (
+                SendOp::CompSwap {
+                    remote_addr: 0x10_0000,
+                    rkey,
+                    compare: 7,
+                    swap: 1,
+                },
+                42,
+                42,
+            ),
+            (
+                SendOp::CompSwap {
+                    remote_addr: 0x10_0000,
+                    rkey,
+                    compare: 42,
+                    swap: 5,
+                },
+                42,
+                5,
+            ),
+        ] {
+            a.qp.post_send(atomic(op)).unwrap();
+            assert_eq!(one(&a.cq).status, WcStatus::Success, "{op:?}");
+            assert_eq!((old(&a), word()), (want_old, want_word), "{op:?}");
+        }
         assert!(h.dma().sanitizer().is_clean());
     }
 }
@@ -691,11 +635,7 @@ fn odp_faults_on_first_access_follows_munmap_and_remaps_and_breaks_cow_in_the_pa
     for q in [&a.qp, &b2.qp] {
         q.modify(QpState::Reset, None).unwrap();
     }
-    for (x, y) in [(&a.qp, &b2.qp), (&b2.qp, &a.qp)] {
-        x.modify(QpState::Init, None).unwrap();
-        x.modify(QpState::Rtr, Some(y)).unwrap();
-        x.modify(QpState::Rts, None).unwrap();
-    }
+    connect(&a.qp, &b2.qp);
     a.qp.post_send(write_wr((src.0, 64, la.lkey()), dst.0, rb.rkey()))
         .unwrap();
     assert_eq!(one(&a.cq).status, WcStatus::Success);
@@ -1147,11 +1087,7 @@ fn rdma_between_two_hosts_lands_in_the_remote_gpus_vram() {
     let h2 = dgx(false);
     let a = side(&h1, NIC_A);
     let b = side(&h2, NIC_A);
-    for (x, y) in [(&a.qp, &b.qp), (&b.qp, &a.qp)] {
-        x.modify(QpState::Init, None).unwrap();
-        x.modify(QpState::Rtr, Some(y)).unwrap();
-        x.modify(QpState::Rts, None).unwrap();
-    }
+    connect(&a.qp, &b.qp);
     let gpu = h2.device::<Gpu>(bdf(GPU)).unwrap();
     let bo = gpu.bo_alloc(PAGE_SIZE).unwrap();
     let buf = gpu
@@ -1191,39 +1127,18 @@ fn rdma_between_two_hosts_lands_in_the_remote_gpus_vram() {
 /// CMB by bus address (O26) and RDMA lands in the drive's memory.
 #[test]
 fn p2p_memory_cannot_be_pinned_long_term_but_odp_reaches_it() {
-    let topo = peerdma::fabric::preset("workstation").unwrap();
-    let mut specs: Vec<peerdma::host::DeviceSpec> = Host::nvme_specs(&topo, 1 << 20)
-        .into_iter()
-        .filter(|s| s.bdf() == bdf("0000:05:00.0"))
-        .collect();
-    for n in ["0000:04:00.0", "0000:06:00.0"] {
-        specs.push(
-            RnicSpec {
-                bdf: bdf(n),
-                caps: RnicCaps::default(),
-            }
-            .into(),
-        );
-    }
-    let h = common::Checked(
-        Host::build(
-            topo,
-            &HostConfig {
-                ram_bytes: 16 << 20,
-                iommu: Some(true),
-            },
-            &specs,
-        )
-        .unwrap(),
+    let h = common::rdma::machine(
+        "workstation",
+        16 << 20,
+        true,
+        &["0000:06:00.0", "0000:04:00.0"],
+        ("0000:03:00.0", 16),
+        true,
     );
     let cmb = common::cmb(&h);
     let a = side(&h, "0000:06:00.0");
     let b = side(&h, "0000:04:00.0");
-    for (x, y) in [(&a.qp, &b.qp), (&b.qp, &a.qp)] {
-        x.modify(QpState::Init, None).unwrap();
-        x.modify(QpState::Rtr, Some(y)).unwrap();
-        x.modify(QpState::Rts, None).unwrap();
-    }
+    connect(&a.qp, &b.qp);
     let p2p = cmb.mmap(&b.p, PAGE_SIZE, true, 0, Prot::RW).unwrap();
     let e = b.ctx.reg_mr(b.pd, p2p, PAGE_SIZE, p2p.0, RW).unwrap_err();
     assert_eq!(e.errno, Errno::EREMOTEIO, "{e}");

@@ -14,14 +14,13 @@
 
 mod common;
 
-use peerdma::addr::{Bdf, VirtAddr, PAGE_SIZE};
-use peerdma::drivers::gpu::{Gpu, GpuSpec, Location, P2pPolicy};
-use peerdma::drivers::rnic::{
-    Access, Context, Cq, Pd, Qp, QpState, Rnic, RnicCaps, RnicSpec, SendOp, SendWr, Sge, WcStatus,
-};
-use peerdma::host::{Host, HostConfig, Process};
+use common::rdma::{bdf, connect, side, Side, RW};
+use peerdma::addr::{VirtAddr, PAGE_SIZE};
+use peerdma::drivers::gpu::{Gpu, Location, P2pPolicy};
+use peerdma::drivers::rnic::{Access, Rnic, SendOp, SendWr, Sge, WcStatus};
+use peerdma::host::Host;
 use peerdma::mm::Prot;
-use peerdma::sync::{thread, Arc};
+use peerdma::sync::thread;
 
 fn iterations() -> usize {
     std::env::var("PEERDMA_SHUTTLE_ITERS")
@@ -30,66 +29,12 @@ fn iterations() -> usize {
         .unwrap_or(100)
 }
 
-const RW: Access = Access(Access::LOCAL_WRITE.0 | Access::REMOTE_WRITE.0 | Access::REMOTE_READ.0);
 const NICS: [&str; 3] = ["0000:1b:00.0", "0000:1d:00.0", "0000:3e:00.0"];
 const GPU: &str = "0000:1a:00.0";
 
-fn bdf(s: &str) -> Bdf {
-    s.parse().unwrap()
-}
-
 /// The dgx (IOMMU off) with 8 MiB of RAM, three NICs and a GPU of 16 VRAM pages.
 fn dgx() -> common::Checked {
-    let topo = peerdma::fabric::preset("dgx").unwrap();
-    let mut specs: Vec<_> = NICS
-        .iter()
-        .map(|n| {
-            RnicSpec {
-                bdf: bdf(n),
-                caps: RnicCaps::default(),
-            }
-            .into()
-        })
-        .collect();
-    specs.push(
-        GpuSpec {
-            bdf: bdf(GPU),
-            vram_bytes: 16 * PAGE_SIZE,
-        }
-        .into(),
-    );
-    common::Checked(
-        Host::build(
-            topo,
-            &HostConfig {
-                ram_bytes: 8 << 20,
-                iommu: Some(false),
-            },
-            &specs,
-        )
-        .unwrap(),
-    )
-}
-
-struct Side {
-    p: Process,
-    ctx: Arc<Context>,
-    pd: Pd,
-    cq: Arc<Cq>,
-    qp: Arc<Qp>,
-}
-
-fn side(h: &Host, nic: &str) -> Side {
-    let p = h.spawn();
-    let ctx = h
-        .device::<Rnic>(bdf(nic))
-        .unwrap()
-        .open(&p, p.files())
-        .unwrap();
-    let pd = ctx.alloc_pd().unwrap();
-    let cq = ctx.create_cq().unwrap();
-    let qp = ctx.create_qp(pd, &cq, &cq).unwrap();
-    Side { p, ctx, pd, cq, qp }
+    common::rdma::machine("dgx", 8 << 20, false, &NICS, (GPU, 16), false)
 }
 
 /// A requester on `nic` whose QP is connected to a new responder QP in `to`'s context.
@@ -97,11 +42,7 @@ fn requester(h: &Host, nic: &str, to: &Side) -> (Side, VirtAddr, u32) {
     let a = side(h, nic);
     let cq = to.ctx.create_cq().unwrap();
     let rq = to.ctx.create_qp(to.pd, &cq, &cq).unwrap();
-    for (x, y) in [(&a.qp, &rq), (&rq, &a.qp)] {
-        x.modify(QpState::Init, None).unwrap();
-        x.modify(QpState::Rtr, Some(y)).unwrap();
-        x.modify(QpState::Rts, None).unwrap();
-    }
+    connect(&a.qp, &rq);
     let src = a.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
     let lkey = a
         .ctx

@@ -1138,8 +1138,9 @@ impl<'w> Worker<'w> {
         let r = &w.rdma.threads[t];
         let die = |e: String| -> ! { fail(seed, t, op, e) };
         let src = &w.rdma.requester;
-        let run = |wr_op: SendOp| {
-            r.qps[proc]
+        // Each request goes to the responder QP in process `to`'s context.
+        let run = |to: usize, wr_op: SendOp| {
+            r.qps[to]
                 .post_send(SendWr {
                     wr_id: 1,
                     op: wr_op,
@@ -1161,17 +1162,23 @@ impl<'w> Worker<'w> {
                 let tag = self.tag();
                 src.write(r.src, &tag.to_le_bytes())
                     .unwrap_or_else(|e| die(e.to_string()));
-                run(SendOp::Write {
-                    remote_addr: self.slot(proc, page).0,
-                    rkey: w.rdma.odp_rkeys[proc],
-                });
+                run(
+                    proc,
+                    SendOp::Write {
+                        remote_addr: self.slot(proc, page).0,
+                        rkey: w.rdma.odp_rkeys[proc],
+                    },
+                );
                 self.oracle[proc][page as usize] = tag;
             }
             Op::RdmaOdpRead => {
-                run(SendOp::Read {
-                    remote_addr: self.slot(proc, page).0,
-                    rkey: w.rdma.odp_rkeys[proc],
-                });
+                run(
+                    proc,
+                    SendOp::Read {
+                        remote_addr: self.slot(proc, page).0,
+                        rkey: w.rdma.odp_rkeys[proc],
+                    },
+                );
                 let want = self.oracle[proc][page as usize];
                 self.expect(seed, op, src, r.src, want, "slot read by RDMA through ODP");
             }
@@ -1182,25 +1189,13 @@ impl<'w> Worker<'w> {
                     .unwrap_or_else(|e| die(e.to_string()));
                 let page = page % BO_PAGES;
                 // Process 0's responder QP serves the dma-buf MR (same PD).
-                r.qps[0]
-                    .post_send(SendWr {
-                        wr_id: 2,
-                        op: SendOp::Write {
-                            remote_addr: page * PAGE_SIZE,
-                            rkey: *rkey,
-                        },
-                        sg: vec![Sge {
-                            addr: r.src.0,
-                            len: 8,
-                            lkey: r.lkey,
-                        }],
-                        signaled: true,
-                    })
-                    .unwrap_or_else(|e| die(e.to_string()));
-                let wc = r.cq.poll(4);
-                if wc.len() != 1 || wc[0].status != WcStatus::Success {
-                    die(format!("completion {wc:?}"));
-                }
+                run(
+                    0,
+                    SendOp::Write {
+                        remote_addr: page * PAGE_SIZE,
+                        rkey: *rkey,
+                    },
+                );
                 self.bo_oracle[page as usize] = tag;
             }
         }

@@ -103,7 +103,8 @@ fn munmap_ours(bytes: u64) -> Result<(Duration, ())> {
     Ok((t.elapsed(), ()))
 }
 
-fn munmap_kernel(bytes: u64) -> Result<(Duration, ())> {
+/// The kernel's munmap of `bytes` of touched private anonymous memory, timed.
+pub(crate) fn munmap_kernel(bytes: u64) -> Result<(Duration, ())> {
     use rustix::mm::{mmap_anonymous, munmap, MapFlags, ProtFlags};
     let len = bytes as usize;
     // SAFETY: a fresh private anonymous mapping aliases nothing.

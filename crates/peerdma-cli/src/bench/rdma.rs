@@ -150,29 +150,6 @@ fn odp(bytes: u64) -> Result<(Duration, Duration)> {
     Ok((fault, inval))
 }
 
-fn munmap_kernel(bytes: u64) -> Result<Duration> {
-    use rustix::mm::{mmap_anonymous, munmap, MapFlags, ProtFlags};
-    let len = bytes as usize;
-    // SAFETY: a fresh private anonymous mapping aliases nothing.
-    let p = unsafe {
-        mmap_anonymous(
-            std::ptr::null_mut(),
-            len,
-            ProtFlags::READ | ProtFlags::WRITE,
-            MapFlags::PRIVATE,
-        )
-    }
-    .context("mmap")?;
-    for off in (0..len).step_by(PAGE_SIZE as usize) {
-        // SAFETY: `off < len`, inside the mapping just made, which nothing else uses.
-        unsafe { p.cast::<u8>().add(off).write_volatile(1) };
-    }
-    let t = Instant::now();
-    // SAFETY: unmaps exactly the mapping made above; no reference into it remains.
-    unsafe { munmap(p, len) }.context("munmap")?;
-    Ok(t.elapsed())
-}
-
 /// RDMA WRITEs of 1 MiB messages into a VRAM BO through a dma-buf MR; then the BO's
 /// eviction and the first write after it. Returns (all writes, evict, re-fault write,
 /// a steady write for comparison).
@@ -271,7 +248,7 @@ pub fn run(bytes: u64, runs: usize) -> Result<RdmaFigures> {
         let (f, i) = odp(bytes)?;
         fault.push(f);
         inval.push(i);
-        kmun.push(munmap_kernel(bytes)?);
+        kmun.push(super::mm::munmap_kernel(bytes)?.0);
         let (w, e, r, s) = write_vram(write_bytes)?;
         wr.push(w);
         ev.push(e);

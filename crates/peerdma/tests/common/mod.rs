@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod rdma;
+
 use std::path::PathBuf;
 
 /// `../shared/data/sysfs` of the workspace, or `$PEERDMA_SHARED/data/sysfs`.
