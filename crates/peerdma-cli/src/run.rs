@@ -175,6 +175,28 @@ fn progress_bar(json: bool, len: u64, unit: &str, msg: &'static str) -> Progress
     bar
 }
 
+/// Prints a job's report — as JSON with its `schema`, or as text by `print` — and fails
+/// when the job is not `ok` (a byte wrong, something left held, a sanitizer finding).
+fn emit<R: serde::Serialize>(
+    json: bool,
+    host: &Host,
+    report: &R,
+    schema: &str,
+    print: fn(&Host, &R),
+    ok: bool,
+    job: &str,
+) -> Result<()> {
+    if json {
+        print_json(report, schema)?;
+    } else {
+        print(host, report);
+    }
+    if !ok {
+        bail!("{job} did not verify, leaked, or the sanitizer caught violations (see the report)");
+    }
+    Ok(())
+}
+
 /// Prints `report` as pretty JSON with its `schema` name.
 fn print_json(report: &impl serde::Serialize, schema: &str) -> Result<()> {
     let mut v = serde_json::to_value(report)?;
@@ -272,15 +294,16 @@ fn run_hmm(args: &RunArgs) -> Result<()> {
     });
     bar.finish_and_clear();
     let report = report.with_context(|| format!("HMM job on {}", host.topology().source()))?;
-    if args.json {
-        print_json(&report, "peerdma-run-hmm/1")?;
-    } else {
-        print_hmm(&host, &report);
-    }
-    if !report.verified || !report.quiescent || !report.sanitizer.is_empty() {
-        bail!("the HMM job did not verify, leaked, or the sanitizer caught violations (see the report)");
-    }
-    Ok(())
+    let ok = report.verified && report.quiescent && report.sanitizer.is_empty();
+    emit(
+        args.json,
+        &host,
+        &report,
+        "peerdma-run-hmm/1",
+        print_hmm,
+        ok,
+        "the HMM job",
+    )
 }
 
 fn print_hmm(host: &Host, r: &HmmJobReport) {
@@ -364,16 +387,17 @@ fn run_rdma(args: &RunArgs) -> Result<()> {
     });
     bar.finish_and_clear();
     let report = report.with_context(|| format!("RDMA job on {}", host.topology().source()))?;
-    if args.json {
-        print_json(&report, "peerdma-run-rdma/1")?;
-    } else {
-        print_rdma(&host, &report);
-    }
-    if report.cases.iter().any(|c| !c.verified) || !report.quiescent || !report.sanitizer.is_empty()
-    {
-        bail!("the RDMA job did not verify, leaked, or the sanitizer caught violations (see the report)");
-    }
-    Ok(())
+    let ok =
+        report.cases.iter().all(|c| c.verified) && report.quiescent && report.sanitizer.is_empty();
+    emit(
+        args.json,
+        &host,
+        &report,
+        "peerdma-run-rdma/1",
+        print_rdma,
+        ok,
+        "the RDMA job",
+    )
 }
 
 fn print_rdma(host: &Host, r: &RdmaJobReport) {
