@@ -1162,3 +1162,71 @@ fn p2p_memory_cannot_be_pinned_long_term_but_odp_reaches_it() {
     b.p.munmap(p2p, PAGE_SIZE).unwrap();
     assert_eq!(mr.mapped_pages(), 0);
 }
+
+/// A process that exits with MRs registered and the NIC's DMA in flight into one: exit
+/// closes the verbs context, whose dereg waits for the DMA (it holds the MR), then
+/// releases the pin, the mapping and the charge; the requester's write completes.
+#[test]
+fn exit_with_dma_in_flight_waits_for_it_and_releases_everything() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc;
+    let h = dgx(true);
+    let (a, b) = pair(&h);
+    let nic_b = h.device::<Rnic>(bdf(NIC_B)).unwrap();
+    let src = a.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+    a.p.write(src, b"last words").unwrap();
+    let la = a.ctx.reg_mr(a.pd, src, PAGE_SIZE, src.0, RW).unwrap();
+    let dst = b.p.mmap_anon(2 * PAGE_SIZE, Prot::RW).unwrap();
+    let rb = b.ctx.reg_mr(b.pd, dst, 2 * PAGE_SIZE, dst.0, RW).unwrap();
+    b.ctx
+        .reg_mr(b.pd, dst, 2 * PAGE_SIZE, dst.0, odp())
+        .unwrap();
+    let frame = b.p.pte(dst).pfn().unwrap();
+    let (entered_tx, entered) = mpsc::channel();
+    let (go, go_rx) = mpsc::channel::<()>();
+    let go_rx = std::sync::Mutex::new(go_rx);
+    let first = AtomicBool::new(true);
+    nic_b.dma().set_transfer_hook(Some(Arc::new(move || {
+        if first.swap(false, Ordering::SeqCst) {
+            entered_tx.send(()).unwrap();
+            go_rx.lock().unwrap().recv().unwrap();
+        }
+    })));
+    let exited = AtomicBool::new(false);
+    let Side { p, ctx, qp, .. } = b;
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            a.qp.post_send(write_wr((src.0, 10, la.lkey()), dst.0, rb.rkey()))
+                .unwrap();
+            one(&a.cq).status
+        });
+        entered.recv().unwrap();
+        let exiter = s.spawn(|| {
+            p.exit();
+            exited.store(true, Ordering::SeqCst);
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(
+            !exited.load(Ordering::SeqCst),
+            "exit returned with the NIC's DMA in flight"
+        );
+        go.send(()).unwrap();
+        exiter.join().unwrap();
+        assert_eq!(writer.join().unwrap(), WcStatus::Success);
+    });
+    nic_b.dma().set_transfer_hook(None);
+    let st = nic_b.stats();
+    assert_eq!((st.mrs, st.pinned_pages), (0, 0));
+    assert_eq!(qp.state(), QpState::Err);
+    assert_eq!(ctx.alloc_pd().unwrap_err().errno, Errno::EBADF);
+    assert_eq!(
+        h.phys().region(frame).unwrap().meta(frame).pincount(),
+        0,
+        "the pinned frame was unpinned"
+    );
+    assert!(
+        h.dma().sanitizer().is_clean(),
+        "{:?}",
+        h.dma().sanitizer().violations()
+    );
+}
