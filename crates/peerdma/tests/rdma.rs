@@ -376,113 +376,141 @@ fn errors_complete_with_the_kernels_statuses_and_move_qps_to_error() {
         Errno::EINVAL
     );
 
-    // Fresh pair: a local key of another PD is LOC_PROT_ERR; requester only.
-    let (a, b) = pair(&h);
-    let src = a.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
-    let dst = b.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
-    let pd2 = a.ctx.alloc_pd().unwrap();
-    let other = a.ctx.reg_mr(pd2, src, PAGE_SIZE, src.0, RW).unwrap();
-    let rb = b
-        .ctx
-        .reg_mr(b.pd, dst, PAGE_SIZE, dst.0, RW | Access::REMOTE_ATOMIC)
-        .unwrap();
-    a.qp.post_send(write_wr((src.0, 64, other.lkey()), dst.0, rb.rkey()))
-        .unwrap();
-    assert_eq!(one(&a.cq).status, WcStatus::LocProtErr);
-    assert_eq!((a.qp.state(), b.qp.state()), (QpState::Err, QpState::Rts));
+    // Each case on a fresh pair: a page registered on each side (the responder's with
+    // atomics too), an optional set-up, one request, and what each side sees.
+    type Case = (
+        &'static str,
+        fn(&Fresh),
+        fn(&Fresh) -> SendWr,
+        WcStatus,
+        Option<WcStatus>,
+    );
+    let cases: [Case; 6] = [
+        (
+            "a local key of another PD",
+            |_| {},
+            |f| {
+                let pd2 = f.a.ctx.alloc_pd().unwrap();
+                let other = f.a.ctx.reg_mr(pd2, f.src, PAGE_SIZE, f.src.0, RW).unwrap();
+                write_wr((f.src.0, 64, other.lkey()), f.dst.0, f.rb.rkey())
+            },
+            WcStatus::LocProtErr,
+            None,
+        ),
+        (
+            "past the end of the remote MR",
+            |_| {},
+            |f| {
+                write_wr(
+                    (f.src.0, 64, f.la.lkey()),
+                    f.dst.0 + PAGE_SIZE - 32,
+                    f.rb.rkey(),
+                )
+            },
+            WcStatus::RemAccessErr,
+            None,
+        ),
+        (
+            "an unknown rkey",
+            |_| {},
+            |f| write_wr((f.src.0, 64, f.la.lkey()), 0, 0xdead_be00),
+            WcStatus::RemAccessErr,
+            None,
+        ),
+        (
+            "a misaligned atomic",
+            |_| {},
+            |f| {
+                f.wr(
+                    SendOp::FetchAdd {
+                        remote_addr: f.dst.0 + 4,
+                        rkey: f.rb.rkey(),
+                        add: 1,
+                    },
+                    8,
+                )
+            },
+            WcStatus::RemInvReqErr,
+            None,
+        ),
+        (
+            "a SEND with no receive posted",
+            |_| {},
+            |f| f.wr(SendOp::Send, 8),
+            WcStatus::RnrRetryExcErr,
+            None,
+        ),
+        (
+            "a SEND longer than the receive",
+            |f| {
+                let sg = vec![Sge {
+                    addr: f.dst.0,
+                    len: 16,
+                    lkey: f.rb.lkey(),
+                }];
+                f.b.qp.post_recv(RecvWr { wr_id: 3, sg }).unwrap();
+            },
+            |f| f.wr(SendOp::Send, 64),
+            WcStatus::RemInvReqErr,
+            Some(WcStatus::LocLenErr),
+        ),
+    ];
+    for (what, setup, wr, want, want_recv) in cases {
+        let f = fresh(&h);
+        setup(&f);
+        f.a.qp.post_send(wr(&f)).unwrap();
+        assert_eq!(one(&f.a.cq).status, want, "{what}");
+        assert_eq!(f.a.qp.state(), QpState::Err, "{what}");
+        assert_eq!(
+            f.b.cq.poll(4).first().map(|w| w.status),
+            want_recv,
+            "{what}"
+        );
+    }
+}
 
-    // Out of the remote MR's range, and an unknown rkey: REM_ACCESS_ERR.
-    let (a, b) = pair(&h);
-    let src = a.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
-    let la = a.ctx.reg_mr(a.pd, src, PAGE_SIZE, src.0, RW).unwrap();
-    let dst = b.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
-    let rb = b
-        .ctx
-        .reg_mr(b.pd, dst, PAGE_SIZE, dst.0, RW | Access::REMOTE_ATOMIC)
-        .unwrap();
-    a.qp.post_send(write_wr(
-        (src.0, 64, la.lkey()),
-        dst.0 + PAGE_SIZE - 32,
-        rb.rkey(),
-    ))
-    .unwrap();
-    assert_eq!(one(&a.cq).status, WcStatus::RemAccessErr);
-    let (a, _b) = pair(&h);
-    let src = a.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
-    let la = a.ctx.reg_mr(a.pd, src, PAGE_SIZE, src.0, RW).unwrap();
-    a.qp.post_send(write_wr((src.0, 64, la.lkey()), 0, 0xdead_be00))
-        .unwrap();
-    assert_eq!(one(&a.cq).status, WcStatus::RemAccessErr);
+/// A connected pair with one page registered on each side (the responder's also for
+/// atomics).
+struct Fresh {
+    a: Side,
+    b: Side,
+    src: VirtAddr,
+    la: Arc<peerdma::drivers::rnic::Mr>,
+    dst: VirtAddr,
+    rb: Arc<peerdma::drivers::rnic::Mr>,
+}
 
-    // A misaligned atomic: REM_INV_REQ_ERR. A SEND with no receive posted: RNR.
-    let (a, b) = pair(&h);
+fn fresh(h: &Host) -> Fresh {
+    let (a, b) = pair(h);
     let src = a.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
     let la = a.ctx.reg_mr(a.pd, src, PAGE_SIZE, src.0, RW).unwrap();
     let dst = b.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
-    let rb = b
-        .ctx
-        .reg_mr(b.pd, dst, PAGE_SIZE, dst.0, RW | Access::REMOTE_ATOMIC)
-        .unwrap();
-    a.qp.post_send(SendWr {
-        wr_id: 1,
-        op: SendOp::FetchAdd {
-            remote_addr: dst.0 + 4,
-            rkey: rb.rkey(),
-            add: 1,
-        },
-        sg: vec![Sge {
-            addr: src.0,
-            len: 8,
-            lkey: la.lkey(),
-        }],
-        signaled: true,
-    })
-    .unwrap();
-    assert_eq!(one(&a.cq).status, WcStatus::RemInvReqErr);
-    let (a, _b) = pair(&h);
-    let src = a.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
-    let la = a.ctx.reg_mr(a.pd, src, PAGE_SIZE, src.0, RW).unwrap();
-    a.qp.post_send(SendWr {
-        wr_id: 2,
-        op: SendOp::Send,
-        sg: vec![Sge {
-            addr: src.0,
-            len: 8,
-            lkey: la.lkey(),
-        }],
-        signaled: true,
-    })
-    .unwrap();
-    assert_eq!(one(&a.cq).status, WcStatus::RnrRetryExcErr);
-    // A message longer than the receive: LOC_LEN_ERR at the responder, REM_INV_REQ at
-    // the requester.
-    let (a, b) = pair(&h);
-    let src = a.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
-    let la = a.ctx.reg_mr(a.pd, src, PAGE_SIZE, src.0, RW).unwrap();
-    let dst = b.p.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
-    let rb = b.ctx.reg_mr(b.pd, dst, PAGE_SIZE, dst.0, RW).unwrap();
-    b.qp.post_recv(RecvWr {
-        wr_id: 3,
-        sg: vec![Sge {
-            addr: dst.0,
-            len: 16,
-            lkey: rb.lkey(),
-        }],
-    })
-    .unwrap();
-    a.qp.post_send(SendWr {
-        wr_id: 4,
-        op: SendOp::Send,
-        sg: vec![Sge {
-            addr: src.0,
-            len: 64,
-            lkey: la.lkey(),
-        }],
-        signaled: true,
-    })
-    .unwrap();
-    assert_eq!(one(&a.cq).status, WcStatus::RemInvReqErr);
-    assert_eq!(one(&b.cq).status, WcStatus::LocLenErr);
+    let acc = RW | Access::REMOTE_ATOMIC;
+    let rb = b.ctx.reg_mr(b.pd, dst, PAGE_SIZE, dst.0, acc).unwrap();
+    Fresh {
+        a,
+        b,
+        src,
+        la,
+        dst,
+        rb,
+    }
+}
+
+impl Fresh {
+    /// A signaled request `op` with `len` bytes of the local page.
+    fn wr(&self, op: SendOp, len: u32) -> SendWr {
+        SendWr {
+            wr_id: 1,
+            op,
+            sg: vec![Sge {
+                addr: self.src.0,
+                len,
+                lkey: self.la.lkey(),
+            }],
+            signaled: true,
+        }
+    }
 }
 
 #[test]
