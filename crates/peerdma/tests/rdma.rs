@@ -378,12 +378,17 @@ fn errors_complete_with_the_kernels_statuses_and_move_qps_to_error() {
 
     // Each case on a fresh pair: a page registered on each side (the responder's with
     // atomics too), an optional set-up, one request, and what each side sees.
+    // Each case on a fresh pair: a page registered on each side (the responder's with
+    // atomics too), an optional set-up, one request, what the requester and the
+    // responder's receive queue see, and the responder QP's state afterwards (the
+    // requester's goes to ERR every time).
     type Case = (
         &'static str,
         fn(&Fresh),
         fn(&Fresh) -> SendWr,
         WcStatus,
         Option<WcStatus>,
+        QpState,
     );
     let cases: [Case; 6] = [
         (
@@ -396,6 +401,7 @@ fn errors_complete_with_the_kernels_statuses_and_move_qps_to_error() {
             },
             WcStatus::LocProtErr,
             None,
+            QpState::Rts,
         ),
         (
             "past the end of the remote MR",
@@ -409,6 +415,7 @@ fn errors_complete_with_the_kernels_statuses_and_move_qps_to_error() {
             },
             WcStatus::RemAccessErr,
             None,
+            QpState::Err,
         ),
         (
             "an unknown rkey",
@@ -416,6 +423,7 @@ fn errors_complete_with_the_kernels_statuses_and_move_qps_to_error() {
             |f| write_wr((f.src.0, 64, f.la.lkey()), 0, 0xdead_be00),
             WcStatus::RemAccessErr,
             None,
+            QpState::Err,
         ),
         (
             "a misaligned atomic",
@@ -432,6 +440,7 @@ fn errors_complete_with_the_kernels_statuses_and_move_qps_to_error() {
             },
             WcStatus::RemInvReqErr,
             None,
+            QpState::Err,
         ),
         (
             "a SEND with no receive posted",
@@ -439,6 +448,7 @@ fn errors_complete_with_the_kernels_statuses_and_move_qps_to_error() {
             |f| f.wr(SendOp::Send, 8),
             WcStatus::RnrRetryExcErr,
             None,
+            QpState::Rts,
         ),
         (
             "a SEND longer than the receive",
@@ -453,9 +463,10 @@ fn errors_complete_with_the_kernels_statuses_and_move_qps_to_error() {
             |f| f.wr(SendOp::Send, 64),
             WcStatus::RemInvReqErr,
             Some(WcStatus::LocLenErr),
+            QpState::Err,
         ),
     ];
-    for (what, setup, wr, want, want_recv) in cases {
+    for (what, setup, wr, want, want_recv, responder) in cases {
         let f = fresh(&h);
         setup(&f);
         f.a.qp.post_send(wr(&f)).unwrap();
