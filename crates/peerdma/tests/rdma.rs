@@ -477,6 +477,7 @@ fn errors_complete_with_the_kernels_statuses_and_move_qps_to_error() {
             want_recv,
             "{what}"
         );
+        assert_eq!(f.b.qp.state(), responder, "{what}: the responder's QP");
     }
 }
 
