@@ -1270,3 +1270,24 @@ fn exit_with_dma_in_flight_waits_for_it_and_releases_everything() {
         h.dma().sanitizer().violations()
     );
 }
+
+/// U12: a pinned MR's SG table merges physically contiguous pages up to the NIC's
+/// segment size (2 GiB, as mlx5 sets), so with the IOMMU off the NIC sees one segment
+/// per physically contiguous run of the buffer.
+#[test]
+fn a_pinned_mr_maps_one_segment_per_contiguous_run() {
+    let h = dgx(false);
+    let a = side(&h, NIC_A);
+    let pages = 64u64;
+    let buf = a.p.mmap_anon(pages * PAGE_SIZE, Prot::RW).unwrap();
+    let mr = a
+        .ctx
+        .reg_mr(a.pd, buf, pages * PAGE_SIZE, buf.0, RW)
+        .unwrap();
+    let frames: Vec<u64> = (0..pages)
+        .map(|i| a.p.pte(VirtAddr(buf.0 + i * PAGE_SIZE)).pfn().unwrap().0)
+        .collect();
+    let runs = 1 + frames.windows(2).filter(|w| w[1] != w[0] + 1).count();
+    assert_eq!(mr.dma_addrs().len(), runs, "frames {frames:?}");
+    assert!(runs < pages as usize / 4, "pages fault in mostly in order");
+}

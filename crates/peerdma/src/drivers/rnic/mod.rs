@@ -49,6 +49,9 @@ use crate::p2pmem::{P2pError, P2pRegistry};
 use crate::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use crate::sync::{order, Arc, OrderedMutex, Weak};
 
+/// The NIC's largest DMA segment, as mlx5 sets it.
+pub const MAX_SEGMENT: u64 = 2 << 30;
+
 /// A verbs call refused: the call, the kernel's errno, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("rnic {dev} {op}: {why} ({errno})")]
@@ -216,6 +219,9 @@ impl Rnic {
             errno: e.errno(),
             why: e.to_string(),
         })?;
+        // mlx5 sets 2 GiB segments (`dma_set_max_seg_size`), so a pinned MR over
+        // contiguous pages maps as few long segments (U12).
+        dev.set_max_segment(MAX_SEGMENT);
         Ok(Arc::new(Rnic {
             bdf,
             dma: dev,
