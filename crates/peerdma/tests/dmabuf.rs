@@ -561,3 +561,36 @@ fn a_dma_buf_of_a_removed_gpu_cannot_be_imported() {
     assert_eq!(e.errno, Errno::ENODEV);
     drop((a, b, mr, buf));
 }
+
+/// Case 4, refused: a pinned RDMA registration (FOLL_LONGTERM) over a CPU mapping of a
+/// VRAM buffer. The kernel maps VRAM into processes as I/O memory without struct pages
+/// (VM_PFNMAP), which GUP refuses; the NIC must use the dma-buf instead.
+#[test]
+fn a_long_term_pin_of_vram_mapped_into_a_process_is_refused() {
+    let h = machine("dgx", true, &DGX_NICS, DGX_GPU, 16, false);
+    let gpu = h.device::<Gpu>(bdf(DGX_GPU)).unwrap();
+    let bo = gpu.bo_alloc(PAGE_SIZE).unwrap();
+    let buf = gpu.bo_export(bo, P2pPolicy::MoveToRam).unwrap();
+    let b = side(&h, DGX_NICS[1]);
+    let va = buf.mmap(&b.p, 0, PAGE_SIZE, Prot::RW).unwrap();
+    // Long-term pins must not hold device memory the owner wants to move; this page
+    // cannot leave VRAM (the CPU mapping keeps the BO there), so the pin is refused.
+    let e = b.ctx.reg_mr(b.pd, va, PAGE_SIZE, va.0, RW).unwrap_err();
+    assert_eq!(e.errno, Errno::EBUSY, "{e}");
+    assert_eq!(b.p.pinned_vm(), 0, "the charge was taken back");
+    assert_eq!(gpu.bo_info(bo).unwrap().domain, BoDomain::Vram);
+    // The dma-buf MR is the way: it reaches the same VRAM.
+    let fd = b.p.files().export_fd(&buf);
+    let mr = b.ctx.reg_dmabuf_mr(b.pd, 0, PAGE_SIZE, 0, fd, RW).unwrap();
+    b.p.write(va, b"cpu wrote").unwrap();
+    let a = side(&h, DGX_NICS[0]);
+    connect(&a.qp, &b.qp);
+    assert_eq!(rdma_write(&a, b"nic", 0, mr.rkey()), WcStatus::Success);
+    let mut got = [0u8; 9];
+    b.p.read(va, &mut got).unwrap();
+    assert_eq!(&got, b"nic wrote", "the CPU mapping sees the NIC's write");
+    b.p.munmap(va, PAGE_SIZE).unwrap();
+    drop((a, mr));
+    drop((b, buf));
+    gpu.bo_free(bo).unwrap();
+}

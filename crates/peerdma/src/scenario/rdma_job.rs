@@ -8,7 +8,8 @@
 //!    lands once, invalidations wait for the NIC, faults and invalidations are counted;
 //! 3. a dma-buf MR over a VRAM buffer object that the GPU evicts under pressure halfway
 //!    through: move_notify, re-fault at the new place, no byte in stale storage;
-//! 4. a pinned dma-buf MR (a long-term pin of VRAM), which blocks eviction;
+//! 4. a long-term pin of VRAM: a pinned MR over a CPU mapping of it is refused, a
+//!    pinned dma-buf MR blocks eviction;
 //! 5. a VRAM buffer shared by two processes through a dma-buf fd, written by one, read
 //!    by the other and by the NIC.
 //!
@@ -467,12 +468,31 @@ pub fn run(
         progress(3, steps);
     }
 
-    // 4. A long-term pin of VRAM (pinned dma-buf MR) blocks eviction.
+    // 4. A long-term pin of VRAM: refused through a CPU mapping; a pinned dma-buf MR
+    // blocks eviction.
     {
         let t = Instant::now();
         let b = responder(&nic, host, &mut req)?;
         let bo = gpu.bo_alloc(msg)?;
         let buf = gpu.bo_export(bo, P2pPolicy::MoveToRam)?;
+        let va = buf.mmap(&b.p, 0, msg, Prot::RW)?;
+        let (pin_line, pin_refused) = match b.ctx.reg_mr(b.pd, va, msg, va.0, RW) {
+            Err(e) => (
+                format!(
+                    "a pinned MR (FOLL_LONGTERM) over a CPU mapping of the VRAM: refused ({})",
+                    e.errno
+                ),
+                true,
+            ),
+            Ok(mr) => {
+                b.ctx.dereg_mr(&mr)?;
+                (
+                    "a pinned MR over a CPU mapping of the VRAM was allowed (UNEXPECTED)".into(),
+                    false,
+                )
+            }
+        };
+        b.p.munmap(va, msg)?;
         let fd = b.p.files().export_fd(&buf);
         let mr = b.ctx.reg_dmabuf_mr_pinned(b.pd, 0, msg, 0, fd, RW)?;
         req.write(4, &pattern(msg as usize, 400), 0, mr.rkey())?;
@@ -498,12 +518,16 @@ pub fn run(
         };
         cases.push(RdmaCase {
             case: 4,
-            name: "a long-term pin of VRAM blocks the GPU".into(),
-            registration: "pinned dma-buf (ib_umem_dmabuf_get_pinned)".into(),
+            name: "a long-term pin of VRAM is refused or blocks the GPU".into(),
+            registration: "pinned (ib_umem) over VRAM, then pinned dma-buf (ib_umem_dmabuf_get_pinned)".into(),
             bytes: msg,
             seconds: t.elapsed().as_secs_f64(),
-            verified: stayed && after && got == pattern(msg as usize, 400),
-            events: vec![refused, format!("after dereg the BO moved: {after}")],
+            verified: pin_refused && stayed && after && got == pattern(msg as usize, 400),
+            events: vec![
+                pin_line,
+                format!("a pinned dma-buf MR instead: {refused}"),
+                format!("after dereg the BO moved: {after}"),
+            ],
         });
         b.p.exit();
         drop(buf);

@@ -723,20 +723,21 @@ impl Context {
         if writable {
             gup = gup | FollFlags::WRITE;
         }
-        let pinned = pin_user_pages(&mm, VirtAddr(first), pages as usize, gup)
-            .map_err(|e| e.errno())
-            .and_then(|p| match p.stopped_by() {
-                Some(e) => Err(e.errno()),
-                None => Ok(p),
+        let pinned =
+            pin_user_pages(&mm, VirtAddr(first), pages as usize, gup).and_then(|p| {
+                match p.stopped_by() {
+                    Some(e) => Err(e.clone()),
+                    None => Ok(p),
+                }
             });
         let pin = match pinned {
             Ok(p) => p,
-            Err(errno) => {
+            Err(e) => {
                 mm.uncharge_pinned(pages);
                 return Err(nic.err(
                     op,
-                    errno,
-                    format!("cannot pin {pages} pages at {}", VirtAddr(first)),
+                    e.errno(),
+                    format!("cannot pin {pages} pages at {}: {e}", VirtAddr(first)),
                 ));
             }
         };
