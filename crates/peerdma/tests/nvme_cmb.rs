@@ -102,6 +102,24 @@ fn cmb_without_both_data_directions_is_not_published() {
 }
 
 #[test]
+fn a_cmb_that_is_not_used_says_why_in_words() {
+    // What a report prints for each state: never an internal name.
+    let d = dma();
+    let mut regs = CmbRegs::whole(2, 16 << 20, 0);
+    regs.cmbsz &= !CmbRegs::RDS;
+    let unpublished = drive(&d, Some(regs)).cmb_status().to_string();
+    assert!(
+        unpublished.contains("not published (it lacks WDS or RDS)"),
+        "{unpublished}"
+    );
+    let absent = CmbStatus::Absent.to_string();
+    assert_eq!(absent, "the controller has no memory buffer (CMBSZ is 0)");
+    let regs = CmbRegs::whole(5, 16 << 20, 0);
+    let skipped = drive(&d, Some(regs)).cmb_status().to_string();
+    assert!(skipped.contains("BAR 5"), "{skipped}");
+}
+
+#[test]
 fn read_and_write_commands_move_bytes_with_prps_and_sgls() {
     let h = common::bare(16 << 20, true);
     let d = h.dma().clone();

@@ -60,6 +60,24 @@ pub enum CmbStatus {
     },
 }
 
+impl std::fmt::Display for CmbStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CmbStatus::Absent => f.write_str("the controller has no memory buffer (CMBSZ is 0)"),
+            CmbStatus::Skipped(why) => f.write_str(why),
+            CmbStatus::Registered { size, published } => write!(
+                f,
+                "a {size:#x}-byte buffer registered as p2p memory, {}",
+                if *published {
+                    "published"
+                } else {
+                    "not published (it lacks WDS or RDS)"
+                }
+            ),
+        }
+    }
+}
+
 /// How to build a controller.
 #[derive(Clone, Debug)]
 pub struct NvmeConfig {

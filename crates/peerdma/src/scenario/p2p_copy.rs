@@ -169,12 +169,24 @@ fn pick(host: &Host, p: &P2pCopyParams) -> Result<(Arc<Nvme>, Arc<Nvme>), CopyEr
             .into_iter()
             .find(|n| n.cmb().is_some_and(|c| c.published()))
             .ok_or_else(|| {
-                CopyError::NoPair("no drive has a published controller memory buffer".into())
+                let each: Vec<String> = host
+                    .devices_of::<Nvme>()
+                    .iter()
+                    .map(|n| format!("{}: {}", n.dev(), n.cmb_status()))
+                    .collect();
+                CopyError::NoPair(if each.is_empty() {
+                    "no NVMe drive is bound on this host".into()
+                } else {
+                    format!(
+                        "no drive has a published controller memory buffer ({})",
+                        each.join("; ")
+                    )
+                })
             })?,
     };
     if target.cmb().is_none() {
         return Err(CopyError::NoPair(format!(
-            "{} has no usable CMB: {:?}",
+            "{} has no usable CMB: {}",
             target.dev(),
             target.cmb_status()
         )));
