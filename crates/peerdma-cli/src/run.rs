@@ -21,6 +21,7 @@ use peerdma::host::{Host, HostConfig};
 use peerdma::scenario::hmm_job::{self, HmmJobParams, HmmJobReport};
 use peerdma::scenario::p2p_copy::{self, P2pCopyParams, P2pCopyReport};
 use peerdma::scenario::rdma_job::{self, RdmaJobParams, RdmaJobReport};
+use peerdma_cli::opts::{count, size};
 
 /// What to run.
 #[derive(Args)]
@@ -33,10 +34,10 @@ pub struct RunArgs {
     #[arg(long)]
     topology: Option<String>,
     /// Bytes per transfer (K, M suffixes allowed).
-    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    #[arg(long, default_value = "1M", value_parser = size(4 << 10, 256 << 20))]
     chunk_size: u64,
     /// Transfers.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value = "64", value_parser = count(1, 4096))]
     chunks: u64,
     /// The drive to read from (default: the one closest to the target).
     #[arg(long)]
@@ -52,39 +53,24 @@ pub struct RunArgs {
     #[arg(long)]
     json: bool,
     /// HMM job: bytes of process memory the GPU works on.
-    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    #[arg(long, default_value = "64M", value_parser = size(4 << 10, 64 << 30))]
     buffer_size: u64,
     /// VRAM per GPU (default: 32M for the HMM job, so the buffer puts it under
     /// pressure; what the topology says for the RDMA job).
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = size(4 << 10, 1 << 40))]
     vram: Option<u64>,
     /// RDMA job: bytes per RDMA WRITE.
-    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    #[arg(long, default_value = "1M", value_parser = size(4 << 10, 1 << 30))]
     message_size: u64,
     /// RDMA job: messages per case.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value = "8", value_parser = count(1, 4096))]
     messages: u64,
     /// HMM job: GPU passes over the buffer (VRAM is evicted between them).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value = "3", value_parser = clap::value_parser!(u32).range(1..=1000))]
     passes: u32,
     /// HMM job: the GPU to use (default: the first).
     #[arg(long)]
     gpu: Option<Bdf>,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
-        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
-        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
-        _ => (s, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .filter(|n| *n > 0)
-        .ok_or_else(|| format!("`{s}` is not a size like 4096, 64K or 1M"))
 }
 
 fn load(topology: &str) -> Result<Topology> {

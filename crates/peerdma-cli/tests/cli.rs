@@ -522,3 +522,44 @@ fn bench_dma_reports_against_memcpy_and_the_kernel() {
     assert!(out.contains("scattered frames"), "{out}");
     assert!(out.contains("get_user_dma_sg 4 MiB"), "{out}");
 }
+
+#[test]
+fn numeric_options_are_checked_when_parsed_and_name_the_range() {
+    // Each was accepted and then failed deep inside (or silently did nothing).
+    for (args, option, range) in [
+        (
+            &["run", "p2pmem", "--chunks", "0"][..],
+            "--chunks",
+            "1..=4096",
+        ),
+        (
+            &["run", "p2pmem", "--chunk-size", "18446744073709551615"][..],
+            "--chunk-size",
+            "4K..=256M",
+        ),
+        (&["bench", "mm", "--bytes", "0"][..], "--bytes", "1M..=64G"),
+        (
+            &["bench", "topo", "--functions", "0"][..],
+            "--functions",
+            "2..=100000",
+        ),
+        (&["bench", "mm", "--runs", "0"][..], "--runs", "1..=1000"),
+        (&["run", "--messages", "0"][..], "--messages", "1..=4096"),
+        (
+            &["run", "--message-size", "1T"][..],
+            "--message-size",
+            "4K..=1G",
+        ),
+    ] {
+        let o = peerdma(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8(o.stderr).unwrap();
+        assert!(
+            err.contains(option) && err.contains(range),
+            "{args:?}: {err}"
+        );
+    }
+    // One size parser everywhere: suffixes work for the benchmarks too.
+    let out = stdout(&peerdma(&["bench", "mm", "--bytes", "16M", "--runs", "1"]));
+    assert!(out.contains("4096 pages (16 MiB)"), "{out}");
+}

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
+
+use crate::opts::{count, size};
 use peerdma::fabric::import::{presets, sysfs};
 use peerdma::fabric::{FnId, Matrix};
 
@@ -26,63 +28,63 @@ enum Which {
     /// Import a generated sysfs snapshot and build the all-pairs matrix.
     Topo {
         /// Functions in the generated machine.
-        #[arg(long, default_value_t = 1000)]
-        functions: usize,
+        #[arg(long, default_value = "1000", value_parser = count(2, 100_000))]
+        functions: u64,
         /// Timed repetitions; the median is reported.
-        #[arg(long, default_value_t = 20)]
-        iterations: usize,
+        #[arg(long, default_value = "20", value_parser = count(1, 10_000))]
+        iterations: u64,
     },
     /// The DMA data path against memcpy, and get_user_dma_sg against io_uring pinning.
     Dma {
         /// Bytes per device transfer (default 1 MiB).
-        #[arg(long, default_value_t = 1 << 20)]
+        #[arg(long, default_value = "1M", value_parser = size(4 << 10, 1 << 30))]
         transfer: u64,
         /// Bytes for get_user_dma_sg (default 1 GiB).
-        #[arg(long, default_value_t = 1 << 30)]
+        #[arg(long, default_value = "1G", value_parser = size(1 << 20, 64 << 30))]
         bytes: u64,
         /// Runs; medians are reported.
-        #[arg(long, default_value_t = 5)]
-        runs: usize,
+        #[arg(long, default_value = "5", value_parser = count(1, 1000))]
+        runs: u64,
     },
     /// The GPU model: unified-memory first touches (migrating or remote) and mapped
     /// reads, the copy engine in 1 MiB blocks, and BO eviction, against memcpy.
     Gpu {
         /// Bytes of process memory the GPU touches, and of BOs evicted (default 1 GiB;
         /// the copy engine copies up to 256 MiB of it).
-        #[arg(long, default_value_t = 1 << 30)]
+        #[arg(long, default_value = "1G", value_parser = size(1 << 20, 64 << 30))]
         bytes: u64,
         /// Alternating runs; medians are reported.
-        #[arg(long, default_value_t = 5)]
-        runs: usize,
+        #[arg(long, default_value = "5", value_parser = count(1, 1000))]
+        runs: u64,
     },
     /// hmm_range_fault and migration to device memory against pinning and memcpy.
     Hmm {
         /// Bytes of memory to snapshot and migrate (default 1 GiB).
-        #[arg(long, default_value_t = 1 << 30)]
+        #[arg(long, default_value = "1G", value_parser = size(1 << 20, 64 << 30))]
         bytes: u64,
         /// Alternating runs; medians are reported.
-        #[arg(long, default_value_t = 5)]
-        runs: usize,
+        #[arg(long, default_value = "5", value_parser = count(1, 1000))]
+        runs: u64,
     },
     /// The RDMA NIC: pinned registration against io_uring pinning, ODP faults and
     /// invalidation against munmap, RDMA WRITE into VRAM by dma-buf against memcpy.
     Rdma {
         /// Bytes to register, fault and invalidate (default 1 GiB; up to 256 MiB of it
         /// is written into VRAM).
-        #[arg(long, default_value_t = 1 << 30)]
+        #[arg(long, default_value = "1G", value_parser = size(1 << 20, 64 << 30))]
         bytes: u64,
         /// Alternating runs; medians are reported.
-        #[arg(long, default_value_t = 3)]
-        runs: usize,
+        #[arg(long, default_value = "3", value_parser = count(1, 1000))]
+        runs: u64,
     },
     /// Pin, munmap and metadata of the memory core against the kernel's own.
     Mm {
         /// Bytes of memory to pin and unmap (default 1 GiB).
-        #[arg(long, default_value_t = 1 << 30)]
+        #[arg(long, default_value = "1G", value_parser = size(1 << 20, 64 << 30))]
         bytes: u64,
         /// Alternating runs of ours and the kernel's; medians are reported.
-        #[arg(long, default_value_t = 7)]
-        runs: usize,
+        #[arg(long, default_value = "7", value_parser = count(1, 1000))]
+        runs: u64,
     },
 }
 
@@ -117,33 +119,35 @@ fn time<T>(iterations: usize, mut f: impl FnMut() -> Result<T>) -> Result<Durati
 
 /// Runs the benchmark the arguments name.
 pub fn run(args: &BenchArgs) -> Result<()> {
+    // The parsers bound every count, so these conversions are lossless.
+    let n = |v: u64| v as usize;
     match args.which {
         Which::Topo {
             functions,
             iterations,
-        } => topo(functions, iterations),
+        } => topo(n(functions), n(iterations)),
         Which::Dma {
             transfer,
             bytes,
             runs,
         } => {
-            dma::print(&dma::run(transfer, bytes, runs)?);
+            dma::print(&dma::run(transfer, bytes, n(runs))?);
             Ok(())
         }
         Which::Gpu { bytes, runs } => {
-            gpu::print(&gpu::run(bytes, runs)?);
+            gpu::print(&gpu::run(bytes, n(runs))?);
             Ok(())
         }
         Which::Hmm { bytes, runs } => {
-            hmm::print(&hmm::run(bytes, runs)?);
+            hmm::print(&hmm::run(bytes, n(runs))?);
             Ok(())
         }
         Which::Rdma { bytes, runs } => {
-            rdma::print(&rdma::run(bytes, runs)?);
+            rdma::print(&rdma::run(bytes, n(runs))?);
             Ok(())
         }
         Which::Mm { bytes, runs } => {
-            mm::print(&mm::run(bytes, runs)?);
+            mm::print(&mm::run(bytes, n(runs))?);
             Ok(())
         }
     }
