@@ -1,5 +1,6 @@
 //! The `peerdma` command: `run` runs the main job on an emulated host, `topo` reports
-//! the PCIe peer-to-peer picture of a machine, `bench` measures against the kernel.
+//! the PCIe peer-to-peer picture of a machine, `bench` measures against the kernel;
+//! `completions` and `man` print a shell completion script and the manual page.
 
 mod run;
 mod topo;
@@ -8,11 +9,17 @@ use peerdma_cli::bench;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// PCIe peer-to-peer DMA, pinning and device memory, modelled on the Linux kernel.
 #[derive(Parser)]
-#[command(name = "peerdma", version, about, long_about = None)]
+#[command(
+    name = "peerdma",
+    version,
+    about,
+    long_about = None,
+    after_help = "Exit status: 0 on success, 1 when the command failed (an error, a job that did not verify), 2 for a usage error."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -20,12 +27,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the main job on an emulated host (the built-in p2pmem-test copy by default).
+    /// Run a job on an emulated host: the RDMA job by default (an RDMA NIC writing into
+    /// memory a GPU moves, each registration style), or `p2pmem` or `hmm`.
     Run(run::RunArgs),
     /// Show which PCIe functions can DMA to each other, how, and why.
     Topo(topo::TopoArgs),
     /// Run a benchmark and print it beside its baseline, measured in the same run.
     Bench(bench::BenchArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `peerdma man > peerdma.1`.
+    Man,
 }
 
 fn main() -> ExitCode {
@@ -43,6 +58,19 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(&args),
         Command::Topo(args) => topo::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "peerdma", &mut out);
+            peerdma_cli::outp!("{}", String::from_utf8_lossy(&out));
+            Ok(())
+        }
+        Command::Man => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut out)
+                .map(|()| peerdma_cli::outp!("{}", String::from_utf8_lossy(&out)))
+                .map_err(anyhow::Error::from)
+        }
     };
     // Output that could not be written (a full disk) fails the command; a closed pipe
     // does not.

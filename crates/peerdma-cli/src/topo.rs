@@ -110,6 +110,12 @@ fn load(args: &TopoArgs) -> Result<Topology> {
         sysfs::read(dir)?
     } else if let Some(src) = &args.lspci {
         let text = if src == "-" {
+            if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                // Waiting silently on a terminal looks like a hang: say what it waits for.
+                eprintln!(
+                    "peerdma: reading `lspci -tv` output from standard input (paste it, then Ctrl-D)"
+                );
+            }
             peerdma_cli::io::read_bounded(std::io::stdin().lock(), "lspci text from stdin")?
         } else {
             peerdma_cli::io::read_file(std::path::Path::new(src))?

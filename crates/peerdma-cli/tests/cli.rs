@@ -563,3 +563,30 @@ fn numeric_options_are_checked_when_parsed_and_name_the_range() {
     let out = stdout(&peerdma(&["bench", "mm", "--bytes", "16M", "--runs", "1"]));
     assert!(out.contains("4096 pages (16 MiB)"), "{out}");
 }
+
+#[test]
+fn help_states_exit_codes_and_completions_and_man_page_are_generated() {
+    let help = stdout(&peerdma(&["--help"]));
+    assert!(
+        help.contains("Exit status: 0 on success, 1 when the command failed"),
+        "{help}"
+    );
+    assert!(help.contains("2 for a usage error"), "{help}");
+    let bash = stdout(&peerdma(&["completions", "bash"]));
+    assert!(
+        bash.contains("_peerdma()") && bash.contains("--message-size"),
+        "bash completion"
+    );
+    let zsh = stdout(&peerdma(&["completions", "zsh"]));
+    assert!(
+        zsh.starts_with("#compdef peerdma"),
+        "{}",
+        &zsh[..40.min(zsh.len())]
+    );
+    let man = stdout(&peerdma(&["man"]));
+    assert!(
+        man.contains(".TH peerdma 1") && man.contains("completions"),
+        "man page"
+    );
+    assert_eq!(peerdma(&["completions", "nosh"]).status.code(), Some(2));
+}
