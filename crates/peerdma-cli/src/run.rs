@@ -126,7 +126,7 @@ fn run_p2pmem(args: &RunArgs) -> Result<()> {
     bar.finish_and_clear();
     let report = report.with_context(|| format!("p2pmem copy on {}", host.topology().source()))?;
     if args.json {
-        print_json(&report, "peerdma-run/1")?;
+        print_json(&report, "peerdma-run/1", &host)?;
     } else {
         print(&host, &report);
     }
@@ -173,7 +173,7 @@ fn emit<R: serde::Serialize>(
     job: &str,
 ) -> Result<()> {
     if json {
-        print_json(report, schema)?;
+        print_json(report, schema, host)?;
     } else {
         print(host, report);
     }
@@ -183,14 +183,32 @@ fn emit<R: serde::Serialize>(
     Ok(())
 }
 
-/// Prints `report` as pretty JSON with its `schema` name.
-fn print_json(report: &impl serde::Serialize, schema: &str) -> Result<()> {
-    let mut v = serde_json::to_value(report)?;
-    if let Some(o) = v.as_object_mut() {
-        o.insert("schema".into(), schema.into());
+/// Prints `report` as pretty JSON: `schema` first, whether the host's IOMMU was on,
+/// then the report's fields in the order its type declares them (docs/json.md).
+fn print_json(report: &impl serde::Serialize, schema: &str, host: &Host) -> Result<()> {
+    #[derive(serde::Serialize)]
+    struct Tagged<'a, R> {
+        schema: &'a str,
+        iommu: bool,
+        #[serde(flatten)]
+        report: &'a R,
     }
-    peerdma_cli::outln!("{}", serde_json::to_string_pretty(&v)?);
+    let tagged = Tagged {
+        schema,
+        iommu: host.dma().iommu().enabled(),
+        report,
+    };
+    peerdma_cli::outln!("{}", serde_json::to_string_pretty(&tagged)?);
     Ok(())
+}
+
+/// "IOMMU on" or "IOMMU off", for the first line of a text report.
+fn iommu(host: &Host) -> &'static str {
+    if host.dma().iommu().enabled() {
+        "IOMMU on"
+    } else {
+        "IOMMU off"
+    }
 }
 
 fn mib(b: u64) -> f64 {
@@ -199,8 +217,9 @@ fn mib(b: u64) -> f64 {
 
 fn print(host: &Host, r: &P2pCopyReport) {
     peerdma_cli::outln!(
-        "p2pmem copy on {}: {} x {} KiB from {} to {} through {}'s CMB",
+        "p2pmem copy on {} ({}): {} x {} KiB from {} to {} through {}'s CMB",
         host.topology().source(),
+        iommu(host),
         r.chunks,
         r.chunk_size >> 10,
         r.source,
@@ -294,8 +313,9 @@ fn run_hmm(args: &RunArgs) -> Result<()> {
 
 fn print_hmm(host: &Host, r: &HmmJobReport) {
     peerdma_cli::outln!(
-        "HMM job on {}: {:.0} MiB of process memory mirrored into GPU {} with {:.0} MiB of VRAM, {} passes",
+        "HMM job on {} ({}): {:.0} MiB of process memory mirrored into GPU {} with {:.0} MiB of VRAM, {} passes",
         host.topology().source(),
+        iommu(host),
         mib(r.buffer_bytes),
         r.gpu,
         mib(r.vram_bytes),
@@ -388,8 +408,9 @@ fn run_rdma(args: &RunArgs) -> Result<()> {
 
 fn print_rdma(host: &Host, r: &RdmaJobReport) {
     peerdma_cli::outln!(
-        "RDMA job on {}: NIC {} writes into memory the GPU {} moves; requests come from NIC {}",
+        "RDMA job on {} ({}): NIC {} writes into memory the GPU {} moves; requests come from NIC {}",
         host.topology().source(),
+        iommu(host),
         r.nic,
         r.gpu,
         r.peer_nic

@@ -383,6 +383,12 @@ fn run_default_tells_the_rdma_story_with_every_case_verified() {
         "4",
         "--json",
     ]));
+    // docs/json.md's promise: `schema` first, then `iommu`, then the report's fields.
+    assert!(
+        out.starts_with("{\n  \"schema\": \"peerdma-run-rdma/1\",\n  \"iommu\": true,\n  \"gpu\""),
+        "{}",
+        &out[..120]
+    );
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(
         (v["gpu"].as_str(), v["nic"].as_str()),
@@ -422,6 +428,7 @@ fn run_default_tells_the_rdma_story_with_every_case_verified() {
         "--message-size",
         "16K",
     ]));
+    assert!(out.starts_with("RDMA job on q35 (IOMMU off):"), "{out}");
     assert!(out.contains("not on the P2PDMA allowlist"), "{out}");
     assert!(
         out.contains("moved the BO to system RAM at the first map"),
