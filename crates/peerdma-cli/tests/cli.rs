@@ -273,7 +273,8 @@ fn bench_topo_reports_against_its_baseline() {
         "1",
     ]));
     assert!(out.contains("60 functions, 3600 pairs"), "{out}");
-    assert!(out.contains("x baseline"), "{out}");
+    assert!(out.contains("(ratio "), "{out}");
+    assert!(out.contains("higher is better"), "{out}");
 }
 
 #[test]

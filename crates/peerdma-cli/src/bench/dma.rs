@@ -178,6 +178,7 @@ pub fn print(f: &DmaFigures) {
         "dma benchmark: 64 device writes of {} KiB, IOMMU on, medians of runs",
         f.transfer >> 10
     );
+    crate::outln!("{}", crate::bench::RATIOS);
     crate::outln!(
         "  memcpy baseline                    {:>7.2} GB/s",
         gbs(f.memcpy)

@@ -238,6 +238,7 @@ pub fn print(f: &GpuFigures) {
         (f.pages * PAGE_SIZE) >> 20,
         ms(f.memcpy)
     );
+    crate::outln!("{}", crate::bench::RATIOS);
     for (name, d) in [
         ("GPU first touch, migrate into VRAM", f.migrate_on_touch),
         ("GPU first touch, remote access", f.remote),

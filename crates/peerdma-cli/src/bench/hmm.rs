@@ -152,6 +152,7 @@ pub fn print(f: &HmmFigures) {
         f.pages,
         (f.pages * PAGE_SIZE) >> 20
     );
+    crate::outln!("{}", crate::bench::RATIOS);
     match f.pin_kernel {
         Some(k) => crate::outln!(
             "  hmm_range_fault snapshot         {:>8.2} ms  {:>6.1} Mpages/s (goal >= 30)   kernel io_uring register+unregister {:>8.2} ms  {:>6.1} Mpages/s   ratio {:.2}x (goal >= 2x)",
