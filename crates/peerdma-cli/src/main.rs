@@ -18,7 +18,7 @@ use clap::{CommandFactory, Parser, Subcommand};
     version,
     about,
     long_about = None,
-    after_help = "Exit status: 0 on success, 1 when the command failed (an error, a job that did not verify), 2 for a usage error."
+    after_help = "Exit status:\n  0  success\n  1  the command failed (an error, a job that did not verify)\n  2  a usage error"
 )]
 struct Cli {
     #[command(subcommand)]

@@ -575,11 +575,14 @@ fn numeric_options_are_checked_when_parsed_and_name_the_range() {
 #[test]
 fn help_states_exit_codes_and_completions_and_man_page_are_generated() {
     let help = stdout(&peerdma(&["--help"]));
-    assert!(
-        help.contains("Exit status: 0 on success, 1 when the command failed"),
-        "{help}"
-    );
-    assert!(help.contains("2 for a usage error"), "{help}");
+    for line in [
+        "Exit status:",
+        "  0  success",
+        "  1  the command failed",
+        "  2  a usage error",
+    ] {
+        assert!(help.contains(line), "{help}");
+    }
     let bash = stdout(&peerdma(&["completions", "bash"]));
     assert!(
         bash.contains("_peerdma()") && bash.contains("--message-size"),
@@ -597,4 +600,31 @@ fn help_states_exit_codes_and_completions_and_man_page_are_generated() {
         "man page"
     );
     assert_eq!(peerdma(&["completions", "nosh"]).status.code(), Some(2));
+}
+
+#[test]
+fn ids_lspci_text_does_not_give_are_unknown_not_ffff() {
+    // `lspci -tv` without -nn names devices but gives no ids: say unknown (null in
+    // JSON), never the 0xffff the importer holds, and keep the TOML readable.
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("tv.txt");
+    std::fs::write(
+        &text,
+        "-[0000:00]-+-00.0  Intel Corporation Device\n           \\-02.0-[02]----00.0  Samsung Electronics Co Ltd NVMe SSD Controller\n",
+    )
+    .unwrap();
+    let t = text.to_str().unwrap();
+    let out = stdout(&peerdma(&["topo", "--lspci", t]));
+    assert!(out.contains("00.0 = id unknown"), "{out}");
+    assert!(!out.to_lowercase().contains("ffff"), "{out}");
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout(&peerdma(&["topo", "--lspci", t, "--json"]))).unwrap();
+    assert_eq!(json["devices"][0]["id"], serde_json::Value::Null);
+    assert_eq!(json["host_bridges"][0]["id"], serde_json::Value::Null);
+    let toml = stdout(&peerdma(&["topo", "--lspci", t, "--toml"]));
+    assert!(!toml.contains("ffff"), "{toml}");
+    let f = dir.path().join("t.toml");
+    std::fs::write(&f, toml).unwrap();
+    let back = stdout(&peerdma(&["topo", "--file", f.to_str().unwrap()]));
+    assert!(back.contains("00.0 = id unknown"), "{back}");
 }

@@ -10,7 +10,8 @@ struct DeviceRow {
     bdf: String,
     class: &'static str,
     kind: PortKind,
-    id: String,
+    /// `vendor:device`; null when the source does not give it.
+    id: Option<String>,
     name: String,
     numa_node: Option<u32>,
     link: Option<String>,
@@ -33,8 +34,13 @@ struct PairRow {
 struct HostBridgeRow {
     root: String,
     numa_node: Option<u32>,
+    /// Its 00.0 function's `vendor:device`; null when there is none or its id is
+    /// unknown.
     id: Option<String>,
     allowlisted: bool,
+    /// Whether the root bus has a 00.0 function (for the text report).
+    #[serde(skip)]
+    function: bool,
 }
 
 #[derive(Serialize)]
@@ -68,7 +74,7 @@ impl Report {
                     bdf: f.bdf.to_string(),
                     class: f.device_class().name(),
                     kind: f.kind,
-                    id: format!("{:04x}:{:04x}", f.vendor, f.device),
+                    id: f.id(),
                     name: f.name.clone(),
                     numa_node: topo.numa_node(id),
                     link: f.link.map(|l| l.to_string()),
@@ -100,7 +106,8 @@ impl Report {
                 HostBridgeRow {
                     root: topo.host_bridges()[h].root.to_string(),
                     numa_node: topo.host_bridges()[h].numa_node,
-                    id: f.map(|f| format!("{:04x}:{:04x}", f.vendor, f.device)),
+                    id: f.and_then(|f| f.id()),
+                    function: f.is_some(),
                     allowlisted: f.is_some_and(|f| {
                         peerdma::fabric::HOST_BRIDGE_ALLOWLIST
                             .iter()
@@ -181,7 +188,11 @@ pub fn print_report(topo: &Topology, r: &Report, classes: &[DeviceClass]) {
             "Host bridge {}: NUMA {}, 00.0 = {}{}",
             hb.root,
             opt(hb.numa_node),
-            hb.id.as_deref().unwrap_or("none"),
+            match (&hb.id, hb.function) {
+                (Some(id), _) => id.as_str(),
+                (None, true) => "id unknown",
+                (None, false) => "none",
+            },
             if hb.allowlisted {
                 " (on the P2PDMA allowlist)"
             } else {

@@ -16,6 +16,9 @@ pub fn device_name(vendor: u16, device: u16, class: u32) -> String {
     }
     match vendor_name(vendor) {
         Some(v) => format!("{v} Device {device:04x}"),
+        None if vendor == crate::fabric::Function::UNKNOWN_ID => {
+            format!("{} (id unknown)", class_name(class))
+        }
         None => format!("{} [{vendor:04x}:{device:04x}]", class_name(class)),
     }
 }

@@ -349,7 +349,7 @@ pub fn host_bridge_allows(
         let Some(f) = topo.host_bridge_function(h) else {
             return HostBridgeCheck::NoIdentifyingFunction { root };
         };
-        let id = format!("{:04x}:{:04x}", f.vendor, f.device);
+        let id = f.id().unwrap_or_else(|| "id unknown".into());
         match HOST_BRIDGE_ALLOWLIST
             .iter()
             .find(|e| e.vendor == f.vendor && e.device == f.device)

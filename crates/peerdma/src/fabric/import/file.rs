@@ -44,8 +44,9 @@ pub struct TopologyFile {
 pub struct FunctionEntry {
     /// `DDDD:BB:DD.F`.
     pub bdf: Bdf,
-    /// `vendor:device` in hex.
-    pub id: String,
+    /// `vendor:device` in hex; omitted when unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     /// Subsystem `vendor:device` in hex.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subsystem: Option<String>,
@@ -156,8 +157,11 @@ pub fn from_file(source: &str, file: &TopologyFile) -> Result<Topology, FabricEr
     };
     let mut specs = Vec::with_capacity(file.functions.len());
     for e in &file.functions {
-        let (vendor, device) = parse_id_pair(&e.id)
-            .ok_or_else(|| bad(e.bdf, format!("id `{}` is not vendor:device in hex", e.id)))?;
+        let (vendor, device) = match &e.id {
+            None => (Function::UNKNOWN_ID, Function::UNKNOWN_ID),
+            Some(id) => parse_id_pair(id)
+                .ok_or_else(|| bad(e.bdf, format!("id `{id}` is not vendor:device in hex")))?,
+        };
         let subsystem = match &e.subsystem {
             None => None,
             Some(s) => Some(parse_id_pair(s).ok_or_else(|| {
@@ -253,7 +257,7 @@ pub fn to_file(topo: &Topology) -> TopologyFile {
             .iter()
             .map(|f| FunctionEntry {
                 bdf: f.bdf,
-                id: format!("{:04x}:{:04x}", f.vendor, f.device),
+                id: f.id(),
                 subsystem: f.subsystem.map(|(v, d)| format!("{v:04x}:{d:04x}")),
                 class: format!("{:#08x}", f.class),
                 name: (f.name != names::device_name(f.vendor, f.device, f.class))

@@ -246,8 +246,8 @@ impl Parser<'_> {
         let mut col = col + 4;
         let mut function = Function {
             bdf,
-            vendor: 0xffff,
-            device: 0xffff,
+            vendor: Function::UNKNOWN_ID,
+            device: Function::UNKNOWN_ID,
             subsystem: None,
             class: 0,
             name: String::new(),

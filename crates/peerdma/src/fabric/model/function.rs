@@ -145,7 +145,8 @@ pub enum Upstream {
 pub struct Function {
     /// The function's address.
     pub bdf: Bdf,
-    /// Vendor ID.
+    /// Vendor ID; [`Function::UNKNOWN_ID`] when the source does not say (`lspci -tv`
+    /// without `-nn`).
     pub vendor: u16,
     /// Device ID.
     pub device: u16,
@@ -236,6 +237,16 @@ impl DeviceClass {
 }
 
 impl Function {
+    /// The vendor or device ID of a function whose IDs the source does not give (no
+    /// vendor has it: it is what a read of an absent function returns).
+    pub const UNKNOWN_ID: u16 = 0xffff;
+
+    /// `vendor:device` in hex, or `None` when the source did not say.
+    pub fn id(&self) -> Option<String> {
+        (self.vendor != Self::UNKNOWN_ID)
+            .then(|| format!("{:04x}:{:04x}", self.vendor, self.device))
+    }
+
     /// The function's broad class.
     pub fn device_class(&self) -> DeviceClass {
         DeviceClass::of(self.class)
