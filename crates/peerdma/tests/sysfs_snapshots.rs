@@ -142,3 +142,42 @@ fn saved_snapshot_reads_back_identically() {
         assert_eq!(original.host(), again.host(), "{name}");
     }
 }
+
+/// The lspci-text importer has no class codes in `-tv`/`-tvnn` text; what it guesses
+/// from names and ids must put every device in the class the sysfs snapshot of the
+/// same machine says (a VGA card is no NIC because "Electronics" contains "nic").
+#[test]
+fn lspci_text_classes_match_the_sysfs_classes() {
+    let mut wrong = Vec::new();
+    for name in common::snapshot_names() {
+        let (_tmp, root) = common::unpack(&name);
+        let s = sysfs::read(&root).unwrap();
+        for flavour in ["tv", "tvnn"] {
+            let l = lspci::parse(flavour, &lspci_text(&name, flavour)).unwrap();
+            for b in l.functions() {
+                if b.kind.is_bridge() {
+                    continue;
+                }
+                let Some(a) = s.functions().iter().find(|a| a.bdf == b.bdf) else {
+                    continue;
+                };
+                if a.device_class() != b.device_class() {
+                    wrong.push(format!(
+                        "{name} -{flavour} {}: sysfs {:?} ({:#08x}), lspci {:?} from {:?}",
+                        b.bdf,
+                        a.device_class(),
+                        a.class,
+                        b.device_class(),
+                        b.name
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} misclassified:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+}

@@ -302,7 +302,12 @@ impl Parser<'_> {
             function.vendor = v;
             function.device = d;
         }
-        function.class = guess_class(name);
+        function.class = guess_class(name, function.vendor);
+        // A root bus's 00.0 that names itself no other way is its host bridge (the
+        // PCI convention the allowlist check relies on too).
+        if function.class == 0xff0000 && parent.is_none() && dev == 0 && func == 0 {
+            function.class = 0x060000;
+        }
         function.name = name.to_string();
         self.specs.push(FunctionSpec {
             function,
@@ -331,11 +336,20 @@ fn split_ids(text: &str) -> (&str, Option<(u16, u16)>) {
     (text, None)
 }
 
-/// A class code good enough for `--class` buckets, from words lspci names carry.
-fn guess_class(name: &str) -> u32 {
-    let n = name.to_ascii_lowercase();
-    let has = |w: &[&str]| w.iter().any(|x| n.contains(x));
-    if has(&["nvme", "non-volatile", "ssd", "nvm express"]) {
+/// A class code good enough for `--class` buckets, from what `lspci -tv` text carries:
+/// whole words and phrases of the name (never substrings: "Electronics" holds no "nic",
+/// "Unicast" none either), then vendors that make only one kind of device.
+fn guess_class(name: &str, vendor: u16) -> u32 {
+    // The name as lowercase words separated by single spaces, padded, so a phrase
+    // matches only at word boundaries.
+    let words: Vec<String> = name
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_ascii_lowercase)
+        .collect();
+    let text = format!(" {} ", words.join(" "));
+    let has = |ps: &[&str]| ps.iter().any(|p| text.contains(&format!(" {p} ")));
+    if has(&["nvme", "non volatile", "ssd", "nvm express"]) {
         0x010802
     } else if has(&[
         "vga",
@@ -349,7 +363,11 @@ fn guess_class(name: &str) -> u32 {
         "gpu",
         "h100",
         "a100",
-    ]) {
+        "mga",
+    ]) || matches!(vendor, 0x102b | 0x1013)
+        || has(&["matrox", "cirrus logic"])
+    {
+        // Matrox (102b) and Cirrus Logic (1013) PCI functions are display controllers.
         0x030000
     } else if has(&["infiniband", "connectx", "hca"]) {
         0x020700
@@ -369,10 +387,14 @@ fn guess_class(name: &str) -> u32 {
         "host bridge",
         "pmc",
         "dmi2",
-        "i/o hub to esi",
+        "i o hub to esi",
         "root complex",
     ]) {
         0x060000
+    } else if has(&["isa", "lpc"]) {
+        0x060100
+    } else if has(&["acpi"]) {
+        0x068000
     } else {
         0xff0000
     }
