@@ -249,10 +249,11 @@ fn print(host: &Host, r: &P2pCopyReport) {
         );
     }
     peerdma_cli::outln!(
-        "  bytes moved by path: through the switch {:.1} MiB, through a host bridge {:.1} MiB, via host RAM {:.1} MiB",
+        "  bytes moved by path: by bus address through a common bridge {:.1} MiB, through a host bridge {:.1} MiB, to or from host RAM {:.1} MiB, within one device {:.1} MiB",
         mib(r.dma.via_switch),
         mib(r.dma.via_host_bridge),
-        mib(r.dma.host_ram)
+        mib(r.dma.host_ram),
+        mib(r.dma.same_device)
     );
     peerdma_cli::outln!(
         "  DMA mappings made {} / released {} ({} left), pages pinned {} ({} pins left)",
@@ -445,10 +446,11 @@ fn print_rdma(host: &Host, r: &RdmaJobReport) {
         mib(s.bytes_in)
     );
     peerdma_cli::outln!(
-        "  bytes moved by path: through the switch {:.1} MiB, through a host bridge {:.1} MiB, via host RAM {:.1} MiB",
+        "  bytes moved by path: by bus address through a common bridge {:.1} MiB, through a host bridge {:.1} MiB, to or from host RAM {:.1} MiB, within one device {:.1} MiB",
         mib(r.dma.via_switch),
         mib(r.dma.via_host_bridge),
-        mib(r.dma.host_ram)
+        mib(r.dma.host_ram),
+        mib(r.dma.same_device)
     );
     peerdma_cli::outln!(
         "  after exit: {}",

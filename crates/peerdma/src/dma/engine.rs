@@ -269,7 +269,7 @@ impl DmaDevice {
         }
         self.run_transfer_hook();
         let mut at = 0usize;
-        let mut moved = [0u64; 3];
+        let mut moved = [0u64; 4];
         for (rec, first_page, off, len) in &plan {
             let (rec, first_page, off, len) = (&**rec, *first_page, *off, *len);
             // Copy each physically contiguous run of the piece in one go.
@@ -288,7 +288,9 @@ impl DmaDevice {
                 k += 1;
                 in_page = 0;
             }
-            let path = if rec.kind == MapKind::BusAddr {
+            let path = if rec.own {
+                3
+            } else if rec.kind == MapKind::BusAddr {
                 0
             } else if rec.peer {
                 1
@@ -307,6 +309,9 @@ impl DmaDevice {
         }
         if moved[2] > 0 {
             self.count(|c| &c.host_ram, moved[2]);
+        }
+        if moved[3] > 0 {
+            self.count(|c| &c.same_device, moved[3]);
         }
         Ok(())
     }

@@ -52,6 +52,8 @@ pub(crate) struct Record {
     /// Whether the memory is a peer's BAR (reached by bus address or through the host
     /// bridge), for the statistics.
     pub(crate) peer: bool,
+    /// Whether the memory is the mapping device's own BAR.
+    pub(crate) own: bool,
     /// The IOVA range the segment is linked in, for a translated mapping; dropping the
     /// record (after it left the live mappings, so no transfer can use it) unlinks and
     /// frees it.
@@ -405,6 +407,7 @@ impl DmaDevice {
                 pages,
                 region: region.clone(),
                 peer: peer.is_some(),
+                own: peer.is_some_and(|r| r.provider == dev),
                 iova,
                 inflight: InFlight::new(),
                 revoked: AtomicBool::new(false),

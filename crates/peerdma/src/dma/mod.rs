@@ -163,16 +163,33 @@ type LiveMap = BTreeMap<(u64, u64), Arc<map::Record>>;
 /// Bytes the engine moved, by the path they took.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DmaStats {
-    /// Peer memory reached by bus address, through a switch.
+    /// Peer memory reached by bus address through a common upstream bridge (a switch,
+    /// or a root port two functions share).
     pub via_switch: u64,
     /// Peer memory reached through the host bridge (IOVA or physical address).
     pub via_host_bridge: u64,
     /// System RAM.
     pub host_ram: u64,
+    /// A device's own BAR memory (a drive reading into its own CMB): no link crossed.
+    pub same_device: u64,
     /// Mappings made.
     pub mappings: u64,
     /// Mappings released.
     pub unmappings: u64,
+}
+
+impl DmaStats {
+    /// What was added since `before`.
+    pub fn since(&self, before: &DmaStats) -> DmaStats {
+        DmaStats {
+            via_switch: self.via_switch - before.via_switch,
+            via_host_bridge: self.via_host_bridge - before.via_host_bridge,
+            host_ram: self.host_ram - before.host_ram,
+            same_device: self.same_device - before.same_device,
+            mappings: self.mappings - before.mappings,
+            unmappings: self.unmappings - before.unmappings,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -180,6 +197,7 @@ pub(crate) struct Counters {
     pub(crate) via_switch: AtomicU64,
     pub(crate) via_host_bridge: AtomicU64,
     pub(crate) host_ram: AtomicU64,
+    pub(crate) same_device: AtomicU64,
     pub(crate) mappings: AtomicU64,
     pub(crate) unmappings: AtomicU64,
 }
@@ -190,6 +208,7 @@ impl Counters {
             via_switch: self.via_switch.load(Ordering::Relaxed),
             via_host_bridge: self.via_host_bridge.load(Ordering::Relaxed),
             host_ram: self.host_ram.load(Ordering::Relaxed),
+            same_device: self.same_device.load(Ordering::Relaxed),
             mappings: self.mappings.load(Ordering::Relaxed),
             unmappings: self.unmappings.load(Ordering::Relaxed),
         }

@@ -608,13 +608,7 @@ pub fn run(
         nic_to_gpu: verdict,
         cases,
         nic_stats: since(&nic_stats, &nic_before),
-        dma: DmaStats {
-            via_switch: dma.via_switch - dma_before.via_switch,
-            via_host_bridge: dma.via_host_bridge - dma_before.via_host_bridge,
-            host_ram: dma.host_ram - dma_before.host_ram,
-            mappings: dma.mappings - dma_before.mappings,
-            unmappings: dma.unmappings - dma_before.unmappings,
-        },
+        dma: dma.since(&dma_before),
         sanitizer: host
             .dma()
             .sanitizer()
