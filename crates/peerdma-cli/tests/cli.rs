@@ -26,6 +26,14 @@ fn shared() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"))
 }
 
+/// The path of a shared snapshot's `lspci -{flavour}` text.
+fn shared_lspci(name: &str, flavour: &str) -> String {
+    shared()
+        .join(format!("data/sysfs/{name}.lspci-{flavour}.txt"))
+        .to_string_lossy()
+        .into_owned()
+}
+
 #[test]
 fn topo_preset_prints_both_matrices_and_legends() {
     let out = stdout(&peerdma(&["topo", "--preset", "workstation"]));
@@ -630,4 +638,47 @@ fn ids_lspci_text_does_not_give_are_unknown_not_ffff() {
     std::fs::write(&f, toml).unwrap();
     let back = stdout(&peerdma(&["topo", "--file", f.to_str().unwrap()]));
     assert!(back.contains("00.0 = id unknown"), "{back}");
+}
+
+#[test]
+fn an_unknown_acs_reason_fits_the_source() {
+    // lspci text carries no ACS; its TOML write-back does not state it either. Neither
+    // may tell the user to run as root, which would change nothing.
+    let text = shared_lspci("32em64t-2n8c-dax-nvme-mic-dimms", "tv");
+    let lspci = stdout(&peerdma(&[
+        "topo",
+        "--lspci",
+        &text,
+        "--explain",
+        "02:00.0",
+        "02:00.3",
+    ]));
+    assert!(
+        lspci.contains("`lspci -tv` text carries no ACS state"),
+        "{lspci}"
+    );
+    assert!(
+        !lspci.contains("run as root") && !lspci.contains("sudo"),
+        "{lspci}"
+    );
+    assert!(!lspci.contains("Illegal Vendor ID"), "{lspci}");
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("t.toml");
+    std::fs::write(&f, stdout(&peerdma(&["topo", "--lspci", &text, "--toml"]))).unwrap();
+    let file = stdout(&peerdma(&[
+        "topo",
+        "--file",
+        f.to_str().unwrap(),
+        "--explain",
+        "02:00.0",
+        "02:00.3",
+    ]));
+    assert!(
+        file.contains("the topology file does not give its `[function.acs]` state"),
+        "{file}"
+    );
+    assert!(
+        !file.contains("run as root") && !file.contains("sudo"),
+        "{file}"
+    );
 }

@@ -98,11 +98,17 @@ pub fn explain(topo: &Topology, a: FnId, b: FnId) -> Explain {
     }
     let mut advice = Vec::new();
     match v.map_type {
-        MapType::BusAddr if v.uncertain() => advice.push(
-            "Already a bus-address path if no port on it redirects; read ACS as root (sudo peerdma topo) to be sure."
-                .to_string(),
-        ),
-        MapType::BusAddr => advice.push("Nothing: this pair already uses bus addresses.".to_string()),
+        MapType::BusAddr if v.uncertain() => advice.push(format!(
+            "Already a bus-address path if no port on it redirects; to be sure, learn ACS: {}.",
+            if v.acs_hint.is_empty() {
+                "the source does not give it"
+            } else {
+                v.acs_hint
+            }
+        )),
+        MapType::BusAddr => {
+            advice.push("Nothing: this pair already uses bus addresses.".to_string())
+        }
         _ => {
             if let Some(p) = v.acs_advice() {
                 advice.push(format!(

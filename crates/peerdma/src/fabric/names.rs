@@ -11,14 +11,15 @@ pub fn vendor_name(vendor: u16) -> Option<&'static str> {
 /// A name in lspci's style: `Vendor Device`, falling back to `Vendor Device 1234`,
 /// `Class [vvvv:dddd]` when even the vendor is unknown.
 pub fn device_name(vendor: u16, device: u16, class: u32) -> String {
+    // pci.ids lists ffff as "Illegal Vendor ID"; here it means the source gave none.
+    if vendor == crate::fabric::Function::UNKNOWN_ID {
+        return format!("{} (id unknown)", class_name(class));
+    }
     if let Some(d) = Device::from_vid_pid(vendor, device) {
         return format!("{} {}", d.vendor().name(), d.name());
     }
     match vendor_name(vendor) {
         Some(v) => format!("{v} Device {device:04x}"),
-        None if vendor == crate::fabric::Function::UNKNOWN_ID => {
-            format!("{} (id unknown)", class_name(class))
-        }
         None => format!("{} [{vendor:04x}:{device:04x}]", class_name(class)),
     }
 }

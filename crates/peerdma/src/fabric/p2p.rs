@@ -170,6 +170,10 @@ pub struct Verdict {
     pub host_bridges: Vec<HostBridgeCheck>,
     /// Whether the CPU vendor or family was unknown when the allowlist refused.
     pub cpu_unknown: bool,
+    /// Why ACS may be unknown with this topology's source and what would tell (for
+    /// the reason; not part of the JSON verdict).
+    #[serde(skip)]
+    pub acs_hint: &'static str,
 }
 
 impl Verdict {
@@ -228,8 +232,13 @@ impl Verdict {
         }
         if !self.acs_unknown.is_empty() && self.map_type == MapType::BusAddr {
             let list: Vec<String> = self.acs_unknown.iter().map(Bdf::to_string).collect();
+            let why = if self.acs_hint.is_empty() {
+                "the source does not give it"
+            } else {
+                self.acs_hint
+            };
             out.push_str(&format!(
-                "; UNCERTAIN: ACS could not be read on {} (run as root, or the source has no ACS)",
+                "; UNCERTAIN: ACS could not be read on {} ({why})",
                 list.join(", ")
             ));
         }
@@ -291,6 +300,7 @@ pub(crate) fn calc_with_paths(
             acs_unknown: Vec::new(),
             cpu_unknown: !supported && topo.host().cpu_vendor.is_none(),
             host_bridges,
+            acs_hint: topo.gaps().acs_hint,
         };
     };
     // The client-side walk up to, not including, the common bridge (already checked).
@@ -310,6 +320,7 @@ pub(crate) fn calc_with_paths(
             acs_unknown,
             host_bridges: Vec::new(),
             cpu_unknown: false,
+            acs_hint: topo.gaps().acs_hint,
         };
     }
     let (supported, host_bridges) = host_bridge_allows(topo, provider, client);
@@ -327,6 +338,7 @@ pub(crate) fn calc_with_paths(
         acs_unknown,
         cpu_unknown: !supported && topo.host().cpu_vendor.is_none(),
         host_bridges,
+        acs_hint: topo.gaps().acs_hint,
     }
 }
 

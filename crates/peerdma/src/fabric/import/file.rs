@@ -232,6 +232,7 @@ pub fn from_file(source: &str, file: &TopologyFile) -> Result<Topology, FabricEr
     let gaps = Gaps {
         numa_unknown,
         cpu_unknown: file.host.cpu_vendor.is_none(),
+        acs_hint: "the topology file does not give its `[function.acs]` state",
         ..Gaps::default()
     };
     let name = file.name.clone().unwrap_or_else(|| source.to_string());

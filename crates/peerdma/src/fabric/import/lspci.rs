@@ -119,6 +119,7 @@ pub fn parse(source: &str, text: &str) -> Result<Topology, FabricError> {
              the CPU are unknown, so bus-address verdicts are uncertain"
                 .to_string(),
         ],
+        acs_hint: "`lspci -tv` text carries no ACS state; a sysfs snapshot taken as root has it",
     };
     Topology::build(
         format!("lspci {source}"),

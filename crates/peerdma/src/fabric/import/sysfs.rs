@@ -115,13 +115,19 @@ pub fn read(root: &Path) -> Result<Topology, FabricError> {
     let mut gaps = Gaps {
         numa_unknown: !any_numa_file,
         cpu_unknown: host.cpu_vendor.is_none(),
+        acs_hint: if root == Path::new("/") {
+            "only root can read past 64 bytes of config space: run as root (sudo peerdma topo)"
+        } else {
+            "this snapshot's config files stop at 64 bytes: take it as root to include ACS"
+        },
         ..Gaps::default()
     };
     if short_config > 0 {
         gaps.notes.push(format!(
             "ACS could not be read for {short_config} of {} functions: their config space stops \
-             before the extended capabilities (only root can read past 64 bytes)",
-            names.len()
+             before the extended capabilities ({})",
+            names.len(),
+            gaps.acs_hint
         ));
     }
     if host.iommu.is_none() {

@@ -58,6 +58,10 @@ pub struct Gaps {
     pub cpu_unknown: bool,
     /// Free-text notes from the importer: what it skipped and why.
     pub notes: Vec<String>,
+    /// Why ACS may be unknown with this source, and what would tell (empty: the
+    /// source simply does not give it).
+    #[serde(skip)]
+    pub acs_hint: &'static str,
 }
 
 /// A function as an importer describes it, before the tree is linked.
