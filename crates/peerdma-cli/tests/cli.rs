@@ -682,3 +682,38 @@ fn an_unknown_acs_reason_fits_the_source() {
         "{file}"
     );
 }
+
+#[test]
+fn save_keeps_a_host_bridges_numa_node_that_only_the_bridge_states() {
+    // A topology file may give the node on the host bridge alone; a sysfs snapshot
+    // has it on each function (the kernel's inheritance), so the save writes it there.
+    let dir = tempfile::tempdir().unwrap();
+    let toml = stdout(&peerdma(&["topo", "--preset", "workstation", "--toml"]));
+    let mut section = String::new();
+    let mut out = Vec::new();
+    for line in toml.lines() {
+        if line.starts_with('[') {
+            section = line.to_string();
+        }
+        if line.starts_with("numa_node") {
+            if section.starts_with("[[function") {
+                continue;
+            }
+            out.push("numa_node = 1".to_string());
+            continue;
+        }
+        out.push(line.to_string());
+    }
+    let f = dir.path().join("w.toml");
+    std::fs::write(&f, out.join("\n")).unwrap();
+    let snap = dir.path().join("snap");
+    stdout(&peerdma(&[
+        "topo",
+        "--file",
+        f.to_str().unwrap(),
+        "--save",
+        snap.to_str().unwrap(),
+    ]));
+    let back = stdout(&peerdma(&["topo", "--sysfs", snap.to_str().unwrap()]));
+    assert!(back.contains("Host bridge 0000:00: NUMA 1"), "{back}");
+}

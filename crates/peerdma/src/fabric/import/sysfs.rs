@@ -590,7 +590,11 @@ pub fn write_snapshot(topo: &Topology, to: &Path) -> Result<usize, FabricError> 
             }
         }
         write("resource", resource.as_bytes())?;
-        let numa = f.numa_node.map_or("-1".to_string(), |n| n.to_string());
+        // As the kernel does, a function inherits its host bridge's node: a host
+        // bridge's node that only the bridge states survives the round trip.
+        let numa = topo
+            .numa_node(id)
+            .map_or("-1".to_string(), |n| n.to_string());
         write("numa_node", format!("{numa}\n").as_bytes())?;
         if let Some(m) = f.memory {
             write("mem_info_vram_total", format!("{m}\n").as_bytes())?;
