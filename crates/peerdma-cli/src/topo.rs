@@ -37,12 +37,12 @@ pub struct TopoArgs {
     #[arg(long, value_delimiter = ',', value_name = "CLASS,...")]
     class: Vec<String>,
     /// Explain the path and verdict between two functions (provider, then client).
-    #[arg(long, num_args = 2, value_names = ["A", "B"])]
+    #[arg(long, num_args = 2, value_names = ["A", "B"], action = clap::ArgAction::Set)]
     explain: Option<Vec<String>>,
     /// Write a sysfs snapshot to DIR (readable with --sysfs DIR): of this machine, or of
     /// the topology another source option names. All or nothing; DIR must not exist or
     /// be empty.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["explain", "json", "toml", "class"])]
     save: Option<PathBuf>,
     /// With --save: replace a DIR that holds something, whole.
     #[arg(long, requires = "save")]

@@ -717,3 +717,46 @@ fn save_keeps_a_host_bridges_numa_node_that_only_the_bridge_states() {
     let back = stdout(&peerdma(&["topo", "--sysfs", snap.to_str().unwrap()]));
     assert!(back.contains("Host bridge 0000:00: NUMA 1"), "{back}");
 }
+
+#[test]
+fn repeated_or_conflicting_topo_options_are_refused_not_dropped() {
+    for args in [
+        &[
+            "topo",
+            "--preset",
+            "q35",
+            "--explain",
+            "00:01.0",
+            "00:02.0",
+            "--explain",
+            "00:03.0",
+            "00:04.0",
+        ][..],
+        &[
+            "topo",
+            "--preset",
+            "q35",
+            "--save",
+            "/nonexistent/x",
+            "--explain",
+            "00:01.0",
+            "00:02.0",
+        ][..],
+        &[
+            "topo",
+            "--preset",
+            "q35",
+            "--save",
+            "/nonexistent/x",
+            "--json",
+        ][..],
+    ] {
+        let o = peerdma(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8(o.stderr).unwrap();
+        assert!(
+            err.contains("cannot be used multiple times") || err.contains("cannot be used with"),
+            "{args:?}: {err}"
+        );
+    }
+}
