@@ -98,7 +98,12 @@ fn topology_file_errors_say_what_is_wrong() {
         "[[function]]\nbdf = \"0000:05:00.0\"\nid = \"1:2\"\nclass = \"0x010802\"\n",
     )
     .unwrap_err();
-    assert!(e.to_string().contains("0000:05:00.0 has no parent"), "{e}");
+    assert!(
+        e.to_string().contains(
+            "0000:05:00.0 has no parent: there is no bridge to bus 0000:05 and no host bridge 0000:05"
+        ),
+        "{e}"
+    );
     let e = file::parse("t.toml", "[host]\ncpu = 1\n").unwrap_err();
     assert!(e.to_string().contains("unknown field `cpu`"), "{e}");
     let e = preset("nope").unwrap_err();

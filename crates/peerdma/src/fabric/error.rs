@@ -26,13 +26,13 @@ pub enum FabricError {
         root: BusId,
     },
     /// A function's parent does not exist.
-    #[error("{source_name}: function {bdf} has no parent: there is no {parent}")]
+    #[error("{source_name}: function {bdf} has no parent: {parent}")]
     MissingParent {
         /// Where the topology came from.
         source_name: String,
         /// The orphan.
         bdf: Bdf,
-        /// What was looked for.
+        /// What is missing, as a sentence ("there is no 0000:00:01.0").
         parent: String,
     },
     /// A function's parent is not a bridge.

@@ -159,7 +159,7 @@ impl Topology {
                         return Err(FabricError::MissingParent {
                             source_name: source.clone(),
                             bdf,
-                            parent: p.to_string(),
+                            parent: format!("there is no {p}"),
                         })
                     }
                 },
@@ -178,7 +178,9 @@ impl Topology {
                             return Err(FabricError::MissingParent {
                                 source_name: source.clone(),
                                 bdf,
-                                parent: format!("a bridge to bus {root} or a host bridge {root}"),
+                                parent: format!(
+                                    "there is no bridge to bus {root} and no host bridge {root}"
+                                ),
                             })
                         }
                     }
