@@ -18,7 +18,7 @@ use clap::{CommandFactory, Parser, Subcommand};
     version,
     about,
     long_about = None,
-    after_help = "Exit status:\n  0  success\n  1  the command failed (an error, a job that did not verify)\n  2  a usage error"
+    after_help = "Exit status:\n  0  success\n  1  the command failed (an error, a job or scenario that did not verify)\n  2  a usage error or an invalid scenario"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -77,6 +77,10 @@ fn main() -> ExitCode {
     let result = result.and_then(|()| peerdma_cli::io::finish());
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<peerdma_cli::Invalid>().is_some() => {
+            eprint!("{e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("peerdma: error: {e:#}");
             ExitCode::FAILURE

@@ -26,8 +26,8 @@ use peerdma_cli::opts::{count, size};
 /// What to run.
 #[derive(Args)]
 pub struct RunArgs {
-    /// A built-in job: `rdma` (the default), `p2pmem` or `hmm`. Scenario files are
-    /// not supported yet.
+    /// A scenario file (docs/scenario.md), or a built-in job: `rdma` (the default),
+    /// `p2pmem` or `hmm`.
     job: Option<PathBuf>,
     /// The machine: a preset name or a topology TOML file (default: dgx for `rdma`,
     /// workstation for the others).
@@ -91,14 +91,41 @@ pub fn run(args: &RunArgs) -> Result<()> {
         None | Some("rdma") => run_rdma(args),
         Some("p2pmem") => run_p2pmem(args),
         Some("hmm") => run_hmm(args),
-        Some(_) => {
-            let s = args.job.as_ref().map(|p| p.display().to_string());
-            bail!(
-                "`{}` is not a built-in job (rdma, p2pmem, hmm), and scenario files are not supported yet",
-                s.unwrap_or_default()
-            );
+        _ => {
+            let path = args.job.clone().unwrap_or_default();
+            if !path.exists() {
+                bail!(
+                    "`{}` is neither a built-in job (rdma, p2pmem, hmm) nor a scenario file",
+                    path.display()
+                );
+            }
+            run_scenario(&path, args)
         }
     }
+}
+
+/// `peerdma run FILE`: checks the whole scenario first (exit 2 on any error, nothing
+/// run), then runs it; exit 1 when an expectation fails or the host leaks.
+fn run_scenario(path: &std::path::Path, args: &RunArgs) -> Result<()> {
+    let vocab = peerdma::scenario::Vocabulary::standard();
+    let mut plan = peerdma::scenario::load(path, &vocab)
+        .map_err(|d| peerdma_cli::Invalid(d.render()))?;
+    if let Some(on) = args.iommu {
+        plan.machine.iommu = Some(on);
+    }
+    let report = plan
+        .run()
+        .with_context(|| format!("scenario {}", path.display()))?;
+    if args.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        peerdma_cli::outln!("{text}");
+    } else {
+        peerdma_cli::outp!("{}", report.text());
+    }
+    if !report.passed {
+        bail!("scenario {} failed (see the report)", path.display());
+    }
+    Ok(())
 }
 
 /// `peerdma run p2pmem`.

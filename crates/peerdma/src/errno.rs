@@ -49,6 +49,28 @@ pub enum Errno {
 }
 
 impl Errno {
+    /// Every error number this project returns, by value.
+    pub const ALL: &'static [Errno] = &[
+        Errno::EPERM,
+        Errno::ENOENT,
+        Errno::EIO,
+        Errno::ENXIO,
+        Errno::EBADF,
+        Errno::EAGAIN,
+        Errno::ENOMEM,
+        Errno::EACCES,
+        Errno::EFAULT,
+        Errno::EBUSY,
+        Errno::ENODEV,
+        Errno::EINVAL,
+        Errno::ENOTTY,
+        Errno::ERANGE,
+        Errno::EOVERFLOW,
+        Errno::EOPNOTSUPP,
+        Errno::ETIMEDOUT,
+        Errno::EREMOTEIO,
+    ];
+
     /// The number.
     pub fn code(self) -> i32 {
         self as i32

@@ -5,3 +5,10 @@
 pub mod hmm_job;
 pub mod p2p_copy;
 pub mod rdma_job;
+pub mod lang;
+pub mod run;
+pub mod steps;
+pub mod vocab;
+
+pub use run::{compile_text, load, Plan, ScenarioReport};
+pub use vocab::Vocabulary;

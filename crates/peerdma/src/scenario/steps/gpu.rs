@@ -1,0 +1,280 @@
+//! The GPU model: `device NAME gpu [vram=]`, and GPU work on the calling process's
+//! unified memory through its context (opened on first use): `gpu.placement`,
+//! `gpu.prefetch`, `gpu.fill`, `gpu.read`, `gpu.write`, `gpu.copy`, `gpu.add`, and
+//! `gpu.evict` (all of VRAM back to system RAM).
+
+use crate::addr::{Bdf, VirtAddr};
+use crate::drivers::gpu::{Gpu, GpuContext, GpuSpec, Location, Placement};
+use crate::fabric::{DeviceClass, Topology};
+use crate::scenario::lang::Diag;
+use crate::scenario::run::{Failure, Outcome, Runtime, StepResult, REMOVE_TIMEOUT};
+use crate::scenario::steps::{buffer, per_proc, read_outcome, Data};
+use crate::scenario::vocab::{
+    ActorUse, Args, Compile, Dev, ModelDef, Param, StepDef, StepFn, SymKind, Ty, Vocabulary,
+};
+use crate::sync::Arc;
+
+fn spec(topo: &Topology, a: &Args, bdf: Bdf) -> crate::host::DeviceSpec {
+    let stated = topo.functions().iter().find(|f| f.bdf == bdf).and_then(|f| f.memory);
+    GpuSpec {
+        bdf,
+        vram_bytes: a
+            .get("vram")
+            .map(|_| a.num("vram", 0))
+            .or(stated)
+            .unwrap_or(64 << 20),
+    }
+    .into()
+}
+
+fn attach(host: &crate::host::Host, _: &Args, bdf: Option<Bdf>) -> Result<Dev, String> {
+    let bdf = bdf.ok_or("a GPU needs a function")?;
+    let g: Arc<Gpu> = host
+        .device(bdf)
+        .ok_or_else(|| format!("no GPU model bound at {bdf}"))?;
+    let (c, r) = (g.clone(), g.clone());
+    let p2p = host.p2p().clone();
+    Ok(Dev {
+        bdf: Some(bdf),
+        dma: Some(g.dma().clone()),
+        obj: g,
+        counters: Box::new(move || {
+            let s = c.stats();
+            let (_, used, _) = c.vram_bytes();
+            vec![
+                s.faults,
+                s.migrated_to_vram,
+                s.remote_mapped,
+                s.migrated_to_ram,
+                s.evicted,
+                s.vram_full,
+                s.bo_evicted,
+                s.bo_restored,
+                s.ce_bytes,
+                used,
+            ]
+        }),
+        remove: Box::new(move |_| {
+            crate::drivers::Device::remove(&*r, &p2p, Some(REMOVE_TIMEOUT))
+                .map_err(|e| crate::fail!(e))
+        }),
+    })
+}
+
+fn context(rt: &Runtime, dev: &str, proc: &str) -> Result<Arc<GpuContext>, Failure> {
+    let g: Arc<Gpu> = rt.dev(dev)?;
+    let mm = rt.proc(proc)?.mm.clone();
+    per_proc(rt, dev, proc, || Ok(g.open(&mm)))
+}
+
+const DEV: Param = Param::req("dev", Ty::Ref(SymKind::Device("gpu")), "the GPU");
+const AT: Param = Param::req("at", Ty::Place, "REGION or REGION+OFFSET");
+const LEN: Param = Param::req("len", Ty::Size, "bytes");
+
+/// What a GPU range step does, given its context, address and length.
+type RangeOp = fn(&GpuContext, VirtAddr, u64, &Args, u64) -> StepResult;
+
+fn range_step(cx: &mut Compile<'_>, op: RangeOp) -> Result<StepFn, Diag> {
+    let (p, dev, at, len) = (
+        cx.actor.clone().unwrap_or_default(),
+        cx.args.name("dev"),
+        cx.args.place("at"),
+        cx.args.num("len", 0),
+    );
+    let args = cx.args.clone();
+    Ok(Box::new(move |rt| {
+        let ctx = context(rt, &dev, &p)?;
+        let va = rt.at(&at, len)?;
+        op(&ctx, va, len, &args, at.1)
+    }))
+}
+
+fn gpu_err(e: crate::drivers::gpu::GpuError) -> Failure {
+    crate::fail!(e)
+}
+
+/// Adds the model and its words.
+pub fn register(v: &mut Vocabulary) {
+    v.model(ModelDef {
+        name: "gpu",
+        help: "a GPU with VRAM as device-private memory (HMM), a copy engine and buffer objects",
+        class: Some(DeviceClass::Gpu),
+        params: const { &[Param::opt("vram", Ty::Size, "VRAM bytes (default: what the machine states, else 64M)")] },
+        counters: &[
+            "faults",
+            "migrated_to_vram",
+            "remote_mapped",
+            "migrated_to_ram",
+            "evicted",
+            "vram_full",
+            "bo_evicted",
+            "bo_restored",
+            "ce_bytes",
+            "vram_used",
+        ],
+        spec: Some(spec),
+        attach,
+    });
+    v.step(StepDef {
+        verb: "gpu.placement",
+        help: "where GPU touches put the range's pages: migrate (into VRAM on first touch) or remote (stay in RAM)",
+        actor: ActorUse::Required,
+        binds: None,
+        params: const { &[DEV, AT, LEN, Param::req("to", Ty::Word(&["migrate", "remote"]), "the placement")] },
+        outputs: &[],
+        data: false,
+        compile: |cx| {
+            range_step(cx, |ctx, va, len, a, _| {
+                let p = if a.word("to", "migrate") == "remote" {
+                    Placement::Remote
+                } else {
+                    Placement::MigrateOnTouch
+                };
+                ctx.set_placement(va, len, p).map_err(gpu_err)?;
+                Ok(Outcome::default())
+            })
+        },
+    });
+    v.step(StepDef {
+        verb: "gpu.prefetch",
+        help: "moves the range's pages to VRAM or back to RAM now (cudaMemPrefetchAsync)",
+        actor: ActorUse::Required,
+        binds: None,
+        params: const { &[DEV, AT, LEN, Param::req("to", Ty::Word(&["vram", "ram"]), "where to")] },
+        outputs: &["pages"],
+        data: false,
+        compile: |cx| {
+            range_step(cx, |ctx, va, len, a, _| {
+                let to = if a.word("to", "vram") == "ram" {
+                    Location::Ram
+                } else {
+                    Location::Vram
+                };
+                let n = ctx.prefetch(va, len, to).map_err(gpu_err)?;
+                Ok(Outcome::values(vec![n]))
+            })
+        },
+    });
+    v.step(StepDef {
+        verb: "gpu.fill",
+        help: "a GPU kernel writes one byte over the range",
+        actor: ActorUse::Required,
+        binds: None,
+        params: const { &[DEV, AT, LEN, Param::req("byte", Ty::Byte, "the byte")] },
+        outputs: &[],
+        data: false,
+        compile: |cx| {
+            range_step(cx, |ctx, va, len, a, _| {
+                ctx.fill(va, len, a.num("byte", 0) as u8).map_err(gpu_err)?;
+                Ok(Outcome::default())
+            })
+        },
+    });
+    v.step(StepDef {
+        verb: "gpu.read",
+        help: "a GPU kernel loads the range",
+        actor: ActorUse::Required,
+        binds: None,
+        params: const { &[DEV, AT, LEN] },
+        outputs: &[],
+        data: true,
+        compile: |cx| {
+            range_step(cx, |ctx, va, len, _, base| {
+                let mut buf = buffer(len)?;
+                ctx.load(va, &mut buf).map_err(gpu_err)?;
+                read_outcome(vec![], buf, base)
+            })
+        },
+    });
+    v.step(StepDef {
+        verb: "gpu.write",
+        help: "a GPU kernel stores pattern= or fill= over the range",
+        actor: ActorUse::Required,
+        binds: None,
+        params: const { &[
+            DEV,
+            AT,
+            LEN,
+            Param::opt("pattern", Ty::Seed, "the pattern's seed"),
+            Param::opt("fill", Ty::Byte, "one byte everywhere"),
+        ] },
+        outputs: &[],
+        data: false,
+        compile: |cx| {
+            let data = Data::from_call(cx)?;
+            let (p, dev, at, len) = (
+                cx.actor.clone().unwrap_or_default(),
+                cx.args.name("dev"),
+                cx.args.place("at"),
+                cx.args.num("len", 0),
+            );
+            Ok(Box::new(move |rt| {
+                let ctx = context(rt, &dev, &p)?;
+                let va = rt.at(&at, len)?;
+                ctx.store(va, &data.bytes(at.1, len)?).map_err(gpu_err)?;
+                Ok(Outcome::default())
+            }))
+        },
+    });
+    v.step(StepDef {
+        verb: "gpu.add",
+        help: "a GPU kernel adds k to every 32-bit word of the range",
+        actor: ActorUse::Required,
+        binds: None,
+        params: const { &[DEV, AT, LEN, Param::req("k", Ty::Count, "the addend")] },
+        outputs: &[],
+        data: false,
+        compile: |cx| {
+            range_step(cx, |ctx, va, len, a, _| {
+                ctx.add_u32(va, len, a.num("k", 0) as u32).map_err(gpu_err)?;
+                Ok(Outcome::default())
+            })
+        },
+    });
+    v.step(StepDef {
+        verb: "gpu.copy",
+        help: "a GPU kernel copies LEN bytes from src to dst within the process",
+        actor: ActorUse::Required,
+        binds: None,
+        params: const { &[
+            DEV,
+            Param::req("dst", Ty::Place, "where to"),
+            Param::req("src", Ty::Place, "where from"),
+            LEN,
+        ] },
+        outputs: &[],
+        data: false,
+        compile: |cx| {
+            let (p, dev, dst, src, len) = (
+                cx.actor.clone().unwrap_or_default(),
+                cx.args.name("dev"),
+                cx.args.place("dst"),
+                cx.args.place("src"),
+                cx.args.num("len", 0),
+            );
+            Ok(Box::new(move |rt| {
+                let ctx = context(rt, &dev, &p)?;
+                let (d, s) = (rt.at(&dst, len)?, rt.at(&src, len)?);
+                ctx.copy(d, s, len).map_err(gpu_err)?;
+                Ok(Outcome::default())
+            }))
+        },
+    });
+    v.step(StepDef {
+        verb: "gpu.evict",
+        help: "moves every VRAM page back to system RAM (migrate_device_range), as VRAM pressure or removal do",
+        actor: ActorUse::None,
+        binds: None,
+        params: const { &[DEV] },
+        outputs: &["moved", "refused"],
+        data: false,
+        compile: |cx| {
+            let dev = cx.args.name("dev");
+            Ok(Box::new(move |rt| {
+                let g: Arc<Gpu> = rt.dev(&dev)?;
+                let e = g.evict().map_err(|e| crate::fail!(e))?;
+                Ok(Outcome::values(vec![e.moved, e.refused.len() as u64]))
+            }))
+        },
+    });
+}

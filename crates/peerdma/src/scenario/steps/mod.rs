@@ -1,0 +1,88 @@
+//! The words scenarios use, one module per layer or device model. Each module's
+//! `register` adds its operations (and its device model) to a [`Vocabulary`]; a new
+//! device model is a new module here and one line in [`register`].
+
+use crate::scenario::run::{Failure, Outcome, Runtime, StepResult};
+use crate::scenario::vocab::{Compile, Vocabulary};
+use crate::sync::Arc;
+
+pub mod dmirror;
+pub mod gpu;
+pub mod gup;
+pub mod mm;
+pub mod nvme;
+pub mod rnic;
+
+/// Adds every layer's and device model's words.
+pub fn register(v: &mut Vocabulary) {
+    mm::register(v);
+    gup::register(v);
+    nvme::register(v);
+    dmirror::register(v);
+    gpu::register(v);
+    rnic::register(v);
+}
+
+/// The data of a write: `pattern=SEED` bytes at region offset `base`, or `fill=BYTE`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Data {
+    Pattern(u64),
+    Fill(u8),
+}
+
+impl Data {
+    /// From a call's `pattern=` / `fill=`: exactly one must be given.
+    pub(crate) fn from_call(cx: &Compile<'_>) -> Result<Data, crate::scenario::lang::Diag> {
+        match (cx.args.get("pattern"), cx.args.get("fill")) {
+            (Some(_), Some(_)) => Err(cx.err("fill", "give pattern= or fill=, not both", None)),
+            (Some(_), None) => Ok(Data::Pattern(cx.args.num("pattern", 0))),
+            (None, Some(_)) => Ok(Data::Fill(cx.args.num("fill", 0) as u8)),
+            (None, None) => Err(cx.err(
+                "len",
+                format!("`{}` needs the data: pattern=SEED or fill=BYTE", cx.verb.text),
+                None,
+            )),
+        }
+    }
+
+    /// `len` bytes of it at region offset `base`.
+    pub(crate) fn bytes(self, base: u64, len: u64) -> Result<Vec<u8>, Failure> {
+        let mut v = buffer(len)?;
+        match self {
+            Data::Pattern(seed) => crate::scenario::run::pattern_fill(seed, base, &mut v),
+            Data::Fill(b) => v.fill(b),
+        }
+        Ok(v)
+    }
+}
+
+/// A zeroed buffer of `len` bytes, refused (ENOMEM) past 1 GiB: a scenario's reads and
+/// writes go through memory of the process running it.
+pub(crate) fn buffer(len: u64) -> Result<Vec<u8>, Failure> {
+    if len > 1 << 30 {
+        return Err(Failure::new(
+            crate::errno::Errno::ENOMEM,
+            format!("a {len:#x}-byte buffer is more than a scenario step may move (1 GiB)"),
+        ));
+    }
+    Ok(vec![0; len as usize])
+}
+
+/// A per-(device, process) object (a mirror, a GPU context, a verbs context), opened
+/// on first use and kept until the scenario ends.
+pub(crate) fn per_proc<T: Send + Sync + 'static>(
+    rt: &Runtime,
+    dev: &str,
+    proc: &str,
+    open: impl FnOnce() -> Result<T, Failure>,
+) -> Result<Arc<T>, Failure> {
+    rt.get_or(&format!("{dev}@{proc}"), || open().map(Arc::new))
+}
+
+/// An outcome with bytes read at region offset `base`.
+pub(crate) fn read_outcome(values: Vec<u64>, data: Vec<u8>, base: u64) -> StepResult {
+    Ok(Outcome {
+        values,
+        data: Some((data, base)),
+    })
+}
