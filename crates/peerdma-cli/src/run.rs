@@ -108,8 +108,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
 /// run), then runs it; exit 1 when an expectation fails or the host leaks.
 fn run_scenario(path: &std::path::Path, args: &RunArgs) -> Result<()> {
     let vocab = peerdma::scenario::Vocabulary::standard();
-    let mut plan = peerdma::scenario::load(path, &vocab)
-        .map_err(|d| peerdma_cli::Invalid(d.render()))?;
+    let mut plan =
+        peerdma::scenario::load(path, &vocab).map_err(|d| peerdma_cli::Invalid(d.render()))?;
     if let Some(on) = args.iommu {
         plan.machine.iommu = Some(on);
     }

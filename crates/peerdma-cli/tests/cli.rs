@@ -760,3 +760,81 @@ fn repeated_or_conflicting_topo_options_are_refused_not_dropped() {
         );
     }
 }
+
+fn scenario_file(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
+    let p = dir.path().join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn run_scenario_file_reports_each_step_and_exits_by_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = scenario_file(
+        &dir,
+        "good.scn",
+        "machine preset=q35 ram=32M\nprocess a\na: m = mmap anon 16K\na: write m 16K pattern=3\na: read m 16K expect pattern=3\n",
+    );
+    let o = peerdma(&["run", &good]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let text = stdout(&o);
+    assert!(
+        text.contains("passed: 1 checks, 4 steps; nothing leaked"),
+        "{text}"
+    );
+    let o = peerdma(&["run", &good, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["schema"], "peerdma-scenario/1");
+    assert_eq!(v["passed"], true);
+    assert_eq!(v["steps"].as_array().map(Vec::len), Some(4));
+    assert_eq!(v["steps"][3]["line"], 5);
+
+    // An expectation that does not hold: exit 1, the step and the difference.
+    let failing = scenario_file(
+        &dir,
+        "fail.scn",
+        "machine preset=q35 ram=32M\nprocess a\na: m = mmap anon 16K\na: write m 16K fill=7\na: read m 4K expect fill=8\na: read m 4K\n",
+    );
+    let o = peerdma(&["run", &failing]);
+    assert_eq!(o.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(text.contains("FAILED at"), "{text}");
+    assert!(text.contains("fail.scn:5:21"), "{text}");
+    assert!(text.contains("expected: every byte 0x8"), "{text}");
+    assert!(
+        !text.contains("     6  ok"),
+        "nothing ran after the failure: {text}"
+    );
+
+    // An invalid scenario: exit 2, file:line:column and the caret, nothing run.
+    let bad = scenario_file(
+        &dir,
+        "bad.scn",
+        "machine preset=q35\nprocess a\na: m = mmap anon 16K prot=rx\n",
+    );
+    let o = peerdma(&["run", &bad]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(o.stdout.is_empty());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("bad.scn:3:27"), "{err}");
+    assert!(err.contains("^^"), "{err}");
+    assert!(err.contains("did you mean"), "{err}");
+
+    // Neither a job nor a file.
+    let o = peerdma(&["run", "no-such-thing"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("neither a built-in job"));
+}
+
+#[test]
+fn shipped_scenarios_run_from_the_repository() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios");
+    let o = peerdma(&["run", &root.join("refused.scn").display().to_string()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    assert!(stdout(&o).contains("EREMOTEIO"));
+}

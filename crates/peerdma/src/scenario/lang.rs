@@ -553,7 +553,10 @@ impl Parser1<'_> {
             let parsed = statement.parse(LocatingSlice::new(line)).map_err(|e| {
                 let off = e.offset();
                 let ctx = e.inner().to_string();
-                let got: String = line[off..].chars().take_while(|c| !c.is_whitespace()).collect();
+                let got: String = line[off..]
+                    .chars()
+                    .take_while(|c| !c.is_whitespace())
+                    .collect();
                 let message = if got.is_empty() {
                     "unexpected end of line".to_string()
                 } else {
@@ -695,8 +698,11 @@ impl Parser1<'_> {
             ));
         }
         let text = self.loader.load(&target).map_err(|e| {
-            self.sources
-                .diag(f.span, format!("cannot include {}: {e}", target.display()), None)
+            self.sources.diag(
+                f.span,
+                format!("cannot include {}: {e}", target.display()),
+                None,
+            )
         })?;
         self.stack.push(key);
         let out = self.file(&target.display().to_string(), text);
@@ -726,7 +732,10 @@ pub struct NoIncludes;
 
 impl Loader for NoIncludes {
     fn load(&self, path: &Path) -> Result<String, String> {
-        Err(format!("{}: includes are not available here", path.display()))
+        Err(format!(
+            "{}: includes are not available here",
+            path.display()
+        ))
     }
 }
 
@@ -751,9 +760,12 @@ mod tests {
         assert_eq!(c.verb.text, "mmap");
         assert_eq!(c.verb.span.col, 12);
         assert_eq!(c.args.len(), 3);
-        assert_eq!(c.args[2].key.as_ref().map(|t| t.text.as_str()), Some("prot"));
+        assert_eq!(
+            c.args[2].key.as_ref().map(|t| t.text.as_str()),
+            Some("prot")
+        );
         assert_eq!(c.args[2].value.text, "rw");
-        assert_eq!(c.args[2].value.span.col, 27);
+        assert_eq!(c.args[2].value.span.col, 30);
         assert_eq!(c.checks.len(), 1);
         assert_eq!(c.checks[0].key.text, "ok");
     }
@@ -764,7 +776,10 @@ mod tests {
         let StmtKind::Expect(c) = s.kind else {
             panic!("not expect")
         };
-        let ops: Vec<Op> = c.iter().filter_map(|c| c.cmp.as_ref().map(|x| x.0)).collect();
+        let ops: Vec<Op> = c
+            .iter()
+            .filter_map(|c| c.cmp.as_ref().map(|x| x.0))
+            .collect();
         assert_eq!(ops, vec![Op::Eq, Op::Ge, Op::Ne]);
         assert_eq!(c[1].cmp.as_ref().map(|x| x.1.text.as_str()), Some("1"));
     }

@@ -3,9 +3,9 @@
 //! would make.
 
 pub mod hmm_job;
+pub mod lang;
 pub mod p2p_copy;
 pub mod rdma_job;
-pub mod lang;
 pub mod run;
 pub mod steps;
 pub mod vocab;

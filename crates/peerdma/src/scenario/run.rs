@@ -20,8 +20,8 @@ use crate::host::{DeviceSpec, Host, HostConfig, Process};
 use crate::mm::Mm;
 use crate::scenario::lang::{self, Check, Diag, Loader, Op, Sources, Span, Stmt, StmtKind, Tok};
 use crate::scenario::vocab::{
-    bind_args, is_name, nearest, parse_errno, parse_size, ActorUse, Args, Compile, Dev,
-    ModelDef, Param, StepDef, StepFn, SymKind, Symbols, Ty, Vocabulary, HOST_COUNTERS,
+    bind_args, is_name, nearest, parse_errno, parse_size, ActorUse, Args, Compile, Dev, ModelDef,
+    Param, StepDef, StepFn, SymKind, Symbols, Ty, Vocabulary, HOST_COUNTERS,
 };
 use crate::sync::Arc;
 
@@ -113,8 +113,13 @@ pub struct ProcSlot {
 impl ProcSlot {
     /// Forks it.
     pub fn fork(&self) -> Result<Process, Failure> {
-        let g = self.proc.lock().map_err(|_| Failure::msg("process table poisoned"))?;
-        let p = g.as_ref().ok_or_else(|| Failure::msg("the process has exited"))?;
+        let g = self
+            .proc
+            .lock()
+            .map_err(|_| Failure::msg("process table poisoned"))?;
+        let p = g
+            .as_ref()
+            .ok_or_else(|| Failure::msg("the process has exited"))?;
         p.fork().map_err(|e| fail!(e))
     }
     /// Exits it (once).
@@ -301,7 +306,8 @@ impl Runtime {
             .get(name)
             .ok_or_else(|| Failure::msg(format!("no device `{name}`")))?;
         (slot.dev.remove)(&self.host)?;
-        slot.removed.store(true, std::sync::atomic::Ordering::Release);
+        slot.removed
+            .store(true, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 
@@ -410,9 +416,21 @@ impl std::fmt::Debug for Plan {
 }
 
 const MACHINE_PARAMS: &[Param] = &[
-    Param::opt("preset", Ty::Text, "a built-in machine (q35, workstation, dgx, ...)"),
-    Param::opt("topology", Ty::Text, "a topology TOML file, relative to the scenario"),
-    Param::opt("iommu", Ty::Bool, "turn the IOMMU on or off (default: as the machine says)"),
+    Param::opt(
+        "preset",
+        Ty::Text,
+        "a built-in machine (q35, workstation, dgx, ...)",
+    ),
+    Param::opt(
+        "topology",
+        Ty::Text,
+        "a topology TOML file, relative to the scenario",
+    ),
+    Param::opt(
+        "iommu",
+        Ty::Bool,
+        "turn the IOMMU on or off (default: as the machine says)",
+    ),
     Param::opt("ram", Ty::Size, "system RAM (default 256M)"),
 ];
 
@@ -473,7 +491,15 @@ pub fn compile(sources: Sources, stmts: &[Stmt], vocab: &Vocabulary) -> Result<P
     }
     let machine = c.machine_or_default()?;
     if nodes.is_empty() && c.devices.is_empty() {
-        let span = stmts.first().map_or(Span::default(), |s| s.span);
+        let span = stmts.first().map_or(
+            Span {
+                file: 0,
+                line: 1,
+                col: 1,
+                len: 1,
+            },
+            |s| s.span,
+        );
         return Err(c.sources.diag(span, "the scenario has no steps", None));
     }
     Ok(Plan {
@@ -574,7 +600,13 @@ impl Compiler<'_> {
                 None,
             ));
         }
-        let a = bind_args(&self.sources, &call.verb, MACHINE_PARAMS, &call.args, &self.syms)?;
+        let a = bind_args(
+            &self.sources,
+            &call.verb,
+            MACHINE_PARAMS,
+            &call.args,
+            &self.syms,
+        )?;
         let (topology, source) = match (a.text("preset"), a.text("topology")) {
             (Some(_), Some(_)) | (None, None) => {
                 return Err(self.sources.diag(
@@ -616,7 +648,7 @@ impl Compiler<'_> {
             }
         };
         let ram = a.num("ram", 256 << 20);
-        if ram < 16 << 20 || ram > 64 << 30 {
+        if !(16 << 20..=64 << 30).contains(&ram) {
             return Err(self.sources.diag(
                 a.span("ram").unwrap_or(span),
                 "ram must be between 16M and 64G",
@@ -640,16 +672,18 @@ impl Compiler<'_> {
                 "`device` needs a name and a model: device NAME MODEL [at=BDF] ...",
                 Some(format!(
                     "models: {}",
-                    self.vocab.models().map(|m| m.name).collect::<Vec<_>>().join(", ")
+                    self.vocab
+                        .models()
+                        .map(|m| m.name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )),
             ));
         };
         if name.key.is_some() || !is_name(&name.value.text) {
-            return Err(self.sources.diag(
-                name.value.span,
-                "`device` needs a name first",
-                None,
-            ));
+            return Err(self
+                .sources
+                .diag(name.value.span, "`device` needs a name first", None));
         }
         self.syms.check_new(&self.sources, &name.value)?;
         let m = self
@@ -662,7 +696,11 @@ impl Compiler<'_> {
                     format!("unknown device model `{}`", model.value.text),
                     Some(format!(
                         "models: {}",
-                        self.vocab.models().map(|m| m.name).collect::<Vec<_>>().join(", ")
+                        self.vocab
+                            .models()
+                            .map(|m| m.name)
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     )),
                 )
             })?;
@@ -798,14 +836,23 @@ impl Compiler<'_> {
             (Some(_), None) => {
                 return Err(self.sources.diag(
                     call.verb.span,
-                    format!("`{}` makes something: name it, `NAME = {} ...`", def.verb, def.verb),
+                    format!(
+                        "`{}` makes something: name it, `NAME = {} ...`",
+                        def.verb, def.verb
+                    ),
                     None,
                 ))
             }
             (Some(_), Some(b)) => self.syms.check_new(&self.sources, b)?,
             _ => {}
         }
-        let args = bind_args(&self.sources, &call.verb, def.params, &call.args, &self.syms)?;
+        let args = bind_args(
+            &self.sources,
+            &call.verb,
+            def.params,
+            &call.args,
+            &self.syms,
+        )?;
         let mut cx = Compile {
             args,
             actor: call.actor.as_ref().map(|t| t.text.clone()),
@@ -901,7 +948,11 @@ impl Compiler<'_> {
                     ));
                 }
                 if op != Op::Eq {
-                    return Err(self.sources.diag(c.key.span, format!("{key} compares with `=`"), None));
+                    return Err(self.sources.diag(
+                        c.key.span,
+                        format!("{key} compares with `=`"),
+                        None,
+                    ));
                 }
                 let n = num(v)?;
                 return Ok(if key == "pattern" {
@@ -939,7 +990,10 @@ impl Compiler<'_> {
         Err(self.sources.diag(
             c.key.span,
             match def {
-                Some(d) => format!("`{key}` is neither something `{}` reports nor a counter", d.verb),
+                Some(d) => format!(
+                    "`{key}` is neither something `{}` reports nor a counter",
+                    d.verb
+                ),
                 None => format!("`{key}` is not a counter"),
             },
             Some(match nearest(key, known.iter().copied()) {
@@ -1038,7 +1092,10 @@ pub enum RunError {
 impl Plan {
     /// The scenario's main file.
     pub fn path(&self) -> &str {
-        self.sources.files.first().map_or("<scenario>", |f| f.path.as_str())
+        self.sources
+            .files
+            .first()
+            .map_or("<scenario>", |f| f.path.as_str())
     }
 
     /// Builds the machine and runs every step.
@@ -1128,7 +1185,12 @@ impl Plan {
                                     h.join().unwrap_or_else(|_| {
                                         (
                                             StepRecord::panicked(p, name),
-                                            Err(self.mismatch(p.span, &p.text, "no panic", "the step panicked")),
+                                            Err(self.mismatch(
+                                                p.span,
+                                                &p.text,
+                                                "no panic",
+                                                "the step panicked",
+                                            )),
                                         )
                                     })
                                 })
@@ -1279,15 +1341,17 @@ impl Plan {
                 (Expect::AnyError, Ok(_)) => {
                     return Err(at(c, "an error".into(), "success".into()))
                 }
-                (Expect::Errno(e), Ok(_)) => {
-                    return Err(at(c, e.name().into(), "success".into()))
-                }
+                (Expect::Errno(e), Ok(_)) => return Err(at(c, e.name().into(), "success".into())),
                 (Expect::Errno(e), Err(f)) if f.errno != Some(*e) => {
                     return Err(at(c, e.name().into(), describe(f)))
                 }
                 (Expect::Ok | Expect::AnyError | Expect::Errno(_), _) => {}
                 (_, Err(f)) => {
-                    return Err(at(c, c.text.clone(), format!("the step failed: {}", describe(f))))
+                    return Err(at(
+                        c,
+                        c.text.clone(),
+                        format!("the step failed: {}", describe(f)),
+                    ))
                 }
                 (Expect::Pattern(seed), Ok(o)) => {
                     let Some((data, base)) = &o.data else {
@@ -1298,7 +1362,11 @@ impl Plan {
                     if let Some(i) = data.iter().zip(&want).position(|(a, b)| a != b) {
                         return Err(at(
                             c,
-                            format!("pattern {seed}: byte {:#x} at offset {:#x}", want[i], base + i as u64),
+                            format!(
+                                "pattern {seed}: byte {:#x} at offset {:#x}",
+                                want[i],
+                                base + i as u64
+                            ),
                             format!("{:#x}{}", data[i], guess(data, i)),
                         ));
                     }
@@ -1311,7 +1379,12 @@ impl Plan {
                         return Err(at(
                             c,
                             format!("every byte {b:#x}"),
-                            format!("{:#x} at offset {:#x}{}", data[i], base + i as u64, guess(data, i)),
+                            format!(
+                                "{:#x} at offset {:#x}{}",
+                                data[i],
+                                base + i as u64,
+                                guess(data, i)
+                            ),
                         ));
                     }
                 }
@@ -1388,7 +1461,9 @@ impl ScenarioReport {
                 "  {:>4}  {:<9} {}{}{}",
                 s.line,
                 s.result,
-                s.group.as_ref().map_or(String::new(), |g| format!("[{g}] ")),
+                s.group
+                    .as_ref()
+                    .map_or(String::new(), |g| format!("[{g}] ")),
                 s.text,
                 if vals.is_empty() {
                     String::new()
@@ -1412,7 +1487,10 @@ impl ScenarioReport {
                 );
             }
             (None, Some(l)) => {
-                let _ = writeln!(out, "FAILED: the host still holds, after every process exited:\n{l}");
+                let _ = writeln!(
+                    out,
+                    "FAILED: the host still holds, after every process exited:\n{l}"
+                );
             }
             (None, None) => {
                 let _ = writeln!(

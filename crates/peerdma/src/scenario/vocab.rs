@@ -241,7 +241,8 @@ pub struct ModelDef {
     /// Counters `expect NAME.counter` may compare.
     pub counters: &'static [&'static str],
     /// The device spec a host binds at build, for PCI models.
-    pub spec: Option<fn(&crate::fabric::Topology, &Args, crate::addr::Bdf) -> crate::host::DeviceSpec>,
+    pub spec:
+        Option<fn(&crate::fabric::Topology, &Args, crate::addr::Bdf) -> crate::host::DeviceSpec>,
     /// The object steps use, once the host is built.
     pub attach: fn(&crate::host::Host, &Args, Option<crate::addr::Bdf>) -> Result<Dev, String>,
 }
@@ -251,6 +252,10 @@ impl std::fmt::Debug for ModelDef {
         f.write_str(self.name)
     }
 }
+
+/// How a device model is hot-removed.
+pub type RemoveFn =
+    Box<dyn Fn(&crate::host::Host) -> Result<(), crate::scenario::run::Failure> + Send + Sync>;
 
 /// A device as the runtime holds it: the model's object, how to read its counters and
 /// how to remove it.
@@ -264,7 +269,7 @@ pub struct Dev {
     /// Its counters, in [`ModelDef::counters`] order.
     pub counters: Box<dyn Fn() -> Vec<u64> + Send + Sync>,
     /// Hot removal.
-    pub remove: Box<dyn Fn(&crate::host::Host) -> Result<(), crate::scenario::run::Failure> + Send + Sync>,
+    pub remove: RemoveFn,
 }
 
 /// Host-wide counters `expect` may compare, with what each counts.
@@ -274,12 +279,21 @@ pub const HOST_COUNTERS: &[(&str, &str)] = &[
     ("ram_frames", "system RAM frames in use"),
     ("mappings", "live DMA mapping segments, all devices"),
     ("iova_pages", "IOVA pages allocated, all IOMMU domains"),
-    ("subscriptions", "interval-notifier subscriptions on live address spaces"),
+    (
+        "subscriptions",
+        "interval-notifier subscriptions on live address spaces",
+    ),
     ("processes", "processes running"),
     ("violations", "DMA sanitizer reports"),
     ("p2p_bytes", "bytes allocated from p2p memory pools"),
-    ("bytes.switch", "DMA bytes to peer memory through a common bridge"),
-    ("bytes.host_bridge", "DMA bytes to peer memory through the host bridge"),
+    (
+        "bytes.switch",
+        "DMA bytes to peer memory through a common bridge",
+    ),
+    (
+        "bytes.host_bridge",
+        "DMA bytes to peer memory through the host bridge",
+    ),
     ("bytes.ram", "DMA bytes to or from system RAM"),
     ("bytes.same_device", "DMA bytes within one device"),
 ];
@@ -440,7 +454,9 @@ impl Compile<'_> {
     /// of the whole region, `exit`).
     pub fn retire(&mut self, name: &str, why: &'static str) {
         if self.syms.group.is_some() {
-            self.syms.pending.push((name.to_string(), self.verb.span, why));
+            self.syms
+                .pending
+                .push((name.to_string(), self.verb.span, why));
         } else if let Some(s) = self.syms.syms.get_mut(name) {
             s.gone = Some((self.verb.span, why));
         }
@@ -491,7 +507,11 @@ impl Symbols {
             );
             return Err(sources.diag(
                 tok.span,
-                format!("`{}` is not defined; {} is needed here", tok.text, want.describe()),
+                format!(
+                    "`{}` is not defined; {} is needed here",
+                    tok.text,
+                    want.describe()
+                ),
                 similar.map(|s| format!("did you mean `{s}`?")),
             ));
         };
@@ -574,7 +594,10 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         }
         _ => (t, 1),
     };
-    let n = if let Some(h) = digits.strip_prefix("0x").or_else(|| digits.strip_prefix("0X")) {
+    let n = if let Some(h) = digits
+        .strip_prefix("0x")
+        .or_else(|| digits.strip_prefix("0X"))
+    {
         u64::from_str_radix(h, 16)
     } else {
         digits.parse::<u64>()
@@ -609,13 +632,7 @@ pub(crate) fn bind_args(
 ) -> Result<Args, Diag> {
     let mut out = Args::default();
     let mut next_pos = 0usize;
-    let names = || {
-        params
-            .iter()
-            .map(|p| p.name)
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let names = || params.iter().map(|p| p.name).collect::<Vec<_>>().join(", ");
     for a in raw {
         let param = match &a.key {
             Some(k) => params.iter().find(|p| p.name == k.text).ok_or_else(|| {
@@ -631,19 +648,30 @@ pub(crate) fn bind_args(
                 )
             })?,
             None => {
-                // The next parameter not given by key yet.
-                while next_pos < params.len() && out.vals.contains_key(params[next_pos].name) {
+                // Positional arguments fill the required parameters in order; optional
+                // ones are always given as key=value.
+                while next_pos < params.len()
+                    && (out.vals.contains_key(params[next_pos].name) || !params[next_pos].required)
+                {
                     next_pos += 1;
                 }
                 let p = params.get(next_pos).ok_or_else(|| {
+                    let required: Vec<&str> = params
+                        .iter()
+                        .filter(|p| p.required)
+                        .map(|p| p.name)
+                        .collect();
                     sources.diag(
                         a.value.span,
                         format!(
-                            "too many arguments: `{}` takes at most {}",
+                            "too many arguments: `{}` takes {} by position ({})",
                             verb.text,
-                            params.len()
+                            required.len(),
+                            required.join(", ")
                         ),
-                        (!params.is_empty()).then(|| format!("it takes: {}", names())),
+                        (!params.is_empty()).then(|| {
+                            format!("give the others as key=value; it takes: {}", names())
+                        }),
                     )
                 })?;
                 next_pos += 1;
@@ -655,11 +683,7 @@ pub(crate) fn bind_args(
             ..k.span
         });
         if out.vals.contains_key(param.name) {
-            return Err(sources.diag(
-                span,
-                format!("`{}` is given twice", param.name),
-                None,
-            ));
+            return Err(sources.diag(span, format!("`{}` is given twice", param.name), None));
         }
         let v = value(sources, &a.value, param, syms)?;
         out.vals.insert(param.name, (v, a.value.span));
@@ -693,7 +717,10 @@ fn value(sources: &Sources, t: &Tok, p: &Param, syms: &Symbols) -> Result<Val, D
             let n = parse_size(s).map_err(|e| bad(format!("{}: {e}", p.name), None))?;
             if n > MAX_SIZE {
                 return Err(bad(
-                    format!("{}: {s} is larger than the 1 TiB a scenario may use", p.name),
+                    format!(
+                        "{}: {s} is larger than the 1 TiB a scenario may use",
+                        p.name
+                    ),
                     None,
                 ));
             }
@@ -725,7 +752,11 @@ fn value(sources: &Sources, t: &Tok, p: &Param, syms: &Symbols) -> Result<Val, D
                 let f = f.to_ascii_lowercase();
                 let w = list.iter().copied().find(|w| *w == f).ok_or_else(|| {
                     bad(
-                        format!("{}: unknown flag `{f}` (known: {})", p.name, list.join(", ")),
+                        format!(
+                            "{}: unknown flag `{f}` (known: {})",
+                            p.name,
+                            list.join(", ")
+                        ),
                         nearest(&f, list.iter().copied()).map(|n| format!("did you mean `{n}`?")),
                     )
                 })?;
@@ -740,7 +771,10 @@ fn value(sources: &Sources, t: &Tok, p: &Param, syms: &Symbols) -> Result<Val, D
         }),
         Ty::New(_) => {
             if !is_name(s) {
-                return Err(bad(format!("`{s}` is not a name (letters, digits, _)"), None));
+                return Err(bad(
+                    format!("`{s}` is not a name (letters, digits, _)"),
+                    None,
+                ));
             }
             syms.check_new(sources, t)?;
             Val::Name(s.to_string())
@@ -774,6 +808,7 @@ fn value(sources: &Sources, t: &Tok, p: &Param, syms: &Symbols) -> Result<Val, D
 /// Whether `s` can name something.
 pub fn is_name(s: &str) -> bool {
     let mut c = s.chars();
-    c.next().is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+    c.next()
+        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
         && c.all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
 }

@@ -7,7 +7,9 @@ use crate::addr::{Bdf, PAGE_SIZE};
 use crate::drivers::dmirror::{Counts, Dmirror, DmirrorDevice, DmirrorError, DmirrorMemory};
 use crate::scenario::run::{Failure, Outcome, Runtime, StepResult, REMOVE_TIMEOUT};
 use crate::scenario::steps::{buffer, per_proc, Data};
-use crate::scenario::vocab::{ActorUse, Args, Dev, ModelDef, Param, StepDef, SymKind, Ty, Vocabulary};
+use crate::scenario::vocab::{
+    ActorUse, Args, Dev, ModelDef, Param, StepDef, SymKind, Ty, Vocabulary,
+};
 use crate::sync::Arc;
 
 fn attach(host: &crate::host::Host, a: &Args, _: Option<Bdf>) -> Result<Dev, String> {
@@ -43,7 +45,14 @@ fn mirror(rt: &Runtime, dev: &str, proc: &str) -> Result<Arc<Dmirror>, Failure> 
     per_proc(rt, dev, proc, || Ok(d.open(&mm)))
 }
 
-type Cmd = fn(&Dmirror, crate::addr::VirtAddr, u64, &mut [u8], Option<Data>, u64) -> Result<Counts, DmirrorError>;
+type Cmd = fn(
+    &Dmirror,
+    crate::addr::VirtAddr,
+    u64,
+    &mut [u8],
+    Option<Data>,
+    u64,
+) -> Result<Counts, DmirrorError>;
 
 /// Adds the model and its words.
 pub fn register(v: &mut Vocabulary) {
@@ -102,20 +111,20 @@ pub fn register(v: &mut Vocabulary) {
         let params: &'static [Param] = if writes {
             const {
                 &[
-                Param::req("dev", Ty::Ref(SymKind::Device("dmirror")), "the device"),
-                Param::req("at", Ty::Place, "REGION or REGION+OFFSET, page aligned"),
-                Param::req("len", Ty::Size, "bytes, whole pages"),
-                Param::opt("pattern", Ty::Seed, "write the pattern of this seed"),
-                Param::opt("fill", Ty::Byte, "write this byte everywhere"),
-            ]
+                    Param::req("dev", Ty::Ref(SymKind::Device("dmirror")), "the device"),
+                    Param::req("at", Ty::Place, "REGION or REGION+OFFSET, page aligned"),
+                    Param::req("len", Ty::Size, "bytes, whole pages"),
+                    Param::opt("pattern", Ty::Seed, "write the pattern of this seed"),
+                    Param::opt("fill", Ty::Byte, "write this byte everywhere"),
+                ]
             }
         } else {
             const {
                 &[
-                Param::req("dev", Ty::Ref(SymKind::Device("dmirror")), "the device"),
-                Param::req("at", Ty::Place, "REGION or REGION+OFFSET, page aligned"),
-                Param::req("len", Ty::Size, "bytes, whole pages"),
-            ]
+                    Param::req("dev", Ty::Ref(SymKind::Device("dmirror")), "the device"),
+                    Param::req("at", Ty::Place, "REGION or REGION+OFFSET, page aligned"),
+                    Param::req("len", Ty::Size, "bytes, whole pages"),
+                ]
             }
         };
         v.step(StepDef {
@@ -160,8 +169,13 @@ fn cmd_of(verb: &str) -> Option<Cmd> {
 fn compile_cmd<const READS: bool, const WRITES: bool>(
     cx: &mut crate::scenario::vocab::Compile<'_>,
 ) -> Result<crate::scenario::vocab::StepFn, crate::scenario::lang::Diag> {
-    let data = if WRITES { Some(Data::from_call(cx)?) } else { None };
-    let cmd = cmd_of(&cx.verb.text).ok_or_else(|| cx.err("dev", "unknown dmirror command", None))?;
+    let data = if WRITES {
+        Some(Data::from_call(cx)?)
+    } else {
+        None
+    };
+    let cmd =
+        cmd_of(&cx.verb.text).ok_or_else(|| cx.err("dev", "unknown dmirror command", None))?;
     let (p, dev, at, len) = (
         cx.actor.clone().unwrap_or_default(),
         cx.args.name("dev"),

@@ -15,7 +15,11 @@ use crate::scenario::vocab::{
 use crate::sync::Arc;
 
 fn spec(topo: &Topology, a: &Args, bdf: Bdf) -> crate::host::DeviceSpec {
-    let stated = topo.functions().iter().find(|f| f.bdf == bdf).and_then(|f| f.memory);
+    let stated = topo
+        .functions()
+        .iter()
+        .find(|f| f.bdf == bdf)
+        .and_then(|f| f.memory);
     GpuSpec {
         bdf,
         vram_bytes: a
@@ -99,7 +103,13 @@ pub fn register(v: &mut Vocabulary) {
         name: "gpu",
         help: "a GPU with VRAM as device-private memory (HMM), a copy engine and buffer objects",
         class: Some(DeviceClass::Gpu),
-        params: const { &[Param::opt("vram", Ty::Size, "VRAM bytes (default: what the machine states, else 64M)")] },
+        params: const {
+            &[Param::opt(
+                "vram",
+                Ty::Size,
+                "VRAM bytes (default: what the machine states, else 64M)",
+            )]
+        },
         counters: &[
             "faults",
             "migrated_to_vram",
@@ -140,7 +150,14 @@ pub fn register(v: &mut Vocabulary) {
         help: "moves the range's pages to VRAM or back to RAM now (cudaMemPrefetchAsync)",
         actor: ActorUse::Required,
         binds: None,
-        params: const { &[DEV, AT, LEN, Param::req("to", Ty::Word(&["vram", "ram"]), "where to")] },
+        params: const {
+            &[
+                DEV,
+                AT,
+                LEN,
+                Param::req("to", Ty::Word(&["vram", "ram"]), "where to"),
+            ]
+        },
         outputs: &["pages"],
         data: false,
         compile: |cx| {
@@ -191,13 +208,15 @@ pub fn register(v: &mut Vocabulary) {
         help: "a GPU kernel stores pattern= or fill= over the range",
         actor: ActorUse::Required,
         binds: None,
-        params: const { &[
-            DEV,
-            AT,
-            LEN,
-            Param::opt("pattern", Ty::Seed, "the pattern's seed"),
-            Param::opt("fill", Ty::Byte, "one byte everywhere"),
-        ] },
+        params: const {
+            &[
+                DEV,
+                AT,
+                LEN,
+                Param::opt("pattern", Ty::Seed, "the pattern's seed"),
+                Param::opt("fill", Ty::Byte, "one byte everywhere"),
+            ]
+        },
         outputs: &[],
         data: false,
         compile: |cx| {
@@ -226,7 +245,8 @@ pub fn register(v: &mut Vocabulary) {
         data: false,
         compile: |cx| {
             range_step(cx, |ctx, va, len, a, _| {
-                ctx.add_u32(va, len, a.num("k", 0) as u32).map_err(gpu_err)?;
+                ctx.add_u32(va, len, a.num("k", 0) as u32)
+                    .map_err(gpu_err)?;
                 Ok(Outcome::default())
             })
         },
@@ -236,12 +256,14 @@ pub fn register(v: &mut Vocabulary) {
         help: "a GPU kernel copies LEN bytes from src to dst within the process",
         actor: ActorUse::Required,
         binds: None,
-        params: const { &[
-            DEV,
-            Param::req("dst", Ty::Place, "where to"),
-            Param::req("src", Ty::Place, "where from"),
-            LEN,
-        ] },
+        params: const {
+            &[
+                DEV,
+                Param::req("dst", Ty::Place, "where to"),
+                Param::req("src", Ty::Place, "where from"),
+                LEN,
+            ]
+        },
         outputs: &[],
         data: false,
         compile: |cx| {

@@ -31,7 +31,11 @@ pub fn register(v: &mut Vocabulary) {
         Param::req("at", Ty::Place, "REGION or REGION+OFFSET"),
         Param::req("len", Ty::Size, "bytes"),
     ];
-    const FLAGS_P: Param = Param::opt("flags", Ty::Flags(FLAGS), "FOLL_ flags: write, longterm, p2pdma");
+    const FLAGS_P: Param = Param::opt(
+        "flags",
+        Ty::Flags(FLAGS),
+        "FOLL_ flags: write, longterm, p2pdma",
+    );
     v.step(StepDef {
         verb: "pin",
         help: "pin_user_pages(): pins the pages under LEN bytes; may pin fewer than asked (the rest unmapped)",
@@ -63,8 +67,15 @@ pub fn register(v: &mut Vocabulary) {
         outputs: &["pages", "requested"],
         data: false,
         compile: |cx| {
-            let (p, at, len) = (cx.actor.clone().unwrap_or_default(), cx.args.place("at"), cx.args.num("len", 0));
-            let (gup, name) = (foll(&cx.args.flags("flags")), cx.bind.clone().unwrap_or_default());
+            let (p, at, len) = (
+                cx.actor.clone().unwrap_or_default(),
+                cx.args.place("at"),
+                cx.args.num("len", 0),
+            );
+            let (gup, name) = (
+                foll(&cx.args.flags("flags")),
+                cx.bind.clone().unwrap_or_default(),
+            );
             Ok(Box::new(move |rt| {
                 let va = rt.at(&at, len)?;
                 let mm = rt.proc(&p)?.mm.clone();
@@ -118,7 +129,11 @@ pub fn register(v: &mut Vocabulary) {
             }))
         },
     });
-    const HANDLE: Param = Param::req("handle", Ty::Ref(SymKind::Handle("dma")), "a dma_sg mapping");
+    const HANDLE: Param = Param::req(
+        "handle",
+        Ty::Ref(SymKind::Handle("dma")),
+        "a dma_sg mapping",
+    );
     const OFF: Param = Param::opt("offset", Ty::Size, "bytes into the mapping (default 0)");
     v.step(StepDef {
         verb: "dma.read",
@@ -129,11 +144,17 @@ pub fn register(v: &mut Vocabulary) {
         outputs: &[],
         data: true,
         compile: |cx| {
-            let (h, len, off) = (cx.args.name("handle"), cx.args.num("len", 0), cx.args.num("offset", 0));
+            let (h, len, off) = (
+                cx.args.name("handle"),
+                cx.args.num("len", 0),
+                cx.args.num("offset", 0),
+            );
             Ok(Box::new(move |rt| {
                 let mut buf = buffer(len)?;
                 let sg = rt.get::<crate::sync::Arc<crate::gup::UserDmaSg>>(&h)?;
-                sg.mapping().dma_read(off, &mut buf).map_err(|e| crate::fail!(e))?;
+                sg.mapping()
+                    .dma_read(off, &mut buf)
+                    .map_err(|e| crate::fail!(e))?;
                 read_outcome(vec![], buf, off)
             }))
         },
@@ -143,22 +164,34 @@ pub fn register(v: &mut Vocabulary) {
         help: "the mapped device writes LEN bytes of pattern= or fill= through the mapping",
         actor: ActorUse::None,
         binds: None,
-        params: const { &[
-            HANDLE,
-            Param::req("len", Ty::Size, "bytes"),
-            OFF,
-            Param::opt("pattern", Ty::Seed, "the pattern's seed (offsets count from the mapping's start)"),
-            Param::opt("fill", Ty::Byte, "one byte everywhere"),
-        ] },
+        params: const {
+            &[
+                HANDLE,
+                Param::req("len", Ty::Size, "bytes"),
+                OFF,
+                Param::opt(
+                    "pattern",
+                    Ty::Seed,
+                    "the pattern's seed (offsets count from the mapping's start)",
+                ),
+                Param::opt("fill", Ty::Byte, "one byte everywhere"),
+            ]
+        },
         outputs: &[],
         data: false,
         compile: |cx| {
             let data = Data::from_call(cx)?;
-            let (h, len, off) = (cx.args.name("handle"), cx.args.num("len", 0), cx.args.num("offset", 0));
+            let (h, len, off) = (
+                cx.args.name("handle"),
+                cx.args.num("len", 0),
+                cx.args.num("offset", 0),
+            );
             Ok(Box::new(move |rt| {
                 let bytes = data.bytes(off, len)?;
                 let sg = rt.get::<crate::sync::Arc<crate::gup::UserDmaSg>>(&h)?;
-                sg.mapping().dma_write(off, &bytes).map_err(|e| crate::fail!(e))?;
+                sg.mapping()
+                    .dma_write(off, &bytes)
+                    .map_err(|e| crate::fail!(e))?;
                 Ok(Outcome::default())
             }))
         },

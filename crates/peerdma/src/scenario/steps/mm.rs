@@ -196,35 +196,57 @@ pub fn register(v: &mut Vocabulary) {
     ];
     v.step(StepDef {
         verb: "munmap",
-        help: "munmap(): pinned pages stay allocated until unpinned; ODP and mirrors are invalidated",
+        help:
+            "munmap(): pinned pages stay allocated until unpinned; ODP and mirrors are invalidated",
         actor: ActorUse::Required,
         binds: None,
         params: const { &[RANGE[0], RANGE[1]] },
         outputs: &[],
         data: false,
         compile: |cx| {
-            let (p, at, len) = (cx.actor.clone().unwrap_or_default(), cx.args.place("at"), cx.args.num("len", 0));
+            let (p, at, len) = (
+                cx.actor.clone().unwrap_or_default(),
+                cx.args.place("at"),
+                cx.args.num("len", 0),
+            );
             Ok(Box::new(move |rt| {
                 let va = rt.at(&at, len)?;
-                rt.proc(&p)?.mm.munmap(va, len).map_err(|e| crate::fail!(e))?;
+                rt.proc(&p)?
+                    .mm
+                    .munmap(va, len)
+                    .map_err(|e| crate::fail!(e))?;
                 Ok(Outcome::default())
             }))
         },
     });
     v.step(StepDef {
         verb: "mprotect",
-        help: "mprotect(): changes protection; write-protecting invalidates writable device mappings",
+        help:
+            "mprotect(): changes protection; write-protecting invalidates writable device mappings",
         actor: ActorUse::Required,
         binds: None,
-        params: const { &[RANGE[0], RANGE[1], Param::req("prot", Ty::Word(PROTS), "new protection")] },
+        params: const {
+            &[
+                RANGE[0],
+                RANGE[1],
+                Param::req("prot", Ty::Word(PROTS), "new protection"),
+            ]
+        },
         outputs: &[],
         data: false,
         compile: |cx| {
-            let (p, at, len) = (cx.actor.clone().unwrap_or_default(), cx.args.place("at"), cx.args.num("len", 0));
+            let (p, at, len) = (
+                cx.actor.clone().unwrap_or_default(),
+                cx.args.place("at"),
+                cx.args.num("len", 0),
+            );
             let pr = prot(cx.args.word("prot", "rw"));
             Ok(Box::new(move |rt| {
                 let va = rt.at(&at, len)?;
-                rt.proc(&p)?.mm.mprotect(va, len, pr).map_err(|e| crate::fail!(e))?;
+                rt.proc(&p)?
+                    .mm
+                    .mprotect(va, len, pr)
+                    .map_err(|e| crate::fail!(e))?;
                 Ok(Outcome::default())
             }))
         },
@@ -234,14 +256,27 @@ pub fn register(v: &mut Vocabulary) {
         help: "madvise(MADV_DONTNEED): drops the pages (anonymous memory reads as zero afterwards)",
         actor: ActorUse::Required,
         binds: None,
-        params: const { &[RANGE[0], RANGE[1], Param::req("advice", Ty::Word(&["dontneed"]), "the advice")] },
+        params: const {
+            &[
+                RANGE[0],
+                RANGE[1],
+                Param::req("advice", Ty::Word(&["dontneed"]), "the advice"),
+            ]
+        },
         outputs: &[],
         data: false,
         compile: |cx| {
-            let (p, at, len) = (cx.actor.clone().unwrap_or_default(), cx.args.place("at"), cx.args.num("len", 0));
+            let (p, at, len) = (
+                cx.actor.clone().unwrap_or_default(),
+                cx.args.place("at"),
+                cx.args.num("len", 0),
+            );
             Ok(Box::new(move |rt| {
                 let va = rt.at(&at, len)?;
-                rt.proc(&p)?.mm.madvise_dontneed(va, len).map_err(|e| crate::fail!(e))?;
+                rt.proc(&p)?
+                    .mm
+                    .madvise_dontneed(va, len)
+                    .map_err(|e| crate::fail!(e))?;
                 Ok(Outcome::default())
             }))
         },
@@ -255,11 +290,18 @@ pub fn register(v: &mut Vocabulary) {
         outputs: &[],
         data: true,
         compile: |cx| {
-            let (p, at, len) = (cx.actor.clone().unwrap_or_default(), cx.args.place("at"), cx.args.num("len", 0));
+            let (p, at, len) = (
+                cx.actor.clone().unwrap_or_default(),
+                cx.args.place("at"),
+                cx.args.num("len", 0),
+            );
             Ok(Box::new(move |rt| {
                 let va = rt.at(&at, len)?;
                 let mut buf = buffer(len)?;
-                rt.proc(&p)?.mm.read(va, &mut buf).map_err(|e| crate::fail!(e))?;
+                rt.proc(&p)?
+                    .mm
+                    .read(va, &mut buf)
+                    .map_err(|e| crate::fail!(e))?;
                 read_outcome(vec![], buf, at.1)
             }))
         },
@@ -289,10 +331,22 @@ pub fn register(v: &mut Vocabulary) {
         actor: ActorUse::Required,
         binds: None,
         params: const { &[RANGE[0], RANGE[1]] },
-        outputs: &["absent", "ram", "zero", "device_private", "device_coherent", "p2p", "writable"],
+        outputs: &[
+            "absent",
+            "ram",
+            "zero",
+            "device_private",
+            "device_coherent",
+            "p2p",
+            "writable",
+        ],
         data: false,
         compile: |cx| {
-            let (p, at, len) = (cx.actor.clone().unwrap_or_default(), cx.args.place("at"), cx.args.num("len", 0));
+            let (p, at, len) = (
+                cx.actor.clone().unwrap_or_default(),
+                cx.args.place("at"),
+                cx.args.num("len", 0),
+            );
             Ok(Box::new(move |rt| {
                 use crate::mem::RegionKind;
                 let va = rt.at(&at, len)?;
@@ -328,7 +382,13 @@ pub fn register(v: &mut Vocabulary) {
         help: "drops a handle: unpins a pin, unmaps a DMA mapping, closes a file, deregisters",
         actor: ActorUse::None,
         binds: None,
-        params: const { &[Param::req("handle", Ty::Ref(SymKind::Handle("any")), "the handle")] },
+        params: const {
+            &[Param::req(
+                "handle",
+                Ty::Ref(SymKind::Handle("any")),
+                "the handle",
+            )]
+        },
         outputs: &[],
         data: false,
         compile: |cx| {

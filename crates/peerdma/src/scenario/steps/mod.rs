@@ -39,7 +39,10 @@ impl Data {
             (None, Some(_)) => Ok(Data::Fill(cx.args.num("fill", 0) as u8)),
             (None, None) => Err(cx.err(
                 "len",
-                format!("`{}` needs the data: pattern=SEED or fill=BYTE", cx.verb.text),
+                format!(
+                    "`{}` needs the data: pattern=SEED or fill=BYTE",
+                    cx.verb.text
+                ),
                 None,
             )),
         }

@@ -8,7 +8,9 @@ use crate::drivers::nvme::{CmbRegs, DataPointer, Nvme, NvmeConfig, NvmeSpec};
 use crate::fabric::{DeviceClass, Topology};
 use crate::gup::{get_user_dma_sg, UserSg};
 use crate::scenario::run::{Failure, Outcome, REMOVE_TIMEOUT};
-use crate::scenario::vocab::{ActorUse, Args, Dev, ModelDef, Param, StepDef, SymKind, Ty, Vocabulary};
+use crate::scenario::vocab::{
+    ActorUse, Args, Dev, ModelDef, Param, StepDef, SymKind, Ty, Vocabulary,
+};
 use crate::sync::Arc;
 
 fn spec(topo: &Topology, a: &Args, bdf: Bdf) -> crate::host::DeviceSpec {
@@ -32,7 +34,11 @@ fn spec(topo: &Topology, a: &Args, bdf: Bdf) -> crate::host::DeviceSpec {
         bdf,
         config: NvmeConfig {
             capacity: a.num("capacity", 16 << 20),
-            lba_size: if a.word("lba", "4096") == "512" { 512 } else { 4096 },
+            lba_size: if a.word("lba", "4096") == "512" {
+                512
+            } else {
+                4096
+            },
             cmb,
             ..NvmeConfig::default()
         },
@@ -94,16 +100,26 @@ pub fn register(v: &mut Vocabulary) {
             help,
             actor: ActorUse::Required,
             binds: None,
-            params: const { &[
-                Param::req("dev", Ty::Ref(SymKind::Device("nvme")), "the drive"),
-                Param::req("at", Ty::Place, "the buffer: REGION or REGION+OFFSET"),
-                Param::req("len", Ty::Size, "bytes, a whole number of blocks"),
-                Param::opt("lba", Ty::Count, "the first block (default 0)"),
-                Param::opt("dptr", Ty::Word(&["auto", "prp", "sgl"]), "the data pointer (default: PRPs where the segments allow)"),
-            ] },
+            params: const {
+                &[
+                    Param::req("dev", Ty::Ref(SymKind::Device("nvme")), "the drive"),
+                    Param::req("at", Ty::Place, "the buffer: REGION or REGION+OFFSET"),
+                    Param::req("len", Ty::Size, "bytes, a whole number of blocks"),
+                    Param::opt("lba", Ty::Count, "the first block (default 0)"),
+                    Param::opt(
+                        "dptr",
+                        Ty::Word(&["auto", "prp", "sgl"]),
+                        "the data pointer (default: PRPs where the segments allow)",
+                    ),
+                ]
+            },
             outputs: &["segments"],
             data: false,
-            compile: if write { compile_io::<true> } else { compile_io::<false> },
+            compile: if write {
+                compile_io::<true>
+            } else {
+                compile_io::<false>
+            },
         });
     }
 }

@@ -13,7 +13,9 @@ use crate::errno::Errno;
 use crate::fabric::{DeviceClass, Topology};
 use crate::scenario::run::{Failure, Outcome, Runtime};
 use crate::scenario::steps::per_proc;
-use crate::scenario::vocab::{ActorUse, Args, Dev, ModelDef, Param, StepDef, SymKind, Ty, Vocabulary};
+use crate::scenario::vocab::{
+    ActorUse, Args, Dev, ModelDef, Param, StepDef, SymKind, Ty, Vocabulary,
+};
 use crate::sync::Arc;
 
 fn spec(_: &Topology, a: &Args, bdf: Bdf) -> crate::host::DeviceSpec {
@@ -88,7 +90,13 @@ impl Drop for MrHandle {
     }
 }
 
-const ACCESS: &[&str] = &["local_write", "remote_write", "remote_read", "remote_atomic", "on_demand"];
+const ACCESS: &[&str] = &[
+    "local_write",
+    "remote_write",
+    "remote_read",
+    "remote_atomic",
+    "on_demand",
+];
 
 fn access(names: &[&str]) -> Access {
     names.iter().fold(Access(0), |a, n| {
@@ -108,8 +116,20 @@ pub fn register(v: &mut Vocabulary) {
         name: "rnic",
         help: "an RDMA NIC (RC QPs, pinned and on-demand MRs, dma-buf MRs)",
         class: Some(DeviceClass::Nic),
-        params: const { &[Param::opt("odp", Ty::Bool, "on-demand paging support (default yes)")] },
-        counters: &["mrs", "pinned_pages", "odp_faults", "odp_pages_faulted", "odp_invalidations"],
+        params: const {
+            &[Param::opt(
+                "odp",
+                Ty::Bool,
+                "on-demand paging support (default yes)",
+            )]
+        },
+        counters: &[
+            "mrs",
+            "pinned_pages",
+            "odp_faults",
+            "odp_pages_faulted",
+            "odp_invalidations",
+        ],
         spec: Some(spec),
         attach,
     });
@@ -118,12 +138,18 @@ pub fn register(v: &mut Vocabulary) {
         help: "ibv_reg_mr(): pins the range (LONGTERM) or, with on_demand, registers it for ODP",
         actor: ActorUse::Required,
         binds: Some(SymKind::Handle("mr")),
-        params: const { &[
-            Param::req("dev", Ty::Ref(SymKind::Device("rnic")), "the NIC"),
-            Param::req("at", Ty::Place, "REGION or REGION+OFFSET"),
-            Param::req("len", Ty::Size, "bytes"),
-            Param::opt("access", Ty::Flags(ACCESS), "IBV_ACCESS_ flags (default local_write,remote_write,remote_read)"),
-        ] },
+        params: const {
+            &[
+                Param::req("dev", Ty::Ref(SymKind::Device("rnic")), "the NIC"),
+                Param::req("at", Ty::Place, "REGION or REGION+OFFSET"),
+                Param::req("len", Ty::Size, "bytes"),
+                Param::opt(
+                    "access",
+                    Ty::Flags(ACCESS),
+                    "IBV_ACCESS_ flags (default local_write,remote_write,remote_read)",
+                ),
+            ]
+        },
         outputs: &["mapped_pages"],
         data: false,
         compile: |cx| {
@@ -146,31 +172,59 @@ pub fn register(v: &mut Vocabulary) {
                     .reg_mr(v.pd, va, len, va.0, acc)
                     .map_err(|e| crate::fail!(e))?;
                 let n = mr.mapped_pages();
-                rt.put(&name, Arc::new(MrHandle { ctx: v.ctx.clone(), mr }));
+                rt.put(
+                    &name,
+                    Arc::new(MrHandle {
+                        ctx: v.ctx.clone(),
+                        mr,
+                    }),
+                );
                 Ok(Outcome::values(vec![n]))
             }))
         },
     });
     for (verb, help, write) in [
-        ("rnic.write", "an RDMA WRITE of LEN bytes from this process's MR to the peer's MR", true),
-        ("rnic.read", "an RDMA READ of LEN bytes from the peer's MR into this process's MR", false),
+        (
+            "rnic.write",
+            "an RDMA WRITE of LEN bytes from this process's MR to the peer's MR",
+            true,
+        ),
+        (
+            "rnic.read",
+            "an RDMA READ of LEN bytes from the peer's MR into this process's MR",
+            false,
+        ),
     ] {
         v.step(StepDef {
             verb,
             help,
             actor: ActorUse::Required,
             binds: None,
-            params: const { &[
-                Param::req("dev", Ty::Ref(SymKind::Device("rnic")), "the NIC both processes use"),
-                Param::req("local", Ty::Ref(SymKind::Handle("mr")), "this process's MR"),
-                Param::req("peer", Ty::Ref(SymKind::Process), "the process owning the remote MR"),
-                Param::req("remote", Ty::Ref(SymKind::Handle("mr")), "the peer's MR"),
-                Param::req("len", Ty::Size, "bytes"),
-                Param::opt("offset", Ty::Size, "bytes into both MRs (default 0)"),
-            ] },
+            params: const {
+                &[
+                    Param::req(
+                        "dev",
+                        Ty::Ref(SymKind::Device("rnic")),
+                        "the NIC both processes use",
+                    ),
+                    Param::req("local", Ty::Ref(SymKind::Handle("mr")), "this process's MR"),
+                    Param::req(
+                        "peer",
+                        Ty::Ref(SymKind::Process),
+                        "the process owning the remote MR",
+                    ),
+                    Param::req("remote", Ty::Ref(SymKind::Handle("mr")), "the peer's MR"),
+                    Param::req("len", Ty::Size, "bytes"),
+                    Param::opt("offset", Ty::Size, "bytes into both MRs (default 0)"),
+                ]
+            },
             outputs: &["bytes"],
             data: false,
-            compile: if write { compile_rdma::<true> } else { compile_rdma::<false> },
+            compile: if write {
+                compile_rdma::<true>
+            } else {
+                compile_rdma::<false>
+            },
         });
     }
 }
@@ -193,11 +247,18 @@ fn compile_rdma<const WRITE: bool>(
         let a = verbs(rt, &dev, &p)?;
         let b = verbs(rt, &dev, &peer)?;
         let qps = rt.get_or(&format!("{dev}@{p}->{peer}"), || {
-            let qa = a.ctx.create_qp(a.pd, &a.cq, &a.cq).map_err(|e| crate::fail!(e))?;
-            let qb = b.ctx.create_qp(b.pd, &b.cq, &b.cq).map_err(|e| crate::fail!(e))?;
+            let qa = a
+                .ctx
+                .create_qp(a.pd, &a.cq, &a.cq)
+                .map_err(|e| crate::fail!(e))?;
+            let qb = b
+                .ctx
+                .create_qp(b.pd, &b.cq, &b.cq)
+                .map_err(|e| crate::fail!(e))?;
             for (x, y) in [(&qa, &qb), (&qb, &qa)] {
                 x.modify(QpState::Init, None).map_err(|e| crate::fail!(e))?;
-                x.modify(QpState::Rtr, Some(y)).map_err(|e| crate::fail!(e))?;
+                x.modify(QpState::Rtr, Some(y))
+                    .map_err(|e| crate::fail!(e))?;
                 x.modify(QpState::Rts, None).map_err(|e| crate::fail!(e))?;
             }
             Ok::<(Arc<Qp>, Arc<Qp>), Failure>((qa, qb))
@@ -224,8 +285,13 @@ fn compile_rdma<const WRITE: bool>(
             .map_err(|e| crate::fail!(e))?;
         let wc = a.cq.poll(16);
         match wc.iter().find(|w| w.wr_id == 1) {
-            Some(w) if w.status == WcStatus::Success => Ok(Outcome::values(vec![u64::from(w.byte_len)])),
-            Some(w) => Err(Failure::new(Errno::EIO, format!("completion {:?}", w.status))),
+            Some(w) if w.status == WcStatus::Success => {
+                Ok(Outcome::values(vec![u64::from(w.byte_len)]))
+            }
+            Some(w) => Err(Failure::new(
+                Errno::EIO,
+                format!("completion {:?}", w.status),
+            )),
             None => Err(Failure::msg("no completion")),
         }
     }))
