@@ -278,3 +278,28 @@ proptest! {
             .map_err(|d| d.render());
     }
 }
+
+#[test]
+fn the_scenarios_in_the_readme_and_docs_run_and_pass() {
+    let mut found = 0;
+    for doc in ["README.md", "docs/scenario.md"] {
+        let text = std::fs::read_to_string(dir("../..").join(doc)).unwrap();
+        for block in text.split("```text\n").skip(1) {
+            let block = block.split("```").next().unwrap_or("");
+            if !block.starts_with("machine ") || block.contains("include ") {
+                continue;
+            }
+            found += 1;
+            let plan =
+                peerdma::scenario::compile_text(doc, block, &NoIncludes, &Vocabulary::standard());
+            match plan {
+                Ok(plan) => {
+                    let r = plan.run().unwrap();
+                    assert!(r.passed, "{doc}:\n{}", r.text());
+                }
+                Err(d) => panic!("{doc}: {}", d.render()),
+            }
+        }
+    }
+    assert!(found >= 1, "the README shows a runnable scenario");
+}

@@ -1049,12 +1049,12 @@ pub struct Mismatch {
 pub struct ScenarioReport {
     /// Always [`SCHEMA`].
     pub schema: &'static str,
+    /// Whether the IOMMU was on.
+    pub iommu: bool,
     /// The scenario file.
     pub scenario: String,
     /// The machine.
     pub machine: String,
-    /// Whether the IOMMU was on.
-    pub iommu: bool,
     /// Device models bound, `name model bdf`.
     pub devices: Vec<String>,
     /// Steps in the order they finished (a group's steps in text order).
