@@ -262,8 +262,8 @@ impl Runtime {
         self.put(name, v.clone());
         Ok(v)
     }
-    /// Device `name`'s object as a `T` (`Arc<Nvme>`); ENODEV once it was removed.
-    pub fn dev<T: Send + Sync + 'static>(&self, name: &str) -> Result<Arc<T>, Failure> {
+    /// Device `name`, ENODEV once it was removed.
+    fn live_dev(&self, name: &str) -> Result<&Dev, Failure> {
         let slot = self
             .devs
             .get(name)
@@ -274,7 +274,11 @@ impl Runtime {
                 format!("device `{name}` was removed"),
             ));
         }
-        slot.dev
+        Ok(&slot.dev)
+    }
+    /// Device `name`'s object as a `T` (`Arc<Nvme>`); ENODEV once it was removed.
+    pub fn dev<T: Send + Sync + 'static>(&self, name: &str) -> Result<Arc<T>, Failure> {
+        self.live_dev(name)?
             .obj
             .clone()
             .downcast::<T>()
@@ -282,22 +286,12 @@ impl Runtime {
     }
     /// Device `name`'s function and DMA handle.
     pub fn dev_dma(&self, name: &str) -> Result<(Option<Bdf>, crate::dma::DmaDevice), Failure> {
-        let slot = self
-            .devs
-            .get(name)
-            .ok_or_else(|| Failure::msg(format!("no device `{name}`")))?;
-        if slot.removed.load(std::sync::atomic::Ordering::Acquire) {
-            return Err(Failure::new(
-                Errno::ENODEV,
-                format!("device `{name}` was removed"),
-            ));
-        }
-        let dma = slot
-            .dev
+        let dev = self.live_dev(name)?;
+        let dma = dev
             .dma
             .clone()
             .ok_or_else(|| Failure::msg(format!("device `{name}` does no DMA")))?;
-        Ok((slot.dev.bdf, dma))
+        Ok((dev.bdf, dma))
     }
     /// Hot-removes device `name`.
     pub fn remove_dev(&self, name: &str) -> Result<(), Failure> {

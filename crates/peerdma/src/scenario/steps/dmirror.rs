@@ -176,12 +176,7 @@ fn compile_cmd<const READS: bool, const WRITES: bool>(
     };
     let cmd =
         cmd_of(&cx.verb.text).ok_or_else(|| cx.err("dev", "unknown dmirror command", None))?;
-    let (p, dev, at, len) = (
-        cx.actor.clone().unwrap_or_default(),
-        cx.args.name("dev"),
-        cx.args.place("at"),
-        cx.args.num("len", 0),
-    );
+    let ((p, at, len), dev) = (crate::scenario::steps::range_args(cx), cx.args.name("dev"));
     if !len.is_multiple_of(PAGE_SIZE) || len == 0 {
         return Err(cx.err("len", "dmirror commands move whole pages", None));
     }

@@ -7,8 +7,8 @@ use crate::addr::{Bdf, VirtAddr};
 use crate::drivers::gpu::{Gpu, GpuContext, GpuSpec, Location, Placement};
 use crate::fabric::{DeviceClass, Topology};
 use crate::scenario::lang::Diag;
-use crate::scenario::run::{Failure, Outcome, Runtime, StepResult, REMOVE_TIMEOUT};
-use crate::scenario::steps::{buffer, per_proc, read_outcome, Data};
+use crate::scenario::run::{Failure, Outcome, Runtime, StepResult};
+use crate::scenario::steps::{buffer, pci_dev, per_proc, range_args, read_outcome, Data};
 use crate::scenario::vocab::{
     ActorUse, Args, Compile, Dev, ModelDef, Param, StepDef, StepFn, SymKind, Ty, Vocabulary,
 };
@@ -32,36 +32,21 @@ fn spec(topo: &Topology, a: &Args, bdf: Bdf) -> crate::host::DeviceSpec {
 }
 
 fn attach(host: &crate::host::Host, _: &Args, bdf: Option<Bdf>) -> Result<Dev, String> {
-    let bdf = bdf.ok_or("a GPU needs a function")?;
-    let g: Arc<Gpu> = host
-        .device(bdf)
-        .ok_or_else(|| format!("no GPU model bound at {bdf}"))?;
-    let (c, r) = (g.clone(), g.clone());
-    let p2p = host.p2p().clone();
-    Ok(Dev {
-        bdf: Some(bdf),
-        dma: Some(g.dma().clone()),
-        obj: g,
-        counters: Box::new(move || {
-            let s = c.stats();
-            let (_, used, _) = c.vram_bytes();
-            vec![
-                s.faults,
-                s.migrated_to_vram,
-                s.remote_mapped,
-                s.migrated_to_ram,
-                s.evicted,
-                s.vram_full,
-                s.bo_evicted,
-                s.bo_restored,
-                s.ce_bytes,
-                used,
-            ]
-        }),
-        remove: Box::new(move |_| {
-            crate::drivers::Device::remove(&*r, &p2p, Some(REMOVE_TIMEOUT))
-                .map_err(|e| crate::fail!(e))
-        }),
+    pci_dev::<Gpu>(host, bdf, Gpu::dma, |g| {
+        let s = g.stats();
+        let (_, used, _) = g.vram_bytes();
+        vec![
+            s.faults,
+            s.migrated_to_vram,
+            s.remote_mapped,
+            s.migrated_to_ram,
+            s.evicted,
+            s.vram_full,
+            s.bo_evicted,
+            s.bo_restored,
+            s.ce_bytes,
+            used,
+        ]
     })
 }
 
@@ -79,12 +64,7 @@ const LEN: Param = Param::req("len", Ty::Size, "bytes");
 type RangeOp = fn(&GpuContext, VirtAddr, u64, &Args, u64) -> StepResult;
 
 fn range_step(cx: &mut Compile<'_>, op: RangeOp) -> Result<StepFn, Diag> {
-    let (p, dev, at, len) = (
-        cx.actor.clone().unwrap_or_default(),
-        cx.args.name("dev"),
-        cx.args.place("at"),
-        cx.args.num("len", 0),
-    );
+    let ((p, at, len), dev) = (range_args(cx), cx.args.name("dev"));
     let args = cx.args.clone();
     Ok(Box::new(move |rt| {
         let ctx = context(rt, &dev, &p)?;
@@ -221,12 +201,7 @@ pub fn register(v: &mut Vocabulary) {
         data: false,
         compile: |cx| {
             let data = Data::from_call(cx)?;
-            let (p, dev, at, len) = (
-                cx.actor.clone().unwrap_or_default(),
-                cx.args.name("dev"),
-                cx.args.place("at"),
-                cx.args.num("len", 0),
-            );
+            let ((p, at, len), dev) = (range_args(cx), cx.args.name("dev"));
             Ok(Box::new(move |rt| {
                 let ctx = context(rt, &dev, &p)?;
                 let va = rt.at(&at, len)?;

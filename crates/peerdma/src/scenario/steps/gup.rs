@@ -6,7 +6,7 @@ use crate::addr::PAGE_SIZE;
 use crate::dma::Direction;
 use crate::gup::{get_user_dma_sg, get_user_pages, pin_user_pages, FollFlags, UserSg};
 use crate::scenario::run::Outcome;
-use crate::scenario::steps::{buffer, read_outcome, Data};
+use crate::scenario::steps::{buffer, range_args, read_outcome, Data};
 use crate::scenario::vocab::{ActorUse, Param, StepDef, SymKind, Ty, Vocabulary};
 
 const FLAGS: &[&str] = &["write", "longterm", "p2pdma"];
@@ -45,7 +45,7 @@ pub fn register(v: &mut Vocabulary) {
         outputs: &["pages", "requested"],
         data: false,
         compile: |cx| {
-            let (p, at, len) = (cx.actor.clone().unwrap_or_default(), cx.args.place("at"), cx.args.num("len", 0));
+            let (p, at, len) = range_args(cx);
             let (gup, name) = (foll(&cx.args.flags("flags")), cx.bind.clone().unwrap_or_default());
             Ok(Box::new(move |rt| {
                 let va = rt.at(&at, len)?;
@@ -67,11 +67,7 @@ pub fn register(v: &mut Vocabulary) {
         outputs: &["pages", "requested"],
         data: false,
         compile: |cx| {
-            let (p, at, len) = (
-                cx.actor.clone().unwrap_or_default(),
-                cx.args.place("at"),
-                cx.args.num("len", 0),
-            );
+            let (p, at, len) = range_args(cx);
             let (gup, name) = (
                 foll(&cx.args.flags("flags")),
                 cx.bind.clone().unwrap_or_default(),
@@ -106,7 +102,7 @@ pub fn register(v: &mut Vocabulary) {
         outputs: &["segments", "bytes", "pages"],
         data: false,
         compile: |cx| {
-            let (p, at, len) = (cx.actor.clone().unwrap_or_default(), cx.args.place("at"), cx.args.num("len", 0));
+            let (p, at, len) = range_args(cx);
             let (gup, name, dev) = (
                 foll(&cx.args.flags("flags")),
                 cx.bind.clone().unwrap_or_default(),

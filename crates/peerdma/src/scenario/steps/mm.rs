@@ -4,7 +4,7 @@
 use crate::errno::Errno;
 use crate::mm::{Prot, ShmObject};
 use crate::scenario::run::{Failure, Outcome, RegionRef};
-use crate::scenario::steps::{buffer, read_outcome, Data};
+use crate::scenario::steps::{buffer, range_args, read_outcome, Data};
 use crate::scenario::vocab::{ActorUse, Param, StepDef, SymKind, Ty, Vocabulary};
 use crate::sync::Arc;
 
@@ -204,11 +204,7 @@ pub fn register(v: &mut Vocabulary) {
         outputs: &[],
         data: false,
         compile: |cx| {
-            let (p, at, len) = (
-                cx.actor.clone().unwrap_or_default(),
-                cx.args.place("at"),
-                cx.args.num("len", 0),
-            );
+            let (p, at, len) = range_args(cx);
             Ok(Box::new(move |rt| {
                 let va = rt.at(&at, len)?;
                 rt.proc(&p)?
@@ -235,11 +231,7 @@ pub fn register(v: &mut Vocabulary) {
         outputs: &[],
         data: false,
         compile: |cx| {
-            let (p, at, len) = (
-                cx.actor.clone().unwrap_or_default(),
-                cx.args.place("at"),
-                cx.args.num("len", 0),
-            );
+            let (p, at, len) = range_args(cx);
             let pr = prot(cx.args.word("prot", "rw"));
             Ok(Box::new(move |rt| {
                 let va = rt.at(&at, len)?;
@@ -266,11 +258,7 @@ pub fn register(v: &mut Vocabulary) {
         outputs: &[],
         data: false,
         compile: |cx| {
-            let (p, at, len) = (
-                cx.actor.clone().unwrap_or_default(),
-                cx.args.place("at"),
-                cx.args.num("len", 0),
-            );
+            let (p, at, len) = range_args(cx);
             Ok(Box::new(move |rt| {
                 let va = rt.at(&at, len)?;
                 rt.proc(&p)?
@@ -290,11 +278,7 @@ pub fn register(v: &mut Vocabulary) {
         outputs: &[],
         data: true,
         compile: |cx| {
-            let (p, at, len) = (
-                cx.actor.clone().unwrap_or_default(),
-                cx.args.place("at"),
-                cx.args.num("len", 0),
-            );
+            let (p, at, len) = range_args(cx);
             Ok(Box::new(move |rt| {
                 let va = rt.at(&at, len)?;
                 let mut buf = buffer(len)?;
@@ -316,7 +300,7 @@ pub fn register(v: &mut Vocabulary) {
         data: false,
         compile: |cx| {
             let data = Data::from_call(cx)?;
-            let (p, at, len) = (cx.actor.clone().unwrap_or_default(), cx.args.place("at"), cx.args.num("len", 0));
+            let (p, at, len) = range_args(cx);
             Ok(Box::new(move |rt| {
                 let va = rt.at(&at, len)?;
                 let bytes = data.bytes(at.1, len)?;
@@ -342,11 +326,7 @@ pub fn register(v: &mut Vocabulary) {
         ],
         data: false,
         compile: |cx| {
-            let (p, at, len) = (
-                cx.actor.clone().unwrap_or_default(),
-                cx.args.place("at"),
-                cx.args.num("len", 0),
-            );
+            let (p, at, len) = range_args(cx);
             Ok(Box::new(move |rt| {
                 use crate::mem::RegionKind;
                 let va = rt.at(&at, len)?;

@@ -89,3 +89,38 @@ pub(crate) fn read_outcome(values: Vec<u64>, data: Vec<u8>, base: u64) -> StepRe
         data: Some((data, base)),
     })
 }
+
+/// The device a PCI model bound at `bdf`, with its DMA handle, its counters read by
+/// `counters`, and hot removal through the model's own `Device::remove`.
+pub(crate) fn pci_dev<T: crate::drivers::Device>(
+    host: &crate::host::Host,
+    bdf: Option<crate::addr::Bdf>,
+    dma: fn(&T) -> &crate::dma::DmaDevice,
+    counters: fn(&T) -> Vec<u64>,
+) -> Result<crate::scenario::vocab::Dev, String> {
+    let bdf = bdf.ok_or("the model binds to a PCI function")?;
+    let d: Arc<T> = host
+        .device(bdf)
+        .ok_or_else(|| format!("no such device model bound at {bdf}"))?;
+    let (c, r) = (d.clone(), d.clone());
+    let p2p = host.p2p().clone();
+    Ok(crate::scenario::vocab::Dev {
+        bdf: Some(bdf),
+        dma: Some(dma(&d).clone()),
+        obj: d,
+        counters: Box::new(move || counters(&c)),
+        remove: Box::new(move |_| {
+            crate::drivers::Device::remove(&*r, &p2p, Some(crate::scenario::run::REMOVE_TIMEOUT))
+                .map_err(|e| crate::fail!(e))
+        }),
+    })
+}
+
+/// The process, place and length of a `P: op AT LEN ...` call.
+pub(crate) fn range_args(cx: &Compile<'_>) -> (String, (String, u64), u64) {
+    (
+        cx.actor.clone().unwrap_or_default(),
+        cx.args.place("at"),
+        cx.args.num("len", 0),
+    )
+}

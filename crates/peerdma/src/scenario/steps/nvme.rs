@@ -7,7 +7,8 @@ use crate::dma::Direction;
 use crate::drivers::nvme::{CmbRegs, DataPointer, Nvme, NvmeConfig, NvmeSpec};
 use crate::fabric::{DeviceClass, Topology};
 use crate::gup::{get_user_dma_sg, UserSg};
-use crate::scenario::run::{Failure, Outcome, REMOVE_TIMEOUT};
+use crate::scenario::run::{Failure, Outcome};
+use crate::scenario::steps::pci_dev;
 use crate::scenario::vocab::{
     ActorUse, Args, Dev, ModelDef, Param, StepDef, SymKind, Ty, Vocabulary,
 };
@@ -47,24 +48,9 @@ fn spec(topo: &Topology, a: &Args, bdf: Bdf) -> crate::host::DeviceSpec {
 }
 
 fn attach(host: &crate::host::Host, _: &Args, bdf: Option<Bdf>) -> Result<Dev, String> {
-    let bdf = bdf.ok_or("an NVMe controller needs a function")?;
-    let n: Arc<Nvme> = host
-        .device(bdf)
-        .ok_or_else(|| format!("no NVMe model bound at {bdf}"))?;
-    let (c, r) = (n.clone(), n.clone());
-    let p2p = host.p2p().clone();
-    Ok(Dev {
-        bdf: Some(bdf),
-        dma: Some(n.dma().clone()),
-        obj: n,
-        counters: Box::new(move || {
-            let (rd, wr) = c.bytes_moved();
-            vec![rd, wr]
-        }),
-        remove: Box::new(move |_| {
-            crate::drivers::Device::remove(&*r, &p2p, Some(REMOVE_TIMEOUT))
-                .map_err(|e| crate::fail!(e))
-        }),
+    pci_dev::<Nvme>(host, bdf, Nvme::dma, |n| {
+        let (rd, wr) = n.bytes_moved();
+        vec![rd, wr]
     })
 }
 
@@ -127,12 +113,7 @@ pub fn register(v: &mut Vocabulary) {
 fn compile_io<const WRITE: bool>(
     cx: &mut crate::scenario::vocab::Compile<'_>,
 ) -> Result<crate::scenario::vocab::StepFn, crate::scenario::lang::Diag> {
-    let (p, dev, at, len) = (
-        cx.actor.clone().unwrap_or_default(),
-        cx.args.name("dev"),
-        cx.args.place("at"),
-        cx.args.num("len", 0),
-    );
+    let ((p, at, len), dev) = (crate::scenario::steps::range_args(cx), cx.args.name("dev"));
     let (lba, dptr) = (cx.args.num("lba", 0), cx.args.word("dptr", "auto"));
     Ok(Box::new(move |rt| {
         let nvme: Arc<Nvme> = rt.dev(&dev)?;

@@ -12,7 +12,7 @@ use crate::drivers::rnic::{
 use crate::errno::Errno;
 use crate::fabric::{DeviceClass, Topology};
 use crate::scenario::run::{Failure, Outcome, Runtime};
-use crate::scenario::steps::per_proc;
+use crate::scenario::steps::{pci_dev, per_proc};
 use crate::scenario::vocab::{
     ActorUse, Args, Dev, ModelDef, Param, StepDef, SymKind, Ty, Vocabulary,
 };
@@ -32,30 +32,15 @@ fn spec(_: &Topology, a: &Args, bdf: Bdf) -> crate::host::DeviceSpec {
 }
 
 fn attach(host: &crate::host::Host, _: &Args, bdf: Option<Bdf>) -> Result<Dev, String> {
-    let bdf = bdf.ok_or("an RDMA NIC needs a function")?;
-    let n: Arc<Rnic> = host
-        .device(bdf)
-        .ok_or_else(|| format!("no RDMA NIC model bound at {bdf}"))?;
-    let (c, r) = (n.clone(), n.clone());
-    let p2p = host.p2p().clone();
-    Ok(Dev {
-        bdf: Some(bdf),
-        dma: Some(n.dma().clone()),
-        obj: n,
-        counters: Box::new(move || {
-            let s = c.stats();
-            vec![
-                s.mrs,
-                s.pinned_pages,
-                s.odp_faults,
-                s.odp_pages_faulted,
-                s.odp_invalidations,
-            ]
-        }),
-        remove: Box::new(move |_| {
-            crate::drivers::Device::remove(&*r, &p2p, Some(crate::scenario::run::REMOVE_TIMEOUT))
-                .map_err(|e| crate::fail!(e))
-        }),
+    pci_dev::<Rnic>(host, bdf, Rnic::dma, |n| {
+        let s = n.stats();
+        vec![
+            s.mrs,
+            s.pinned_pages,
+            s.odp_faults,
+            s.odp_pages_faulted,
+            s.odp_invalidations,
+        ]
     })
 }
 
