@@ -499,7 +499,7 @@ fn run_hmm_mirrors_a_buffer_into_a_gpu_under_vram_pressure() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8(o.stderr)
         .unwrap()
-        .contains("not a built-in job"));
+        .contains("neither a built-in job"));
 }
 
 #[test]
