@@ -2,6 +2,7 @@
 //! the PCIe peer-to-peer picture of a machine, `bench` measures against the kernel;
 //! `completions` and `man` print a shell completion script and the manual page.
 
+mod fuzz;
 mod run;
 mod topo;
 
@@ -30,6 +31,9 @@ enum Command {
     /// Run a job on an emulated host: the RDMA job by default (an RDMA NIC writing into
     /// memory a GPU moves, each registration style), or `p2pmem` or `hmm`.
     Run(run::RunArgs),
+    /// Run seeded random scenarios with fault injection and invariant checks; a failing
+    /// seed is minimised into a scenario file.
+    Fuzz(fuzz::FuzzArgs),
     /// Show which PCIe functions can DMA to each other, how, and why.
     Topo(topo::TopoArgs),
     /// Run a benchmark and print it beside its baseline, measured in the same run.
@@ -56,6 +60,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(&args),
+        Command::Fuzz(args) => fuzz::run(&args),
         Command::Topo(args) => topo::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Completions { shell } => {

@@ -838,3 +838,33 @@ fn shipped_scenarios_run_from_the_repository() {
     assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
     assert!(stdout(&o).contains("EREMOTEIO"));
 }
+
+#[test]
+fn fuzz_runs_seed_ranges_and_prints_a_seed_scenario() {
+    let o = peerdma(&["fuzz", "--seeds", "0..3", "--ops", "60", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["schema"], "peerdma-fuzz/1");
+    assert_eq!(
+        (v["first_seed"].as_u64(), v["end_seed"].as_u64()),
+        (Some(0), Some(3))
+    );
+    assert!(v["ops"].as_u64().unwrap_or(0) >= 90, "{v}");
+    assert_eq!(v["failures"].as_array().map(Vec::len), Some(0));
+    // --print shows the scenario a seed runs, which `peerdma run` replays as it is.
+    let text = stdout(&peerdma(&["fuzz", "--print", "2", "--ops", "60"]));
+    assert!(
+        text.starts_with("# peerdma fuzz: seed 2, 60 operations"),
+        "{text}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let f = scenario_file(&dir, "seed2.scn", &text);
+    let o = peerdma(&["run", &f]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    // A bad range is a usage error.
+    assert_eq!(peerdma(&["fuzz", "--seeds", "5..2"]).status.code(), Some(2));
+}

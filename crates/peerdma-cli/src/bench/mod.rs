@@ -77,6 +77,19 @@ enum Which {
         #[arg(long, default_value = "3", value_parser = count(1, 1000))]
         runs: u64,
     },
+    /// Sequential fuzz throughput with every check on (generation, checking and
+    /// running of seeded scenarios), against the goal of 100 k operations/s.
+    Fuzz {
+        /// Seeds per run.
+        #[arg(long, default_value = "300", value_parser = count(1, 1_000_000))]
+        seeds: u64,
+        /// Operations per seed.
+        #[arg(long, default_value = "300", value_parser = count(1, 100_000))]
+        ops: u64,
+        /// Runs; the median is reported.
+        #[arg(long, default_value = "3", value_parser = count(1, 100))]
+        runs: u64,
+    },
     /// Pin, munmap and metadata of the memory core against the kernel's own.
     Mm {
         /// Bytes of memory to pin and unmap (default 1 GiB).
@@ -154,7 +167,45 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             mm::print(&mm::run(bytes, n(runs))?);
             Ok(())
         }
+        Which::Fuzz { seeds, ops, runs } => fuzz(seeds, n(ops), n(runs)),
     }
+}
+
+/// `peerdma bench fuzz`: the median campaign's scenario lines per second, and where the
+/// time goes (drawing scenarios from seeds alone, for comparison).
+fn fuzz(seeds: u64, ops: usize, runs: usize) -> Result<()> {
+    use peerdma::scenario::fuzz as f;
+    let mut rates = Vec::new();
+    let mut lines = 0;
+    let mut failures = 0;
+    for _ in 0..runs.max(1) {
+        let c = f::campaign(0, seeds, ops, false, &mut |_| {});
+        lines = c.ops;
+        failures = c.failures.len();
+        rates.push(c.ops_per_second);
+    }
+    rates.sort_by(f64::total_cmp);
+    let rate = rates[rates.len() / 2];
+    let gen = time(runs, || {
+        Ok((0..seeds).map(|s| f::generate(s, ops).len()).sum::<usize>())
+    })?;
+    let gen_rate = lines as f64 / gen.as_secs_f64().max(1e-9);
+    crate::outln!(
+        "fuzz benchmark: seeds 0..{seeds}, {ops} operations each ({lines} scenario lines), median of {runs}, one core"
+    );
+    crate::outln!(
+        "  generate the scenarios (the model alone)        {:>10.0} lines/s",
+        gen_rate
+    );
+    crate::outln!(
+        "  generate, check and run, every check on         {:>10.0} lines/s  (goal 100000: {:.2}x)",
+        rate,
+        rate / 100_000.0
+    );
+    if failures > 0 {
+        anyhow::bail!("{failures} seeds failed: run peerdma fuzz on them");
+    }
+    Ok(())
 }
 
 fn topo(functions: usize, iterations: usize) -> Result<()> {

@@ -2,6 +2,7 @@
 //! its processes and its devices only through the public calls a program or a driver
 //! would make.
 
+pub mod fuzz;
 pub mod hmm_job;
 pub mod lang;
 pub mod p2p_copy;

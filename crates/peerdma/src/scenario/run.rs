@@ -91,13 +91,19 @@ pub type StepResult = Result<Outcome, Failure>;
 /// stores and `expect pattern=SEED` compares, so a read of any part of a region checks
 /// against the same bytes whichever step wrote them.
 pub fn pattern_fill(seed: u64, base: u64, buf: &mut [u8]) {
-    for (i, b) in buf.iter_mut().enumerate() {
+    // One 64-bit hash per 8-byte word of the region, its bytes little-endian.
+    let mut i = 0;
+    while i < buf.len() {
         let off = base + i as u64;
         let mut z = seed ^ (off >> 3).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^= z >> 31;
-        *b = (z >> ((off & 7) * 8)) as u8;
+        let word = z.to_le_bytes();
+        let start = (off & 7) as usize;
+        let n = (8 - start).min(buf.len() - i);
+        buf[i..i + n].copy_from_slice(&word[start..start + n]);
+        i += n;
     }
 }
 
@@ -313,18 +319,27 @@ impl Runtime {
                 return (slot.dev.counters)().get(i).copied();
             }
         }
-        let q = self.host.quiescent();
+        // Each counter reads only what it needs: a frame walk for frame counts, the
+        // DMA side's own tallies for the rest (the fuzzer checks after many steps).
+        let usage = || {
+            self.host
+                .phys()
+                .regions()
+                .iter()
+                .map(|r| r.usage())
+                .fold((0, 0), |(a, p), u| (a + u.allocated, p + u.pinned))
+        };
         let s = self.host.dma().stats();
         Some(match key {
-            "pinned" => q.pinned(),
-            "frames" => q.frames(),
+            "pinned" => usage().1,
+            "frames" => usage().0,
             "ram_frames" => self.host.phys().ram().usage().allocated,
-            "mappings" => q.dma_mappings as u64,
-            "iova_pages" => q.iova_pages,
-            "subscriptions" => q.notifier_subscriptions as u64,
-            "processes" => q.processes.len() as u64,
+            "mappings" => self.host.dma().live_mappings() as u64,
+            "iova_pages" => self.host.dma().iommu().usage().0,
+            "subscriptions" => self.host.quiescent().notifier_subscriptions as u64,
+            "processes" => self.host.quiescent().processes.len() as u64,
             "violations" => self.host.dma().sanitizer().violations().len() as u64,
-            "p2p_bytes" => q.p2p.iter().map(|p| p.bytes).sum(),
+            "p2p_bytes" => self.host.quiescent().p2p.iter().map(|p| p.bytes).sum(),
             "bytes.switch" => s.via_switch,
             "bytes.host_bridge" => s.via_host_bridge,
             "bytes.ram" => s.host_ram,
@@ -339,6 +354,9 @@ impl Runtime {
 enum Expect {
     Ok,
     AnyError,
+    /// Success or any error: the step's outcome is not checked (what follows checks its
+    /// effect).
+    Either,
     Errno(Errno),
     Pattern(u64),
     Fill(u8),
@@ -398,6 +416,9 @@ pub struct Plan {
     nodes: Vec<Node>,
     models: BTreeMap<String, ModelDef>,
     counts_violations: bool,
+    /// Check the DMA sanitizer after every step, not only at the end (the fuzzer's
+    /// invariant: a violation is reported at the step that caused it).
+    pub sanitizer_each_step: bool,
 }
 
 impl std::fmt::Debug for Plan {
@@ -456,6 +477,7 @@ pub fn compile_text(
 
 struct Compiler<'v> {
     vocab: &'v Vocabulary,
+    lines: Vec<Vec<String>>,
     sources: Sources,
     syms: Symbols,
     machine: Option<MachineSpec>,
@@ -469,6 +491,7 @@ struct Compiler<'v> {
 pub fn compile(sources: Sources, stmts: &[Stmt], vocab: &Vocabulary) -> Result<Plan, Diag> {
     let mut c = Compiler {
         vocab,
+        lines: split_lines(&sources),
         sources,
         syms: Symbols::default(),
         machine: None,
@@ -503,14 +526,24 @@ pub fn compile(sources: Sources, stmts: &[Stmt], vocab: &Vocabulary) -> Result<P
         nodes,
         models: c.models,
         counts_violations: c.counts_violations,
+        sanitizer_each_step: false,
     })
 }
 
-fn line_text(sources: &Sources, span: Span) -> String {
+/// Every file's lines, so a statement's text is found without scanning the file.
+fn split_lines(sources: &Sources) -> Vec<Vec<String>> {
     sources
         .files
+        .iter()
+        .map(|f| f.text.lines().map(str::to_string).collect())
+        .collect()
+}
+
+/// The statement at `span`, comment and blanks trimmed.
+fn line_text(lines: &[Vec<String>], span: Span) -> String {
+    lines
         .get(span.file as usize)
-        .and_then(|f| f.text.lines().nth(span.line.saturating_sub(1) as usize))
+        .and_then(|f| f.get(span.line.saturating_sub(1) as usize))
         .map(|l| l.split('#').next().unwrap_or("").trim().to_string())
         .unwrap_or_default()
 }
@@ -538,7 +571,7 @@ impl Compiler<'_> {
                 let plan = self.checks(checks, None)?;
                 Ok(Some(Node::Expect(
                     s.span,
-                    line_text(&self.sources, s.span),
+                    line_text(&self.lines, s.span),
                     plan,
                 )))
             }
@@ -870,7 +903,7 @@ impl Compiler<'_> {
         let checks = self.checks(&call.checks, Some(&def))?;
         Ok(Planned {
             span,
-            text: line_text(&self.sources, span),
+            text: line_text(&self.lines, span),
             verb: def.verb,
             outputs: def.outputs,
             run,
@@ -885,6 +918,7 @@ impl Compiler<'_> {
             let what = match (&c.cmp, def) {
                 (None, Some(_)) if key == "ok" => Expect::Ok,
                 (None, Some(_)) if key == "error" => Expect::AnyError,
+                (None, Some(_)) if key == "any" => Expect::Either,
                 (None, Some(_)) if parse_errno(key).is_some() => {
                     Expect::Errno(parse_errno(key).unwrap_or(Errno::EINVAL))
                 }
@@ -893,7 +927,7 @@ impl Compiler<'_> {
                         c.key.span,
                         format!("`{key}` is not a check"),
                         Some(if def.is_some() {
-                            "a check is ok, error, an errno name (EFAULT), or KEY=VALUE".into()
+                            "a check is ok, error, any, an errno name (EFAULT), or KEY=VALUE".into()
                         } else {
                             "a check here compares a counter: KEY=VALUE, KEY>=VALUE...".into()
                         }),
@@ -915,12 +949,17 @@ impl Compiler<'_> {
         }
         let outcome_checks = out
             .iter()
-            .filter(|c| matches!(c.what, Expect::Ok | Expect::AnyError | Expect::Errno(_)))
+            .filter(|c| {
+                matches!(
+                    c.what,
+                    Expect::Ok | Expect::AnyError | Expect::Either | Expect::Errno(_)
+                )
+            })
             .count();
         if outcome_checks > 1 {
             return Err(self.sources.diag(
                 checks[0].key.span,
-                "more than one of ok / error / ERRNO in one expect",
+                "more than one of ok / error / any / ERRNO in one expect",
                 None,
             ));
         }
@@ -1149,6 +1188,7 @@ impl Plan {
             dma: Default::default(),
             passed: false,
         };
+        let mut seen_violations = 0;
         for node in &self.nodes {
             let r = match node {
                 Node::Step(p) => {
@@ -1201,6 +1241,30 @@ impl Plan {
                     }
                     first
                 }
+            };
+            let r = match (r, node) {
+                (Ok(n), Node::Step(p)) if self.sanitizer_each_step => {
+                    // A new report fails the step unless the step expects it (checks
+                    // the `violations` counter itself).
+                    let v = rt.host.dma().sanitizer().violations();
+                    let expected = p
+                        .checks
+                        .iter()
+                        .any(|c| matches!(&c.what, Expect::Counter(k, ..) if k == "violations"));
+                    match v.get(seen_violations) {
+                        Some(new) if !expected => Err(self.mismatch(
+                            p.span,
+                            &p.text,
+                            "no DMA sanitizer report",
+                            &new.to_string(),
+                        )),
+                        _ => {
+                            seen_violations = v.len();
+                            Ok(n)
+                        }
+                    }
+                }
+                (r, _) => r,
             };
             match r {
                 Ok(n) => report.checks_passed += n,
@@ -1321,9 +1385,12 @@ impl Plan {
             m.col = c.span.col;
             m
         };
-        let wants_outcome = checks
-            .iter()
-            .any(|c| matches!(c.what, Expect::Ok | Expect::AnyError | Expect::Errno(_)));
+        let wants_outcome = checks.iter().any(|c| {
+            matches!(
+                c.what,
+                Expect::Ok | Expect::AnyError | Expect::Either | Expect::Errno(_)
+            )
+        });
         if step.is_some() && !wants_outcome {
             if let Err(f) = res {
                 return Err(self.mismatch(span, text, "success", &describe(f)));
@@ -1339,7 +1406,14 @@ impl Plan {
                 (Expect::Errno(e), Err(f)) if f.errno != Some(*e) => {
                     return Err(at(c, e.name().into(), describe(f)))
                 }
-                (Expect::Ok | Expect::AnyError | Expect::Errno(_), _) => {}
+                (Expect::Ok | Expect::AnyError | Expect::Either | Expect::Errno(_), _) => {}
+                // Counters are the host's: they are checked whatever the step returned.
+                (Expect::Counter(key, op, want), _) => {
+                    let got = rt.counter(key, &self.models).unwrap_or(0);
+                    if !op.holds(got, *want) {
+                        return Err(at(c, c.text.clone(), format!("{key}={got}")));
+                    }
+                }
                 (_, Err(f)) => {
                     return Err(at(
                         c,
@@ -1386,12 +1460,6 @@ impl Plan {
                     let got = o.values.get(*i).copied().unwrap_or(0);
                     if !op.holds(got, *want) {
                         return Err(at(c, c.text.clone(), format!("{name}={got}")));
-                    }
-                }
-                (Expect::Counter(key, op, want), Ok(_)) => {
-                    let got = rt.counter(key, &self.models).unwrap_or(0);
-                    if !op.holds(got, *want) {
-                        return Err(at(c, c.text.clone(), format!("{key}={got}")));
                     }
                 }
             }
@@ -1501,3 +1569,25 @@ impl ScenarioReport {
 
 /// How long a removal waits for users before it gives up.
 pub const REMOVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::pattern_fill;
+
+    #[test]
+    fn a_pattern_depends_on_the_region_offset_only() {
+        // Any slice of the pattern equals the same offsets of the whole.
+        let mut whole = vec![0u8; 4096];
+        pattern_fill(7, 0, &mut whole);
+        for (start, len) in [(0, 1), (3, 5), (5, 17), (8, 8), (4000, 96)] {
+            let mut part = vec![0u8; len];
+            pattern_fill(7, start as u64, &mut part);
+            assert_eq!(part, whole[start..start + len], "at {start}+{len}");
+        }
+        let mut other = vec![0u8; 4096];
+        pattern_fill(8, 0, &mut other);
+        assert_ne!(whole, other, "the seed matters");
+        // Not a constant: a fill would pass a pattern check otherwise.
+        assert!(whole.windows(2).any(|w| w[0] != w[1]));
+    }
+}

@@ -25,6 +25,13 @@ fn pages(off: u64, len: u64) -> usize {
     ((off % PAGE_SIZE + len).div_ceil(PAGE_SIZE)) as usize
 }
 
+/// A `dma_sg` mapping and the region offset its first byte maps, so data a device
+/// reads or writes through it lines up with the region's `pattern=` bytes.
+struct DmaHandle {
+    sg: crate::gup::UserDmaSg,
+    base: u64,
+}
+
 /// Adds the words.
 pub fn register(v: &mut Vocabulary) {
     const RANGE: [Param; 2] = [
@@ -120,7 +127,7 @@ pub fn register(v: &mut Vocabulary) {
                 let sg = get_user_dma_sg(&mm, &dma, UserSg::new(va, len, dir).flags(gup))
                     .map_err(|e| crate::fail!(e))?;
                 let vals = vec![sg.segments().len() as u64, sg.len(), sg.pinned().len() as u64];
-                rt.put(&name, crate::sync::Arc::new(sg));
+                rt.put(&name, crate::sync::Arc::new(DmaHandle { sg, base: at.1 }));
                 Ok(Outcome::values(vals))
             }))
         },
@@ -147,11 +154,11 @@ pub fn register(v: &mut Vocabulary) {
             );
             Ok(Box::new(move |rt| {
                 let mut buf = buffer(len)?;
-                let sg = rt.get::<crate::sync::Arc<crate::gup::UserDmaSg>>(&h)?;
-                sg.mapping()
+                let d = rt.get::<crate::sync::Arc<DmaHandle>>(&h)?;
+                d.sg.mapping()
                     .dma_read(off, &mut buf)
                     .map_err(|e| crate::fail!(e))?;
-                read_outcome(vec![], buf, off)
+                read_outcome(vec![], buf, d.base + off)
             }))
         },
     });
@@ -168,7 +175,7 @@ pub fn register(v: &mut Vocabulary) {
                 Param::opt(
                     "pattern",
                     Ty::Seed,
-                    "the pattern's seed (offsets count from the mapping's start)",
+                    "the pattern's seed (at the region offsets the mapping covers)",
                 ),
                 Param::opt("fill", Ty::Byte, "one byte everywhere"),
             ]
@@ -183,9 +190,9 @@ pub fn register(v: &mut Vocabulary) {
                 cx.args.num("offset", 0),
             );
             Ok(Box::new(move |rt| {
-                let bytes = data.bytes(off, len)?;
-                let sg = rt.get::<crate::sync::Arc<crate::gup::UserDmaSg>>(&h)?;
-                sg.mapping()
+                let d = rt.get::<crate::sync::Arc<DmaHandle>>(&h)?;
+                let bytes = data.bytes(d.base + off, len)?;
+                d.sg.mapping()
                     .dma_write(off, &bytes)
                     .map_err(|e| crate::fail!(e))?;
                 Ok(Outcome::default())

@@ -1,0 +1,1072 @@
+//! `peerdma fuzz`: random scenarios drawn from a seed, with a model of what every page
+//! holds, run through the same checker and runner as a hand-written scenario.
+//!
+//! The generator keeps a simple model — per process and region, what each page holds
+//! (zero, a fill byte or a pattern seed), which pages are pinned or mapped for DMA, and
+//! which processes and devices are alive — and writes each operation as a scenario line
+//! with the expectation the model predicts: the bytes a read returns, the errno of an
+//! access the protection forbids, and `pinned=0 mappings=0` whenever the model holds
+//! nothing. Operations the model cannot predict (a migration that may refuse some
+//! pages, an operation racing another) are written `expect any`; what they must not
+//! change — the data — is checked by the reads that follow. The runner adds the rest:
+//! the DMA sanitizer is checked after every step, and at the end every process exits
+//! and the host must hold nothing.
+//!
+//! Swarm testing: each seed enables a random subset of the operation kinds with random
+//! weights, so some runs hammer pins and fork while others hammer migration. Fault
+//! injection is operation kinds like any other: device removal while in use, process
+//! exit with pages pinned or DMA racing it, a device memory pool of two chunks that
+//! runs out (ENOMEM), DMA to an offset outside a mapping (an IOMMU fault), and an
+//! invalidation racing a device fault (`parallel` groups).
+//!
+//! Determinism: the scenario text is a function of the seed alone, and a run without
+//! parallel groups is sequential, so a seed replays byte for byte. Parallel groups run
+//! on OS threads; the model only writes expectations that hold in every interleaving,
+//! so their outcome is deterministic even where the schedule is not. A failure is
+//! minimised by dropping lines while the scenario still fails, and written out as a
+//! scenario file that `peerdma run` replays.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use crate::scenario::lang::NoIncludes;
+use crate::scenario::run::{compile_text, Mismatch, ScenarioReport};
+use crate::scenario::vocab::Vocabulary;
+
+/// What one page holds, as the model sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Content {
+    Fill(u8),
+    Pattern(u64),
+    /// An operation that may have stopped part-way wrote some of its data: a read
+    /// checks nothing here until the page is written again.
+    Unknown,
+}
+
+const ZERO: Content = Content::Fill(0);
+
+impl Content {
+    /// The `expect` a read of it writes; nothing for unknown data.
+    fn check(self) -> String {
+        match self {
+            Content::Fill(b) => format!(" expect fill={b:#x}"),
+            Content::Pattern(s) => format!(" expect pattern={s}"),
+            Content::Unknown => String::new(),
+        }
+    }
+    /// The data argument of a write.
+    fn data(self) -> String {
+        match self {
+            Content::Fill(b) => format!("fill={b:#x}"),
+            Content::Pattern(s) => format!("pattern={s}"),
+            Content::Unknown => "fill=0".into(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Prot {
+    Rw,
+    R,
+    None,
+}
+
+impl Prot {
+    fn word(self) -> &'static str {
+        match self {
+            Prot::Rw => "rw",
+            Prot::R => "r",
+            Prot::None => "none",
+        }
+    }
+}
+
+/// One process's view of one private region.
+#[derive(Clone, Debug)]
+struct View {
+    prot: Prot,
+    /// Per page; `None` for a shared region (its store holds the data).
+    content: Option<Vec<Content>>,
+    /// Per page: written since the last zap, so a real page (not the shared zero page)
+    /// backs it. Only such pages are pinned read-only: a read-only pin of the zero page
+    /// would rightly not follow a later write.
+    populated: Vec<bool>,
+}
+
+#[derive(Clone, Debug)]
+struct Region {
+    name: String,
+    pages: u64,
+    /// A migration ran over it: some pages may be the mirror's device-private pages,
+    /// which a fork leaves read-only and which the owning device's own fault never
+    /// faults in (hmm_range_fault reports them as they are), so a device write there
+    /// may stop with EFAULT part-way, as test_hmm's does.
+    maybe_device: bool,
+    /// Index into the stores for a shared mapping.
+    store: Option<usize>,
+}
+
+#[derive(Clone, Debug)]
+struct Proc {
+    name: String,
+    alive: bool,
+    views: BTreeMap<usize, View>,
+}
+
+/// Where a pin or DMA mapping's pages are, as the model sees it.
+#[derive(Clone, Debug)]
+enum Target {
+    /// A process's private pages (a pinned page stays with the process that pinned it).
+    View {
+        proc: usize,
+        region: usize,
+        first: u64,
+    },
+    /// A shared object's pages, or pinned frames no process maps any more.
+    Store { store: usize, first: u64 },
+}
+
+#[derive(Clone, Debug)]
+struct Handle {
+    name: String,
+    dev_reads: bool,
+    dev_writes: bool,
+    dma: bool,
+    pages: u64,
+    target: Target,
+}
+
+/// The operation kinds, each with a swarm weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Mmap,
+    Write,
+    Read,
+    Fork,
+    Exit,
+    Munmap,
+    Mprotect,
+    Dontneed,
+    Pin,
+    DmaSg,
+    DmaRead,
+    DmaWrite,
+    Release,
+    MirrorRead,
+    MirrorWrite,
+    Migrate,
+    RemoveMirror,
+    RaceFault,
+    RaceExit,
+    IommuFault,
+    GpuRead,
+    GpuWrite,
+    GpuMove,
+}
+
+const KINDS: [Kind; 23] = [
+    Kind::Mmap,
+    Kind::Write,
+    Kind::Read,
+    Kind::Fork,
+    Kind::Exit,
+    Kind::Munmap,
+    Kind::Mprotect,
+    Kind::Dontneed,
+    Kind::Pin,
+    Kind::DmaSg,
+    Kind::DmaRead,
+    Kind::DmaWrite,
+    Kind::Release,
+    Kind::MirrorRead,
+    Kind::MirrorWrite,
+    Kind::Migrate,
+    Kind::RemoveMirror,
+    Kind::RaceFault,
+    Kind::RaceExit,
+    Kind::IommuFault,
+    Kind::GpuRead,
+    Kind::GpuWrite,
+    Kind::GpuMove,
+];
+
+struct Gen {
+    rng: ChaCha8Rng,
+    out: String,
+    ops: usize,
+    weights: Vec<(Kind, u32)>,
+    regions: Vec<Region>,
+    stores: Vec<Vec<Content>>,
+    procs: Vec<Proc>,
+    handles: Vec<Handle>,
+    mirror_alive: bool,
+    next: u64,
+    /// DMA sanitizer reports injected so far (each IOMMU fault makes one).
+    violations: u64,
+}
+
+impl Gen {
+    fn new(seed: u64) -> Gen {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        // Swarm: each kind on with probability 3/4 and a weight of 1..=8; the basics
+        // always on, so every run has something to check.
+        let weights = KINDS
+            .iter()
+            .filter_map(|&k| {
+                let basic = matches!(k, Kind::Mmap | Kind::Write | Kind::Read);
+                (basic || rng.gen_bool(0.75)).then(|| (k, rng.gen_range(1..=8)))
+            })
+            .collect();
+        Gen {
+            rng,
+            out: String::new(),
+            ops: 0,
+            weights,
+            regions: Vec::new(),
+            stores: Vec::new(),
+            procs: Vec::new(),
+            handles: Vec::new(),
+            mirror_alive: true,
+            next: 0,
+            violations: 0,
+        }
+    }
+
+    fn line(&mut self, s: impl AsRef<str>) {
+        self.out.push_str(s.as_ref());
+        self.out.push('\n');
+        self.ops += 1;
+    }
+
+    fn fresh(&mut self, prefix: &str) -> String {
+        self.next += 1;
+        format!("{prefix}{}", self.next)
+    }
+
+    fn spawn(&mut self) -> usize {
+        let name = self.fresh("p");
+        self.line(format!("process {name}"));
+        self.procs.push(Proc {
+            name,
+            alive: true,
+            views: BTreeMap::new(),
+        });
+        self.procs.len() - 1
+    }
+
+    fn live_proc(&mut self) -> usize {
+        let live: Vec<usize> = (0..self.procs.len())
+            .filter(|&i| self.procs[i].alive)
+            .collect();
+        if live.is_empty() {
+            return self.spawn();
+        }
+        live[self.rng.gen_range(0..live.len())]
+    }
+
+    /// A mapped region of process `p`, if it has any.
+    fn view_of(&mut self, p: usize) -> Option<usize> {
+        let keys: Vec<usize> = self.procs[p].views.keys().copied().collect();
+        (!keys.is_empty()).then(|| keys[self.rng.gen_range(0..keys.len())])
+    }
+
+    fn content(&self, p: usize, r: usize, i: u64) -> Content {
+        match self.regions[r].store {
+            Some(s) => self.stores[s][i as usize],
+            None => self.procs[p].views[&r]
+                .content
+                .as_ref()
+                .map_or(ZERO, |c| c[i as usize]),
+        }
+    }
+
+    fn set(&mut self, p: usize, r: usize, i: u64, c: Content) {
+        match self.regions[r].store {
+            Some(s) => self.stores[s][i as usize] = c,
+            None => {
+                if let Some(v) = self.procs[p].views.get_mut(&r) {
+                    if let Some(content) = v.content.as_mut() {
+                        content[i as usize] = c;
+                    }
+                    v.populated[i as usize] = true;
+                }
+            }
+        }
+    }
+
+    /// The one content of pages `[first, first + n)`, if they all hold the same.
+    fn uniform(&self, p: usize, r: usize, first: u64, n: u64) -> Option<Content> {
+        let c = self.content(p, r, first);
+        (first..first + n)
+            .all(|i| self.content(p, r, i) == c)
+            .then_some(c)
+    }
+
+    fn handle_content(&self, h: &Handle, i: u64) -> Content {
+        match &h.target {
+            Target::View {
+                proc,
+                region,
+                first,
+            } => self.content(*proc, *region, first + i),
+            Target::Store { store, first } => self.stores[*store][(first + i) as usize],
+        }
+    }
+
+    /// Handles on `p`'s view of `r` (or all of `p`'s when `r` is `None`) detach: the
+    /// pinned frames leave the process and keep what they held. Handles on the same
+    /// view share them (two pins of one page are one frame), so they move to one new
+    /// store together.
+    fn detach(&mut self, p: usize, r: Option<usize>) {
+        let regions: Vec<usize> = self.procs[p]
+            .views
+            .keys()
+            .copied()
+            .filter(|&x| r.is_none_or(|r| r == x))
+            .collect();
+        for region in regions {
+            let on: Vec<usize> = (0..self.handles.len())
+                .filter(|&k| {
+                    matches!(self.handles[k].target,
+                        Target::View { proc, region: hr, .. } if proc == p && hr == region)
+                })
+                .collect();
+            if on.is_empty() {
+                continue;
+            }
+            let frames = (0..self.regions[region].pages)
+                .map(|i| self.content(p, region, i))
+                .collect();
+            self.stores.push(frames);
+            let store = self.stores.len() - 1;
+            for k in on {
+                if let Target::View { first, .. } = self.handles[k].target {
+                    self.handles[k].target = Target::Store { store, first };
+                }
+            }
+        }
+    }
+
+    /// A range of a region: first page and count.
+    fn range(&mut self, pages: u64) -> (u64, u64) {
+        let first = self.rng.gen_range(0..pages);
+        let n = self.rng.gen_range(1..=(pages - first).min(4));
+        (first, n)
+    }
+
+    fn data(&mut self) -> Content {
+        if self.rng.gen_bool(0.5) {
+            Content::Fill(self.rng.gen_range(1..=255))
+        } else {
+            Content::Pattern(self.rng.gen_range(1..1000))
+        }
+    }
+
+    fn pick_kind(&mut self) -> Kind {
+        let total: u32 = self.weights.iter().map(|w| w.1).sum();
+        let mut x = self.rng.gen_range(0..total);
+        for &(k, w) in &self.weights {
+            if x < w {
+                return k;
+            }
+            x -= w;
+        }
+        Kind::Read
+    }
+
+    fn maybe_check_quiet(&mut self) {
+        if self.handles.is_empty() {
+            self.line("expect pinned=0 mappings=0");
+        }
+    }
+
+    fn step(&mut self) {
+        let kind = self.pick_kind();
+        let p = self.live_proc();
+        let pn = self.procs[p].name.clone();
+        match kind {
+            Kind::Mmap => {
+                let pages = self.rng.gen_range(1..=8);
+                let name = self.fresh("r");
+                let shared = self.rng.gen_bool(0.25);
+                let store = shared.then(|| {
+                    self.stores.push(vec![ZERO; pages as usize]);
+                    self.stores.len() - 1
+                });
+                let kind = if shared { "shared" } else { "anon" };
+                self.line(format!("{pn}: {name} = mmap {kind} {}K", pages * 4));
+                self.regions.push(Region {
+                    name,
+                    pages,
+                    store,
+                    maybe_device: false,
+                });
+                let r = self.regions.len() - 1;
+                self.procs[p].views.insert(
+                    r,
+                    View {
+                        prot: Prot::Rw,
+                        content: (!shared).then(|| vec![ZERO; pages as usize]),
+                        populated: vec![false; pages as usize],
+                    },
+                );
+            }
+            Kind::Write
+            | Kind::Read
+            | Kind::MirrorRead
+            | Kind::MirrorWrite
+            | Kind::GpuRead
+            | Kind::GpuWrite => {
+                let Some(r) = self.view_of(p) else { return };
+                let mirror = matches!(kind, Kind::MirrorRead | Kind::MirrorWrite);
+                if mirror && !self.mirror_alive {
+                    return;
+                }
+                let (first, n) = self.range(self.regions[r].pages);
+                let (rn, prot) = (self.regions[r].name.clone(), self.procs[p].views[&r].prot);
+                let at = format!("{rn}+{}K {}K", first * 4, n * 4);
+                let op = match kind {
+                    Kind::Write => "write",
+                    Kind::Read => "read",
+                    Kind::MirrorRead => "dmirror.read dm",
+                    Kind::GpuRead => "gpu.read g",
+                    Kind::GpuWrite => "gpu.write g",
+                    _ => "dmirror.write dm",
+                };
+                if matches!(kind, Kind::Write | Kind::MirrorWrite | Kind::GpuWrite) {
+                    let d = self.data();
+                    if prot != Prot::Rw {
+                        self.line(format!("{pn}: {op} {at} {} expect error", d.data()));
+                        return;
+                    }
+                    if matches!(kind, Kind::MirrorWrite | Kind::GpuWrite)
+                        && self.regions[r].maybe_device
+                    {
+                        self.line(format!("{pn}: {op} {at} {} expect any", d.data()));
+                        for i in first..first + n {
+                            self.set(p, r, i, Content::Unknown);
+                        }
+                        return;
+                    }
+                    self.line(format!("{pn}: {op} {at} {}", d.data()));
+                    for i in first..first + n {
+                        self.set(p, r, i, d);
+                    }
+                } else if prot == Prot::None {
+                    self.line(format!("{pn}: {op} {at} expect error"));
+                } else {
+                    match self.uniform(p, r, first, n) {
+                        Some(c) => self.line(format!("{pn}: {op} {at}{}", c.check())),
+                        None => {
+                            // Mixed content: check each page.
+                            for i in first..first + n {
+                                let c = self.content(p, r, i);
+                                self.line(format!("{pn}: {op} {rn}+{}K 4K{}", i * 4, c.check()));
+                            }
+                        }
+                    }
+                }
+            }
+            Kind::Fork => {
+                if self.procs.iter().filter(|p| p.alive).count() >= 4 {
+                    return;
+                }
+                let child = self.fresh("p");
+                self.line(format!("{pn}: {child} = fork"));
+                let views = self.procs[p].views.clone();
+                self.procs.push(Proc {
+                    name: child,
+                    alive: true,
+                    views,
+                });
+            }
+            Kind::Exit => {
+                if self.procs.iter().filter(|p| p.alive).count() < 2 {
+                    return;
+                }
+                self.line(format!("{pn}: exit"));
+                self.detach(p, None);
+                self.procs[p].alive = false;
+                self.procs[p].views.clear();
+                self.maybe_check_quiet();
+            }
+            Kind::Munmap | Kind::Dontneed => {
+                let Some(r) = self.view_of(p) else { return };
+                let rn = self.regions[r].name.clone();
+                let len = self.regions[r].pages * 4;
+                if kind == Kind::Munmap {
+                    self.line(format!("{pn}: munmap {rn} {len}K"));
+                    self.detach(p, Some(r));
+                    self.procs[p].views.remove(&r);
+                    self.line(format!("{pn}: read {rn} 4K expect EFAULT"));
+                } else {
+                    self.line(format!("{pn}: madvise {rn} {len}K dontneed"));
+                    self.zap(p, r);
+                }
+            }
+            Kind::Mprotect => {
+                let Some(r) = self.view_of(p) else { return };
+                let prot = [Prot::Rw, Prot::R, Prot::None][self.rng.gen_range(0..3)];
+                let rn = self.regions[r].name.clone();
+                let len = self.regions[r].pages * 4;
+                self.line(format!("{pn}: mprotect {rn} {len}K {}", prot.word()));
+                if let Some(v) = self.procs[p].views.get_mut(&r) {
+                    v.prot = prot;
+                }
+            }
+            Kind::Pin | Kind::DmaSg => {
+                let Some(r) = self.view_of(p) else { return };
+                let (first, n) = self.range(self.regions[r].pages);
+                let view = &self.procs[p].views[&r];
+                let (prot, populated) = (view.prot, view.populated.clone());
+                let write = self.rng.gen_bool(0.5);
+                let longterm = self.rng.gen_bool(0.5);
+                let private = self.regions[r].store.is_none();
+                let all_populated = (first..first + n).all(|i| populated[i as usize]);
+                if prot != Prot::Rw || (private && !write && !all_populated) {
+                    // Read-only pins only of real pages; nothing of PROT_NONE or
+                    // read-only mappings (covered by the selftests' scenarios).
+                    return;
+                }
+                let h = self.fresh("h");
+                let rn = self.regions[r].name.clone();
+                let mut flags = Vec::new();
+                if write {
+                    flags.push("write");
+                }
+                if longterm {
+                    flags.push("longterm");
+                }
+                let flags = if flags.is_empty() {
+                    String::new()
+                } else {
+                    format!(" flags={}", flags.join(","))
+                };
+                let dma = kind == Kind::DmaSg;
+                let (dev_reads, dev_writes, text) = if dma {
+                    // get_user_dma_sg pins with FOLL_WRITE when the device writes.
+                    let dir = if write {
+                        ["from_device", "bidirectional"][self.rng.gen_range(0..2)]
+                    } else {
+                        "to_device"
+                    };
+                    let flags = if longterm { " flags=longterm" } else { "" };
+                    (
+                        dir != "from_device",
+                        dir != "to_device",
+                        format!(
+                            "{pn}: {h} = dma_sg n0 {rn}+{}K {}K dir={dir}{flags} expect pages={n}",
+                            first * 4,
+                            n * 4
+                        ),
+                    )
+                } else {
+                    (
+                        false,
+                        false,
+                        format!(
+                            "{pn}: {h} = pin {rn}+{}K {}K{flags} expect pages={n}",
+                            first * 4,
+                            n * 4
+                        ),
+                    )
+                };
+                self.line(text);
+                if write {
+                    for i in first..first + n {
+                        let c = self.content(p, r, i);
+                        self.set(p, r, i, c);
+                    }
+                }
+                let target = match self.regions[r].store {
+                    Some(store) => Target::Store { store, first },
+                    None => Target::View {
+                        proc: p,
+                        region: r,
+                        first,
+                    },
+                };
+                self.handles.push(Handle {
+                    name: h,
+                    dev_reads,
+                    dev_writes,
+                    dma,
+                    pages: n,
+                    target,
+                });
+            }
+            Kind::DmaRead | Kind::DmaWrite | Kind::IommuFault => {
+                let cands: Vec<usize> = (0..self.handles.len())
+                    .filter(|&k| {
+                        let h = &self.handles[k];
+                        h.dma
+                            && match kind {
+                                Kind::DmaRead => h.dev_reads,
+                                Kind::DmaWrite => h.dev_writes,
+                                _ => h.dev_reads,
+                            }
+                    })
+                    .collect();
+                if cands.is_empty() {
+                    return;
+                }
+                let k = cands[self.rng.gen_range(0..cands.len())];
+                let h = self.handles[k].clone();
+                match kind {
+                    Kind::IommuFault => {
+                        // DMA past the end of the mapping: refused and reported by the
+                        // sanitizer, never a stray access.
+                        self.violations += 1;
+                        self.line(format!(
+                            "dma.read {} 4K offset={}K expect error violations={}",
+                            h.name,
+                            h.pages * 4,
+                            self.violations
+                        ));
+                    }
+                    Kind::DmaRead => {
+                        let i = self.rng.gen_range(0..h.pages);
+                        let c = self.handle_content(&h, i);
+                        self.line(format!(
+                            "dma.read {} 4K offset={}K{}",
+                            h.name,
+                            i * 4,
+                            c.check()
+                        ));
+                    }
+                    _ => {
+                        let i = self.rng.gen_range(0..h.pages);
+                        let b = self.rng.gen_range(1..=255u8);
+                        self.line(format!(
+                            "dma.write {} 4K offset={}K fill={b:#x}",
+                            h.name,
+                            i * 4
+                        ));
+                        self.dma_wrote(k, i, Content::Fill(b));
+                    }
+                }
+            }
+            Kind::Release => {
+                if self.handles.is_empty() {
+                    return;
+                }
+                let k = self.rng.gen_range(0..self.handles.len());
+                let h = self.handles.remove(k);
+                self.line(format!("release {}", h.name));
+                self.maybe_check_quiet();
+            }
+            Kind::Migrate => {
+                if !self.mirror_alive {
+                    return;
+                }
+                let Some(r) = self.view_of(p) else { return };
+                let (first, n) = self.range(self.regions[r].pages);
+                let rn = self.regions[r].name.clone();
+                let to = if self.rng.gen_bool(0.7) {
+                    "migrate_to_dev"
+                } else {
+                    "migrate_to_sys"
+                };
+                // Pinned, shared or unreadable pages do not move, the pool may run out:
+                // the outcome varies, the data must not.
+                self.regions[r].maybe_device = true;
+                self.line(format!(
+                    "{pn}: dmirror.{to} dm {rn}+{}K {}K expect any",
+                    first * 4,
+                    n * 4
+                ));
+            }
+            Kind::GpuMove => {
+                let Some(r) = self.view_of(p) else { return };
+                let (first, n) = self.range(self.regions[r].pages);
+                let rn = self.regions[r].name.clone();
+                self.regions[r].maybe_device = true;
+                match self.rng.gen_range(0..4) {
+                    0 => self.line("gpu.evict g expect any"),
+                    1 => self.line(format!(
+                        "{pn}: gpu.prefetch g {rn}+{}K {}K ram expect any",
+                        first * 4,
+                        n * 4
+                    )),
+                    2 => self.line(format!(
+                        "{pn}: gpu.placement g {rn}+{}K {}K remote",
+                        first * 4,
+                        n * 4
+                    )),
+                    _ => self.line(format!(
+                        "{pn}: gpu.prefetch g {rn}+{}K {}K vram expect any",
+                        first * 4,
+                        n * 4
+                    )),
+                }
+            }
+            Kind::RemoveMirror => {
+                if !self.mirror_alive || self.ops < 20 {
+                    return;
+                }
+                // Every page in device memory goes back to system RAM, data intact.
+                self.line("remove dm");
+                self.mirror_alive = false;
+            }
+            Kind::RaceFault => {
+                if !self.mirror_alive {
+                    return;
+                }
+                let Some(r) = self.view_of(p) else { return };
+                if self.procs[p].views[&r].prot == Prot::None {
+                    return;
+                }
+                let rn = self.regions[r].name.clone();
+                let len = self.regions[r].pages * 4;
+                let g = self.fresh("race");
+                self.line(format!("parallel {g} {{"));
+                self.line(format!("  {pn}: dmirror.read dm {rn} {len}K expect any"));
+                self.line(format!("  {pn}: madvise {rn} {len}K dontneed"));
+                self.line("}");
+                self.zap(p, r);
+            }
+            Kind::RaceExit => {
+                let cands: Vec<usize> = (0..self.handles.len())
+                    .filter(|&k| {
+                        self.handles[k].dev_writes
+                            && matches!(self.handles[k].target, Target::View { proc, .. } if self.procs[proc].alive)
+                    })
+                    .collect();
+                if cands.is_empty() || self.procs.iter().filter(|p| p.alive).count() < 2 {
+                    return;
+                }
+                let k = cands[self.rng.gen_range(0..cands.len())];
+                let Target::View { proc, .. } = self.handles[k].target else {
+                    return;
+                };
+                let b = self.rng.gen_range(1..=255u8);
+                let (h, victim) = (self.handles[k].name.clone(), self.procs[proc].name.clone());
+                let g = self.fresh("race");
+                self.line(format!("parallel {g} {{"));
+                self.line(format!("  dma.write {h} 4K fill={b:#x}"));
+                self.line(format!("  {victim}: exit"));
+                self.line("}");
+                // Whichever ran first, the DMA landed in the pinned page, which the
+                // handle keeps once the process is gone.
+                self.dma_wrote(k, 0, Content::Fill(b));
+                self.detach(proc, None);
+                self.procs[proc].alive = false;
+                self.procs[proc].views.clear();
+            }
+        }
+    }
+
+    fn dma_wrote(&mut self, k: usize, i: u64, c: Content) {
+        match self.handles[k].target.clone() {
+            Target::View {
+                proc,
+                region,
+                first,
+            } => self.set(proc, region, first + i, c),
+            Target::Store { store, first } => self.stores[store][(first + i) as usize] = c,
+        }
+    }
+
+    /// MADV_DONTNEED: private pages drop (zero, unpopulated; pins keep the old pages),
+    /// shared ones stay in their object.
+    fn zap(&mut self, p: usize, r: usize) {
+        if self.regions[r].store.is_some() {
+            return;
+        }
+        self.detach(p, Some(r));
+        if let Some(v) = self.procs[p].views.get_mut(&r) {
+            if let Some(c) = v.content.as_mut() {
+                c.fill(ZERO);
+            }
+            v.populated.fill(false);
+        }
+    }
+}
+
+/// The model and output of a generator, without its random stream: what a skipped
+/// operation must leave as it found it.
+struct Saved {
+    out: usize,
+    ops: usize,
+    regions: Vec<Region>,
+    stores: Vec<Vec<Content>>,
+    procs: Vec<Proc>,
+    handles: Vec<Handle>,
+    mirror_alive: bool,
+    next: u64,
+    violations: u64,
+}
+
+impl Gen {
+    fn save(&self) -> Saved {
+        Saved {
+            out: self.out.len(),
+            ops: self.ops,
+            regions: self.regions.clone(),
+            stores: self.stores.clone(),
+            procs: self.procs.clone(),
+            handles: self.handles.clone(),
+            mirror_alive: self.mirror_alive,
+            next: self.next,
+            violations: self.violations,
+        }
+    }
+    fn restore(&mut self, s: Saved) {
+        self.out.truncate(s.out);
+        self.ops = s.ops;
+        self.regions = s.regions;
+        self.stores = s.stores;
+        self.procs = s.procs;
+        self.handles = s.handles;
+        self.mirror_alive = s.mirror_alive;
+        self.next = s.next;
+        self.violations = s.violations;
+    }
+}
+
+/// The scenario seed `seed` draws: `steps` operations on a q35 with an NVMe drive and
+/// a dmirror whose memory pool holds two 64 KiB chunks.
+pub fn generate(seed: u64, steps: usize) -> String {
+    generate_skipping(seed, steps, &BTreeSet::new())
+}
+
+/// As [`generate`], but the operations numbered in `skip` are drawn (so the random
+/// stream stays the same) and then dropped: model and text as if they never ran. Every
+/// scenario this makes is consistent with the model, so a minimised failure's
+/// expectations are as right as the original's.
+pub fn generate_skipping(seed: u64, steps: usize, skip: &BTreeSet<usize>) -> String {
+    let mut g = Gen::new(seed);
+    let _ = writeln!(
+        g.out,
+        "# peerdma fuzz: seed {seed}, {steps} operations (replay: peerdma fuzz --seeds {seed} --ops {steps})"
+    );
+    let kinds: Vec<String> = g
+        .weights
+        .iter()
+        .map(|(k, w)| format!("{k:?}:{w}"))
+        .collect();
+    let _ = writeln!(g.out, "# swarm weights: {}", kinds.join(" "));
+    if !skip.is_empty() {
+        let _ = writeln!(
+            g.out,
+            "# minimised: {} of the {steps} operations dropped",
+            skip.len()
+        );
+    }
+    let iommu = if g.rng.gen_bool(0.5) { "on" } else { "off" };
+    let _ = writeln!(g.out, "machine preset=q35 ram=16M iommu={iommu}");
+    g.out.push_str("device n0 nvme capacity=1M cmb=0\n");
+    g.out
+        .push_str("device dm dmirror memory=private chunk=64K max_chunks=2\n");
+    g.out.push_str("device g gpu vram=256K\n");
+    g.spawn();
+    for i in 0..steps {
+        if skip.contains(&i) {
+            let saved = g.save();
+            g.step();
+            g.restore(saved);
+        } else {
+            g.step();
+        }
+    }
+    g.out
+}
+
+/// One seed's result.
+#[derive(Clone, Debug, Serialize)]
+pub struct SeedResult {
+    /// The seed.
+    pub seed: u64,
+    /// Scenario lines run (operations and checks).
+    pub ops: usize,
+    /// The first expectation that failed, if any.
+    pub mismatch: Option<Mismatch>,
+    /// What leaked, if anything.
+    pub leaks: Option<String>,
+    /// The failing scenario, minimised (a file `peerdma run` replays).
+    pub scenario: Option<String>,
+}
+
+/// What a failure is, so minimisation keeps failing the same way: the operation that
+/// failed and what kind of expectation it broke (data, success, an errno, a counter,
+/// the sanitizer), or a leak.
+fn failure_kind(r: &ScenarioReport) -> Option<String> {
+    if let Some(m) = &r.mismatch {
+        let step = m.step.split_once(": ").map_or(m.step.as_str(), |x| x.1);
+        let step = step.split_once(" = ").map_or(step, |x| x.1);
+        let op = step.split_whitespace().next().unwrap_or("");
+        let what = if m.expected.starts_with("pattern") || m.expected.starts_with("every byte") {
+            "data".to_string()
+        } else if m.expected.starts_with("no DMA") {
+            "sanitizer".to_string()
+        } else {
+            m.expected.split('=').next().unwrap_or("").to_string()
+        };
+        return Some(format!("{op}: {what}"));
+    }
+    r.leaks.as_ref().map(|_| "leak".to_string())
+}
+
+fn run_text(text: &str, vocab: &Vocabulary) -> Result<ScenarioReport, Mismatch> {
+    let mut plan = compile_text("fuzz.scn", text, &NoIncludes, vocab).map_err(|d| Mismatch {
+        file: "fuzz.scn".into(),
+        line: d.line,
+        col: d.col,
+        step: d.line_text.clone(),
+        expected: "a valid scenario (the generator wrote one the checker refuses)".into(),
+        got: d.message,
+    })?;
+    plan.sanitizer_each_step = true;
+    plan.run().map_err(|e| Mismatch {
+        file: "fuzz.scn".into(),
+        line: 0,
+        col: 0,
+        step: "(machine)".into(),
+        expected: "the machine to build".into(),
+        got: e.to_string(),
+    })
+}
+
+/// Runs seed `seed` with `steps` operations; a failure is minimised when `minimise`.
+pub fn run_seed(seed: u64, steps: usize, minimise: bool, vocab: &Vocabulary) -> SeedResult {
+    let text = generate(seed, steps);
+    let lines = text.lines().filter(|l| !l.starts_with('#')).count();
+    let report = match run_text(&text, vocab) {
+        Ok(r) => r,
+        Err(m) => {
+            return SeedResult {
+                seed,
+                ops: 0,
+                mismatch: Some(m),
+                leaks: None,
+                scenario: Some(text),
+            }
+        }
+    };
+    let Some(kind) = failure_kind(&report) else {
+        return SeedResult {
+            seed,
+            ops: lines,
+            mismatch: None,
+            leaks: None,
+            scenario: None,
+        };
+    };
+    let (scenario, report) = if minimise {
+        let skip = minimise_skips(steps, |skip| {
+            run_text(&generate_skipping(seed, steps, skip), vocab)
+                .ok()
+                .and_then(|r| failure_kind(&r))
+                .as_deref()
+                == Some(kind.as_str())
+        });
+        let text = generate_skipping(seed, steps, &skip);
+        let r = run_text(&text, vocab).unwrap_or(report);
+        (text, r)
+    } else {
+        (text, report)
+    };
+    SeedResult {
+        seed,
+        ops: lines,
+        mismatch: report.mismatch,
+        leaks: report.leaks,
+        scenario: Some(scenario),
+    }
+}
+
+/// Delta debugging over operation numbers: the largest set of operations to drop
+/// (found greedily, halving the chunk size) such that `fails` still holds; at most
+/// 1500 tries.
+pub fn minimise_skips(
+    steps: usize,
+    mut fails: impl FnMut(&BTreeSet<usize>) -> bool,
+) -> BTreeSet<usize> {
+    let mut skip = BTreeSet::new();
+    let mut chunk = steps.div_ceil(2).max(1);
+    let mut tries = 0;
+    loop {
+        let mut progressed = false;
+        let mut i = 0;
+        while i < steps && tries < 1500 {
+            let add: Vec<usize> = (i..(i + chunk).min(steps))
+                .filter(|k| !skip.contains(k))
+                .collect();
+            i += chunk;
+            if add.is_empty() {
+                continue;
+            }
+            let mut cand = skip.clone();
+            cand.extend(add);
+            tries += 1;
+            if fails(&cand) {
+                skip = cand;
+                progressed = true;
+            }
+        }
+        if tries >= 1500 || (chunk == 1 && !progressed) {
+            return skip;
+        }
+        if !progressed {
+            chunk = chunk.div_ceil(2).max(1);
+        }
+    }
+}
+
+/// A campaign's summary (`peerdma-fuzz/1`).
+#[derive(Clone, Debug, Serialize)]
+pub struct Campaign {
+    /// Always `peerdma-fuzz/1`.
+    pub schema: &'static str,
+    /// The first seed.
+    pub first_seed: u64,
+    /// One past the last seed.
+    pub end_seed: u64,
+    /// Operations per seed asked for.
+    pub ops_per_seed: usize,
+    /// Scenario lines run over all seeds.
+    pub ops: usize,
+    /// Wall time.
+    pub seconds: f64,
+    /// Lines per second, all checks on.
+    pub ops_per_second: f64,
+    /// The seeds that failed, each with its minimised scenario.
+    pub failures: Vec<SeedResult>,
+}
+
+/// Runs seeds `first..end`, calling `progress` after each.
+pub fn campaign(
+    first: u64,
+    end: u64,
+    ops: usize,
+    minimise: bool,
+    progress: &mut dyn FnMut(u64),
+) -> Campaign {
+    let vocab = Vocabulary::standard();
+    let t0 = std::time::Instant::now();
+    let mut total = 0;
+    let mut failures = Vec::new();
+    for seed in first..end {
+        let r = run_seed(seed, ops, minimise, &vocab);
+        total += r.ops;
+        if r.mismatch.is_some() || r.leaks.is_some() {
+            failures.push(r);
+        }
+        progress(seed - first + 1);
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    Campaign {
+        schema: "peerdma-fuzz/1",
+        first_seed: first,
+        end_seed: end,
+        ops_per_seed: ops,
+        ops: total,
+        seconds,
+        ops_per_second: total as f64 / seconds.max(1e-9),
+        failures,
+    }
+}
