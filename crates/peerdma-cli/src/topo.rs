@@ -9,6 +9,7 @@ use peerdma::fabric::import::{file, lspci, sysfs};
 use peerdma::fabric::{preset, DeviceClass, FnId, PortKind, Topology};
 
 mod explain;
+pub(crate) mod picture;
 mod report;
 
 use explain::{explain, print_explain};
@@ -47,6 +48,15 @@ pub struct TopoArgs {
     /// With --save: replace a DIR that holds something, whole.
     #[arg(long, requires = "save")]
     force: bool,
+    /// Print the PCIe tree as Graphviz DOT; with --explain A B, the pair's path is drawn
+    /// in the verdict's colour.
+    #[arg(long, conflicts_with_all = ["json", "toml", "save"])]
+    dot: bool,
+    /// Write the PCIe tree as an SVG picture to FILE; with --explain A B, the pair's path
+    /// is drawn in the verdict's colour (green: bus address, orange: through the host
+    /// bridge, red: not supported).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["json", "toml", "save"])]
+    svg: Option<std::path::PathBuf>,
     /// Print the topology as a TOML file (docs/topology.md) instead of the report.
     #[arg(long, conflicts_with_all = ["json", "explain"])]
     toml: bool,
@@ -81,6 +91,28 @@ pub fn run(args: &TopoArgs) -> Result<()> {
     }
     if args.toml {
         peerdma_cli::outp!("{}", file::to_toml(&topo));
+        return Ok(());
+    }
+    if args.dot || args.svg.is_some() {
+        let pair = match &args.explain {
+            Some(p) => Some((topo.find(&p[0])?, topo.find(&p[1])?)),
+            None => None,
+        };
+        let dot = picture::dot(&topo, pair);
+        if args.dot {
+            peerdma_cli::outp!("{dot}");
+        }
+        if let Some(path) = &args.svg {
+            let svg = picture::svg(&dot)?;
+            std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
+            if !args.dot {
+                peerdma_cli::outln!(
+                    "wrote the PCIe tree of {} to {}",
+                    topo.source(),
+                    path.display()
+                );
+            }
+        }
         return Ok(());
     }
     if let Some(pair) = &args.explain {

@@ -868,3 +868,103 @@ fn fuzz_runs_seed_ranges_and_prints_a_seed_scenario() {
     // A bad range is a usage error.
     assert_eq!(peerdma(&["fuzz", "--seeds", "5..2"]).status.code(), Some(2));
 }
+
+/// Renders an SVG file to pixels with resvg (the renderer a viewer would use), so the
+/// picture is known to open; returns the pixmap.
+fn render_svg(path: &std::path::Path) -> resvg::tiny_skia::Pixmap {
+    let data = std::fs::read(path).unwrap();
+    let mut opt = resvg::usvg::Options::default();
+    opt.fontdb_mut().load_system_fonts();
+    // Text draws where the machine has fonts (DejaVu on Debian); the checks below do not
+    // depend on it.
+    opt.fontdb_mut().set_serif_family("DejaVu Serif");
+    let tree = resvg::usvg::Tree::from_data(&data, &opt)
+        .unwrap_or_else(|e| panic!("{} does not parse as SVG: {e}", path.display()));
+    let size = tree.size().to_int_size();
+    assert!(size.width() > 100 && size.height() > 100, "{size:?}");
+    let mut pixmap = resvg::tiny_skia::Pixmap::new(size.width(), size.height()).unwrap();
+    resvg::render(
+        &tree,
+        resvg::tiny_skia::Transform::default(),
+        &mut pixmap.as_mut(),
+    );
+    if let Ok(dir) = std::env::var("PEERDMA_KEEP_PNG") {
+        pixmap
+            .save_png(
+                std::path::Path::new(&dir).join(path.with_extension("png").file_name().unwrap()),
+            )
+            .unwrap();
+    }
+    pixmap
+}
+
+/// Pixels of `pixmap` close to the colour (r, g, b).
+fn pixels_of(pixmap: &resvg::tiny_skia::Pixmap, (r, g, b): (u8, u8, u8)) -> usize {
+    pixmap
+        .pixels()
+        .iter()
+        .filter(|p| {
+            let c = p.demultiply();
+            c.alpha() > 200
+                && c.red().abs_diff(r) < 40
+                && c.green().abs_diff(g) < 40
+                && c.blue().abs_diff(b) < 40
+        })
+        .count()
+}
+
+#[test]
+fn topo_svg_draws_the_tree_and_the_verdict_path_in_its_colour() {
+    let dir = tempfile::tempdir().unwrap();
+    // Bus address through the switch: green; through the host bridge: orange; q35's
+    // drives, not supported: red.
+    for (preset, a, b, colour, rgb) in [
+        ("workstation", "05:00.0", "06:00.0", "green", (0, 128, 0)),
+        ("workstation", "05:00.0", "07:00.0", "orange", (255, 165, 0)),
+        ("q35", "00:03.0", "00:04.0", "red", (255, 0, 0)),
+    ] {
+        let path = dir.path().join(format!("{preset}-{colour}.svg"));
+        let o = peerdma(&[
+            "topo",
+            "--preset",
+            preset,
+            "--svg",
+            &path.display().to_string(),
+            "--explain",
+            a,
+            b,
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let svg = std::fs::read_to_string(&path).unwrap();
+        // Every function of the machine is drawn, by BDF.
+        let dot = stdout(&peerdma(&["topo", "--preset", preset, "--dot"]));
+        let n = dot.matches(" -> ").count();
+        assert!(n >= 5, "{dot}");
+        assert!(
+            svg.contains(&format!("0000:{a}")),
+            "{preset}: {a} is labelled"
+        );
+        let pixmap = render_svg(&path);
+        assert!(
+            pixels_of(&pixmap, rgb) > 50,
+            "{preset} {a}->{b}: the path is drawn in {colour}"
+        );
+        // The other verdict colours are absent.
+        for (other, orgb) in [
+            ("green", (0, 128, 0)),
+            ("orange", (255, 165, 0)),
+            ("red", (255, 0, 0)),
+        ] {
+            if other != colour {
+                assert!(
+                    pixels_of(&pixmap, orgb) < 5,
+                    "{preset}: no {other} on a {colour} path"
+                );
+            }
+        }
+    }
+    // Without a pair, nothing is coloured as a path.
+    let dot = stdout(&peerdma(&["topo", "--preset", "dgx", "--dot"]));
+    assert!(!dot.contains("penwidth"), "{dot}");
+    assert!(dot.starts_with("digraph pcie {"));
+}
