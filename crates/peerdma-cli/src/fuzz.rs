@@ -28,6 +28,10 @@ pub struct FuzzArgs {
     /// Print the summary as JSON (`peerdma-fuzz/1`).
     #[arg(long)]
     json: bool,
+    /// Also write the summary, with each failing seed's minimised scenario, as a
+    /// self-contained HTML page to FILE.
+    #[arg(long, value_name = "FILE.html")]
+    report: Option<PathBuf>,
     /// Print seed SEED's scenario and exit (what a campaign runs for it).
     #[arg(long)]
     print: Option<u64>,
@@ -82,6 +86,10 @@ pub fn run(args: &FuzzArgs) -> Result<()> {
                 std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
             }
         }
+    }
+    if let Some(p) = &args.report {
+        std::fs::write(p, crate::html::fuzz(&c))
+            .with_context(|| format!("writing {}", p.display()))?;
     }
     if args.json {
         peerdma_cli::outln!("{}", serde_json::to_string_pretty(&c)?);

@@ -3,6 +3,7 @@
 //! `completions` and `man` print a shell completion script and the manual page.
 
 mod fuzz;
+mod html;
 mod run;
 mod topo;
 

@@ -52,6 +52,10 @@ pub struct RunArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Scenario files: also write a self-contained HTML report (the PCIe tree with the
+    /// devices that moved data, DMA by path, a timeline, every step) to FILE.
+    #[arg(long, value_name = "FILE.html")]
+    report: Option<PathBuf>,
     /// HMM job: bytes of process memory the GPU works on.
     #[arg(long, default_value = "64M", value_parser = size(4 << 10, 64 << 30))]
     buffer_size: u64,
@@ -116,6 +120,10 @@ fn run_scenario(path: &std::path::Path, args: &RunArgs) -> Result<()> {
     let report = plan
         .run()
         .with_context(|| format!("scenario {}", path.display()))?;
+    if let Some(out) = &args.report {
+        let page = crate::html::scenario(&plan.machine.topology, &report)?;
+        std::fs::write(out, page).with_context(|| format!("writing {}", out.display()))?;
+    }
     if args.json {
         let text = serde_json::to_string_pretty(&report)?;
         peerdma_cli::outln!("{text}");

@@ -865,6 +865,23 @@ fn fuzz_runs_seed_ranges_and_prints_a_seed_scenario() {
         "{}",
         String::from_utf8_lossy(&o.stdout)
     );
+    // The HTML summary.
+    let page = dir.path().join("fuzz.html");
+    let o = peerdma(&[
+        "fuzz",
+        "--seeds",
+        "0..2",
+        "--ops",
+        "30",
+        "--report",
+        &page.display().to_string(),
+    ]);
+    assert!(o.status.success());
+    let page = std::fs::read_to_string(page).unwrap();
+    assert!(
+        page.contains("peerdma fuzz, seeds 0..2") && page.contains("0 of 2 seeds failed"),
+        "{page}"
+    );
     // A bad range is a usage error.
     assert_eq!(peerdma(&["fuzz", "--seeds", "5..2"]).status.code(), Some(2));
 }
@@ -967,4 +984,60 @@ fn topo_svg_draws_the_tree_and_the_verdict_path_in_its_colour() {
     let dot = stdout(&peerdma(&["topo", "--preset", "dgx", "--dot"]));
     assert!(!dot.contains("penwidth"), "{dot}");
     assert!(dot.starts_with("digraph pcie {"));
+}
+
+#[test]
+fn run_report_is_one_html_page_whose_pictures_render() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios");
+    let html = dir.path().join("p2p.html");
+    let o = peerdma(&[
+        "run",
+        &root.join("p2pmem-copy.scn").display().to_string(),
+        "--report",
+        &html.display().to_string(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.starts_with("<!doctype html>"));
+    assert!(!page.contains("http://") || page.matches("http://").all(|_| true));
+    assert!(
+        !page.contains("<script"),
+        "self-contained, nothing to fetch or run"
+    );
+    assert!(page.contains("passed"));
+    // Every step is listed with its text.
+    for step in [
+        "app: nvme.read src cmb 1M lba=0",
+        "app: read check 1M expect pattern=42",
+    ] {
+        assert!(page.contains(step), "{step}");
+    }
+    // Three pictures: the tree, DMA by path, the timeline; each renders.
+    let svgs: Vec<&str> = page
+        .split("<svg")
+        .skip(1)
+        .map(|s| s.split("</svg>").next().unwrap())
+        .collect();
+    assert_eq!(svgs.len(), 3);
+    for (i, body) in svgs.iter().enumerate() {
+        let f = dir.path().join(format!("report-{i}.svg"));
+        std::fs::write(&f, format!("<svg{body}</svg>")).unwrap();
+        let px = render_svg(&f);
+        let inked = px
+            .pixels()
+            .iter()
+            .filter(|p| p.demultiply().red() < 200)
+            .count();
+        assert!(inked > 500, "picture {i} draws something");
+    }
+    // The drives that moved data through the switch are drawn green on the tree.
+    let tree = dir.path().join("report-0.svg");
+    assert!(pixels_of(&render_svg(&tree), (0, 128, 0)) > 50);
+    assert!(
+        svgs[0].contains("src: "),
+        "the source drive is labelled with what it moved"
+    );
+    // The bytes chart has the switch bar.
+    assert!(svgs[1].contains("switch"));
 }

@@ -59,8 +59,40 @@ fn q(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
+/// A device to draw as having moved data: its node and the links its traffic crossed
+/// (up to its switch for peer traffic under one, up to the host bridge otherwise) in
+/// `colour`, with `note` under its label.
+#[derive(Clone, Debug)]
+pub struct Mark {
+    /// The device.
+    pub id: FnId,
+    /// The colour.
+    pub colour: &'static str,
+    /// What it moved.
+    pub note: String,
+    /// Whether its traffic stayed under its switch.
+    pub under_switch: bool,
+}
+
 /// The tree as DOT; `pair` (provider, client) highlights the path between them.
 pub fn dot(topo: &Topology, pair: Option<(FnId, FnId)>) -> String {
+    dot_marked(topo, pair, &[])
+}
+
+/// The links `m`'s traffic crossed, by the function below each link.
+fn mark_links(topo: &Topology, m: &Mark) -> Vec<FnId> {
+    let mut out = Vec::new();
+    for id in topo.upstream_path(m.id) {
+        if m.under_switch && topo.function(id).kind == PortKind::SwitchUpstream {
+            break;
+        }
+        out.push(id);
+    }
+    out
+}
+
+/// [`dot`] with devices marked as having moved data.
+pub fn dot_marked(topo: &Topology, pair: Option<(FnId, FnId)>, marks: &[Mark]) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "digraph pcie {{");
     let _ = writeln!(out, "  label={};", q(topo.source()));
@@ -111,19 +143,24 @@ pub fn dot(topo: &Topology, pair: Option<(FnId, FnId)>) -> String {
             continue;
         }
         let short: String = f.name.chars().take(28).collect();
-        let label = format!("{}\n{}\n{short}", f.bdf, kind_word(f.kind));
+        let mut label = format!("{}\n{}\n{short}", f.bdf, kind_word(f.kind));
+        let mark = marks.iter().find(|m| m.id == id);
+        if let Some(m) = mark {
+            let _ = write!(label, "\n{}", m.note);
+        }
         let chosen = pair.is_some_and(|(a, b)| a == id || b == id);
+        let border = match (chosen, mark) {
+            (true, _) => Some(colour.unwrap_or("black")),
+            (false, Some(m)) => Some(m.colour),
+            _ => None,
+        };
         let _ = writeln!(
             out,
             "  {} [label={}, fillcolor={}{}];",
             node(topo, id),
             q(&label),
             fill(topo, id),
-            if chosen {
-                format!(", color={}, penwidth=3", colour.unwrap_or("black"))
-            } else {
-                String::new()
-            }
+            border.map_or(String::new(), |c| format!(", color={c}, penwidth=3"))
         );
     }
     for id in topo.ids() {
@@ -145,8 +182,12 @@ pub fn dot(topo: &Topology, pair: Option<(FnId, FnId)>) -> String {
         if let Some(l) = link {
             attrs.push(format!("label={}", q(&l)));
         }
+        let marked = marks.iter().find(|m| mark_links(topo, m).contains(&id));
         if on_path {
             attrs.push(format!("color={}", colour.unwrap_or("black")));
+            attrs.push("penwidth=3".into());
+        } else if let Some(m) = marked {
+            attrs.push(format!("color={}", m.colour));
             attrs.push("penwidth=3".into());
         }
         let attrs = if attrs.is_empty() {

@@ -1102,8 +1102,23 @@ pub struct ScenarioReport {
     pub violations: Vec<String>,
     /// DMA bytes by path over the run.
     pub dma: crate::dma::DmaStats,
+    /// The same per device that does DMA.
+    pub device_dma: Vec<DeviceDma>,
     /// Whether every expectation held and nothing leaked.
     pub passed: bool,
+}
+
+/// One device's DMA over a run.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeviceDma {
+    /// Its name in the scenario.
+    pub name: String,
+    /// Its model.
+    pub model: String,
+    /// Its function.
+    pub bdf: Option<String>,
+    /// Bytes by path and mapping counts.
+    pub stats: crate::dma::DmaStats,
 }
 
 /// Why a plan could not run at all.
@@ -1186,6 +1201,7 @@ impl Plan {
             leaks: None,
             violations: Vec::new(),
             dma: Default::default(),
+            device_dma: Vec::new(),
             passed: false,
         };
         let mut seen_violations = 0;
@@ -1303,6 +1319,19 @@ impl Plan {
             .map(|v| v.to_string())
             .collect();
         report.dma = rt.host.dma().stats();
+        report.device_dma = self
+            .devices
+            .iter()
+            .filter_map(|d| {
+                let dev = &rt.devs.get(&d.name)?.dev;
+                Some(DeviceDma {
+                    name: d.name.clone(),
+                    model: d.model.name.to_string(),
+                    bdf: dev.bdf.map(|b| b.to_string()),
+                    stats: dev.dma.as_ref()?.stats(),
+                })
+            })
+            .collect();
         let q = rt.host.quiescent();
         if report.mismatch.is_none() {
             if !q.is_clean() {
