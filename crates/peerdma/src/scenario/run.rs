@@ -137,6 +137,9 @@ impl ProcSlot {
     }
 }
 
+/// A handle in the runtime's table: the order it was made in, and the value.
+type Held = (u64, Box<dyn std::any::Any + Send>);
+
 /// A mapped range a scenario named.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RegionRef {
@@ -158,7 +161,11 @@ pub struct Runtime {
     devs: BTreeMap<String, DevSlot>,
     procs: Mutex<HashMap<String, Arc<ProcSlot>>>,
     regions: Mutex<HashMap<String, RegionRef>>,
-    handles: Mutex<HashMap<String, Box<dyn std::any::Any + Send>>>,
+    /// Handles by name, each with the order it was made in: the teardown drops the
+    /// newest first, as a program closes what it opened last first (an MR before the
+    /// dma-buf it imports, the dma-buf before its buffer object).
+    handles: Mutex<HashMap<String, Held>>,
+    made: std::sync::atomic::AtomicU64,
 }
 
 impl Runtime {
@@ -216,8 +223,9 @@ impl Runtime {
     }
     /// Names a handle.
     pub fn put<T: Send + 'static>(&self, name: &str, v: T) {
+        let seq = self.made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut t) = self.handles.lock() {
-            t.insert(name.to_string(), Box::new(v));
+            t.insert(name.to_string(), (seq, Box::new(v)));
         }
     }
     /// Takes handle `name` out (dropping it releases what it holds).
@@ -227,7 +235,8 @@ impl Runtime {
             .lock()
             .map_err(|_| Failure::msg("handle table poisoned"))?
             .remove(name)
-            .ok_or_else(|| Failure::msg(format!("no handle `{name}`")))?;
+            .ok_or_else(|| Failure::msg(format!("no handle `{name}`")))?
+            .1;
         b.downcast::<T>()
             .map(|b| *b)
             .map_err(|_| Failure::msg(format!("`{name}` is a different kind of handle")))
@@ -244,6 +253,21 @@ impl Runtime {
         drop(b);
         Ok(())
     }
+    /// `f` of handle `name` as a `T`, under the table's lock (for a short look).
+    pub fn with_handle<T: Send + 'static, R>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&T) -> R,
+    ) -> Result<R, Failure> {
+        let t = self
+            .handles
+            .lock()
+            .map_err(|_| Failure::msg("handle table poisoned"))?;
+        t.get(name)
+            .and_then(|b| b.1.downcast_ref::<T>())
+            .map(f)
+            .ok_or_else(|| Failure::msg(format!("no handle `{name}` of that kind")))
+    }
     /// A clone of handle `name`.
     pub fn get<T: Clone + Send + 'static>(&self, name: &str) -> Result<T, Failure> {
         let t = self
@@ -251,7 +275,7 @@ impl Runtime {
             .lock()
             .map_err(|_| Failure::msg("handle table poisoned"))?;
         t.get(name)
-            .and_then(|b| b.downcast_ref::<T>())
+            .and_then(|b| b.1.downcast_ref::<T>())
             .cloned()
             .ok_or_else(|| Failure::msg(format!("no handle `{name}` of that kind")))
     }
@@ -1188,6 +1212,7 @@ impl Plan {
             procs: Mutex::new(HashMap::new()),
             regions: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
+            made: std::sync::atomic::AtomicU64::new(0),
         };
         let mut report = ScenarioReport {
             schema: SCHEMA,
@@ -1299,15 +1324,14 @@ impl Plan {
         for p in procs {
             p.exit();
         }
-        if let Ok(mut h) = rt.handles.lock() {
-            let names: Vec<String> = {
-                let mut n: Vec<String> = h.keys().cloned().collect();
-                n.sort();
-                n
-            };
-            for n in names {
-                drop(h.remove(&n));
-            }
+        let mut held: Vec<Held> = rt
+            .handles
+            .lock()
+            .map(|mut h| h.drain().map(|(_, v)| v).collect())
+            .unwrap_or_default();
+        held.sort_by_key(|h| std::cmp::Reverse(h.0));
+        for h in held {
+            drop(h);
         }
         rt.host.exit_all();
         report.violations = rt

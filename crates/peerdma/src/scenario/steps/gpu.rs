@@ -257,6 +257,7 @@ pub fn register(v: &mut Vocabulary) {
             }))
         },
     });
+    register_bo(v);
     v.step(StepDef {
         verb: "gpu.evict",
         help: "moves every VRAM page back to system RAM (migrate_device_range), as VRAM pressure or removal do",
@@ -274,4 +275,211 @@ pub fn register(v: &mut Vocabulary) {
             }))
         },
     });
+}
+
+/// A buffer object; dropping it frees the BO (EBUSY while a dma-buf of it lives, in
+/// which case the teardown order — newest handle first — has already closed those).
+struct Bo {
+    gpu: Arc<Gpu>,
+    h: crate::drivers::gpu::BoHandle,
+}
+
+impl Clone for Bo {
+    fn clone(&self) -> Self {
+        Bo {
+            gpu: self.gpu.clone(),
+            h: self.h,
+        }
+    }
+}
+
+/// The handle's owner: only the table's entry frees the BO.
+struct BoOwner(Bo);
+
+impl Drop for BoOwner {
+    fn drop(&mut self) {
+        let _ = self.0.gpu.bo_free(self.0.h);
+    }
+}
+
+fn bo_of(rt: &Runtime, name: &str) -> Result<Bo, Failure> {
+    rt.with_handle::<BoOwner, _>(name, |b| b.0.clone())
+}
+
+const BO: Param = Param::req("bo", Ty::Ref(SymKind::Handle("bo")), "the buffer object");
+
+/// Adds the buffer-object and dma-buf words.
+pub fn register_bo(v: &mut Vocabulary) {
+    v.step(StepDef {
+        verb: "gpu.bo_alloc",
+        help: "allocates a buffer object in VRAM (a driver's GEM create)",
+        actor: ActorUse::None,
+        binds: Some(SymKind::Handle("bo")),
+        params: &[DEV, LEN],
+        outputs: &[],
+        data: false,
+        compile: |cx| {
+            let (dev, len, name) = (
+                cx.args.name("dev"),
+                cx.args.num("len", 0),
+                cx.bind.clone().unwrap_or_default(),
+            );
+            Ok(Box::new(move |rt| {
+                let gpu: Arc<Gpu> = rt.dev(&dev)?;
+                let h = gpu.bo_alloc(len).map_err(gpu_err)?;
+                rt.put(&name, BoOwner(Bo { gpu, h }));
+                Ok(Outcome::default())
+            }))
+        },
+    });
+    v.step(StepDef {
+        verb: "gpu.bo_write",
+        help: "the GPU writes pattern= or fill= into the buffer object (offsets from its start)",
+        actor: ActorUse::None,
+        binds: None,
+        params: const {
+            &[
+                BO,
+                LEN,
+                Param::opt("offset", Ty::Size, "bytes into the BO (default 0)"),
+                Param::opt("pattern", Ty::Seed, "the pattern's seed"),
+                Param::opt("fill", Ty::Byte, "one byte everywhere"),
+            ]
+        },
+        outputs: &[],
+        data: false,
+        compile: |cx| {
+            let data = Data::from_call(cx)?;
+            let (bo, len, off) = (
+                cx.args.name("bo"),
+                cx.args.num("len", 0),
+                cx.args.num("offset", 0),
+            );
+            Ok(Box::new(move |rt| {
+                let b = bo_of(rt, &bo)?;
+                b.gpu
+                    .bo_write(b.h, off, &data.bytes(off, len)?)
+                    .map_err(gpu_err)?;
+                Ok(Outcome::default())
+            }))
+        },
+    });
+    v.step(StepDef {
+        verb: "gpu.bo_read",
+        help: "the GPU reads the buffer object, wherever it lives now",
+        actor: ActorUse::None,
+        binds: None,
+        params: const {
+            &[
+                BO,
+                LEN,
+                Param::opt("offset", Ty::Size, "bytes into the BO (default 0)"),
+            ]
+        },
+        outputs: &[],
+        data: true,
+        compile: |cx| {
+            let (bo, len, off) = (
+                cx.args.name("bo"),
+                cx.args.num("len", 0),
+                cx.args.num("offset", 0),
+            );
+            Ok(Box::new(move |rt| {
+                let b = bo_of(rt, &bo)?;
+                let mut buf = buffer(len)?;
+                b.gpu.bo_read(b.h, off, &mut buf).map_err(gpu_err)?;
+                read_outcome(vec![], buf, off)
+            }))
+        },
+    });
+    v.step(StepDef {
+        verb: "gpu.bo_evict",
+        help: "moves the buffer object to system RAM (TTM eviction): importers hear move_notify, waits for their fences; EBUSY while pinned",
+        actor: ActorUse::None,
+        binds: None,
+        params: &[BO],
+        outputs: &["moved"],
+        data: false,
+        compile: |cx| {
+            let bo = cx.args.name("bo");
+            Ok(Box::new(move |rt| {
+                let b = bo_of(rt, &bo)?;
+                let moved = b.gpu.bo_evict(b.h).map_err(gpu_err)?;
+                Ok(Outcome::values(vec![u64::from(moved)]))
+            }))
+        },
+    });
+    v.step(StepDef {
+        verb: "gpu.bo_validate",
+        help: "brings the buffer object back into VRAM, as the GPU does before using it (ttm_bo_validate)",
+        actor: ActorUse::None,
+        binds: None,
+        params: &[BO],
+        outputs: &["in_vram"],
+        data: false,
+        compile: |cx| {
+            let bo = cx.args.name("bo");
+            Ok(Box::new(move |rt| {
+                let b = bo_of(rt, &bo)?;
+                let d = b.gpu.bo_validate(b.h).map_err(gpu_err)?;
+                Ok(Outcome::values(vec![u64::from(
+                    d == crate::drivers::gpu::BoDomain::Vram,
+                )]))
+            }))
+        },
+    });
+    v.step(StepDef {
+        verb: "gpu.bo_export",
+        help: "exports the buffer object as a dma-buf into the process's descriptor table; p2p=move (amdgpu: a peer that cannot reach VRAM gets it moved to RAM) or refuse (xe: EOPNOTSUPP)",
+        actor: ActorUse::Required,
+        binds: Some(SymKind::Handle("dmabuf")),
+        params: const {
+            &[
+                BO,
+                Param::opt("p2p", Ty::Word(&["move", "refuse"]), "when a peer cannot reach VRAM (default move)"),
+            ]
+        },
+        outputs: &["fd"],
+        data: false,
+        compile: |cx| {
+            let (p, bo, name) = (
+                cx.actor.clone().unwrap_or_default(),
+                cx.args.name("bo"),
+                cx.bind.clone().unwrap_or_default(),
+            );
+            let policy = if cx.args.word("p2p", "move") == "refuse" {
+                crate::drivers::gpu::P2pPolicy::Refuse
+            } else {
+                crate::drivers::gpu::P2pPolicy::MoveToRam
+            };
+            Ok(Box::new(move |rt| {
+                let b = bo_of(rt, &bo)?;
+                let buf = b.gpu.bo_export(b.h, policy).map_err(gpu_err)?;
+                let files = rt.proc(&p)?.files.clone();
+                let fd = files.export_fd(&buf);
+                rt.put(&name, DmaBufFdOwner { fd, files });
+                Ok(Outcome::values(vec![fd as u64]))
+            }))
+        },
+    });
+}
+
+/// A dma-buf descriptor installed in a process's table; releasing the handle closes
+/// the fd there.
+struct DmaBufFdOwner {
+    fd: i32,
+    files: Arc<crate::dmabuf::FdTable>,
+}
+
+impl Drop for DmaBufFdOwner {
+    fn drop(&mut self) {
+        // EBADF once the process exited (exit closed it): nothing left to do.
+        let _ = self.files.close(self.fd);
+    }
+}
+
+/// The fd of descriptor handle `name` (valid in the process that exported it and in
+/// its children).
+pub(crate) fn dmabuf_fd(rt: &Runtime, name: &str) -> Result<i32, Failure> {
+    rt.with_handle::<DmaBufFdOwner, _>(name, |d| d.fd)
 }

@@ -111,13 +111,13 @@ pub fn register(v: &mut Vocabulary) {
     });
     v.step(StepDef {
         verb: "mmap",
-        help: "mmap(): anon (private anonymous), shared (shared anonymous), file / shared_file (private / shared mapping of file=), p2pmem (the p2pmem allocate file of dev=)",
+        help: "mmap(): anon (private anonymous), shared (shared anonymous), file / shared_file (private / shared mapping of file=), p2pmem (the p2pmem allocate file of dev=), dmabuf (a dma-buf descriptor of this process, dmabuf=)",
         actor: ActorUse::Required,
         binds: Some(SymKind::Region),
         params: const { &[
             Param::req(
                 "kind",
-                Ty::Word(&["anon", "shared", "file", "shared_file", "p2pmem"]),
+                Ty::Word(&["anon", "shared", "file", "shared_file", "p2pmem", "dmabuf"]),
                 "what is mapped",
             ),
             Param::req("len", Ty::Size, "bytes"),
@@ -125,6 +125,11 @@ pub fn register(v: &mut Vocabulary) {
             Param::opt("file", Ty::Ref(SymKind::Handle("file")), "the file, for file and shared_file"),
             Param::opt("pgoff", Ty::Count, "first page of the file"),
             Param::opt("dev", Ty::Ref(SymKind::Device("any")), "the device, for p2pmem"),
+            Param::opt(
+                "dmabuf",
+                Ty::Ref(SymKind::Handle("dmabuf")),
+                "the descriptor, for dmabuf",
+            ),
         ] },
         outputs: &[],
         data: false,
@@ -142,6 +147,13 @@ pub fn register(v: &mut Vocabulary) {
                     None,
                 ));
             }
+            if (kind == "dmabuf") != cx.args.get("dmabuf").is_some() {
+                return Err(cx.err(
+                    if kind == "dmabuf" { "kind" } else { "dmabuf" },
+                    "dmabuf= names the descriptor mmap dmabuf maps (and only that)",
+                    None,
+                ));
+            }
             if (kind == "p2pmem") != cx.args.get("dev").is_some() {
                 return Err(cx.err(
                     if kind == "p2pmem" { "kind" } else { "dev" },
@@ -152,6 +164,7 @@ pub fn register(v: &mut Vocabulary) {
             let (p, region) = (cx.actor.clone().unwrap_or_default(), cx.bind.clone().unwrap_or_default());
             let (len, prot) = (cx.args.num("len", 0), prot(cx.args.word("prot", "rw")));
             let (file, pgoff, dev) = (cx.args.name("file"), cx.args.num("pgoff", 0), cx.args.name("dev"));
+            let dmabuf = cx.args.name("dmabuf");
             Ok(Box::new(move |rt| {
                 let mm = rt.proc(&p)?.mm.clone();
                 let va = match kind {
@@ -168,6 +181,12 @@ pub fn register(v: &mut Vocabulary) {
                             mm.mmap_shared(&obj, pgoff, len, prot)
                         }
                         .map_err(|e| crate::fail!(e))?
+                    }
+                    "dmabuf" => {
+                        let fd = crate::scenario::steps::gpu::dmabuf_fd(rt, &dmabuf)?;
+                        let files = rt.proc(&p)?.files.clone();
+                        let buf = files.dma_buf(fd).map_err(|e| crate::fail!(e))?;
+                        buf.mmap(&mm, 0, len, prot).map_err(|e| crate::fail!(e))?
                     }
                     _ => {
                         let (bdf, _) = rt.dev_dma(&dev)?;

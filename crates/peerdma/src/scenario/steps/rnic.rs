@@ -168,6 +168,52 @@ pub fn register(v: &mut Vocabulary) {
             }))
         },
     });
+    v.step(StepDef {
+        verb: "rnic.reg_dmabuf_mr",
+        help: "ibv_reg_dmabuf_mr(): an MR over a dma-buf descriptor of this process; a dynamic importer (move_notify drops the mapping, the next access maps again) or, with pinned=yes, one that pins the buffer",
+        actor: ActorUse::Required,
+        binds: Some(SymKind::Handle("mr")),
+        params: const {
+            &[
+                Param::req("dev", Ty::Ref(SymKind::Device("rnic")), "the NIC"),
+                Param::req("dmabuf", Ty::Ref(SymKind::Handle("dmabuf")), "the descriptor"),
+                Param::req("len", Ty::Size, "bytes"),
+                Param::opt("offset", Ty::Size, "bytes into the buffer (default 0)"),
+                Param::opt("pinned", Ty::Bool, "pin the buffer instead (default no)"),
+                Param::opt("access", Ty::Flags(ACCESS), "IBV_ACCESS_ flags (default local_write,remote_write,remote_read)"),
+            ]
+        },
+        outputs: &[],
+        data: false,
+        compile: |cx| {
+            let (p, dev, dmabuf, len, off) = (
+                cx.actor.clone().unwrap_or_default(),
+                cx.args.name("dev"),
+                cx.args.name("dmabuf"),
+                cx.args.num("len", 0),
+                cx.args.num("offset", 0),
+            );
+            let pinned = cx.args.bool("pinned", false);
+            let acc = match cx.args.get("access") {
+                Some(_) => access(&cx.args.flags("access")),
+                None => access(&ACCESS[..3]),
+            };
+            let name = cx.bind.clone().unwrap_or_default();
+            Ok(Box::new(move |rt| {
+                let v = verbs(rt, &dev, &p)?;
+                let fd = crate::scenario::steps::gpu::dmabuf_fd(rt, &dmabuf)?;
+                // The MR's I/O addresses start at 0 over the buffer.
+                let mr = if pinned {
+                    v.ctx.reg_dmabuf_mr_pinned(v.pd, off, len, 0, fd, acc)
+                } else {
+                    v.ctx.reg_dmabuf_mr(v.pd, off, len, 0, fd, acc)
+                }
+                .map_err(|e| crate::fail!(e))?;
+                rt.put(&name, Arc::new(MrHandle { ctx: v.ctx.clone(), mr }));
+                Ok(Outcome::default())
+            }))
+        },
+    });
     for (verb, help, write) in [
         (
             "rnic.write",
