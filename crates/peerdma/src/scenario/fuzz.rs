@@ -194,11 +194,11 @@ const KINDS: [Kind; 23] = [
     Kind::GpuMove,
 ];
 
-struct Gen {
-    rng: ChaCha8Rng,
-    out: String,
+/// What the generator knows of the machine: everything but its random stream and the
+/// text written so far.
+#[derive(Clone)]
+struct Model {
     ops: usize,
-    weights: Vec<(Kind, u32)>,
     regions: Vec<Region>,
     stores: Vec<Vec<Content>>,
     procs: Vec<Proc>,
@@ -207,6 +207,13 @@ struct Gen {
     next: u64,
     /// DMA sanitizer reports injected so far (each IOMMU fault makes one).
     violations: u64,
+}
+
+struct Gen {
+    rng: ChaCha8Rng,
+    out: String,
+    weights: Vec<(Kind, u32)>,
+    m: Model,
 }
 
 impl Gen {
@@ -224,43 +231,45 @@ impl Gen {
         Gen {
             rng,
             out: String::new(),
-            ops: 0,
             weights,
-            regions: Vec::new(),
-            stores: Vec::new(),
-            procs: Vec::new(),
-            handles: Vec::new(),
-            mirror_alive: true,
-            next: 0,
-            violations: 0,
+            m: Model {
+                ops: 0,
+                regions: Vec::new(),
+                stores: Vec::new(),
+                procs: Vec::new(),
+                handles: Vec::new(),
+                mirror_alive: true,
+                next: 0,
+                violations: 0,
+            },
         }
     }
 
     fn line(&mut self, s: impl AsRef<str>) {
         self.out.push_str(s.as_ref());
         self.out.push('\n');
-        self.ops += 1;
+        self.m.ops += 1;
     }
 
     fn fresh(&mut self, prefix: &str) -> String {
-        self.next += 1;
-        format!("{prefix}{}", self.next)
+        self.m.next += 1;
+        format!("{prefix}{}", self.m.next)
     }
 
     fn spawn(&mut self) -> usize {
         let name = self.fresh("p");
         self.line(format!("process {name}"));
-        self.procs.push(Proc {
+        self.m.procs.push(Proc {
             name,
             alive: true,
             views: BTreeMap::new(),
         });
-        self.procs.len() - 1
+        self.m.procs.len() - 1
     }
 
     fn live_proc(&mut self) -> usize {
-        let live: Vec<usize> = (0..self.procs.len())
-            .filter(|&i| self.procs[i].alive)
+        let live: Vec<usize> = (0..self.m.procs.len())
+            .filter(|&i| self.m.procs[i].alive)
             .collect();
         if live.is_empty() {
             return self.spawn();
@@ -270,14 +279,14 @@ impl Gen {
 
     /// A mapped region of process `p`, if it has any.
     fn view_of(&mut self, p: usize) -> Option<usize> {
-        let keys: Vec<usize> = self.procs[p].views.keys().copied().collect();
+        let keys: Vec<usize> = self.m.procs[p].views.keys().copied().collect();
         (!keys.is_empty()).then(|| keys[self.rng.gen_range(0..keys.len())])
     }
 
     fn content(&self, p: usize, r: usize, i: u64) -> Content {
-        match self.regions[r].store {
-            Some(s) => self.stores[s][i as usize],
-            None => self.procs[p].views[&r]
+        match self.m.regions[r].store {
+            Some(s) => self.m.stores[s][i as usize],
+            None => self.m.procs[p].views[&r]
                 .content
                 .as_ref()
                 .map_or(ZERO, |c| c[i as usize]),
@@ -285,10 +294,10 @@ impl Gen {
     }
 
     fn set(&mut self, p: usize, r: usize, i: u64, c: Content) {
-        match self.regions[r].store {
-            Some(s) => self.stores[s][i as usize] = c,
+        match self.m.regions[r].store {
+            Some(s) => self.m.stores[s][i as usize] = c,
             None => {
-                if let Some(v) = self.procs[p].views.get_mut(&r) {
+                if let Some(v) = self.m.procs[p].views.get_mut(&r) {
                     if let Some(content) = v.content.as_mut() {
                         content[i as usize] = c;
                     }
@@ -313,7 +322,7 @@ impl Gen {
                 region,
                 first,
             } => self.content(*proc, *region, first + i),
-            Target::Store { store, first } => self.stores[*store][(first + i) as usize],
+            Target::Store { store, first } => self.m.stores[*store][(first + i) as usize],
         }
     }
 
@@ -322,30 +331,30 @@ impl Gen {
     /// view share them (two pins of one page are one frame), so they move to one new
     /// store together.
     fn detach(&mut self, p: usize, r: Option<usize>) {
-        let regions: Vec<usize> = self.procs[p]
+        let regions: Vec<usize> = self.m.procs[p]
             .views
             .keys()
             .copied()
             .filter(|&x| r.is_none_or(|r| r == x))
             .collect();
         for region in regions {
-            let on: Vec<usize> = (0..self.handles.len())
+            let on: Vec<usize> = (0..self.m.handles.len())
                 .filter(|&k| {
-                    matches!(self.handles[k].target,
+                    matches!(self.m.handles[k].target,
                         Target::View { proc, region: hr, .. } if proc == p && hr == region)
                 })
                 .collect();
             if on.is_empty() {
                 continue;
             }
-            let frames = (0..self.regions[region].pages)
+            let frames = (0..self.m.regions[region].pages)
                 .map(|i| self.content(p, region, i))
                 .collect();
-            self.stores.push(frames);
-            let store = self.stores.len() - 1;
+            self.m.stores.push(frames);
+            let store = self.m.stores.len() - 1;
             for k in on {
-                if let Target::View { first, .. } = self.handles[k].target {
-                    self.handles[k].target = Target::Store { store, first };
+                if let Target::View { first, .. } = self.m.handles[k].target {
+                    self.m.handles[k].target = Target::Store { store, first };
                 }
             }
         }
@@ -379,7 +388,7 @@ impl Gen {
     }
 
     fn maybe_check_quiet(&mut self) {
-        if self.handles.is_empty() {
+        if self.m.handles.is_empty() {
             self.line("expect pinned=0 mappings=0");
         }
     }
@@ -387,26 +396,26 @@ impl Gen {
     fn step(&mut self) {
         let kind = self.pick_kind();
         let p = self.live_proc();
-        let pn = self.procs[p].name.clone();
+        let pn = self.m.procs[p].name.clone();
         match kind {
             Kind::Mmap => {
                 let pages = self.rng.gen_range(1..=8);
                 let name = self.fresh("r");
                 let shared = self.rng.gen_bool(0.25);
                 let store = shared.then(|| {
-                    self.stores.push(vec![ZERO; pages as usize]);
-                    self.stores.len() - 1
+                    self.m.stores.push(vec![ZERO; pages as usize]);
+                    self.m.stores.len() - 1
                 });
                 let kind = if shared { "shared" } else { "anon" };
                 self.line(format!("{pn}: {name} = mmap {kind} {}K", pages * 4));
-                self.regions.push(Region {
+                self.m.regions.push(Region {
                     name,
                     pages,
                     store,
                     maybe_device: false,
                 });
-                let r = self.regions.len() - 1;
-                self.procs[p].views.insert(
+                let r = self.m.regions.len() - 1;
+                self.m.procs[p].views.insert(
                     r,
                     View {
                         prot: Prot::Rw,
@@ -423,11 +432,14 @@ impl Gen {
             | Kind::GpuWrite => {
                 let Some(r) = self.view_of(p) else { return };
                 let mirror = matches!(kind, Kind::MirrorRead | Kind::MirrorWrite);
-                if mirror && !self.mirror_alive {
+                if mirror && !self.m.mirror_alive {
                     return;
                 }
-                let (first, n) = self.range(self.regions[r].pages);
-                let (rn, prot) = (self.regions[r].name.clone(), self.procs[p].views[&r].prot);
+                let (first, n) = self.range(self.m.regions[r].pages);
+                let (rn, prot) = (
+                    self.m.regions[r].name.clone(),
+                    self.m.procs[p].views[&r].prot,
+                );
                 let at = format!("{rn}+{}K {}K", first * 4, n * 4);
                 let op = match kind {
                     Kind::Write => "write",
@@ -444,7 +456,7 @@ impl Gen {
                         return;
                     }
                     if matches!(kind, Kind::MirrorWrite | Kind::GpuWrite)
-                        && self.regions[r].maybe_device
+                        && self.m.regions[r].maybe_device
                     {
                         self.line(format!("{pn}: {op} {at} {} expect any", d.data()));
                         for i in first..first + n {
@@ -472,36 +484,36 @@ impl Gen {
                 }
             }
             Kind::Fork => {
-                if self.procs.iter().filter(|p| p.alive).count() >= 4 {
+                if self.m.procs.iter().filter(|p| p.alive).count() >= 4 {
                     return;
                 }
                 let child = self.fresh("p");
                 self.line(format!("{pn}: {child} = fork"));
-                let views = self.procs[p].views.clone();
-                self.procs.push(Proc {
+                let views = self.m.procs[p].views.clone();
+                self.m.procs.push(Proc {
                     name: child,
                     alive: true,
                     views,
                 });
             }
             Kind::Exit => {
-                if self.procs.iter().filter(|p| p.alive).count() < 2 {
+                if self.m.procs.iter().filter(|p| p.alive).count() < 2 {
                     return;
                 }
                 self.line(format!("{pn}: exit"));
                 self.detach(p, None);
-                self.procs[p].alive = false;
-                self.procs[p].views.clear();
+                self.m.procs[p].alive = false;
+                self.m.procs[p].views.clear();
                 self.maybe_check_quiet();
             }
             Kind::Munmap | Kind::Dontneed => {
                 let Some(r) = self.view_of(p) else { return };
-                let rn = self.regions[r].name.clone();
-                let len = self.regions[r].pages * 4;
+                let rn = self.m.regions[r].name.clone();
+                let len = self.m.regions[r].pages * 4;
                 if kind == Kind::Munmap {
                     self.line(format!("{pn}: munmap {rn} {len}K"));
                     self.detach(p, Some(r));
-                    self.procs[p].views.remove(&r);
+                    self.m.procs[p].views.remove(&r);
                     self.line(format!("{pn}: read {rn} 4K expect EFAULT"));
                 } else {
                     self.line(format!("{pn}: madvise {rn} {len}K dontneed"));
@@ -511,21 +523,21 @@ impl Gen {
             Kind::Mprotect => {
                 let Some(r) = self.view_of(p) else { return };
                 let prot = [Prot::Rw, Prot::R, Prot::None][self.rng.gen_range(0..3)];
-                let rn = self.regions[r].name.clone();
-                let len = self.regions[r].pages * 4;
+                let rn = self.m.regions[r].name.clone();
+                let len = self.m.regions[r].pages * 4;
                 self.line(format!("{pn}: mprotect {rn} {len}K {}", prot.word()));
-                if let Some(v) = self.procs[p].views.get_mut(&r) {
+                if let Some(v) = self.m.procs[p].views.get_mut(&r) {
                     v.prot = prot;
                 }
             }
             Kind::Pin | Kind::DmaSg => {
                 let Some(r) = self.view_of(p) else { return };
-                let (first, n) = self.range(self.regions[r].pages);
-                let view = &self.procs[p].views[&r];
+                let (first, n) = self.range(self.m.regions[r].pages);
+                let view = &self.m.procs[p].views[&r];
                 let (prot, populated) = (view.prot, view.populated.clone());
                 let write = self.rng.gen_bool(0.5);
                 let longterm = self.rng.gen_bool(0.5);
-                let private = self.regions[r].store.is_none();
+                let private = self.m.regions[r].store.is_none();
                 let all_populated = (first..first + n).all(|i| populated[i as usize]);
                 if prot != Prot::Rw || (private && !write && !all_populated) {
                     // Read-only pins only of real pages; nothing of PROT_NONE or
@@ -533,7 +545,7 @@ impl Gen {
                     return;
                 }
                 let h = self.fresh("h");
-                let rn = self.regions[r].name.clone();
+                let rn = self.m.regions[r].name.clone();
                 let mut flags = Vec::new();
                 if write {
                     flags.push("write");
@@ -582,7 +594,7 @@ impl Gen {
                         self.set(p, r, i, c);
                     }
                 }
-                let target = match self.regions[r].store {
+                let target = match self.m.regions[r].store {
                     Some(store) => Target::Store { store, first },
                     None => Target::View {
                         proc: p,
@@ -590,7 +602,7 @@ impl Gen {
                         first,
                     },
                 };
-                self.handles.push(Handle {
+                self.m.handles.push(Handle {
                     name: h,
                     dev_reads,
                     dev_writes,
@@ -600,9 +612,9 @@ impl Gen {
                 });
             }
             Kind::DmaRead | Kind::DmaWrite | Kind::IommuFault => {
-                let cands: Vec<usize> = (0..self.handles.len())
+                let cands: Vec<usize> = (0..self.m.handles.len())
                     .filter(|&k| {
-                        let h = &self.handles[k];
+                        let h = &self.m.handles[k];
                         h.dma
                             && match kind {
                                 Kind::DmaRead => h.dev_reads,
@@ -615,17 +627,17 @@ impl Gen {
                     return;
                 }
                 let k = cands[self.rng.gen_range(0..cands.len())];
-                let h = self.handles[k].clone();
+                let h = self.m.handles[k].clone();
                 match kind {
                     Kind::IommuFault => {
                         // DMA past the end of the mapping: refused and reported by the
                         // sanitizer, never a stray access.
-                        self.violations += 1;
+                        self.m.violations += 1;
                         self.line(format!(
                             "dma.read {} 4K offset={}K expect error violations={}",
                             h.name,
                             h.pages * 4,
-                            self.violations
+                            self.m.violations
                         ));
                     }
                     Kind::DmaRead => {
@@ -651,21 +663,21 @@ impl Gen {
                 }
             }
             Kind::Release => {
-                if self.handles.is_empty() {
+                if self.m.handles.is_empty() {
                     return;
                 }
-                let k = self.rng.gen_range(0..self.handles.len());
-                let h = self.handles.remove(k);
+                let k = self.rng.gen_range(0..self.m.handles.len());
+                let h = self.m.handles.remove(k);
                 self.line(format!("release {}", h.name));
                 self.maybe_check_quiet();
             }
             Kind::Migrate => {
-                if !self.mirror_alive {
+                if !self.m.mirror_alive {
                     return;
                 }
                 let Some(r) = self.view_of(p) else { return };
-                let (first, n) = self.range(self.regions[r].pages);
-                let rn = self.regions[r].name.clone();
+                let (first, n) = self.range(self.m.regions[r].pages);
+                let rn = self.m.regions[r].name.clone();
                 let to = if self.rng.gen_bool(0.7) {
                     "migrate_to_dev"
                 } else {
@@ -673,7 +685,7 @@ impl Gen {
                 };
                 // Pinned, shared or unreadable pages do not move, the pool may run out:
                 // the outcome varies, the data must not.
-                self.regions[r].maybe_device = true;
+                self.m.regions[r].maybe_device = true;
                 self.line(format!(
                     "{pn}: dmirror.{to} dm {rn}+{}K {}K expect any",
                     first * 4,
@@ -682,9 +694,9 @@ impl Gen {
             }
             Kind::GpuMove => {
                 let Some(r) = self.view_of(p) else { return };
-                let (first, n) = self.range(self.regions[r].pages);
-                let rn = self.regions[r].name.clone();
-                self.regions[r].maybe_device = true;
+                let (first, n) = self.range(self.m.regions[r].pages);
+                let rn = self.m.regions[r].name.clone();
+                self.m.regions[r].maybe_device = true;
                 match self.rng.gen_range(0..4) {
                     0 => self.line("gpu.evict g expect any"),
                     1 => self.line(format!(
@@ -705,23 +717,23 @@ impl Gen {
                 }
             }
             Kind::RemoveMirror => {
-                if !self.mirror_alive || self.ops < 20 {
+                if !self.m.mirror_alive || self.m.ops < 20 {
                     return;
                 }
                 // Every page in device memory goes back to system RAM, data intact.
                 self.line("remove dm");
-                self.mirror_alive = false;
+                self.m.mirror_alive = false;
             }
             Kind::RaceFault => {
-                if !self.mirror_alive {
+                if !self.m.mirror_alive {
                     return;
                 }
                 let Some(r) = self.view_of(p) else { return };
-                if self.procs[p].views[&r].prot == Prot::None {
+                if self.m.procs[p].views[&r].prot == Prot::None {
                     return;
                 }
-                let rn = self.regions[r].name.clone();
-                let len = self.regions[r].pages * 4;
+                let rn = self.m.regions[r].name.clone();
+                let len = self.m.regions[r].pages * 4;
                 let g = self.fresh("race");
                 self.line(format!("parallel {g} {{"));
                 self.line(format!("  {pn}: dmirror.read dm {rn} {len}K expect any"));
@@ -730,21 +742,24 @@ impl Gen {
                 self.zap(p, r);
             }
             Kind::RaceExit => {
-                let cands: Vec<usize> = (0..self.handles.len())
+                let cands: Vec<usize> = (0..self.m.handles.len())
                     .filter(|&k| {
-                        self.handles[k].dev_writes
-                            && matches!(self.handles[k].target, Target::View { proc, .. } if self.procs[proc].alive)
+                        self.m.handles[k].dev_writes
+                            && matches!(self.m.handles[k].target, Target::View { proc, .. } if self.m.procs[proc].alive)
                     })
                     .collect();
-                if cands.is_empty() || self.procs.iter().filter(|p| p.alive).count() < 2 {
+                if cands.is_empty() || self.m.procs.iter().filter(|p| p.alive).count() < 2 {
                     return;
                 }
                 let k = cands[self.rng.gen_range(0..cands.len())];
-                let Target::View { proc, .. } = self.handles[k].target else {
+                let Target::View { proc, .. } = self.m.handles[k].target else {
                     return;
                 };
                 let b = self.rng.gen_range(1..=255u8);
-                let (h, victim) = (self.handles[k].name.clone(), self.procs[proc].name.clone());
+                let (h, victim) = (
+                    self.m.handles[k].name.clone(),
+                    self.m.procs[proc].name.clone(),
+                );
                 let g = self.fresh("race");
                 self.line(format!("parallel {g} {{"));
                 self.line(format!("  dma.write {h} 4K fill={b:#x}"));
@@ -754,31 +769,31 @@ impl Gen {
                 // handle keeps once the process is gone.
                 self.dma_wrote(k, 0, Content::Fill(b));
                 self.detach(proc, None);
-                self.procs[proc].alive = false;
-                self.procs[proc].views.clear();
+                self.m.procs[proc].alive = false;
+                self.m.procs[proc].views.clear();
             }
         }
     }
 
     fn dma_wrote(&mut self, k: usize, i: u64, c: Content) {
-        match self.handles[k].target.clone() {
+        match self.m.handles[k].target.clone() {
             Target::View {
                 proc,
                 region,
                 first,
             } => self.set(proc, region, first + i, c),
-            Target::Store { store, first } => self.stores[store][(first + i) as usize] = c,
+            Target::Store { store, first } => self.m.stores[store][(first + i) as usize] = c,
         }
     }
 
     /// MADV_DONTNEED: private pages drop (zero, unpopulated; pins keep the old pages),
     /// shared ones stay in their object.
     fn zap(&mut self, p: usize, r: usize) {
-        if self.regions[r].store.is_some() {
+        if self.m.regions[r].store.is_some() {
             return;
         }
         self.detach(p, Some(r));
-        if let Some(v) = self.procs[p].views.get_mut(&r) {
+        if let Some(v) = self.m.procs[p].views.get_mut(&r) {
             if let Some(c) = v.content.as_mut() {
                 c.fill(ZERO);
             }
@@ -787,44 +802,14 @@ impl Gen {
     }
 }
 
-/// The model and output of a generator, without its random stream: what a skipped
-/// operation must leave as it found it.
-struct Saved {
-    out: usize,
-    ops: usize,
-    regions: Vec<Region>,
-    stores: Vec<Vec<Content>>,
-    procs: Vec<Proc>,
-    handles: Vec<Handle>,
-    mirror_alive: bool,
-    next: u64,
-    violations: u64,
-}
-
 impl Gen {
-    fn save(&self) -> Saved {
-        Saved {
-            out: self.out.len(),
-            ops: self.ops,
-            regions: self.regions.clone(),
-            stores: self.stores.clone(),
-            procs: self.procs.clone(),
-            handles: self.handles.clone(),
-            mirror_alive: self.mirror_alive,
-            next: self.next,
-            violations: self.violations,
-        }
+    /// The model and how much text there was, for a skipped operation to go back to.
+    fn save(&self) -> (usize, Model) {
+        (self.out.len(), self.m.clone())
     }
-    fn restore(&mut self, s: Saved) {
-        self.out.truncate(s.out);
-        self.ops = s.ops;
-        self.regions = s.regions;
-        self.stores = s.stores;
-        self.procs = s.procs;
-        self.handles = s.handles;
-        self.mirror_alive = s.mirror_alive;
-        self.next = s.next;
-        self.violations = s.violations;
+    fn restore(&mut self, (out, m): (usize, Model)) {
+        self.out.truncate(out);
+        self.m = m;
     }
 }
 

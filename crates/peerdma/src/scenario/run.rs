@@ -715,20 +715,19 @@ impl Compiler<'_> {
         Ok(())
     }
 
+    /// "models: nvme, gpu, ...", for hints.
+    fn model_names(&self) -> String {
+        let names: Vec<&str> = self.vocab.models().map(|m| m.name).collect();
+        format!("models: {}", names.join(", "))
+    }
+
     fn device_stmt(&mut self, call: &lang::Call) -> Result<(), Diag> {
         let machine = self.machine_or_default()?;
         let (Some(name), Some(model)) = (call.args.first(), call.args.get(1)) else {
             return Err(self.sources.diag(
                 call.verb.span,
                 "`device` needs a name and a model: device NAME MODEL [at=BDF] ...",
-                Some(format!(
-                    "models: {}",
-                    self.vocab
-                        .models()
-                        .map(|m| m.name)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )),
+                Some(self.model_names()),
             ));
         };
         if name.key.is_some() || !is_name(&name.value.text) {
@@ -745,14 +744,7 @@ impl Compiler<'_> {
                 self.sources.diag(
                     model.value.span,
                     format!("unknown device model `{}`", model.value.text),
-                    Some(format!(
-                        "models: {}",
-                        self.vocab
-                            .models()
-                            .map(|m| m.name)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )),
+                    Some(self.model_names()),
                 )
             })?;
         let mut params: Vec<Param> = m.params.to_vec();

@@ -95,6 +95,14 @@ fn access(names: &[&str]) -> Access {
     })
 }
 
+/// A call's `access=`, local write and remote read and write when absent.
+fn access_arg(cx: &crate::scenario::vocab::Compile<'_>) -> Access {
+    match cx.args.get("access") {
+        Some(_) => access(&cx.args.flags("access")),
+        None => access(&ACCESS[..3]),
+    }
+}
+
 /// Adds the model and its words.
 pub fn register(v: &mut Vocabulary) {
     v.model(ModelDef {
@@ -144,10 +152,7 @@ pub fn register(v: &mut Vocabulary) {
                 cx.args.place("at"),
                 cx.args.num("len", 0),
             );
-            let acc = match cx.args.get("access") {
-                Some(_) => access(&cx.args.flags("access")),
-                None => access(&ACCESS[..3]),
-            };
+            let acc = access_arg(cx);
             let name = cx.bind.clone().unwrap_or_default();
             Ok(Box::new(move |rt| {
                 let v = verbs(rt, &dev, &p)?;
@@ -194,10 +199,7 @@ pub fn register(v: &mut Vocabulary) {
                 cx.args.num("offset", 0),
             );
             let pinned = cx.args.bool("pinned", false);
-            let acc = match cx.args.get("access") {
-                Some(_) => access(&cx.args.flags("access")),
-                None => access(&ACCESS[..3]),
-            };
+            let acc = access_arg(cx);
             let name = cx.bind.clone().unwrap_or_default();
             Ok(Box::new(move |rt| {
                 let v = verbs(rt, &dev, &p)?;
