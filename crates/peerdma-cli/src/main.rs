@@ -29,8 +29,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a job on an emulated host: the RDMA job by default (an RDMA NIC writing into
-    /// memory a GPU moves, each registration style), or `p2pmem` or `hmm`.
+    /// Run a scenario on an emulated host: the built-in one by default (an RDMA NIC
+    /// reaching memory a GPU moves, each registration style), a scenario FILE, or a job:
+    /// `rdma`, `p2pmem` or `hmm`.
     Run(run::RunArgs),
     /// Run seeded random scenarios with fault injection and invariant checks; a failing
     /// seed is minimised into a scenario file.

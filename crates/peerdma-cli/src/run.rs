@@ -1,5 +1,8 @@
-//! `peerdma run`: a built-in job on an emulated host. With no argument (or `rdma`) it
-//! runs the RDMA job on the dgx preset: a NIC writing into memory the GPU moves,
+//! `peerdma run`: a scenario or a built-in job on an emulated host. With no argument it
+//! runs the built-in scenario (scenarios/thread.scn, embedded): the 2016 thread's three
+//! ways an RDMA NIC reaches memory a GPU moves. `peerdma run FILE` runs a scenario
+//! file (docs/scenario.md). `peerdma run rdma` runs the RDMA job on the dgx preset: a
+//! NIC writing into memory the GPU moves,
 //! registered pinned, on-demand and through a dma-buf of VRAM, plus VRAM shared
 //! between processes (the 2016 thread's cases). `peerdma run p2pmem` runs the
 //! p2pmem-test copy on the workstation preset: drive A reads into drive B's
@@ -26,25 +29,26 @@ use peerdma_cli::opts::{count, size};
 /// What to run.
 #[derive(Args)]
 pub struct RunArgs {
-    /// A scenario file (docs/scenario.md), or a built-in job: `rdma` (the default),
-    /// `p2pmem` or `hmm`.
+    /// A scenario file (docs/scenario.md), or a built-in job: `rdma`, `p2pmem` or
+    /// `hmm`. Without one, the built-in scenario (scenarios/thread.scn: the 2016
+    /// thread's cases on a DGX). The options below, up to --json, are the jobs'.
     job: Option<PathBuf>,
     /// The machine: a preset name or a topology TOML file (default: dgx for `rdma`,
     /// workstation for the others).
-    #[arg(long)]
+    #[arg(long, requires = "job")]
     topology: Option<String>,
     /// Bytes per transfer (K, M suffixes allowed).
-    #[arg(long, default_value = "1M", value_parser = size(4 << 10, 256 << 20))]
+    #[arg(long, requires = "job", default_value = "1M", value_parser = size(4 << 10, 256 << 20))]
     chunk_size: u64,
     /// Transfers.
-    #[arg(long, default_value = "64", value_parser = count(1, 4096))]
+    #[arg(long, requires = "job", default_value = "64", value_parser = count(1, 4096))]
     chunks: u64,
     /// The drive to read from (default: the one closest to the target).
-    #[arg(long)]
+    #[arg(long, requires = "job")]
     source: Option<Bdf>,
     /// The drive whose CMB is used and which is written (default: the first with a
     /// published CMB).
-    #[arg(long)]
+    #[arg(long, requires = "job")]
     target: Option<Bdf>,
     /// Turn the IOMMU on or off (default: as the topology says).
     #[arg(long)]
@@ -57,23 +61,23 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE.html")]
     report: Option<PathBuf>,
     /// HMM job: bytes of process memory the GPU works on.
-    #[arg(long, default_value = "64M", value_parser = size(4 << 10, 64 << 30))]
+    #[arg(long, requires = "job", default_value = "64M", value_parser = size(4 << 10, 64 << 30))]
     buffer_size: u64,
     /// VRAM per GPU (default: 32M for the HMM job, so the buffer puts it under
     /// pressure; what the topology says for the RDMA job).
-    #[arg(long, value_parser = size(4 << 10, 1 << 40))]
+    #[arg(long, requires = "job", value_parser = size(4 << 10, 1 << 40))]
     vram: Option<u64>,
     /// RDMA job: bytes per RDMA WRITE.
-    #[arg(long, default_value = "1M", value_parser = size(4 << 10, 1 << 30))]
+    #[arg(long, requires = "job", default_value = "1M", value_parser = size(4 << 10, 1 << 30))]
     message_size: u64,
     /// RDMA job: messages per case.
-    #[arg(long, default_value = "8", value_parser = count(1, 4096))]
+    #[arg(long, requires = "job", default_value = "8", value_parser = count(1, 4096))]
     messages: u64,
     /// HMM job: GPU passes over the buffer (VRAM is evicted between them).
-    #[arg(long, default_value = "3", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    #[arg(long, requires = "job", default_value = "3", value_parser = clap::value_parser!(u32).range(1..=1000))]
     passes: u32,
     /// HMM job: the GPU to use (default: the first).
-    #[arg(long)]
+    #[arg(long, requires = "job")]
     gpu: Option<Bdf>,
 }
 
@@ -92,7 +96,8 @@ fn load(topology: &str) -> Result<Topology> {
 
 pub fn run(args: &RunArgs) -> Result<()> {
     match args.job.as_ref().and_then(|p| p.to_str()) {
-        None | Some("rdma") => run_rdma(args),
+        None => run_scenario_text("thread.scn (built in)", DEFAULT_SCENARIO, args),
+        Some("rdma") => run_rdma(args),
         Some("p2pmem") => run_p2pmem(args),
         Some("hmm") => run_hmm(args),
         _ => {
@@ -108,18 +113,32 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
 }
 
+/// The scenario `peerdma run` runs without arguments: the 2016 thread's cases.
+const DEFAULT_SCENARIO: &str = include_str!("../../../scenarios/thread.scn");
+
 /// `peerdma run FILE`: checks the whole scenario first (exit 2 on any error, nothing
 /// run), then runs it; exit 1 when an expectation fails or the host leaks.
 fn run_scenario(path: &std::path::Path, args: &RunArgs) -> Result<()> {
     let vocab = peerdma::scenario::Vocabulary::standard();
-    let mut plan =
+    let plan =
         peerdma::scenario::load(path, &vocab).map_err(|d| peerdma_cli::Invalid(d.render()))?;
+    run_plan(plan, &path.display().to_string(), args)
+}
+
+/// A scenario given as text (the built-in default): it includes nothing.
+fn run_scenario_text(name: &str, text: &str, args: &RunArgs) -> Result<()> {
+    let vocab = peerdma::scenario::Vocabulary::standard();
+    let plan =
+        peerdma::scenario::compile_text(name, text, &peerdma::scenario::lang::NoIncludes, &vocab)
+            .map_err(|d| peerdma_cli::Invalid(d.render()))?;
+    run_plan(plan, name, args)
+}
+
+fn run_plan(mut plan: peerdma::scenario::Plan, name: &str, args: &RunArgs) -> Result<()> {
     if let Some(on) = args.iommu {
         plan.machine.iommu = Some(on);
     }
-    let report = plan
-        .run()
-        .with_context(|| format!("scenario {}", path.display()))?;
+    let report = plan.run().with_context(|| format!("scenario {name}"))?;
     if let Some(out) = &args.report {
         let page = crate::html::scenario(&plan.machine.topology, &report)?;
         std::fs::write(out, page).with_context(|| format!("writing {}", out.display()))?;
@@ -131,7 +150,7 @@ fn run_scenario(path: &std::path::Path, args: &RunArgs) -> Result<()> {
         peerdma_cli::outp!("{}", report.text());
     }
     if !report.passed {
-        bail!("scenario {} failed (see the report)", path.display());
+        bail!("scenario {name} failed (see the report)");
     }
     Ok(())
 }

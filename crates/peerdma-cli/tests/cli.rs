@@ -256,6 +256,7 @@ fn json_output_has_exactly_the_documented_fields() {
     assert_eq!(keys(&run["dma"]), keys(&examples[2]["dma"]));
     let rdma: serde_json::Value = serde_json::from_str(&stdout(&peerdma(&[
         "run",
+        "rdma",
         "--message-size",
         "16K",
         "--messages",
@@ -378,7 +379,7 @@ fn run_text_report_and_refusal_on_q35() {
         err.contains("EREMOTEIO") && err.contains("8086:29c0"),
         "{err}"
     );
-    let o = peerdma(&["run", "--chunk-size", "12x"]);
+    let o = peerdma(&["run", "p2pmem", "--chunk-size", "12x"]);
     assert_eq!(o.status.code(), Some(2), "clap rejects a bad size");
 }
 
@@ -389,6 +390,7 @@ fn run_default_tells_the_rdma_story_with_every_case_verified() {
     // switch, 128 KiB), the BO is evicted, the rest lands in system RAM.
     let out = stdout(&peerdma(&[
         "run",
+        "rdma",
         "--message-size",
         "64K",
         "--messages",
@@ -431,6 +433,7 @@ fn run_default_tells_the_rdma_story_with_every_case_verified() {
     // Text, and on q35 (no peer-to-peer): the BO goes to system RAM, still verified.
     let out = stdout(&peerdma(&[
         "run",
+        "rdma",
         "--topology",
         "q35",
         "--vram",
@@ -448,7 +451,7 @@ fn run_default_tells_the_rdma_story_with_every_case_verified() {
     );
     assert!(out.contains("sanitizer: clean"), "{out}");
     assert!(!out.contains("NOT VERIFIED"), "{out}");
-    let o = peerdma(&["run", "--topology", "workstation"]);
+    let o = peerdma(&["run", "rdma", "--topology", "workstation"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8(o.stderr)
         .unwrap()
@@ -563,9 +566,13 @@ fn numeric_options_are_checked_when_parsed_and_name_the_range() {
             "2..=100000",
         ),
         (&["bench", "mm", "--runs", "0"][..], "--runs", "1..=1000"),
-        (&["run", "--messages", "0"][..], "--messages", "1..=4096"),
         (
-            &["run", "--message-size", "1T"][..],
+            &["run", "rdma", "--messages", "0"][..],
+            "--messages",
+            "1..=4096",
+        ),
+        (
+            &["run", "rdma", "--message-size", "1T"][..],
             "--message-size",
             "4K..=1G",
         ),
@@ -1040,4 +1047,33 @@ fn run_report_is_one_html_page_whose_pictures_render() {
     );
     // The bytes chart has the switch bar.
     assert!(svgs[1].contains("switch"));
+}
+
+#[test]
+fn run_without_arguments_tells_the_thread_as_the_built_in_scenario() {
+    let o = peerdma(&["run", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["schema"], "peerdma-scenario/1");
+    assert_eq!(v["machine"], "dgx");
+    assert_eq!(v["passed"], true);
+    assert!(v["checks_passed"].as_u64().unwrap_or(0) >= 15, "{v}");
+    // All three registration styles ran: pinned, on-demand, dma-buf.
+    let ops: Vec<String> = v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["text"].as_str().unwrap_or("").to_string())
+        .collect();
+    for needle in [
+        "= rnic.reg_mr nic buf 256K expect",
+        "on_demand",
+        "rnic.reg_dmabuf_mr",
+        "gpu.bo_evict bo expect moved=1",
+    ] {
+        assert!(ops.iter().any(|t| t.contains(needle)), "{needle}");
+    }
+    // The jobs' options need a job: alone they are a usage error, not ignored.
+    let o = peerdma(&["run", "--message-size", "64K"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("JOB"));
 }
