@@ -37,7 +37,7 @@ fn a_closed_pipe_ends_every_output_quietly() {
     // Closed before the command writes anything (`| true`), and closed part way
     // through an output larger than a pipe holds (`| head -c 16`).
     let all = "gpu,nic,nvme,storage,bridge,other";
-    let cases: [(&[&str], usize); 7] = [
+    let cases: [(&[&str], usize); 8] = [
         (&["topo", "--preset", "dgx"], 0),
         (&["topo", "--preset", "dgx", "--json"], 0),
         (&["topo", "--preset", "dgx", "--toml"], 0),
@@ -52,7 +52,8 @@ fn a_closed_pipe_ends_every_output_quietly() {
             ],
             0,
         ),
-        (&["run", "--chunks", "64"], 0),
+        (&["run"], 0),
+        (&["run", "rdma", "--messages", "2"], 0),
         (&["topo", "--preset", "dgx", "--class", all, "--json"], 16),
         (&["topo", "--preset", "dgx", "--class", all], 16),
     ];
@@ -93,7 +94,7 @@ fn an_endless_input_is_refused_at_the_bound() {
     for args in [
         &["topo", "--file", "/dev/zero"][..],
         &["topo", "--lspci", "/dev/zero"],
-        &["run", "--topology", "/dev/zero"],
+        &["run", "rdma", "--topology", "/dev/zero"],
     ] {
         let o = peerdma(args);
         assert_eq!(o.status.code(), Some(1), "{args:?}");
@@ -157,14 +158,14 @@ fn a_save_is_all_or_nothing_and_never_mixes_with_other_files() {
 
 #[test]
 fn a_missing_topology_file_is_named_as_a_file_not_a_preset() {
-    let o = peerdma(&["run", "--topology", "/nonexistent/machine.toml"]);
+    let o = peerdma(&["run", "rdma", "--topology", "/nonexistent/machine.toml"]);
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(
         err(&o).trim(),
         "peerdma: error: topology file /nonexistent/machine.toml does not exist"
     );
     // A bare name is still a preset.
-    let o = peerdma(&["run", "--topology", "nope"]);
+    let o = peerdma(&["run", "rdma", "--topology", "nope"]);
     assert!(err(&o).contains("no preset `nope`"), "{}", err(&o));
 }
 
