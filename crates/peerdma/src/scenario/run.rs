@@ -168,15 +168,24 @@ pub struct Runtime {
     made: std::sync::atomic::AtomicU64,
 }
 
+/// The `what` called `name` in `table`.
+fn lookup<T: Clone>(
+    table: &Mutex<HashMap<String, T>>,
+    name: &str,
+    what: &str,
+) -> Result<T, Failure> {
+    table
+        .lock()
+        .map_err(|_| Failure::msg(format!("{what} table poisoned")))?
+        .get(name)
+        .cloned()
+        .ok_or_else(|| Failure::msg(format!("no {what} `{name}`")))
+}
+
 impl Runtime {
     /// Process `name`.
     pub fn proc(&self, name: &str) -> Result<Arc<ProcSlot>, Failure> {
-        self.procs
-            .lock()
-            .map_err(|_| Failure::msg("process table poisoned"))?
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Failure::msg(format!("no process `{name}`")))
+        lookup(&self.procs, name, "process")
     }
     /// Names a new process.
     pub fn add_proc(&self, name: &str, p: Process) {
@@ -195,12 +204,7 @@ impl Runtime {
     }
     /// Region `name`.
     pub fn region(&self, name: &str) -> Result<RegionRef, Failure> {
-        self.regions
-            .lock()
-            .map_err(|_| Failure::msg("region table poisoned"))?
-            .get(name)
-            .copied()
-            .ok_or_else(|| Failure::msg(format!("no region `{name}`")))
+        lookup(&self.regions, name, "region")
     }
     /// The address `off` bytes into region `name`. The offset must lie inside the
     /// region (or at its end); `len` may run past it, as a system call's range may:

@@ -6,7 +6,7 @@ use crate::addr::PAGE_SIZE;
 use crate::dma::Direction;
 use crate::gup::{get_user_dma_sg, get_user_pages, pin_user_pages, FollFlags, UserSg};
 use crate::scenario::run::Outcome;
-use crate::scenario::steps::{buffer, range_args, read_outcome, Data};
+use crate::scenario::steps::{buffer, proc_at, range_args, read_outcome, Data};
 use crate::scenario::vocab::{ActorUse, Param, StepDef, SymKind, Ty, Vocabulary};
 
 const FLAGS: &[&str] = &["write", "longterm", "p2pdma"];
@@ -55,8 +55,7 @@ pub fn register(v: &mut Vocabulary) {
             let (p, at, len) = range_args(cx);
             let (gup, name) = (foll(&cx.args.flags("flags")), cx.bind.clone().unwrap_or_default());
             Ok(Box::new(move |rt| {
-                let va = rt.at(&at, len)?;
-                let mm = rt.proc(&p)?.mm.clone();
+                let (mm, va) = proc_at(rt, &p, &at, len)?;
                 let n = pages(va.0, len);
                 let pinned = pin_user_pages(&mm, va, n, gup).map_err(|e| crate::fail!(e))?;
                 let got = pinned.len() as u64;
@@ -80,8 +79,7 @@ pub fn register(v: &mut Vocabulary) {
                 cx.bind.clone().unwrap_or_default(),
             );
             Ok(Box::new(move |rt| {
-                let va = rt.at(&at, len)?;
-                let mm = rt.proc(&p)?.mm.clone();
+                let (mm, va) = proc_at(rt, &p, &at, len)?;
                 let n = pages(va.0, len);
                 let got = get_user_pages(&mm, va, n, gup).map_err(|e| crate::fail!(e))?;
                 let k = got.pages().len() as u64;
@@ -121,8 +119,7 @@ pub fn register(v: &mut Vocabulary) {
                 _ => Direction::Bidirectional,
             };
             Ok(Box::new(move |rt| {
-                let va = rt.at(&at, len)?;
-                let mm = rt.proc(&p)?.mm.clone();
+                let (mm, va) = proc_at(rt, &p, &at, len)?;
                 let (_, dma) = rt.dev_dma(&dev)?;
                 let sg = get_user_dma_sg(&mm, &dma, UserSg::new(va, len, dir).flags(gup))
                     .map_err(|e| crate::fail!(e))?;

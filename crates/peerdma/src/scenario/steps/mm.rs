@@ -4,7 +4,7 @@
 use crate::errno::Errno;
 use crate::mm::{Prot, ShmObject};
 use crate::scenario::run::{Failure, Outcome, RegionRef};
-use crate::scenario::steps::{buffer, range_args, read_outcome, Data};
+use crate::scenario::steps::{buffer, proc_at, range_args, read_outcome, Data};
 use crate::scenario::vocab::{ActorUse, Param, StepDef, SymKind, Ty, Vocabulary};
 use crate::sync::Arc;
 
@@ -213,81 +213,48 @@ pub fn register(v: &mut Vocabulary) {
         Param::req("at", Ty::Place, "REGION or REGION+OFFSET"),
         Param::req("len", Ty::Size, "bytes"),
     ];
-    v.step(StepDef {
-        verb: "munmap",
-        help:
+    // munmap, mprotect and madvise: a range of the process and one system call on it.
+    let calls: [(&'static str, &'static str, &'static [Param]); 3] = [
+        (
+            "munmap",
             "munmap(): pinned pages stay allocated until unpinned; ODP and mirrors are invalidated",
-        actor: ActorUse::Required,
-        binds: None,
-        params: const { &[RANGE[0], RANGE[1]] },
-        outputs: &[],
-        data: false,
-        compile: |cx| {
-            let (p, at, len) = range_args(cx);
-            Ok(Box::new(move |rt| {
-                let va = rt.at(&at, len)?;
-                rt.proc(&p)?
-                    .mm
-                    .munmap(va, len)
-                    .map_err(|e| crate::fail!(e))?;
-                Ok(Outcome::default())
-            }))
-        },
-    });
-    v.step(StepDef {
-        verb: "mprotect",
-        help:
+            const { &[RANGE[0], RANGE[1]] },
+        ),
+        (
+            "mprotect",
             "mprotect(): changes protection; write-protecting invalidates writable device mappings",
-        actor: ActorUse::Required,
-        binds: None,
-        params: const {
-            &[
-                RANGE[0],
-                RANGE[1],
-                Param::req("prot", Ty::Word(PROTS), "new protection"),
-            ]
-        },
-        outputs: &[],
-        data: false,
-        compile: |cx| {
-            let (p, at, len) = range_args(cx);
-            let pr = prot(cx.args.word("prot", "rw"));
-            Ok(Box::new(move |rt| {
-                let va = rt.at(&at, len)?;
-                rt.proc(&p)?
-                    .mm
-                    .mprotect(va, len, pr)
-                    .map_err(|e| crate::fail!(e))?;
-                Ok(Outcome::default())
-            }))
-        },
-    });
-    v.step(StepDef {
-        verb: "madvise",
-        help: "madvise(MADV_DONTNEED): drops the pages (anonymous memory reads as zero afterwards)",
-        actor: ActorUse::Required,
-        binds: None,
-        params: const {
-            &[
-                RANGE[0],
-                RANGE[1],
-                Param::req("advice", Ty::Word(&["dontneed"]), "the advice"),
-            ]
-        },
-        outputs: &[],
-        data: false,
-        compile: |cx| {
-            let (p, at, len) = range_args(cx);
-            Ok(Box::new(move |rt| {
-                let va = rt.at(&at, len)?;
-                rt.proc(&p)?
-                    .mm
-                    .madvise_dontneed(va, len)
-                    .map_err(|e| crate::fail!(e))?;
-                Ok(Outcome::default())
-            }))
-        },
-    });
+            const {
+                &[
+                    RANGE[0],
+                    RANGE[1],
+                    Param::req("prot", Ty::Word(PROTS), "new protection"),
+                ]
+            },
+        ),
+        (
+            "madvise",
+            "madvise(MADV_DONTNEED): drops the pages (anonymous memory reads as zero afterwards)",
+            const {
+                &[
+                    RANGE[0],
+                    RANGE[1],
+                    Param::req("advice", Ty::Word(&["dontneed"]), "the advice"),
+                ]
+            },
+        ),
+    ];
+    for (verb, help, params) in calls {
+        v.step(StepDef {
+            verb,
+            help,
+            actor: ActorUse::Required,
+            binds: None,
+            params,
+            outputs: &[],
+            data: false,
+            compile: compile_range_call,
+        });
+    }
     v.step(StepDef {
         verb: "read",
         help: "the CPU reads LEN bytes (faulting pages in, bringing device-private pages home)",
@@ -299,12 +266,9 @@ pub fn register(v: &mut Vocabulary) {
         compile: |cx| {
             let (p, at, len) = range_args(cx);
             Ok(Box::new(move |rt| {
-                let va = rt.at(&at, len)?;
+                let (mm, va) = proc_at(rt, &p, &at, len)?;
                 let mut buf = buffer(len)?;
-                rt.proc(&p)?
-                    .mm
-                    .read(va, &mut buf)
-                    .map_err(|e| crate::fail!(e))?;
+                mm.read(va, &mut buf).map_err(|e| crate::fail!(e))?;
                 read_outcome(vec![], buf, at.1)
             }))
         },
@@ -321,9 +285,9 @@ pub fn register(v: &mut Vocabulary) {
             let data = Data::from_call(cx)?;
             let (p, at, len) = range_args(cx);
             Ok(Box::new(move |rt| {
-                let va = rt.at(&at, len)?;
+                let (mm, va) = proc_at(rt, &p, &at, len)?;
                 let bytes = data.bytes(at.1, len)?;
-                rt.proc(&p)?.mm.write(va, &bytes).map_err(|e| crate::fail!(e))?;
+                mm.write(va, &bytes).map_err(|e| crate::fail!(e))?;
                 Ok(Outcome::default())
             }))
         },
@@ -348,8 +312,7 @@ pub fn register(v: &mut Vocabulary) {
             let (p, at, len) = range_args(cx);
             Ok(Box::new(move |rt| {
                 use crate::mem::RegionKind;
-                let va = rt.at(&at, len)?;
-                let mm = rt.proc(&p)?.mm.clone();
+                let (mm, va) = proc_at(rt, &p, &at, len)?;
                 let mut c = [0u64; 7];
                 let first = va.0 & !(crate::addr::PAGE_SIZE - 1);
                 let mut a = first;
@@ -416,4 +379,23 @@ pub fn register(v: &mut Vocabulary) {
             }))
         },
     });
+}
+
+/// munmap, mprotect or madvise on `P: VERB AT LEN ...`.
+fn compile_range_call(
+    cx: &mut crate::scenario::vocab::Compile<'_>,
+) -> Result<crate::scenario::vocab::StepFn, crate::scenario::lang::Diag> {
+    let (p, at, len) = range_args(cx);
+    let pr = prot(cx.args.word("prot", "rw"));
+    let verb = cx.verb.text.clone();
+    Ok(Box::new(move |rt| {
+        let (mm, va) = proc_at(rt, &p, &at, len)?;
+        match verb.as_str() {
+            "munmap" => mm.munmap(va, len),
+            "mprotect" => mm.mprotect(va, len, pr),
+            _ => mm.madvise_dontneed(va, len),
+        }
+        .map_err(|e| crate::fail!(e))?;
+        Ok(Outcome::default())
+    }))
 }

@@ -116,6 +116,18 @@ pub(crate) fn pci_dev<T: crate::drivers::Device>(
     })
 }
 
+/// The address space of process `p` and the address of place `at` (checked against its
+/// region) for a `P: op AT LEN` step.
+pub(crate) fn proc_at(
+    rt: &Runtime,
+    p: &str,
+    at: &(String, u64),
+    len: u64,
+) -> Result<(Arc<crate::mm::Mm>, crate::addr::VirtAddr), Failure> {
+    let va = rt.at(at, len)?;
+    Ok((rt.proc(p)?.mm.clone(), va))
+}
+
 /// The process, place and length of a `P: op AT LEN ...` call.
 pub(crate) fn range_args(cx: &Compile<'_>) -> (String, (String, u64), u64) {
     (

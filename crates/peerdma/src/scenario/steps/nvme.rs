@@ -8,7 +8,7 @@ use crate::drivers::nvme::{CmbRegs, DataPointer, Nvme, NvmeConfig, NvmeSpec};
 use crate::fabric::{DeviceClass, Topology};
 use crate::gup::{get_user_dma_sg, UserSg};
 use crate::scenario::run::{Failure, Outcome};
-use crate::scenario::steps::pci_dev;
+use crate::scenario::steps::{pci_dev, proc_at};
 use crate::scenario::vocab::{
     ActorUse, Args, Dev, ModelDef, Param, StepDef, SymKind, Ty, Vocabulary,
 };
@@ -124,8 +124,7 @@ fn compile_io<const WRITE: bool>(
                 format!("{len:#x} bytes is not a whole number of {bs}-byte blocks"),
             ));
         }
-        let va = rt.at(&at, len)?;
-        let mm = rt.proc(&p)?.mm.clone();
+        let (mm, va) = proc_at(rt, &p, &at, len)?;
         let dir = if WRITE {
             Direction::ToDevice
         } else {
