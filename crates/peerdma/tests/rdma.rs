@@ -897,20 +897,28 @@ fn odp_writes_race_hmm_migration_and_every_byte_lands_once() {
     let la = a.ctx.reg_mr(a.pd, src, PAGE_SIZE, src.0, RW).unwrap();
     let rounds = 200u64;
     let stop = std::sync::atomic::AtomicBool::new(false);
-    std::thread::scope(|s| {
+    // Migration cycles the GPU thread finished; the writer keeps going until two whole
+    // cycles ran after its first round mapped pages, so the race happens however the
+    // threads are scheduled on a busy machine.
+    let cycles = std::sync::atomic::AtomicU64::new(0);
+    let ordering = std::sync::atomic::Ordering::SeqCst;
+    let written = std::thread::scope(|s| {
         s.spawn(|| {
             let g = gpu.open(&b.p);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !stop.load(ordering) {
                 let _ = g.prefetch(
                     dst,
                     pages * PAGE_SIZE,
                     peerdma::drivers::gpu::Location::Vram,
                 );
                 let _ = g.prefetch(dst, pages * PAGE_SIZE, peerdma::drivers::gpu::Location::Ram);
+                cycles.fetch_add(1, ordering);
             }
         });
         // Each round writes an 8-byte counter into each page's slot `round % 512`.
-        for r in 0..rounds {
+        let mut r = 0;
+        let mut after_first = u64::MAX;
+        while r < rounds || cycles.load(ordering) < after_first.saturating_add(2) {
             for p in 0..pages {
                 a.p.write(src, &(r * pages + p + 1).to_le_bytes()).unwrap();
                 let at = dst.0 + p * PAGE_SIZE + (r % 512) * 8;
@@ -919,11 +927,17 @@ fn odp_writes_race_hmm_migration_and_every_byte_lands_once() {
                 let wc = one(&a.cq);
                 assert_eq!(wc.status, WcStatus::Success, "round {r} page {p}");
             }
+            if r == 0 {
+                after_first = cycles.load(ordering);
+            }
+            r += 1;
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        stop.store(true, ordering);
+        r
     });
+    // Every slot holds the last round that wrote it.
     for p in 0..pages {
-        for r in 0..rounds {
+        for r in written.saturating_sub(512)..written {
             let mut w = [0u8; 8];
             b.p.read(VirtAddr(dst.0 + p * PAGE_SIZE + (r % 512) * 8), &mut w)
                 .unwrap();

@@ -118,6 +118,12 @@ impl fmt::Display for Quiescence {
 }
 
 impl Host {
+    /// Checks every frame's references against its holders ([`crate::mm::audit_frames`]):
+    /// page-table entries, pins and owners. Call it between operations.
+    pub fn frame_audit(&self) -> Result<crate::mm::Ledger, crate::mm::FrameFault> {
+        crate::mm::audit_frames(&self.phys)
+    }
+
     /// What the host still holds: the leak report. A test ends with
     /// `host.quiescent().assert_clean()` once its processes exited and its handles
     /// (pins, mappings, subscriptions, allocations) were dropped.

@@ -36,6 +36,11 @@ pub mod flags {
     /// A page of a shared object or file (the page cache's): never anonymous, so a
     /// private mapping copies it before writing and migration leaves it alone.
     pub const PAGECACHE: u32 = 1 << 5;
+    /// Held outright by a driver, which keeps one reference on it besides any mapping
+    /// or pin: VRAM or system RAM backing a buffer object, a device-private frame the
+    /// driver keeps for itself. Never set together with [`PAGECACHE`]; the frame
+    /// accounting (`mm::audit_frames`) counts the owner's reference by it.
+    pub const OWNED: u32 = 1 << 6;
 }
 
 /// The metadata of one frame.

@@ -273,6 +273,19 @@ impl Region {
         u
     }
 
+    /// Calls `f` with every frame whose metadata exists (every frame ever allocated)
+    /// and its metadata, in frame order: for audits, not hot paths.
+    /// Frames at or above the allocator's high-water mark were never handed out and
+    /// are skipped.
+    pub fn for_each_frame(&self, mut f: impl FnMut(Pfn, &FrameMeta)) {
+        let high_water = self.free.lock().high_water();
+        for idx in 0..high_water {
+            if let Some(m) = self.meta.peek(idx) {
+                f(Pfn(self.base.0 + idx), m);
+            }
+        }
+    }
+
     /// The metadata of an allocated frame.
     pub fn meta(&self, pfn: Pfn) -> &FrameMeta {
         self.meta.get(self.idx(pfn))
@@ -389,6 +402,24 @@ impl Region {
         } else {
             false
         }
+    }
+
+    /// Marks frames as held outright by a driver ([`flags::OWNED`]): their allocation
+    /// reference is the driver's own, which the frame accounting counts by the flag.
+    pub fn mark_owned(&self, frames: &[Pfn]) {
+        for &pfn in frames {
+            self.meta(pfn).set(flags::OWNED);
+        }
+    }
+
+    /// Drops a driver's own references on frames it marked with
+    /// [`mark_owned`](Self::mark_owned): the mark goes first, then the reference (a
+    /// frame someone else still holds is no longer the driver's).
+    pub fn put_owned(&self, frames: &[Pfn]) {
+        for &pfn in frames {
+            self.meta(pfn).clear(flags::OWNED);
+        }
+        self.put_many(frames);
     }
 
     /// Gives a device page map its owner's ops; once, at set-up. Refused (returns

@@ -19,6 +19,7 @@
 //! What this layer leaves to others: deciding what to pin (`gup`), device callbacks
 //! (`hmm`, drivers), reclaim (not modelled).
 
+pub mod audit;
 mod evict;
 mod fault;
 mod fork;
@@ -29,6 +30,7 @@ mod space;
 pub mod vma;
 mod walk;
 
+pub use audit::{audit_frames, FrameFault, Ledger};
 pub use evict::{migrate_device_range, DeviceRangeEviction};
 pub use fault::{set_migrate_to_ram, Access, DeviceFault, ExclusivePage, MigrateToRam};
 pub use migrate::{MigrateSrc, MigrateVma, Select};

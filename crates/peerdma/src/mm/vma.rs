@@ -139,6 +139,11 @@ impl ShmObject {
 impl Drop for ShmObject {
     fn drop(&mut self) {
         let pages: Vec<Pfn> = self.pages.lock().iter().flatten().copied().collect();
+        // Out of the page cache (truncation clears `folio->mapping`): a page a pin
+        // still holds is nobody's page cache any more, and its owner's reference goes.
+        for &pfn in &pages {
+            self.phys.ram().meta(pfn).clear(flags::PAGECACHE);
+        }
         self.phys.ram().put_many(&pages);
     }
 }

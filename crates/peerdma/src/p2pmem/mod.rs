@@ -271,6 +271,10 @@ impl Provider {
             return Err(P2pError::NoDevice { dev: self.dev });
         }
         let first = self.alloc_frames(bytes)?;
+        let frames: Vec<Pfn> = (0..bytes.div_ceil(PAGE_SIZE).max(1))
+            .map(|i| Pfn(first.0 + i))
+            .collect();
+        self.region.mark_owned(&frames);
         Ok(P2pAlloc {
             provider: self.clone(),
             first,
@@ -465,6 +469,6 @@ impl P2pAlloc {
 impl Drop for P2pAlloc {
     fn drop(&mut self) {
         let frames: Vec<Pfn> = (0..self.pages).map(|i| Pfn(self.first.0 + i)).collect();
-        self.provider.region.put_many(&frames);
+        self.provider.region.put_owned(&frames);
     }
 }

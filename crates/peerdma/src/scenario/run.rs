@@ -414,6 +414,20 @@ enum Node {
     Parallel(String, Vec<Planned>),
 }
 
+impl Node {
+    /// Where a failure after the node is reported: the step, the expectation, or a
+    /// group's last step.
+    fn site(&self) -> (Span, &str) {
+        match self {
+            Node::Step(p) => (p.span, &p.text),
+            Node::Expect(span, text, _) => (*span, text),
+            Node::Parallel(_, steps) => steps
+                .last()
+                .map_or((Span::default(), ""), |p| (p.span, &p.text)),
+        }
+    }
+}
+
 /// The machine a scenario runs on.
 #[derive(Clone, Debug)]
 pub struct MachineSpec {
@@ -447,6 +461,10 @@ pub struct Plan {
     /// Check the DMA sanitizer after every step, not only at the end (the fuzzer's
     /// invariant: a violation is reported at the step that caused it).
     pub sanitizer_each_step: bool,
+    /// Recompute every frame's references from its holders after every step and
+    /// group (`Host::frame_audit`): a leaked frame, one freed while mapped or one
+    /// shared where it must be exclusive fails the step that did it. On by default.
+    pub audit_each_step: bool,
 }
 
 impl std::fmt::Debug for Plan {
@@ -555,6 +573,7 @@ pub fn compile(sources: Sources, stmts: &[Stmt], vocab: &Vocabulary) -> Result<P
         models: c.models,
         counts_violations: c.counts_violations,
         sanitizer_each_step: false,
+        audit_each_step: true,
     })
 }
 
@@ -1302,6 +1321,21 @@ impl Plan {
                     }
                 }
                 (r, _) => r,
+            };
+            let r = match r {
+                Ok(n) if self.audit_each_step => match rt.host.frame_audit() {
+                    Ok(_) => Ok(n),
+                    Err(f) => {
+                        let (span, text) = node.site();
+                        Err(self.mismatch(
+                            span,
+                            text,
+                            "every frame's references held by its mappings, pins and owner",
+                            &f.to_string(),
+                        ))
+                    }
+                },
+                r => r,
             };
             match r {
                 Ok(n) => report.checks_passed += n,

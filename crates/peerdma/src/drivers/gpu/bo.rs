@@ -290,7 +290,11 @@ impl Gpu {
             }
             if self.reserve(pages) {
                 match self.bo_vram.alloc_contig(pages, 1) {
-                    Ok(first) => return Ok(first),
+                    Ok(first) => {
+                        let frames: Vec<Pfn> = (0..pages).map(|i| Pfn(first.0 + i)).collect();
+                        self.bo_vram.mark_owned(&frames);
+                        return Ok(first);
+                    }
                     Err(_) => self.unreserve(pages),
                 }
             }
@@ -469,11 +473,11 @@ impl Gpu {
             Storage::Vram(first) => {
                 self.close_window(first);
                 let frames: Vec<Pfn> = (0..bo.pages).map(|i| Pfn(first.0 + i)).collect();
-                self.bo_vram.put_many(&frames);
+                self.bo_vram.put_owned(&frames);
             }
             Storage::Ram { frames, gart } => {
                 drop(gart);
-                self.phys.ram().put_many(&frames);
+                self.phys.ram().put_owned(&frames);
             }
             Storage::Gone => {}
         }
@@ -594,12 +598,13 @@ impl Gpu {
         {
             return Err("system RAM is full".into());
         }
+        self.phys.ram().mark_owned(&frames);
         let bytes = bo.pages * PAGE_SIZE;
         let sg = SgTable::from_frames(&frames, 0, bytes, self.dma.max_segment());
         let gart = match self.dma.map_sg(&sg, Direction::Bidirectional) {
             Ok(m) => m,
             Err(e) => {
-                self.phys.ram().put_many(&frames);
+                self.phys.ram().put_owned(&frames);
                 return Err(format!("the GPU cannot map system RAM: {e}"));
             }
         };
@@ -611,7 +616,7 @@ impl Gpu {
         });
         if let Err(e) = copied {
             drop(gart);
-            self.phys.ram().put_many(&frames);
+            self.phys.ram().put_owned(&frames);
             fence.signal();
             return Err(format!("the copy engine failed: {e}"));
         }
@@ -621,7 +626,7 @@ impl Gpu {
         };
         s.moves += 1;
         let old: Vec<Pfn> = (0..bo.pages).map(|i| Pfn(first.0 + i)).collect();
-        vram.put_many(&old);
+        vram.put_owned(&old);
         fence.signal();
         bump(&self.stats.bo_evicted, 1);
         bump(&self.stats.bo_bytes_moved, bytes);
@@ -690,7 +695,7 @@ impl Gpu {
         let first = self.vram_for_bo(bo.pages, Some(bo.handle))?;
         let release = |first: Pfn| {
             let frames: Vec<Pfn> = (0..bo.pages).map(|i| Pfn(first.0 + i)).collect();
-            self.bo_vram.put_many(&frames);
+            self.bo_vram.put_owned(&frames);
         };
         let mut resv = bo.resv.lock();
         let mut s = bo.state.lock();
@@ -723,7 +728,7 @@ impl Gpu {
             std::mem::replace(&mut s.storage, Storage::Vram(first))
         {
             drop(gart);
-            self.phys.ram().put_many(&frames);
+            self.phys.ram().put_owned(&frames);
         }
         s.moves += 1;
         s.last_use = self.tick();
