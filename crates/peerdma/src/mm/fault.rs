@@ -297,7 +297,16 @@ impl Mm {
                     let pfn = pte.pfn().unwrap_or_else(|| unreachable!("non-empty PTE"));
                     Fix::Wait(self.region(pfn), pfn)
                 } else if pte.is_device_private() {
-                    Fix::FromDevice(pte)
+                    let pfn = pte.pfn().unwrap_or_else(|| unreachable!("non-empty PTE"));
+                    let region = self.region(pfn);
+                    if region.meta(pfn).test(flags::LOCKED) {
+                        // A migration that just installed this page still holds its
+                        // lock while its device maps it (`do_swap_page`'s trylock
+                        // failing): wait, then look again.
+                        Fix::Wait(region, pfn)
+                    } else {
+                        Fix::FromDevice(pte)
+                    }
                 } else if pte.is_device_exclusive() {
                     let pfn = pte
                         .pfn()

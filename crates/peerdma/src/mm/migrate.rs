@@ -94,6 +94,10 @@ struct Entry {
     busy: bool,
     /// An empty entry whose destination `pages` already installed.
     inserted: bool,
+    /// The destination page, locked from [`MigrateVma::set_dst`] until finalize (the
+    /// kernel's `zone_device_page_init` hands the driver its page locked): a fault on
+    /// an entry `pages` installed early waits for the caller to finish mapping it.
+    locked: Option<(u32, Pfn)>,
 }
 
 /// A range under migration (`struct migrate_vma`). Holds the address-space lock
@@ -238,6 +242,7 @@ impl Mm {
                     dst: None,
                     busy: false,
                     inserted: false,
+                    locked: None,
                 };
                 if pte.is_empty() || is_zero_pte(pte) {
                     e.src.migrate = anon && select.contains(Select::SYSTEM);
@@ -425,6 +430,11 @@ impl MigrateVma<'_> {
     pub fn set_dst(&mut self, i: usize, region: &Arc<Region>, pfn: Pfn) {
         assert!(region.contains(pfn), "{pfn} is not in {}", region.kind());
         let idx = region_index(&mut self.regions, region);
+        let locked = region.trylock_page(pfn);
+        debug_assert!(locked, "a destination is a fresh page nobody else locks");
+        if let Some((r, old)) = self.entries[i].locked.replace((idx, pfn)) {
+            self.regions[r as usize].unlock_page(old);
+        }
         if let Some((r, old)) = self.entries[i].dst.replace((idx, pfn)) {
             self.regions[r as usize].put(old);
         }
@@ -551,6 +561,9 @@ impl MigrateVma<'_> {
         }
         drop(pt);
         for e in &mut self.entries {
+            if let Some((r, p)) = e.locked.take() {
+                regions[r as usize].unlock_page(p);
+            }
             if let Some((r, p)) = e.dst.take() {
                 puts[r as usize].push(p);
             }
