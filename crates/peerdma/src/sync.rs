@@ -43,14 +43,16 @@
 
 #[cfg(not(feature = "shuttle"))]
 pub use std::sync::{
-    atomic, Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak,
+    atomic, Arc, Barrier, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
+    Weak,
 };
 #[cfg(not(feature = "shuttle"))]
 pub use std::thread;
 
 #[cfg(feature = "shuttle")]
 pub use shuttle::sync::{
-    atomic, Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak,
+    atomic, Arc, Barrier, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
+    Weak,
 };
 #[cfg(feature = "shuttle")]
 pub use shuttle::thread;

@@ -226,7 +226,7 @@ pub fn print(f: &MmFigures) {
         f.munmap_kernel.as_secs_f64() / f.munmap_ours.as_secs_f64()
     );
     crate::outln!(
-        "  1 TiB device region, {} MiB touched: {:.1} B metadata/frame (goal <= 16; {} KiB allocated in 128 MiB sections), RSS +{} MiB, of which {} MiB the touched bytes themselves, overhead {} MiB (goal < 100 MiB)",
+        "  1 TiB device region, {} MiB touched: {:.1} B metadata/frame (goal <= 16; {} KiB allocated in 16 MiB sections), RSS +{} MiB, of which {} MiB the touched bytes themselves, overhead {} MiB (goal < 100 MiB)",
         f.touched >> 20,
         f.meta_bytes_per_frame,
         f.meta_allocated >> 10,

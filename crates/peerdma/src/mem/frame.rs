@@ -15,8 +15,9 @@
 use crate::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use crate::sync::OnceLock;
 
-/// log2 of frames per metadata section: 32768 frames (128 MiB) share one allocation.
-pub const SECTION_SHIFT: u32 = 15;
+/// log2 of frames per metadata section: 4096 frames (16 MiB) share one allocation (64
+/// KiB of metadata), small enough that building a small host is cheap.
+pub const SECTION_SHIFT: u32 = 12;
 const SECTION_FRAMES: u64 = 1 << SECTION_SHIFT;
 
 /// Flag bits of [`FrameMeta::flags`].

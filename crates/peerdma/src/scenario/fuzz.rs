@@ -20,11 +20,14 @@
 //! invalidation racing a device fault (`parallel` groups).
 //!
 //! Determinism: the scenario text is a function of the seed alone, and a run without
-//! parallel groups is sequential, so a seed replays byte for byte. Parallel groups run
-//! on OS threads; the model only writes expectations that hold in every interleaving,
-//! so their outcome is deterministic even where the schedule is not. A failure is
-//! minimised by dropping lines while the scenario still fails, and written out as a
-//! scenario file that `peerdma run` replays.
+//! parallel groups is sequential, so a seed replays byte for byte. The model only
+//! writes expectations that hold in every interleaving of a group, so the verdict does
+//! not depend on the schedule. Groups run on OS threads ([`run_text`]) or, in a build
+//! with the `shuttle` feature, as shuttle tasks under a seeded PCT scheduler
+//! ([`run_text_shuttle`]), which explores the interleavings inside operations and
+//! replays them from the seed. A failure is minimised by dropping operations while the
+//! scenario still fails the same way, and written out as a scenario file that
+//! `peerdma run` replays.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -166,9 +169,11 @@ enum Kind {
     GpuRead,
     GpuWrite,
     GpuMove,
+    RaceMove,
+    RaceRemove,
 }
 
-const KINDS: [Kind; 23] = [
+const KINDS: [Kind; 25] = [
     Kind::Mmap,
     Kind::Write,
     Kind::Read,
@@ -192,7 +197,28 @@ const KINDS: [Kind; 23] = [
     Kind::GpuRead,
     Kind::GpuWrite,
     Kind::GpuMove,
+    Kind::RaceMove,
+    Kind::RaceRemove,
 ];
+
+/// The kinds that race in a `parallel` group.
+const RACES: [Kind; 4] = [
+    Kind::RaceFault,
+    Kind::RaceExit,
+    Kind::RaceMove,
+    Kind::RaceRemove,
+];
+
+/// Which operation kinds a seed draws.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mix {
+    /// Swarm testing: each kind on with probability 3/4, weights 1..=8.
+    #[default]
+    Swarm,
+    /// As [`Mix::Swarm`], but every racing kind on at the highest weight: for exploring
+    /// interleavings under a controlled scheduler.
+    Races,
+}
 
 /// What the generator knows of the machine: everything but its random stream and the
 /// text written so far.
@@ -217,7 +243,7 @@ struct Gen {
 }
 
 impl Gen {
-    fn new(seed: u64) -> Gen {
+    fn new(seed: u64, mix: Mix) -> Gen {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         // Swarm: each kind on with probability 3/4 and a weight of 1..=8; the basics
         // always on, so every run has something to check.
@@ -225,7 +251,12 @@ impl Gen {
             .iter()
             .filter_map(|&k| {
                 let basic = matches!(k, Kind::Mmap | Kind::Write | Kind::Read);
-                (basic || rng.gen_bool(0.75)).then(|| (k, rng.gen_range(1..=8)))
+                let on = basic || rng.gen_bool(0.75);
+                let w = rng.gen_range(1..=8);
+                match mix {
+                    Mix::Races if RACES.contains(&k) => Some((k, 8)),
+                    _ => on.then_some((k, w)),
+                }
             })
             .collect();
         Gen {
@@ -741,6 +772,55 @@ impl Gen {
                 self.line("}");
                 self.zap(p, r);
             }
+            Kind::RaceMove => {
+                // A CPU write racing a migration of the same pages: whichever order
+                // the schedule picks, the write lands and stays (a migration that
+                // copied the page before the write must not install the old copy).
+                let Some(r) = self.view_of(p) else { return };
+                if self.m.procs[p].views[&r].prot != Prot::Rw {
+                    return;
+                }
+                let (first, n) = self.range(self.m.regions[r].pages);
+                let rn = self.m.regions[r].name.clone();
+                let at = format!("{rn}+{}K {}K", first * 4, n * 4);
+                let d = self.data();
+                let mover = match self.rng.gen_range(0..4) {
+                    0 if self.m.mirror_alive => {
+                        format!("{pn}: dmirror.migrate_to_dev dm {at} expect any")
+                    }
+                    1 => format!("{pn}: gpu.prefetch g {at} vram expect any"),
+                    2 => "gpu.evict g expect any".to_string(),
+                    _ => format!("{pn}: gpu.prefetch g {at} ram expect any"),
+                };
+                self.m.regions[r].maybe_device = true;
+                let g = self.fresh("race");
+                self.line(format!("parallel {g} {{"));
+                self.line(format!("  {pn}: write {at} {}", d.data()));
+                self.line(format!("  {mover}"));
+                self.line("}");
+                for i in first..first + n {
+                    self.set(p, r, i, d);
+                }
+            }
+            Kind::RaceRemove => {
+                // Hot removal racing a device access through the mirror: the access
+                // may work or fail, the process's data comes back to RAM intact.
+                if !self.m.mirror_alive || self.m.ops < 20 {
+                    return;
+                }
+                let Some(r) = self.view_of(p) else { return };
+                if self.m.procs[p].views[&r].prot == Prot::None {
+                    return;
+                }
+                let rn = self.m.regions[r].name.clone();
+                let len = self.m.regions[r].pages * 4;
+                let g = self.fresh("race");
+                self.line(format!("parallel {g} {{"));
+                self.line(format!("  {pn}: dmirror.read dm {rn} {len}K expect any"));
+                self.line("  remove dm");
+                self.line("}");
+                self.m.mirror_alive = false;
+            }
             Kind::RaceExit => {
                 let cands: Vec<usize> = (0..self.m.handles.len())
                     .filter(|&k| {
@@ -819,16 +899,36 @@ pub fn generate(seed: u64, steps: usize) -> String {
     generate_skipping(seed, steps, &BTreeSet::new())
 }
 
+/// As [`generate`], drawing kinds as `mix` says.
+pub fn generate_mix(seed: u64, steps: usize, mix: Mix) -> String {
+    generate_mix_skipping(seed, steps, mix, &BTreeSet::new())
+}
+
 /// As [`generate`], but the operations numbered in `skip` are drawn (so the random
 /// stream stays the same) and then dropped: model and text as if they never ran. Every
 /// scenario this makes is consistent with the model, so a minimised failure's
 /// expectations are as right as the original's.
 pub fn generate_skipping(seed: u64, steps: usize, skip: &BTreeSet<usize>) -> String {
-    let mut g = Gen::new(seed);
-    let _ = writeln!(
-        g.out,
-        "# peerdma fuzz: seed {seed}, {steps} operations (replay: peerdma fuzz --seeds {seed} --ops {steps})"
-    );
+    generate_mix_skipping(seed, steps, Mix::Swarm, skip)
+}
+
+/// [`generate_skipping`] with a [`Mix`].
+pub fn generate_mix_skipping(seed: u64, steps: usize, mix: Mix, skip: &BTreeSet<usize>) -> String {
+    let mut g = Gen::new(seed, mix);
+    match mix {
+        Mix::Swarm => {
+            let _ = writeln!(
+                g.out,
+                "# peerdma fuzz: seed {seed}, {steps} operations (replay: peerdma fuzz --seeds {seed} --ops {steps})"
+            );
+        }
+        Mix::Races => {
+            let _ = writeln!(
+                g.out,
+                "# peerdma fuzz: seed {seed}, {steps} operations, races at the highest weight"
+            );
+        }
+    }
     let kinds: Vec<String> = g
         .weights
         .iter()
@@ -896,7 +996,9 @@ fn failure_kind(r: &ScenarioReport) -> Option<String> {
     r.leaks.as_ref().map(|_| "leak".to_string())
 }
 
-fn run_text(text: &str, vocab: &Vocabulary) -> Result<ScenarioReport, Mismatch> {
+/// Runs a scenario's text once, with the fuzzer's checks on (the sanitizer and the
+/// frame books after every step).
+pub fn run_text(text: &str, vocab: &Vocabulary) -> Result<ScenarioReport, Mismatch> {
     let mut plan = compile_text("fuzz.scn", text, &NoIncludes, vocab).map_err(|d| Mismatch {
         file: "fuzz.scn".into(),
         line: d.line,
@@ -916,11 +1018,28 @@ fn run_text(text: &str, vocab: &Vocabulary) -> Result<ScenarioReport, Mismatch> 
     })
 }
 
+/// How a scenario runs: its text in, its report out (or why it could not run).
+/// [`run_text`] runs it once; [`run_text_shuttle`] runs it under shuttle's scheduler.
+pub type Exec<'a> = &'a dyn Fn(&str) -> Result<ScenarioReport, Mismatch>;
+
 /// Runs seed `seed` with `steps` operations; a failure is minimised when `minimise`.
 pub fn run_seed(seed: u64, steps: usize, minimise: bool, vocab: &Vocabulary) -> SeedResult {
-    let text = generate(seed, steps);
+    run_seed_with(seed, steps, Mix::Swarm, minimise, &|t| run_text(t, vocab))
+}
+
+/// [`run_seed`] with a [`Mix`] and an executor: every candidate of the minimisation
+/// runs through `exec` too, so a failure found under a scheduler is minimised under
+/// the same one.
+pub fn run_seed_with(
+    seed: u64,
+    steps: usize,
+    mix: Mix,
+    minimise: bool,
+    exec: Exec<'_>,
+) -> SeedResult {
+    let text = generate_mix(seed, steps, mix);
     let lines = text.lines().filter(|l| !l.starts_with('#')).count();
-    let report = match run_text(&text, vocab) {
+    let report = match exec(&text) {
         Ok(r) => r,
         Err(m) => {
             return SeedResult {
@@ -943,14 +1062,14 @@ pub fn run_seed(seed: u64, steps: usize, minimise: bool, vocab: &Vocabulary) -> 
     };
     let (scenario, report) = if minimise {
         let skip = minimise_skips(steps, |skip| {
-            run_text(&generate_skipping(seed, steps, skip), vocab)
+            exec(&generate_mix_skipping(seed, steps, mix, skip))
                 .ok()
                 .and_then(|r| failure_kind(&r))
                 .as_deref()
                 == Some(kind.as_str())
         });
-        let text = generate_skipping(seed, steps, &skip);
-        let r = run_text(&text, vocab).unwrap_or(report);
+        let text = generate_mix_skipping(seed, steps, mix, &skip);
+        let r = exec(&text).unwrap_or(report);
         (text, r)
     } else {
         (text, report)
@@ -962,6 +1081,65 @@ pub fn run_seed(seed: u64, steps: usize, minimise: bool, vocab: &Vocabulary) -> 
         leaks: report.leaks,
         scenario: Some(scenario),
     }
+}
+
+/// Runs a scenario under shuttle's PCT scheduler for `schedules` schedules drawn from
+/// `seed`, and returns the first failing report (or the last passing one). The steps
+/// of a `parallel` group become shuttle tasks and every lock, condition variable and
+/// atomic of the host a scheduling point, so the interleavings inside operations — an
+/// invalidation while a device fault holds its snapshot, a removal while DMA is in
+/// flight — are explored, and the same (text, seed, schedules) explores the same ones.
+/// A deadlock or panic is shuttle's own failure (it panics with the schedule).
+#[cfg(feature = "shuttle")]
+pub fn run_text_shuttle(
+    text: &str,
+    schedules: usize,
+    seed: u64,
+) -> Result<ScenarioReport, Mismatch> {
+    type Slot = std::sync::Mutex<Option<Result<ScenarioReport, Mismatch>>>;
+    let text: std::sync::Arc<str> = text.into();
+    let out: std::sync::Arc<Slot> = std::sync::Arc::default();
+    let (t, o) = (text.clone(), out.clone());
+    let failed = |r: &Option<Result<ScenarioReport, Mismatch>>| match r {
+        Some(Ok(r)) => !r.passed,
+        Some(Err(_)) => true,
+        None => false,
+    };
+    let config = || {
+        let mut c = shuttle::Config::new();
+        c.stack_size = 1 << 20;
+        c
+    };
+    let body = move || {
+        if failed(&o.lock().unwrap_or_else(|p| p.into_inner())) {
+            return;
+        }
+        let r = run_text(&t, &Vocabulary::standard());
+        *o.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+    };
+    // One schedule first: a scenario that fails before any group ran (or has none)
+    // offers PCT no choice to make, which it refuses.
+    let once = shuttle::scheduler::RandomScheduler::new_from_seed(seed, 1);
+    shuttle::Runner::new(once, config()).run(body.clone());
+    let reached_a_group = match &*out.lock().unwrap_or_else(|p| p.into_inner()) {
+        Some(Ok(r)) => r.passed && r.steps.iter().any(|s| s.group.is_some()),
+        _ => false,
+    };
+    if reached_a_group && schedules > 1 {
+        let pct = shuttle::scheduler::PctScheduler::new_from_seed(seed, 3, schedules - 1);
+        shuttle::Runner::new(pct, config()).run(body);
+    }
+    let r = out.lock().unwrap_or_else(|p| p.into_inner()).take();
+    r.unwrap_or_else(|| {
+        Err(Mismatch {
+            file: "fuzz.scn".into(),
+            line: 0,
+            col: 0,
+            step: "(shuttle)".into(),
+            expected: "at least one schedule to run".into(),
+            got: "none ran".into(),
+        })
+    })
 }
 
 /// Delta debugging over operation numbers: the largest set of operations to drop

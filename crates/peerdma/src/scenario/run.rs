@@ -5,9 +5,9 @@
 //! and at the end exits every process, drops every handle and checks that the host
 //! holds nothing and the DMA sanitizer saw nothing.
 
+use crate::sync::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -151,7 +151,7 @@ pub struct RegionRef {
 
 struct DevSlot {
     dev: Dev,
-    removed: std::sync::atomic::AtomicBool,
+    removed: crate::sync::atomic::AtomicBool,
 }
 
 /// A running scenario's host and names.
@@ -165,7 +165,7 @@ pub struct Runtime {
     /// newest first, as a program closes what it opened last first (an MR before the
     /// dma-buf it imports, the dma-buf before its buffer object).
     handles: Mutex<HashMap<String, Held>>,
-    made: std::sync::atomic::AtomicU64,
+    made: crate::sync::atomic::AtomicU64,
 }
 
 /// The `what` called `name` in `table`.
@@ -227,7 +227,9 @@ impl Runtime {
     }
     /// Names a handle.
     pub fn put<T: Send + 'static>(&self, name: &str, v: T) {
-        let seq = self.made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let seq = self
+            .made
+            .fetch_add(1, crate::sync::atomic::Ordering::Relaxed);
         if let Ok(mut t) = self.handles.lock() {
             t.insert(name.to_string(), (seq, Box::new(v)));
         }
@@ -302,7 +304,7 @@ impl Runtime {
             .devs
             .get(name)
             .ok_or_else(|| Failure::msg(format!("no device `{name}`")))?;
-        if slot.removed.load(std::sync::atomic::Ordering::Acquire) {
+        if slot.removed.load(crate::sync::atomic::Ordering::Acquire) {
             return Err(Failure::new(
                 Errno::ENODEV,
                 format!("device `{name}` was removed"),
@@ -335,7 +337,7 @@ impl Runtime {
             .ok_or_else(|| Failure::msg(format!("no device `{name}`")))?;
         (slot.dev.remove)(&self.host)?;
         slot.removed
-            .store(true, std::sync::atomic::Ordering::Release);
+            .store(true, crate::sync::atomic::Ordering::Release);
         Ok(())
     }
 
@@ -1216,7 +1218,7 @@ impl Plan {
                 d.name.clone(),
                 DevSlot {
                     dev,
-                    removed: std::sync::atomic::AtomicBool::new(false),
+                    removed: crate::sync::atomic::AtomicBool::new(false),
                 },
             );
         }
@@ -1227,7 +1229,7 @@ impl Plan {
             procs: Mutex::new(HashMap::new()),
             regions: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
-            made: std::sync::atomic::AtomicU64::new(0),
+            made: crate::sync::atomic::AtomicU64::new(0),
         };
         let mut report = ScenarioReport {
             schema: SCHEMA,
@@ -1256,10 +1258,19 @@ impl Plan {
                     self.check_all(&rt, *span, text, checks, &Ok(Outcome::default()), None)
                 }
                 Node::Parallel(name, steps) => {
-                    let barrier = std::sync::Barrier::new(steps.len());
+                    let barrier = crate::sync::Barrier::new(steps.len());
+                    // Every step but the last on a thread of its own, the last on
+                    // this one (one thread fewer to start); all start together.
+                    let panicked = |p: &Planned| {
+                        (
+                            StepRecord::panicked(p, name),
+                            Err(self.mismatch(p.span, &p.text, "no panic", "the step panicked")),
+                        )
+                    };
                     let results: Vec<(StepRecord, Result<usize, Mismatch>)> =
-                        std::thread::scope(|s| {
-                            let hs: Vec<_> = steps
+                        crate::sync::thread::scope(|s| {
+                            let (last, others) = steps.split_last()?;
+                            let hs: Vec<_> = others
                                 .iter()
                                 .map(|p| {
                                     let (rt, barrier) = (&rt, &barrier);
@@ -1269,23 +1280,21 @@ impl Plan {
                                     })
                                 })
                                 .collect();
-                            hs.into_iter()
-                                .zip(steps)
-                                .map(|(h, p)| {
-                                    h.join().unwrap_or_else(|_| {
-                                        (
-                                            StepRecord::panicked(p, name),
-                                            Err(self.mismatch(
-                                                p.span,
-                                                &p.text,
-                                                "no panic",
-                                                "the step panicked",
-                                            )),
-                                        )
-                                    })
-                                })
-                                .collect()
-                        });
+                            barrier.wait();
+                            let mine =
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                    self.run_step(&rt, last, Some(name))
+                                }))
+                                .unwrap_or_else(|_| panicked(last));
+                            let mut all: Vec<_> = hs
+                                .into_iter()
+                                .zip(others)
+                                .map(|(h, p)| h.join().unwrap_or_else(|_| panicked(p)))
+                                .collect();
+                            all.push(mine);
+                            Some(all)
+                        })
+                        .unwrap_or_default();
                     let mut first = Ok(0);
                     for (rec, res) in results {
                         report.steps.push(rec);

@@ -31,15 +31,24 @@ pub const PRESETS: [(&str, &str, &str); 4] = [
 
 /// The preset called `name`.
 pub fn preset(name: &str) -> Result<Topology, FabricError> {
-    let (n, _, text) =
-        PRESETS
-            .iter()
-            .find(|(n, _, _)| *n == name)
-            .ok_or_else(|| FabricError::UnknownPreset {
-                name: name.to_string(),
-                known: PRESETS.map(|p| p.0).join(", "),
-            })?;
-    file::parse(&format!("preset {n}"), text)
+    // Each preset is parsed once per process and cloned after: the fuzzer builds a
+    // machine from one for every seed.
+    static PARSED: [std::sync::OnceLock<Option<Topology>>; PRESETS.len()] =
+        [const { std::sync::OnceLock::new() }; PRESETS.len()];
+    let i = PRESETS
+        .iter()
+        .position(|(n, _, _)| *n == name)
+        .ok_or_else(|| FabricError::UnknownPreset {
+            name: name.to_string(),
+            known: PRESETS.map(|p| p.0).join(", "),
+        })?;
+    let (n, _, text) = PRESETS[i];
+    let parse = || file::parse(&format!("preset {n}"), text);
+    match PARSED[i].get_or_init(|| parse().ok()) {
+        Some(t) => Ok(t.clone()),
+        // A preset that does not parse is a bug a test catches; say what it is.
+        None => parse(),
+    }
 }
 
 /// A generated machine of exactly `functions` functions (at least one per host
