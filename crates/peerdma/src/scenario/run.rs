@@ -782,6 +782,10 @@ impl Compiler<'_> {
         }
         let rest = &call.args[2..];
         let a = bind_args(&self.sources, &model.value, &params, rest, &self.syms)?;
+        if let Some(Err((param, why))) = m.check.map(|c| c(&a)) {
+            let span = a.span(param).unwrap_or(model.value.span);
+            return Err(self.sources.diag(span, why, None));
+        }
         let bdf = match m.class {
             None => None,
             Some(class) => Some(self.pick_bdf(&machine.topology, class, &a, &model.value)?),

@@ -245,6 +245,9 @@ pub struct ModelDef {
         Option<fn(&crate::fabric::Topology, &Args, crate::addr::Bdf) -> crate::host::DeviceSpec>,
     /// The object steps use, once the host is built.
     pub attach: fn(&crate::host::Host, &Args, Option<crate::addr::Bdf>) -> Result<Dev, String>,
+    /// Checks the arguments together, before anything runs: the parameter at fault and
+    /// why (`None`: any value of the right type will do).
+    pub check: Option<fn(&Args) -> Result<(), (&'static str, String)>>,
 }
 
 impl std::fmt::Debug for ModelDef {

@@ -68,6 +68,7 @@ pub fn register(v: &mut Vocabulary) {
         counters: &["chunks"],
         spec: None,
         attach,
+        check: None,
     });
     let cmds: [(&'static str, &'static str, bool, bool); 6] = [
         (

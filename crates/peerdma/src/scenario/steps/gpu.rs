@@ -104,6 +104,7 @@ pub fn register(v: &mut Vocabulary) {
         ],
         spec: Some(spec),
         attach,
+        check: None,
     });
     v.step(StepDef {
         verb: "gpu.placement",

@@ -54,6 +54,19 @@ fn attach(host: &crate::host::Host, _: &Args, bdf: Option<Bdf>) -> Result<Dev, S
     })
 }
 
+fn check(a: &Args) -> Result<(), (&'static str, String)> {
+    let cmb = a.num("cmb", 0);
+    if cmb % (2 << 20) != 0 {
+        // nvme_map_cmb registers a CMB only when its size is 2 MiB aligned, and a
+        // CMBSZ.SZ of 0 would make pci_p2pdma_add_resource take the whole BAR.
+        return Err((
+            "cmb",
+            format!("a controller memory buffer of {cmb} bytes is never registered: the kernel takes one only in multiples of 2 MiB (0 for none)"),
+        ));
+    }
+    Ok(())
+}
+
 /// Adds the model and its words.
 pub fn register(v: &mut Vocabulary) {
     v.model(ModelDef {
@@ -63,11 +76,12 @@ pub fn register(v: &mut Vocabulary) {
         params: const { &[
             Param::opt("capacity", Ty::Size, "namespace bytes (default 16M)"),
             Param::opt("lba", Ty::Word(&["512", "4096"]), "block size (default 4096)"),
-            Param::opt("cmb", Ty::Size, "CMB bytes from BAR 2 (0: none; default: all of a prefetchable BAR 2 of 2M or more)"),
+            Param::opt("cmb", Ty::Size, "CMB bytes from BAR 2, a multiple of 2M (0: none; default: all of a prefetchable BAR 2 of 2M or more)"),
         ] },
         counters: &["bytes_read", "bytes_written"],
         spec: Some(spec),
         attach,
+        check: Some(check),
     });
     for (verb, help, write) in [
         (

@@ -125,6 +125,7 @@ pub fn register(v: &mut Vocabulary) {
         ],
         spec: Some(spec),
         attach,
+        check: None,
     });
     v.step(StepDef {
         verb: "rnic.reg_mr",
