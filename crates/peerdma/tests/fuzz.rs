@@ -84,6 +84,10 @@ fn generated_scenarios_exercise_the_fault_injections() {
         "mmap shared",
         "= fork",
         "expect error",
+        "nvme.write n0",
+        "nvme.read n0",
+        "  remove dm",
+        "gpu.prefetch g",
     ] {
         assert!(text.contains(needle), "no `{needle}` in 60 seeds");
     }

@@ -2,7 +2,7 @@
 //! with every racing kind at the highest weight (a CPU write racing a migration or an
 //! eviction, an invalidation racing a device fault, a process exiting while a device
 //! writes into its pinned pages, hot removal racing a device access), each run under
-//! `PEERDMA_SHUTTLE_ITERS` PCT schedules (20 by default) drawn from the seed. Every
+//! `PEERDMA_SHUTTLE_FUZZ_ITERS` PCT schedules (20 by default) drawn from the seed. Every
 //! check of the fuzzer holds in every schedule: the data, the errors, the sanitizer, the
 //! frame books after every step, and quiescence at the end.
 //!
@@ -19,7 +19,7 @@ use peerdma::scenario::fuzz::{generate_mix, run_seed_with, run_text_shuttle, Mix
 fn every_race_the_fuzzer_found_stays_fixed_in_every_explored_schedule() {
     // tests/scenarios/races/: each a minimised failure, with the bug in its header.
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios/races");
-    let schedules = env("PEERDMA_SHUTTLE_ITERS", 20).max(50);
+    let schedules = env("PEERDMA_SHUTTLE_FUZZ_ITERS", 20).max(50);
     let mut n = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
@@ -60,7 +60,7 @@ fn seeds() -> (u64, u64) {
 fn every_race_holds_its_invariants_in_every_explored_schedule() {
     let (a, b) = seeds();
     let ops = env("PEERDMA_FUZZ_OPS", 60);
-    let schedules = env("PEERDMA_SHUTTLE_ITERS", 20);
+    let schedules = env("PEERDMA_SHUTTLE_FUZZ_ITERS", 20);
     let mut groups = 0;
     for seed in a..b {
         let text = generate_mix(seed, ops, Mix::Races);
@@ -70,7 +70,7 @@ fn every_race_holds_its_invariants_in_every_explored_schedule() {
         assert!(
             r.mismatch.is_none() && r.leaks.is_none(),
             "seed {seed} failed under shuttle: {:?} {:?}\nreplay: PEERDMA_FUZZ_SEEDS={seed}..{} \
-             PEERDMA_FUZZ_OPS={ops} PEERDMA_SHUTTLE_ITERS={schedules} cargo test --release -p \
+             PEERDMA_FUZZ_OPS={ops} PEERDMA_SHUTTLE_FUZZ_ITERS={schedules} cargo test --release -p \
              peerdma --features shuttle --test shuttle_fuzz\nminimised scenario:\n{}",
             r.mismatch,
             r.leaks,

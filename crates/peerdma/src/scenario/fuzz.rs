@@ -171,9 +171,11 @@ enum Kind {
     GpuMove,
     RaceMove,
     RaceRemove,
+    NvmeWrite,
+    NvmeRead,
 }
 
-const KINDS: [Kind; 25] = [
+const KINDS: [Kind; 27] = [
     Kind::Mmap,
     Kind::Write,
     Kind::Read,
@@ -199,7 +201,12 @@ const KINDS: [Kind; 25] = [
     Kind::GpuMove,
     Kind::RaceMove,
     Kind::RaceRemove,
+    Kind::NvmeWrite,
+    Kind::NvmeRead,
 ];
+
+/// Blocks of the fuzz machine's NVMe namespace (1 MiB of 4 KiB blocks).
+const DISK_BLOCKS: u64 = 256;
 
 /// The kinds that race in a `parallel` group.
 const RACES: [Kind; 4] = [
@@ -233,6 +240,10 @@ struct Model {
     next: u64,
     /// DMA sanitizer reports injected so far (each IOMMU fault makes one).
     violations: u64,
+    /// The namespace's blocks written so far: what each holds and the region page
+    /// offset it came from (a pattern is keyed by region offset, so a block read back
+    /// checks as that pattern only at the same offset).
+    disk: BTreeMap<u64, (Content, u64)>,
 }
 
 struct Gen {
@@ -272,6 +283,7 @@ impl Gen {
                 mirror_alive: true,
                 next: 0,
                 violations: 0,
+                disk: BTreeMap::new(),
             },
         }
     }
@@ -771,6 +783,55 @@ impl Gen {
                 self.line(format!("  {pn}: madvise {rn} {len}K dontneed"));
                 self.line("}");
                 self.zap(p, r);
+            }
+            Kind::NvmeWrite => {
+                // The drive reads the buffer by DMA (get_user_dma_sg, to the device)
+                // into blocks lba.. of the namespace.
+                let Some(r) = self.view_of(p) else { return };
+                let (first, n) = self.range(self.m.regions[r].pages);
+                let lba = self.rng.gen_range(0..DISK_BLOCKS - n);
+                let rn = self.m.regions[r].name.clone();
+                let at = format!("{rn}+{}K {}K lba={lba}", first * 4, n * 4);
+                if self.m.procs[p].views[&r].prot == Prot::None {
+                    self.line(format!("{pn}: nvme.write n0 {at} expect error"));
+                    return;
+                }
+                self.line(format!("{pn}: nvme.write n0 {at}"));
+                for k in 0..n {
+                    let c = self.content(p, r, first + k);
+                    self.m.disk.insert(lba + k, (c, first + k));
+                }
+            }
+            Kind::NvmeRead => {
+                // The drive writes one block into a page by DMA (FOLL_WRITE: copy-on-
+                // write broken first); a pattern lands at the offset it came from.
+                let Some(r) = self.view_of(p) else { return };
+                // Mostly a block written before, so there is data to check.
+                let written: Vec<u64> = self.m.disk.keys().copied().collect();
+                let lba = if !written.is_empty() && self.rng.gen_bool(0.75) {
+                    written[self.rng.gen_range(0..written.len())]
+                } else {
+                    self.rng.gen_range(0..DISK_BLOCKS)
+                };
+                let (c, from) = self.m.disk.get(&lba).copied().unwrap_or((ZERO, 0));
+                let pages = self.m.regions[r].pages;
+                let i = match c {
+                    Content::Pattern(_) if from < pages => from,
+                    Content::Pattern(_) => return,
+                    _ => self.rng.gen_range(0..pages),
+                };
+                let rn = self.m.regions[r].name.clone();
+                let at = format!("{rn}+{}K 4K lba={lba}", i * 4);
+                if self.m.procs[p].views[&r].prot != Prot::Rw {
+                    self.line(format!("{pn}: nvme.read n0 {at} expect error"));
+                    return;
+                }
+                self.line(format!("{pn}: nvme.read n0 {at}"));
+                self.set(p, r, i, c);
+                let check = c.check();
+                if !check.is_empty() {
+                    self.line(format!("{pn}: read {rn}+{}K 4K{check}", i * 4));
+                }
             }
             Kind::RaceMove => {
                 // A CPU write racing a migration of the same pages: whichever order
