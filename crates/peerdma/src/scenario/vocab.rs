@@ -247,7 +247,7 @@ pub struct ModelDef {
     pub attach: fn(&crate::host::Host, &Args, Option<crate::addr::Bdf>) -> Result<Dev, String>,
     /// Checks the arguments together, before anything runs: the parameter at fault and
     /// why (`None`: any value of the right type will do).
-    pub check: Option<fn(&Args) -> Result<(), (&'static str, String)>>,
+    pub check: Option<ArgsCheck>,
 }
 
 impl std::fmt::Debug for ModelDef {
@@ -255,6 +255,10 @@ impl std::fmt::Debug for ModelDef {
         f.write_str(self.name)
     }
 }
+
+/// A device model's check of its arguments taken together: the parameter at fault and
+/// why.
+pub type ArgsCheck = fn(&Args) -> Result<(), (&'static str, String)>;
 
 /// How a device model is hot-removed.
 pub type RemoveFn =

@@ -56,7 +56,7 @@ fn attach(host: &crate::host::Host, _: &Args, bdf: Option<Bdf>) -> Result<Dev, S
 
 fn check(a: &Args) -> Result<(), (&'static str, String)> {
     let cmb = a.num("cmb", 0);
-    if cmb % (2 << 20) != 0 {
+    if !cmb.is_multiple_of(2 << 20) {
         // nvme_map_cmb registers a CMB only when its size is 2 MiB aligned, and a
         // CMBSZ.SZ of 0 would make pci_p2pdma_add_resource take the whole BAR.
         return Err((
