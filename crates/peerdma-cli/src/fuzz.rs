@@ -38,24 +38,7 @@ pub struct FuzzArgs {
 }
 
 fn seeds(s: &str) -> Result<(u64, u64), String> {
-    let parse = |x: &str| {
-        x.trim()
-            .parse::<u64>()
-            .map_err(|_| format!("`{x}` is not a seed (a number)"))
-    };
-    match s.split_once("..") {
-        Some((a, b)) => {
-            let (a, b) = (parse(a)?, parse(b)?);
-            if b <= a {
-                return Err(format!("the range {a}..{b} is empty"));
-            }
-            Ok((a, b))
-        }
-        None => {
-            let a = parse(s)?;
-            Ok((a, a.checked_add(1).ok_or("seed too large")?))
-        }
-    }
+    fuzz::parse_seeds(s)
 }
 
 pub fn run(args: &FuzzArgs) -> Result<()> {

@@ -5,16 +5,15 @@
 
 use std::collections::BTreeSet;
 
-use peerdma::scenario::fuzz::{campaign, generate, generate_skipping, minimise_skips, run_seed};
+use peerdma::scenario::fuzz::{
+    campaign, generate, generate_skipping, minimise_skips, parse_seeds, run_seed,
+};
 use peerdma::scenario::{compile_text, lang::NoIncludes, Vocabulary};
 
 fn env_range() -> (u64, u64) {
     std::env::var("PEERDMA_FUZZ_SEEDS")
         .ok()
-        .and_then(|v| {
-            let (a, b) = v.split_once("..")?;
-            Some((a.parse().ok()?, b.parse().ok()?))
-        })
+        .and_then(|v| parse_seeds(&v).ok())
         .unwrap_or((0, 40))
 }
 

@@ -13,7 +13,7 @@
 
 #![cfg(feature = "shuttle")]
 
-use peerdma::scenario::fuzz::{generate_mix, run_seed_with, run_text_shuttle, Mix};
+use peerdma::scenario::fuzz::{generate_mix, parse_seeds, run_seed_with, run_text_shuttle, Mix};
 
 #[test]
 fn every_race_the_fuzzer_found_stays_fixed_in_every_explored_schedule() {
@@ -49,10 +49,7 @@ fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
 fn seeds() -> (u64, u64) {
     std::env::var("PEERDMA_FUZZ_SEEDS")
         .ok()
-        .and_then(|v| {
-            let (a, b) = v.split_once("..")?;
-            Some((a.parse().ok()?, b.parse().ok()?))
-        })
+        .and_then(|v| parse_seeds(&v).ok())
         .unwrap_or((0, 6))
 }
 

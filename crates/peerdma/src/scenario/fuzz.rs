@@ -767,23 +767,6 @@ impl Gen {
                 self.line("remove dm");
                 self.m.mirror_alive = false;
             }
-            Kind::RaceFault => {
-                if !self.m.mirror_alive {
-                    return;
-                }
-                let Some(r) = self.view_of(p) else { return };
-                if self.m.procs[p].views[&r].prot == Prot::None {
-                    return;
-                }
-                let rn = self.m.regions[r].name.clone();
-                let len = self.m.regions[r].pages * 4;
-                let g = self.fresh("race");
-                self.line(format!("parallel {g} {{"));
-                self.line(format!("  {pn}: dmirror.read dm {rn} {len}K expect any"));
-                self.line(format!("  {pn}: madvise {rn} {len}K dontneed"));
-                self.line("}");
-                self.zap(p, r);
-            }
             Kind::NvmeWrite => {
                 // The drive reads the buffer by DMA (get_user_dma_sg, to the device)
                 // into blocks lba.. of the namespace.
@@ -863,10 +846,12 @@ impl Gen {
                     self.set(p, r, i, d);
                 }
             }
-            Kind::RaceRemove => {
-                // Hot removal racing a device access through the mirror: the access
-                // may work or fail, the process's data comes back to RAM intact.
-                if !self.m.mirror_alive || self.m.ops < 20 {
+            Kind::RaceFault | Kind::RaceRemove => {
+                // A device access through the mirror racing an invalidation of the
+                // range (MADV_DONTNEED) or the mirror's hot removal: the access may
+                // work or fail; the data is zero after the one, intact after the other.
+                let remove = kind == Kind::RaceRemove;
+                if !self.m.mirror_alive || (remove && self.m.ops < 20) {
                     return;
                 }
                 let Some(r) = self.view_of(p) else { return };
@@ -878,9 +863,17 @@ impl Gen {
                 let g = self.fresh("race");
                 self.line(format!("parallel {g} {{"));
                 self.line(format!("  {pn}: dmirror.read dm {rn} {len}K expect any"));
-                self.line("  remove dm");
+                if remove {
+                    self.line("  remove dm");
+                } else {
+                    self.line(format!("  {pn}: madvise {rn} {len}K dontneed"));
+                }
                 self.line("}");
-                self.m.mirror_alive = false;
+                if remove {
+                    self.m.mirror_alive = false;
+                } else {
+                    self.zap(p, r);
+                }
             }
             Kind::RaceExit => {
                 let cands: Vec<usize> = (0..self.m.handles.len())
@@ -1237,6 +1230,29 @@ pub fn minimise_skips(
         }
         if !progressed {
             chunk = chunk.div_ceil(2).max(1);
+        }
+    }
+}
+
+/// A seed range as `A..B` (B excluded, not empty) or one seed `A`: what
+/// `peerdma fuzz --seeds` and `PEERDMA_FUZZ_SEEDS` take.
+pub fn parse_seeds(s: &str) -> Result<(u64, u64), String> {
+    let parse = |x: &str| {
+        x.trim()
+            .parse::<u64>()
+            .map_err(|_| format!("`{x}` is not a seed (a number)"))
+    };
+    match s.split_once("..") {
+        Some((a, b)) => {
+            let (a, b) = (parse(a)?, parse(b)?);
+            if b <= a {
+                return Err(format!("the range {a}..{b} is empty"));
+            }
+            Ok((a, b))
+        }
+        None => {
+            let a = parse(s)?;
+            Ok((a, a.checked_add(1).ok_or("seed too large")?))
         }
     }
 }
