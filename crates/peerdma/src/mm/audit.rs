@@ -8,7 +8,7 @@
 //!
 //! A frame's references, when nothing is in flight, come from:
 //! - each non-empty page-table entry naming it, in every live address space
-//!   ([`Pte`]'s invariant);
+//!   ([`Pte`](crate::mm::Pte)'s invariant);
 //! - each DMA pin (a pin counts in both the reference and the pin count);
 //! - its owner: a shared object or file holds one on each of its pages
 //!   ([`flags::PAGECACHE`]), a driver one on each frame it owns outright — VRAM and

@@ -24,7 +24,7 @@
 //! writes expectations that hold in every interleaving of a group, so the verdict does
 //! not depend on the schedule. Groups run on OS threads ([`run_text`]) or, in a build
 //! with the `shuttle` feature, as shuttle tasks under a seeded PCT scheduler
-//! ([`run_text_shuttle`]), which explores the interleavings inside operations and
+//! (`run_text_shuttle`), which explores the interleavings inside operations and
 //! replays them from the seed. A failure is minimised by dropping operations while the
 //! scenario still fails the same way, and written out as a scenario file that
 //! `peerdma run` replays.
@@ -1073,7 +1073,8 @@ pub fn run_text(text: &str, vocab: &Vocabulary) -> Result<ScenarioReport, Mismat
 }
 
 /// How a scenario runs: its text in, its report out (or why it could not run).
-/// [`run_text`] runs it once; [`run_text_shuttle`] runs it under shuttle's scheduler.
+/// [`run_text`] runs it once; `run_text_shuttle` (with the `shuttle` feature) runs it
+/// under shuttle's scheduler.
 pub type Exec<'a> = &'a dyn Fn(&str) -> Result<ScenarioReport, Mismatch>;
 
 /// Runs seed `seed` with `steps` operations; a failure is minimised when `minimise`.
