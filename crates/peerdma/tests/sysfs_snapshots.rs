@@ -181,3 +181,69 @@ fn lspci_text_classes_match_the_sysfs_classes() {
         wrong.join("\n")
     );
 }
+
+/// A real server's snapshot where a bridge is in sys/devices (class, config) but has no
+/// link in sys/bus/pci/devices: the bridge is recovered from sys/devices, the report
+/// says so, and the machine reads as it does whole (what pciutils and hwloc do).
+#[test]
+fn a_bridge_missing_from_sys_bus_is_recovered_from_sys_devices() {
+    let mut tried = 0;
+    for name in common::snapshot_names() {
+        let (_tmp, root) = common::unpack(&name);
+        let whole = sysfs::read(&root).unwrap();
+        // Drop the bus link of every bridge that has a function below it.
+        let bridges: Vec<String> = whole
+            .functions()
+            .iter()
+            .filter(|f| f.buses.is_some())
+            .filter(|f| {
+                whole.functions().iter().any(|c| {
+                    f.buses.is_some_and(|b| {
+                        b.secondary == c.bdf.bus() && c.bdf.domain() == f.bdf.domain()
+                    })
+                })
+            })
+            .map(|f| f.bdf.to_string())
+            .collect();
+        if bridges.is_empty() {
+            continue;
+        }
+        for b in &bridges {
+            std::fs::remove_file(root.join("sys/bus/pci/devices").join(b)).unwrap();
+        }
+        let t = sysfs::read(&root).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(whole.functions(), t.functions(), "{name}");
+        assert_eq!(whole.host_bridges(), t.host_bridges(), "{name}");
+        let note = t
+            .gaps()
+            .notes
+            .iter()
+            .find(|n| n.starts_with("recovered from sys/devices"))
+            .unwrap_or_else(|| panic!("{name}: no note of what was recovered"));
+        for b in &bridges {
+            assert!(note.contains(b.as_str()), "{name}: {note} lacks {b}");
+        }
+        tried += 1;
+    }
+    assert!(tried >= 2, "snapshots with bridges: {tried}");
+}
+
+/// A snapshot whose sys/bus/pci/devices entries are plain directories holding only
+/// `class` and `local_cpus` (copied without symlinks) has no device tree: the refusal
+/// says so and how to take one that works, instead of blaming sys/devices.
+#[test]
+fn a_snapshot_without_links_is_refused_saying_what_it_lacks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = tmp.path().join("sys/bus/pci/devices/0000:00:00.0");
+    std::fs::create_dir_all(&dev).unwrap();
+    std::fs::create_dir_all(tmp.path().join("sys/devices")).unwrap();
+    std::fs::write(dev.join("class"), "0x060000\n").unwrap();
+    std::fs::write(dev.join("local_cpus"), "ff\n").unwrap();
+    let e = sysfs::read(tmp.path()).unwrap_err().to_string();
+    assert!(e.contains("0000:00:00.0"), "{e}");
+    assert!(
+        e.contains("plain directory, not a link into sys/devices"),
+        "{e}"
+    );
+    assert!(e.contains("keeping symlinks"), "{e}");
+}

@@ -201,7 +201,11 @@ pub fn print_report(topo: &Topology, r: &Report, classes: &[DeviceClass]) {
         );
     }
     for n in &r.not_read {
-        peerdma_cli::outln!("Not read: {n}");
+        // What an importer recovered is read, not missing: say it as such.
+        match n.strip_prefix("recovered ") {
+            Some(what) => peerdma_cli::outln!("Recovered: {what}"),
+            None => peerdma_cli::outln!("Not read: {n}"),
+        }
     }
     peerdma_cli::outln!();
     if r.devices.is_empty() {

@@ -60,11 +60,21 @@ pub fn read(root: &Path) -> Result<Topology, FabricError> {
     let mut short_config = 0usize;
     let mut any_numa_file = false;
     let mut any_group = false;
+    let mut dirs: BTreeMap<Bdf, PathBuf> = BTreeMap::new();
     for name in &names {
         let link = devices.join(name);
         let bdf: Bdf = name.parse().map_err(|e| {
             FabricError::sysfs(&link, format!("entry name is not a PCI address: {e}"))
         })?;
+        let is_link = fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink());
+        if !is_link {
+            return Err(FabricError::sysfs(
+                &link,
+                "is a plain directory, not a link into sys/devices: the snapshot lost the \
+                 device tree (which bridge each function sits below) and with it the config \
+                 space; copy sysfs keeping symlinks (`peerdma topo --save DIR` does)",
+            ));
+        }
         let dir = canonical(&link)?;
         let rel = dir.strip_prefix(&sys_devices).map_err(|_| {
             FabricError::sysfs(
@@ -73,6 +83,7 @@ pub fn read(root: &Path) -> Result<Topology, FabricError> {
             )
         })?;
         let (host, parent) = placement(&link, rel, bdf)?;
+        dirs.insert(bdf, dir.clone());
         let mut spec = read_function(&dir, bdf)?;
         if spec.function.acs == crate::fabric::model::Acs::Unknown {
             short_config += 1;
@@ -95,6 +106,49 @@ pub fn read(root: &Path) -> Result<Topology, FabricError> {
             numas.push(spec.function.numa_node);
         }
         specs.push(spec);
+    }
+    // A bridge can be missing from sys/bus/pci/devices while its directory, and the
+    // functions below it, are in sys/devices (seen on real servers): recover it from
+    // there, as pciutils and hwloc, which walk sys/devices, see it. Its parent may be
+    // missing too, so until nothing more is found.
+    let mut recovered = Vec::new();
+    loop {
+        let missing: Vec<(Bdf, PathBuf)> = specs
+            .iter()
+            .filter_map(|sp| {
+                let p = sp.parent?;
+                if dirs.contains_key(&p) {
+                    return None;
+                }
+                let child = dirs.get(&sp.function.bdf)?;
+                let dir = child.parent()?.to_path_buf();
+                (dir.file_name()?.to_str()?.parse::<Bdf>().ok()? == p).then_some((p, dir))
+            })
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        for (bdf, dir) in missing {
+            if dirs.contains_key(&bdf) {
+                continue;
+            }
+            let rel = dir
+                .strip_prefix(&sys_devices)
+                .map_err(|_| FabricError::sysfs(&dir, "a parent bridge outside sys/devices"))?;
+            let (host, parent) = placement(&dir, rel, bdf)?;
+            let mut spec = read_function(&dir, bdf)?;
+            if spec.function.acs == crate::fabric::model::Acs::Unknown {
+                short_config += 1;
+            }
+            spec.parent = parent;
+            let numas = roots.entry(host).or_default();
+            if parent.is_none() {
+                numas.push(spec.function.numa_node);
+            }
+            dirs.insert(bdf, dir);
+            specs.push(spec);
+            recovered.push(bdf.to_string());
+        }
     }
     // Host bridges that have no function on their root bus still exist as pciDDDD:BB.
     if let Ok(rd) = fs::read_dir(&sys_devices) {
@@ -126,8 +180,14 @@ pub fn read(root: &Path) -> Result<Topology, FabricError> {
         gaps.notes.push(format!(
             "ACS could not be read for {short_config} of {} functions: their config space stops \
              before the extended capabilities ({})",
-            names.len(),
+            specs.len(),
             gaps.acs_hint
+        ));
+    }
+    if !recovered.is_empty() {
+        gaps.notes.push(format!(
+            "recovered from sys/devices, with no entry in sys/bus/pci/devices: {}",
+            recovered.join(", ")
         ));
     }
     if host.iommu.is_none() {
