@@ -196,3 +196,73 @@ proptest! {
         let _ = file::parse("r", &text);
     }
 }
+
+/// One validation of bus numbers for every source (Topology::build): each case is a
+/// machine that used to be accepted silently or blamed on a function below it.
+#[test]
+fn contradictory_bus_ranges_are_refused_naming_the_bridge() {
+    let machine = |bridges: &str| {
+        format!(
+            "[[host_bridge]]\nroot = \"0000:00\"\n{bridges}[[function]]\nbdf = \"0000:00:00.0\"\nclass = \"0x060000\"\nkind = \"host-bridge\"\n"
+        )
+    };
+    let bridge = |bdf: &str, buses: &str| {
+        format!(
+            "[[function]]\nbdf = \"{bdf}\"\nclass = \"0x060400\"\nkind = \"root-port\"\nbuses = \"{buses}\"\n"
+        )
+    };
+    let down = |bdf: &str, buses: &str| {
+        format!(
+            "[[function]]\nbdf = \"{bdf}\"\nclass = \"0x060400\"\nkind = \"switch-downstream\"\nbuses = \"{buses}\"\n"
+        )
+    };
+    let up = |bdf: &str, buses: &str| {
+        format!(
+            "[[function]]\nbdf = \"{bdf}\"\nclass = \"0x060400\"\nkind = \"switch-upstream\"\nbuses = \"{buses}\"\n"
+        )
+    };
+    for (what, text, bdf, why) in [
+        (
+            "two root ports opening one bus",
+            machine(&(bridge("0000:00:01.0", "05-05") + &bridge("0000:00:02.0", "05-06"))),
+            "0000:00:02.0",
+            "opens bus 05, which 0000:00:01.0 opens too",
+        ),
+        (
+            "sibling ranges overlapping",
+            machine(&(bridge("0000:00:01.0", "05-08") + &bridge("0000:00:02.0", "07-09"))),
+            "0000:00:01.0",
+            "overlap those of 0000:00:02.0",
+        ),
+        (
+            "a child range wider than its parent's",
+            machine(&(bridge("0000:00:01.0", "05-08") + &up("0000:05:00.0", "06-0a"))),
+            "0000:05:00.0",
+            "reach outside its parent 0000:00:01.0's 05-08",
+        ),
+        (
+            "a switch below a bridge, fine, then a downstream port outside it",
+            machine(
+                &(bridge("0000:00:01.0", "05-08")
+                    + &up("0000:05:00.0", "06-08")
+                    + &down("0000:06:00.0", "07-07")
+                    + &down("0000:06:01.0", "09-09")),
+            ),
+            "0000:06:01.0",
+            "reach outside its parent 0000:05:00.0's 06-08",
+        ),
+    ] {
+        let e = file::parse("t.toml", &text).expect_err(what).to_string();
+        assert!(e.contains(&format!("bridge {bdf}")), "{what}: {e}");
+        assert!(e.contains(why), "{what}: {e}");
+    }
+    // A bridge's range never holds its own bus (the lspci importer took `-[00]-`).
+    let e = lspci::parse("t", "-[0000:00]-+-00.0  Intel Corporation Host bridge\n           \\-03.0-[02]----00.0  Intel Corporation Ethernet Controller\n")
+        .map(|_| ())
+        .and_then(|_| lspci::parse("t", "-[0000:05]-+-00.0  Intel Corporation Host bridge\n           \\-03.0-[04]----00.0  Intel Corporation Ethernet Controller\n").map(|_| ()))
+        .expect_err("bus 04 below bus 05");
+    assert!(
+        e.to_string().contains("do not lie above its own bus 05"),
+        "{e}"
+    );
+}

@@ -35,6 +35,16 @@ pub enum FabricError {
         /// What is missing, as a sentence ("there is no 0000:00:01.0").
         parent: String,
     },
+    /// A bridge's bus numbers contradict its place in the tree or another bridge's.
+    #[error("{source_name}: bridge {bdf}: {why}")]
+    BusRanges {
+        /// Where the topology came from.
+        source_name: String,
+        /// The bridge at fault.
+        bdf: Bdf,
+        /// What contradicts what.
+        why: String,
+    },
     /// A function's parent is not a bridge.
     #[error("{source_name}: function {bdf} sits below {parent}, which is not a bridge")]
     ParentNotBridge {

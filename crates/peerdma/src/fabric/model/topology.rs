@@ -111,6 +111,15 @@ impl Topology {
     ) -> Result<Self, FabricError> {
         let source = source.into();
         specs.sort_by_key(|s| s.function.bdf);
+        // A bridge the firmware left unconfigured reads buses 00-00: it opens no bus.
+        for s in &mut specs {
+            if s.function
+                .buses
+                .is_some_and(|r| r.secondary == 0 && r.subordinate == 0)
+            {
+                s.function.buses = None;
+            }
+        }
         host_bridges.sort_by_key(|h| h.root);
         for w in host_bridges.windows(2) {
             if w[0].root == w[1].root {
@@ -129,7 +138,13 @@ impl Topology {
                 });
             }
         }
-        // Bus-number parents: the bridge whose secondary bus is the function's bus.
+        // Bus-number parents: the bridge whose secondary bus is the function's bus. A
+        // bridge's range lies above its own bus, and no two bridges open one bus.
+        let bus_error = |bdf: Bdf, why: String| FabricError::BusRanges {
+            source_name: source.clone(),
+            bdf,
+            why,
+        };
         let mut bus_owner: HashMap<(u32, u8), FnId> = HashMap::new();
         for (i, s) in specs.iter().enumerate() {
             let f = &s.function;
@@ -137,10 +152,27 @@ impl Topology {
                 f.kind.is_bridge() || Function::class_is_pci_bridge(f.class),
                 f.buses,
             ) {
-                if r.secondary != 0 {
-                    bus_owner
-                        .entry((f.bdf.domain(), r.secondary))
-                        .or_insert(FnId(i as u32));
+                if r.secondary <= f.bdf.bus() || r.subordinate < r.secondary {
+                    return Err(bus_error(
+                        f.bdf,
+                        format!(
+                            "buses {:02x}-{:02x} do not lie above its own bus {:02x}",
+                            r.secondary,
+                            r.subordinate,
+                            f.bdf.bus()
+                        ),
+                    ));
+                }
+                if let Some(other) = bus_owner.insert((f.bdf.domain(), r.secondary), FnId(i as u32))
+                {
+                    return Err(bus_error(
+                        f.bdf,
+                        format!(
+                            "opens bus {:02x}, which {} opens too",
+                            r.secondary,
+                            specs[other.index()].function.bdf
+                        ),
+                    ));
                 }
             }
         }
@@ -247,6 +279,46 @@ impl Topology {
                         bdf: functions[i].bdf,
                         parent: pf.bdf,
                     });
+                }
+            }
+        }
+        // Below a bridge with known buses, a bridge's range lies inside its parent's,
+        // and sibling bridges' ranges do not overlap.
+        for (i, f) in functions.iter().enumerate() {
+            let Some(r) = f.buses else { continue };
+            let siblings = match f.upstream {
+                Upstream::Bridge(p) => {
+                    if let Some(pr) = functions[p.index()].buses {
+                        if r.secondary <= pr.secondary || r.subordinate > pr.subordinate {
+                            return Err(bus_error(
+                                f.bdf,
+                                format!(
+                                    "buses {:02x}-{:02x} reach outside its parent {}'s {:02x}-{:02x}",
+                                    r.secondary,
+                                    r.subordinate,
+                                    functions[p.index()].bdf,
+                                    pr.secondary,
+                                    pr.subordinate
+                                ),
+                            ));
+                        }
+                    }
+                    &children[p.index()]
+                }
+                Upstream::HostBridge(h) => &host_children[h],
+            };
+            for s in siblings.iter().filter(|s| s.index() > i) {
+                let g = &functions[s.index()];
+                if let Some(q) = g.buses {
+                    if r.secondary <= q.subordinate && q.secondary <= r.subordinate {
+                        return Err(bus_error(
+                            f.bdf,
+                            format!(
+                                "buses {:02x}-{:02x} overlap those of {}, {:02x}-{:02x}",
+                                r.secondary, r.subordinate, g.bdf, q.secondary, q.subordinate
+                            ),
+                        ));
+                    }
                 }
             }
         }
