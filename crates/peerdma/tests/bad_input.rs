@@ -266,3 +266,18 @@ fn contradictory_bus_ranges_are_refused_naming_the_bridge() {
         "{e}"
     );
 }
+
+/// A bridge whose class file says it is something else (found by the sysfs fuzz target:
+/// the importer accepted it as an endpoint with bus numbers, which its TOML refused).
+#[test]
+fn bus_numbers_on_a_function_that_is_no_bridge_are_refused() {
+    let (_tmp, root) = common::unpack("40intel64-2g2n4c-pcilocality");
+    let class = root.join("sys/devices/pci0000:00/0000:00:07.0/class");
+    assert_eq!(fs::read_to_string(&class).unwrap().trim(), "0x060400");
+    fs::write(&class, "0x020000\n").unwrap();
+    let e = sysfs::read(&root).unwrap_err().to_string();
+    assert!(
+        e.contains("function 0000:00:07.0 has bus numbers, but its class 0x020000"),
+        "{e}"
+    );
+}

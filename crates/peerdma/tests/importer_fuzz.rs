@@ -6,13 +6,16 @@
 //! - whatever it accepts, its TOML (`topo --toml`) reads back to the same functions and
 //!   host bridges: the round trip the importers promise.
 //!
+//! The sysfs importer gets the same two properties on the shared snapshots, with one
+//! attribute file of one function deleted, cut short, or overwritten with random bytes.
+//!
 //! `PEERDMA_IMPORTER_FUZZ_CASES` sets the mutants per target (256 by default).
 
 mod common;
 
 use std::fs;
 
-use peerdma::fabric::import::{file, lspci};
+use peerdma::fabric::import::{file, lspci, sysfs};
 use peerdma::fabric::{preset, Topology, PRESETS};
 use proptest::prelude::*;
 
@@ -179,6 +182,74 @@ proptest! {
         let text = apply(&samples[pick.index(samples.len())], &ms);
         if let Ok(t) = file::parse("mutant", &text) {
             round_trips("toml", &t, &text)?;
+        }
+    }
+}
+
+/// How an attribute file of a snapshot goes wrong.
+#[derive(Clone, Debug)]
+enum FileMutation {
+    Delete,
+    Cut(usize),
+    Flip(usize, u8),
+    Random(Vec<u8>),
+}
+
+fn file_mutation() -> impl Strategy<Value = FileMutation> {
+    prop_oneof![
+        Just(FileMutation::Delete),
+        any::<usize>().prop_map(FileMutation::Cut),
+        (any::<usize>(), any::<u8>()).prop_map(|(a, b)| FileMutation::Flip(a, b)),
+        prop::collection::vec(any::<u8>(), 0..80).prop_map(FileMutation::Random),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn a_mutated_sysfs_attribute_is_refused_or_round_trips(
+        snap in any::<prop::sample::Index>(),
+        dev in any::<prop::sample::Index>(),
+        attr in any::<prop::sample::Index>(),
+        m in file_mutation(),
+    ) {
+        // Each snapshot is unpacked once; the mutated file is put back after the case.
+        static SNAPS: std::sync::OnceLock<Vec<(tempfile::TempDir, std::path::PathBuf)>> =
+            std::sync::OnceLock::new();
+        let snaps = SNAPS.get_or_init(|| {
+            common::snapshot_names().iter().map(|n| common::unpack(n)).collect()
+        });
+        let root = &snaps[snap.index(snaps.len())].1;
+        let mut devs: Vec<_> = fs::read_dir(root.join("sys/bus/pci/devices"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        devs.sort();
+        let dir = fs::canonicalize(&devs[dev.index(devs.len())]).unwrap();
+        let path = dir.join(sysfs::ATTRIBUTES[attr.index(sysfs::ATTRIBUTES.len())]);
+        let old = fs::read(&path).ok();
+        match (&m, &old) {
+            (FileMutation::Delete, Some(_)) => fs::remove_file(&path).unwrap(),
+            (FileMutation::Cut(at), Some(b)) => fs::write(&path, &b[..at % (b.len() + 1)]).unwrap(),
+            (FileMutation::Flip(at, x), Some(b)) if !b.is_empty() => {
+                let mut b = b.clone();
+                let i = at % b.len();
+                b[i] ^= x | 1;
+                fs::write(&path, b).unwrap();
+            }
+            (FileMutation::Random(bytes), _) => fs::write(&path, bytes).unwrap(),
+            _ => return Ok(()),
+        }
+        let read = sysfs::read(root);
+        match &old {
+            Some(b) => fs::write(&path, b).unwrap(),
+            None => {
+                let _ = fs::remove_file(&path);
+            }
+        }
+        if let Ok(t) = read {
+            round_trips("sysfs", &t, &format!("{} {m:?}", path.display()))?;
         }
     }
 }

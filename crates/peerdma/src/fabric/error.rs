@@ -45,6 +45,18 @@ pub enum FabricError {
         /// What contradicts what.
         why: String,
     },
+    /// A function has bus numbers, which only bridges have, but is no bridge.
+    #[error("{source_name}: function {bdf} has bus numbers, but its class {class:#08x} and kind ({kind}) say it is no bridge")]
+    BusesOnNonBridge {
+        /// Where the topology came from.
+        source_name: String,
+        /// The function.
+        bdf: Bdf,
+        /// Its class code.
+        class: u32,
+        /// Its kind.
+        kind: crate::fabric::PortKind,
+    },
     /// A function's parent is not a bridge.
     #[error("{source_name}: function {bdf} sits below {parent}, which is not a bridge")]
     ParentNotBridge {

@@ -61,6 +61,10 @@ pub struct FunctionEntry {
     /// For bridges, `SS-UU` or `SS` in hex.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub buses: Option<String>,
+    /// The bridge above it, when bus numbers cannot say (its bridge's buses are
+    /// unknown, as in a snapshot whose config space could not be read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<Bdf>,
     /// The link.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link: Option<Link>,
@@ -223,7 +227,7 @@ pub fn from_file(source: &str, file: &TopologyFile) -> Result<Topology, FabricEr
                 memory,
                 upstream: Upstream::HostBridge(0),
             },
-            parent: None,
+            parent: e.parent,
             kind_known: e.kind.is_some(),
         });
     }
@@ -271,6 +275,14 @@ pub fn to_file(topo: &Topology) -> TopologyFile {
                         format!("{:02x}-{:02x}", b.secondary, b.subordinate)
                     }
                 }),
+                parent: match f.upstream {
+                    // Written only where the bus numbers do not place the function.
+                    Upstream::Bridge(p) => {
+                        let pf = topo.function(p);
+                        (pf.buses.map(|b| b.secondary) != Some(f.bdf.bus())).then_some(pf.bdf)
+                    }
+                    Upstream::HostBridge(_) => None,
+                },
                 link: f.link,
                 acs: f.acs,
                 iommu_group: f.iommu_group,

@@ -337,6 +337,19 @@ impl Topology {
                 f.name = names::device_name(f.vendor, f.device, f.class);
             }
         }
+        // Bus numbers belong to bridges: a function that has them but is none (a class
+        // or kind that says otherwise) contradicts itself.
+        if let Some(f) = functions
+            .iter()
+            .find(|f| f.buses.is_some() && !f.kind.is_bridge())
+        {
+            return Err(FabricError::BusesOnNonBridge {
+                source_name: source.clone(),
+                bdf: f.bdf,
+                class: f.class,
+                kind: f.kind,
+            });
+        }
         gaps.acs_unknown = functions.iter().filter(|f| f.acs == Acs::Unknown).count();
         Ok(Topology {
             host,
