@@ -9,7 +9,8 @@
 //! The sysfs importer gets the same two properties on the shared snapshots, with one
 //! attribute file of one function deleted, cut short, or overwritten with random bytes.
 //!
-//! `PEERDMA_IMPORTER_FUZZ_CASES` sets the mutants per target (256 by default).
+//! `PEERDMA_IMPORTER_FUZZ_CASES` sets the mutants per target (128 by default, as CI runs;
+//! the figures in the issue notes come from runs of 3000).
 
 mod common;
 
@@ -23,7 +24,7 @@ fn cases() -> u32 {
     std::env::var("PEERDMA_IMPORTER_FUZZ_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(256)
+        .unwrap_or(128)
 }
 
 fn lspci_samples() -> &'static [String] {
@@ -158,6 +159,21 @@ fn round_trips(what: &str, t: &Topology, mutant: &str) -> Result<(), TestCaseErr
     }
 }
 
+/// One mutant of one sample through one text importer.
+fn text_mutant(
+    what: &str,
+    samples: &[String],
+    parse: fn(&str, &str) -> Result<Topology, peerdma::fabric::FabricError>,
+    pick: prop::sample::Index,
+    ms: &[Mutation],
+) -> Result<(), TestCaseError> {
+    let text = apply(&samples[pick.index(samples.len())], ms);
+    match parse("mutant", &text) {
+        Ok(t) => round_trips(what, &t, &text),
+        Err(_) => Ok(()),
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() })]
 
@@ -166,11 +182,7 @@ proptest! {
         pick in any::<prop::sample::Index>(),
         ms in prop::collection::vec(mutation(), 1..4),
     ) {
-        let samples = lspci_samples();
-        let text = apply(&samples[pick.index(samples.len())], &ms);
-        if let Ok(t) = lspci::parse("mutant", &text) {
-            round_trips("lspci", &t, &text)?;
-        }
+        text_mutant("lspci", lspci_samples(), lspci::parse, pick, &ms)?;
     }
 
     #[test]
@@ -178,11 +190,7 @@ proptest! {
         pick in any::<prop::sample::Index>(),
         ms in prop::collection::vec(mutation(), 1..4),
     ) {
-        let samples = toml_samples();
-        let text = apply(&samples[pick.index(samples.len())], &ms);
-        if let Ok(t) = file::parse("mutant", &text) {
-            round_trips("toml", &t, &text)?;
-        }
+        text_mutant("toml", toml_samples(), file::parse, pick, &ms)?;
     }
 }
 
