@@ -276,14 +276,7 @@ impl Runtime {
     }
     /// A clone of handle `name`.
     pub fn get<T: Clone + Send + 'static>(&self, name: &str) -> Result<T, Failure> {
-        let t = self
-            .handles
-            .lock()
-            .map_err(|_| Failure::msg("handle table poisoned"))?;
-        t.get(name)
-            .and_then(|b| b.1.downcast_ref::<T>())
-            .cloned()
-            .ok_or_else(|| Failure::msg(format!("no handle `{name}` of that kind")))
+        self.with_handle(name, T::clone)
     }
     /// A clone of handle `name`, made by `make` the first time.
     pub fn get_or<T: Clone + Send + 'static>(

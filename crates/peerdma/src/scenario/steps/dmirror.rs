@@ -6,7 +6,7 @@
 use crate::addr::{Bdf, PAGE_SIZE};
 use crate::drivers::dmirror::{Counts, Dmirror, DmirrorDevice, DmirrorError, DmirrorMemory};
 use crate::scenario::run::{Failure, Outcome, Runtime, StepResult, REMOVE_TIMEOUT};
-use crate::scenario::steps::{buffer, per_proc, Data};
+use crate::scenario::steps::{buffer, per_proc, Data, DATA_PARAMS};
 use crate::scenario::vocab::{
     ActorUse, Args, Dev, ModelDef, Param, StepDef, SymKind, Ty, Vocabulary,
 };
@@ -115,8 +115,8 @@ pub fn register(v: &mut Vocabulary) {
                     Param::req("dev", Ty::Ref(SymKind::Device("dmirror")), "the device"),
                     Param::req("at", Ty::Place, "REGION or REGION+OFFSET, page aligned"),
                     Param::req("len", Ty::Size, "bytes, whole pages"),
-                    Param::opt("pattern", Ty::Seed, "write the pattern of this seed"),
-                    Param::opt("fill", Ty::Byte, "write this byte everywhere"),
+                    DATA_PARAMS[0],
+                    DATA_PARAMS[1],
                 ]
             }
         } else {

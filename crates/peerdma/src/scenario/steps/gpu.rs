@@ -8,7 +8,9 @@ use crate::drivers::gpu::{Gpu, GpuContext, GpuSpec, Location, Placement};
 use crate::fabric::{DeviceClass, Topology};
 use crate::scenario::lang::Diag;
 use crate::scenario::run::{Failure, Outcome, Runtime, StepResult};
-use crate::scenario::steps::{buffer, pci_dev, per_proc, range_args, read_outcome, Data};
+use crate::scenario::steps::{
+    buffer, pci_dev, per_proc, range_args, read_outcome, Data, DATA_PARAMS,
+};
 use crate::scenario::vocab::{
     ActorUse, Args, Compile, Dev, ModelDef, Param, StepDef, StepFn, SymKind, Ty, Vocabulary,
 };
@@ -189,15 +191,7 @@ pub fn register(v: &mut Vocabulary) {
         help: "a GPU kernel stores pattern= or fill= over the range",
         actor: ActorUse::Required,
         binds: None,
-        params: const {
-            &[
-                DEV,
-                AT,
-                LEN,
-                Param::opt("pattern", Ty::Seed, "the pattern's seed"),
-                Param::opt("fill", Ty::Byte, "one byte everywhere"),
-            ]
-        },
+        params: const { &[DEV, AT, LEN, DATA_PARAMS[0], DATA_PARAMS[1]] },
         outputs: &[],
         data: false,
         compile: |cx| {
@@ -343,8 +337,8 @@ pub fn register_bo(v: &mut Vocabulary) {
                 BO,
                 LEN,
                 Param::opt("offset", Ty::Size, "bytes into the BO (default 0)"),
-                Param::opt("pattern", Ty::Seed, "the pattern's seed"),
-                Param::opt("fill", Ty::Byte, "one byte everywhere"),
+                DATA_PARAMS[0],
+                DATA_PARAMS[1],
             ]
         },
         outputs: &[],

@@ -4,7 +4,7 @@
 use crate::errno::Errno;
 use crate::mm::{Prot, ShmObject};
 use crate::scenario::run::{Failure, Outcome, RegionRef};
-use crate::scenario::steps::{buffer, proc_at, range_args, read_outcome, Data};
+use crate::scenario::steps::{buffer, proc_at, range_args, read_outcome, Data, DATA_PARAMS};
 use crate::scenario::vocab::{ActorUse, Param, StepDef, SymKind, Ty, Vocabulary};
 use crate::sync::Arc;
 
@@ -18,11 +18,6 @@ fn prot(w: &str) -> Prot {
         _ => Prot::NONE,
     }
 }
-
-const DATA_PARAMS: [Param; 2] = [
-    Param::opt("pattern", Ty::Seed, "write the pattern of this seed"),
-    Param::opt("fill", Ty::Byte, "write this byte everywhere"),
-];
 
 /// One file-backed object, shared by every process that maps it.
 #[derive(Clone)]

@@ -3,7 +3,7 @@
 //! device model is a new module here and one line in [`register`].
 
 use crate::scenario::run::{Failure, Outcome, Runtime, StepResult};
-use crate::scenario::vocab::{Compile, Vocabulary};
+use crate::scenario::vocab::{Compile, Param, Ty, Vocabulary};
 use crate::sync::Arc;
 
 pub mod dmirror;
@@ -22,6 +22,12 @@ pub fn register(v: &mut Vocabulary) {
     gpu::register(v);
     rnic::register(v);
 }
+
+/// `pattern=` and `fill=`: the data a writing step writes (one of them, [`Data`]).
+pub(crate) const DATA_PARAMS: [Param; 2] = [
+    Param::opt("pattern", Ty::Seed, "write the pattern of this seed"),
+    Param::opt("fill", Ty::Byte, "write this byte everywhere"),
+];
 
 /// The data of a write: `pattern=SEED` bytes at region offset `base`, or `fill=BYTE`.
 #[derive(Clone, Copy, Debug)]
