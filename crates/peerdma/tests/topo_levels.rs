@@ -146,3 +146,46 @@ fn path_bandwidth_finds_the_slowest_link() {
     let p = path_bandwidth(&t, gpu, nvme, true);
     assert_eq!(p.hops.len(), 8);
 }
+
+/// NODE and SYS differ only by NUMA node. Where a host bridge's node is unknown (lspci
+/// -tv text, a file without `numa_node`), a pair below different host bridges is NODE
+/// only for want of a better answer: the matrix and `topo_level_uncertain` say so, and
+/// a pair below one host bridge, whose level needs no node, stays certain.
+#[test]
+fn node_without_numa_nodes_is_marked_uncertain() {
+    use peerdma::fabric::{topo_level_uncertain, Matrix};
+    let known = preset("dgx").unwrap();
+    let text: String = file::to_toml(&known)
+        .lines()
+        .filter(|l| !l.starts_with("numa_node"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let unknown = file::parse("no-numa.toml", &text).unwrap();
+    let ids = |t: &Topology| {
+        [
+            "0000:1a:00.0",
+            "0000:1b:00.0",
+            "0000:3d:00.0",
+            "0000:88:00.0",
+        ]
+        .map(|b| t.find(b).unwrap())
+    };
+    let (mk, mu) = (
+        Matrix::build(&known, &ids(&known)),
+        Matrix::build(&unknown, &ids(&unknown)),
+    );
+    // (pair, level with nodes, level without, uncertain without)
+    for (i, j, with, without, unsure) in [
+        (0, 1, TopoLevel::PIX, TopoLevel::PIX, false),
+        (0, 2, TopoLevel::NODE, TopoLevel::NODE, true),
+        (0, 3, TopoLevel::SYS, TopoLevel::NODE, true),
+    ] {
+        assert_eq!(mk.get(i, j).level, with);
+        assert!(!mk.get(i, j).level_uncertain);
+        assert_eq!(mu.get(i, j).level, without);
+        assert_eq!(mu.get(i, j).level_uncertain, unsure, "pair {i},{j}");
+        let (a, b) = (ids(&unknown)[i], ids(&unknown)[j]);
+        assert_eq!(topo_level_uncertain(&unknown, a, b), unsure);
+        assert_eq!(topo_level(&unknown, a, b), without);
+    }
+}

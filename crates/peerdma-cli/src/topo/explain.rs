@@ -2,8 +2,8 @@
 //! what would give a bus-address path (`peerdma-explain/1` JSON in docs/json.md).
 
 use peerdma::fabric::{
-    calc_map_type_and_dist, path_bandwidth, topo_level, Acs, FnId, MapType, PortKind, TopoLevel,
-    Topology,
+    calc_map_type_and_dist, path_bandwidth, topo_level, topo_level_uncertain, Acs, FnId, MapType,
+    PortKind, TopoLevel, Topology,
 };
 use serde::Serialize;
 
@@ -25,6 +25,8 @@ pub struct Explain {
     walk: Vec<HopRow>,
     common_bridge: Option<String>,
     level: TopoLevel,
+    /// NODE only because a NUMA node is unknown: it may be SYS.
+    level_uncertain: bool,
     verdict: peerdma::fabric::Verdict,
     reason: String,
     uncertain: bool,
@@ -137,6 +139,7 @@ pub fn explain(topo: &Topology, a: FnId, b: FnId) -> Explain {
         walk,
         common_bridge: v.common_bridge.map(|c| c.to_string()),
         level: topo_level(topo, a, b),
+        level_uncertain: topo_level_uncertain(topo, a, b),
         reason: v.reason(),
         uncertain: v.uncertain(),
         bandwidth: path_bandwidth(topo, a, b, via_hb),
@@ -180,7 +183,15 @@ pub fn print_explain(topo: &Topology, e: &Explain) {
         if e.uncertain { " (UNCERTAIN)" } else { "" }
     );
     peerdma_cli::outln!("Why: {}", e.reason);
-    peerdma_cli::outln!("nvidia-smi topo level: {}", e.level);
+    peerdma_cli::outln!(
+        "nvidia-smi topo level: {}{}",
+        e.level,
+        if e.level_uncertain {
+            " (UNCERTAIN: a NUMA node is unknown, so it may be SYS)"
+        } else {
+            ""
+        }
+    );
     match (e.bandwidth.bottleneck, e.bandwidth.bottleneck_gbytes_per_s) {
         (Some(i), Some(g)) => {
             let h = &e.bandwidth.hops[i];

@@ -28,6 +28,8 @@ struct PairRow {
     map_type: MapType,
     distance: u32,
     uncertain: bool,
+    /// NODE only because a NUMA node is unknown: it may be SYS.
+    level_uncertain: bool,
 }
 
 #[derive(Serialize)]
@@ -97,6 +99,7 @@ impl Report {
                     map_type: c.map_type,
                     distance: c.distance,
                     uncertain: c.uncertain,
+                    level_uncertain: c.level_uncertain,
                 });
             }
         }
@@ -246,16 +249,23 @@ pub fn print_report(topo: &Topology, r: &Report, classes: &[DeviceClass]) {
     peerdma_cli::outln!("\nnvidia-smi topo -m view:");
     header();
     peerdma_cli::outln!("{:>8}", "NUMA");
+    let mut any_level_uncertain = false;
     for i in 0..n {
         peerdma_cli::outp!("{:<6}", r.devices[i].label);
         for j in 0..n {
-            peerdma_cli::outp!("{:>width$}", r.matrix.get(i, j).level.to_string());
+            let c = r.matrix.get(i, j);
+            any_level_uncertain |= c.level_uncertain;
+            let mark = if c.level_uncertain { "?" } else { "" };
+            peerdma_cli::outp!("{:>width$}", format!("{}{mark}", c.level));
         }
         peerdma_cli::outln!("{:>8}", opt(r.devices[i].numa_node));
     }
     peerdma_cli::outln!("\nLegend:");
     for (l, text) in TopoLevel::LEGEND {
         peerdma_cli::outln!("  {:<5} = {text}", l.to_string());
+    }
+    if any_level_uncertain {
+        peerdma_cli::outln!("  NODE? = uncertain: a NUMA node is unknown, so this may be SYS");
     }
     peerdma_cli::outln!(
         "\nKernel P2PDMA verdict, provider row to client column (map type, distance):"

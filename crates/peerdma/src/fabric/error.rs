@@ -57,6 +57,26 @@ pub enum FabricError {
         /// Its kind.
         kind: crate::fabric::PortKind,
     },
+    /// A function describes itself in a way no function can be: a BAR, link, ACS or
+    /// kind that contradicts the PCIe rules or the function's class.
+    #[error("{source_name}: function {bdf}: {what}")]
+    Invalid {
+        /// Where the topology came from.
+        source_name: String,
+        /// The function.
+        bdf: Bdf,
+        /// What is wrong, as a sentence.
+        what: String,
+    },
+    /// The source describes no function at all (an empty file, or one cut off before
+    /// its first function).
+    #[error("{source_name}: describes no PCI function{hint}")]
+    Empty {
+        /// Where the topology came from.
+        source_name: String,
+        /// What may have gone wrong, with a leading separator, or empty.
+        hint: String,
+    },
     /// A function's parent is not a bridge.
     #[error("{source_name}: function {bdf} sits below {parent}, which is not a bridge")]
     ParentNotBridge {

@@ -26,6 +26,8 @@ pub struct Cell {
     pub distance: u32,
     /// Whether the verdict rests on state that could not be read.
     pub uncertain: bool,
+    /// Whether the level is NODE only because a NUMA node is unknown: it may be SYS.
+    pub level_uncertain: bool,
 }
 
 /// The all-pairs matrix.
@@ -155,6 +157,7 @@ impl Matrix {
             map_type: MapType::BusAddr,
             distance: 0,
             uncertain: false,
+            level_uncertain: false,
         };
         let mut cells = vec![blank; n * n];
         for i in 0..n {
@@ -200,12 +203,19 @@ impl Matrix {
         let common = if ha == hb { p.lca(a, b) } else { None };
         let Some(c) = common else {
             let (map_type, uncertain) = host_path();
-            let level = if ha == hb {
-                TopoLevel::PHB
+            let (level, level_uncertain) = if ha == hb {
+                (TopoLevel::PHB, false)
             } else {
                 match (numa[ha], numa[hb]) {
-                    (Some(x), Some(y)) if x != y => TopoLevel::SYS,
-                    _ => TopoLevel::NODE,
+                    (Some(x), Some(y)) => (
+                        if x != y {
+                            TopoLevel::SYS
+                        } else {
+                            TopoLevel::NODE
+                        },
+                        false,
+                    ),
+                    _ => (TopoLevel::NODE, true),
                 }
             };
             return Cell {
@@ -213,6 +223,7 @@ impl Matrix {
                 map_type,
                 distance: p.depth[a] + p.depth[b] + 2,
                 uncertain,
+                level_uncertain,
             };
         };
         let distance = p.depth[a] + p.depth[b] - 2 * p.depth[c];
@@ -247,6 +258,7 @@ impl Matrix {
             map_type,
             distance,
             uncertain,
+            level_uncertain: false,
         }
     }
 

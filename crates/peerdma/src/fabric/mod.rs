@@ -24,7 +24,7 @@ pub use p2p::{
     calc_map_type_and_dist, distance_many, find_closest_provider, MapType, Verdict,
     HOST_BRIDGE_ALLOWLIST,
 };
-pub use path::{path_bandwidth, topo_level, PathBandwidth, TopoLevel};
+pub use path::{path_bandwidth, topo_level, topo_level_uncertain, PathBandwidth, TopoLevel};
 
 /// Reads the running machine's PCI tree from `/sys` and `/proc`.
 pub fn read_live() -> Result<Topology, FabricError> {

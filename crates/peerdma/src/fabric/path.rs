@@ -64,6 +64,15 @@ pub fn topo_level(topo: &Topology, a: FnId, b: FnId) -> TopoLevel {
     level_with_paths(topo, &topo.upstream_path(a), &topo.upstream_path(b))
 }
 
+/// Whether [`topo_level`] between `a` and `b` is NODE only because a NUMA node is
+/// unknown: below different host bridges, one of which has no known node, the pair may
+/// as well be SYS.
+pub fn topo_level_uncertain(topo: &Topology, a: FnId, b: FnId) -> bool {
+    let (ha, hb) = (topo.host_bridge_of(a), topo.host_bridge_of(b));
+    let hbs = topo.host_bridges();
+    ha != hb && (hbs[ha].numa_node.is_none() || hbs[hb].numa_node.is_none())
+}
+
 pub(crate) fn level_with_paths(topo: &Topology, pa: &[FnId], pb: &[FnId]) -> TopoLevel {
     if pa[0] == pb[0] {
         return TopoLevel::X;

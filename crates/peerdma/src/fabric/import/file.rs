@@ -144,20 +144,87 @@ fn parse_buses(text: &str) -> Option<BusRange> {
     })
 }
 
-/// Parses topology TOML; `source` names it in errors.
+/// Where each `[[function]]` table starts, read in a second, lenient pass over the text
+/// so that an error about a function names the line of its table.
+#[derive(Deserialize)]
+struct Places {
+    #[serde(default)]
+    function: Vec<toml::Spanned<Place>>,
+}
+
+#[derive(Deserialize)]
+struct Place {
+    bdf: Option<toml::Value>,
+}
+
+/// The 1-based line of each function's table, by BDF (the first table when a BDF is
+/// repeated).
+fn table_lines(text: &str) -> Vec<(Bdf, usize)> {
+    let Ok(places) = toml::from_str::<Places>(text) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(Bdf, usize)> = Vec::new();
+    for p in places.function {
+        let line = 1 + text[..p.span().start.min(text.len())]
+            .bytes()
+            .filter(|&b| b == b'\n')
+            .count();
+        if let Some(bdf) = p
+            .get_ref()
+            .bdf
+            .as_ref()
+            .and_then(|v| v.as_str())
+            .and_then(|t| t.parse::<Bdf>().ok())
+        {
+            if !out.iter().any(|(b, _)| *b == bdf) {
+                out.push((bdf, line));
+            }
+        }
+    }
+    out
+}
+
+/// Parses topology TOML; `source` names it in errors, with the line of the function's
+/// table when an error is about one function.
 pub fn parse(source: &str, text: &str) -> Result<Topology, FabricError> {
     let file: TopologyFile = toml::from_str(text).map_err(|e| FabricError::Topology {
         source_name: source.to_string(),
         reason: e.to_string(),
     })?;
-    from_file(source, &file)
+    if file.functions.is_empty() {
+        return Err(FabricError::Empty {
+            source_name: source.to_string(),
+            hint: if text.trim_start_matches('\u{feff}').trim().is_empty() {
+                ": the file is empty".to_string()
+            } else {
+                ": it has no [[function]] table (is it cut short?)".to_string()
+            },
+        });
+    }
+    let lines = table_lines(text);
+    let locate = |bdf: Bdf| {
+        lines
+            .iter()
+            .find(|(b, _)| *b == bdf)
+            .map(|(_, l)| format!("{source}, line {l}"))
+    };
+    from_file_located(source, &locate, &file)
 }
 
 /// Builds the model from a parsed file.
 pub fn from_file(source: &str, file: &TopologyFile) -> Result<Topology, FabricError> {
-    let bad = |bdf: Bdf, what: String| FabricError::Topology {
-        source_name: source.to_string(),
-        reason: format!("function {bdf}: {what}"),
+    from_file_located(source, &|_| None, file)
+}
+
+fn from_file_located(
+    source: &str,
+    locate: &dyn Fn(Bdf) -> Option<String>,
+    file: &TopologyFile,
+) -> Result<Topology, FabricError> {
+    let bad = |bdf: Bdf, what: String| FabricError::Invalid {
+        source_name: locate(bdf).unwrap_or_else(|| source.to_string()),
+        bdf,
+        what,
     };
     let mut specs = Vec::with_capacity(file.functions.len());
     for e in &file.functions {
@@ -240,13 +307,15 @@ pub fn from_file(source: &str, file: &TopologyFile) -> Result<Topology, FabricEr
         ..Gaps::default()
     };
     let name = file.name.clone().unwrap_or_else(|| source.to_string());
-    Ok(Topology::build(
-        name,
+    Ok(Topology::build_located(
+        source.to_string(),
+        locate,
         file.host.clone(),
         file.host_bridges.clone(),
         specs,
         gaps,
     )?
+    .with_source(name)
     .with_description(file.description.clone()))
 }
 

@@ -33,7 +33,8 @@ struct Parser<'a> {
     line: &'a [u8],
     specs: Vec<FunctionSpec>,
     roots: Vec<BusId>,
-    open: Vec<(usize, Open)>,
+    /// Columns whose `+-` promised more branches, with the line that opened each.
+    open: Vec<(usize, Open, usize)>,
 }
 
 /// Reads `lspci -tv` / `-tvnn` text. `source` names it in errors (`-` for stdin).
@@ -55,6 +56,13 @@ pub fn parse(source: &str, text: &str) -> Result<Topology, FabricError> {
         }
         if !started {
             started = true;
+            if looks_like_plain_lspci(raw) {
+                return Err(p.err(
+                    0,
+                    "this is plain `lspci` output, a line per function without the tree; \
+                     give `lspci -tv` (or `lspci -tvnn`, which adds the IDs)",
+                ));
+            }
             p.expect(0, b'-')?;
             p.bridge_body(0, None, 0)?;
             continue;
@@ -64,14 +72,25 @@ pub fn parse(source: &str, text: &str) -> Result<Topology, FabricError> {
             .iter()
             .position(|&c| c != b' ' && c != b'|')
             .ok_or_else(|| p.err(1, "a line of only tree drawing"))?;
-        let Some(pos) = p.open.iter().rposition(|(c, _)| *c == col) else {
+        let Some(pos) = p.open.iter().rposition(|(c, _, _)| *c == col) else {
             return Err(p.err(
                 col,
                 "this branch does not continue any open bus or bridge above it",
             ));
         };
-        p.open.truncate(pos + 1);
-        let (_, ctx) = p.open[pos];
+        // lspci ends every group of branches with `\-`: one still open to the right
+        // was left unfinished, so lines are missing above this one.
+        if let Some(&(c, _, line)) = p.open.get(pos + 1) {
+            return Err(p.err(
+                col,
+                &format!(
+                    "the branch opened with `+-` at line {line}, column {} never ends with \
+                     `\\-`: lines are missing above this one",
+                    c + 1
+                ),
+            ));
+        }
+        let (_, ctx, _) = p.open[pos];
         let last = match p.line[col] {
             b'+' => false,
             b'\\' => true,
@@ -97,6 +116,18 @@ pub fn parse(source: &str, text: &str) -> Result<Topology, FabricError> {
             column: 1,
             reason: "no lspci tree: expected a line starting with `-[0000:00]-` or `-+-[0000:00]-`"
                 .to_string(),
+        });
+    }
+    if let Some(&(c, _, line)) = p.open.last() {
+        return Err(FabricError::Lspci {
+            source_name: source.to_string(),
+            line: p.line_no,
+            column: 1,
+            reason: format!(
+                "the text ends inside the tree: the branch opened with `+-` at line {line}, \
+                 column {} never ends with `\\-` (is the text cut short?)",
+                c + 1
+            ),
         });
     }
     let mut roots = p.roots;
@@ -165,7 +196,7 @@ impl Parser<'_> {
             Some(b'[') if parent.is_none() => self.bus_header(next, None),
             Some(b'+') | Some(b'\\') if self.at(next + 2) == Some(b'[') => {
                 if self.at(next) == Some(b'+') {
-                    self.open.push((next, Open::Buses(parent)));
+                    self.open.push((next, Open::Buses(parent), self.line_no));
                 }
                 self.expect(next + 1, b'-')?;
                 self.bus_header(next + 2, parent)
@@ -218,7 +249,9 @@ impl Parser<'_> {
     ) -> Result<(), FabricError> {
         match self.at(col) {
             None => return Ok(()),
-            Some(b'+') => self.open.push((col, Open::Bus(domain, bus, parent))),
+            Some(b'+') => self
+                .open
+                .push((col, Open::Bus(domain, bus, parent), self.line_no)),
             Some(b'-') | Some(b'\\') => {}
             Some(_) => return Err(self.err(col, "expected `--`, `+-` or `\\-` before a device")),
         }
@@ -317,6 +350,17 @@ impl Parser<'_> {
         });
         Ok(())
     }
+}
+
+/// Whether a line starts as plain `lspci` prints a function: `BB:DD.F ` or
+/// `DDDD:BB:DD.F `, then its class.
+fn looks_like_plain_lspci(line: &str) -> bool {
+    let Some((addr, rest)) = line.trim_start().split_once(' ') else {
+        return false;
+    };
+    !rest.trim().is_empty()
+        && (addr.parse::<Bdf>().is_ok()
+            || format!("0000:{addr}").parse::<Bdf>().is_ok() && addr.len() == 7)
 }
 
 /// Splits `Name [8086:1234]` (lspci -nn) into the name and the IDs.

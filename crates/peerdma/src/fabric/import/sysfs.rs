@@ -16,8 +16,8 @@ use crate::addr::{Bdf, BusAddr, BusId, PhysAddr};
 use crate::fabric::error::FabricError;
 use crate::fabric::import::config;
 use crate::fabric::model::{
-    Bar, Function, FunctionSpec, Gaps, HostBridge, HostInfo, Link, LinkSpeed, PortKind, Topology,
-    Upstream,
+    validate, Bar, Function, FunctionSpec, Gaps, HostBridge, HostInfo, Link, LinkSpeed, PortKind,
+    Topology, Upstream,
 };
 
 /// The attribute files the reader uses; `--save` copies exactly these.
@@ -42,6 +42,8 @@ const IORESOURCE_IO: u64 = 0x100;
 const IORESOURCE_MEM: u64 = 0x200;
 const IORESOURCE_PREFETCH: u64 = 0x2000;
 const IORESOURCE_MEM_64: u64 = 0x0010_0000;
+const IORESOURCE_DISABLED: u64 = 0x1000_0000;
+const IORESOURCE_UNSET: u64 = 0x2000_0000;
 
 /// Reads the PCI topology of the machine whose filesystem root is `root` (`/` for the
 /// running machine).
@@ -61,6 +63,7 @@ pub fn read(root: &Path) -> Result<Topology, FabricError> {
     let mut any_numa_file = false;
     let mut any_group = false;
     let mut dirs: BTreeMap<Bdf, PathBuf> = BTreeMap::new();
+    let mut dropped: Vec<String> = Vec::new();
     for name in &names {
         let link = devices.join(name);
         let bdf: Bdf = name.parse().map_err(|e| {
@@ -88,6 +91,7 @@ pub fn read(root: &Path) -> Result<Topology, FabricError> {
         if spec.function.acs == crate::fabric::model::Acs::Unknown {
             short_config += 1;
         }
+        dropped.extend(drop_impossible(&mut spec.function));
         any_numa_file |= dir.join("numa_node").exists();
         if let Ok(target) = fs::read_link(dir.join("iommu_group")) {
             let group = target
@@ -140,6 +144,7 @@ pub fn read(root: &Path) -> Result<Topology, FabricError> {
             if spec.function.acs == crate::fabric::model::Acs::Unknown {
                 short_config += 1;
             }
+            dropped.extend(drop_impossible(&mut spec.function));
             spec.parent = parent;
             let numas = roots.entry(host).or_default();
             if parent.is_none() {
@@ -190,6 +195,7 @@ pub fn read(root: &Path) -> Result<Topology, FabricError> {
             recovered.join(", ")
         ));
     }
+    gaps.notes.extend(dropped);
     if host.iommu.is_none() {
         gaps.notes
             .push("IOMMU state unknown: no sys/kernel/iommu_groups".to_string());
@@ -350,6 +356,26 @@ fn read_function(dir: &Path, bdf: Bdf) -> Result<FunctionSpec, FabricError> {
     })
 }
 
+/// Readings no PCIe function can give (a link of 3 lanes, ACS control bits the
+/// capability lacks, BARs that overlap) come from a broken device or a damaged snapshot:
+/// the fact is dropped to unknown, with a note, and the rest of the machine is read.
+fn drop_impossible(f: &mut Function) -> Vec<String> {
+    let mut notes = Vec::new();
+    if let Some(why) = f.link.as_ref().and_then(|l| validate::check_link(l).err()) {
+        notes.push(format!("{}: link ignored: {why}", f.bdf));
+        f.link = None;
+    }
+    if let Err(why) = validate::check_acs(&f.acs) {
+        notes.push(format!("{}: ACS taken as unknown: {why}", f.bdf));
+        f.acs = crate::fabric::model::Acs::Unknown;
+    }
+    if let Err(why) = validate::check_bars(&f.bars) {
+        notes.push(format!("{}: BARs ignored: {why}", f.bdf));
+        f.bars.clear();
+    }
+    notes
+}
+
 fn read_link(dir: &Path) -> Result<Option<Link>, FabricError> {
     let speed = |name: &str| -> Result<Option<LinkSpeed>, FabricError> {
         Ok(attr(dir, name)?.and_then(|t| LinkSpeed::parse(&t)))
@@ -397,7 +423,12 @@ fn parse_resource(path: &Path, text: &str) -> Result<Vec<Bar>, FabricError> {
                 )
             })?;
         let (start, end, flags) = (nums[0], nums[1], nums[2]);
-        if start == 0 && end == 0 {
+        // Empty, the upper half of a 64-bit BAR, or one the kernel could not place
+        // (UNSET: it has a size but no address) or turned off: no window.
+        if (start == 0 && end == 0)
+            || flags & (IORESOURCE_IO | IORESOURCE_MEM) == 0
+            || flags & (IORESOURCE_UNSET | IORESOURCE_DISABLED) != 0
+        {
             continue;
         }
         if end < start {

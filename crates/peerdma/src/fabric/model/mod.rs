@@ -10,6 +10,7 @@ mod acs;
 mod function;
 mod link;
 mod topology;
+pub mod validate;
 
 pub use acs::{Acs, AcsFlags};
 pub use function::{Bar, BusRange, DeviceClass, FnId, Function, PortKind, Upstream};

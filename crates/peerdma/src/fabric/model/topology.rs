@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::addr::{Bdf, BusId};
 use crate::fabric::error::FabricError;
-use crate::fabric::model::{Acs, BusRange, FnId, Function, PortKind, Upstream};
+use crate::fabric::model::{validate, Acs, BusRange, FnId, Function, PortKind, Upstream};
 use crate::fabric::names;
 
 /// What the host looks like to the P2P rules: the CPU (AMD Zen and newer forward peer
@@ -102,14 +102,39 @@ pub struct Topology {
 impl Topology {
     /// Links functions into a tree and checks it. `source` names where it came from
     /// (a path, `preset workstation`, `live sysfs`) for messages.
+    ///
+    /// This is the one gate every source goes through (docs/topology.md, "Validation"):
+    /// besides linking, it refuses a model with no function, one whose bus numbers
+    /// contradict each other, and any function whose BARs, link, ACS bits or kind no
+    /// PCIe function can have ([`validate`](crate::fabric::model::validate)).
     pub fn build(
         source: impl Into<String>,
+        host: HostInfo,
+        host_bridges: Vec<HostBridge>,
+        specs: Vec<FunctionSpec>,
+        gaps: Gaps,
+    ) -> Result<Self, FabricError> {
+        Self::build_located(source.into(), &|_| None, host, host_bridges, specs, gaps)
+    }
+
+    /// [`Topology::build`] for a source that can say where each function is written:
+    /// `locate` gives the place (`topo.toml, line 12`) an error about that function
+    /// names instead of the bare source.
+    pub(crate) fn build_located(
+        source: String,
+        locate: &dyn Fn(Bdf) -> Option<String>,
         host: HostInfo,
         mut host_bridges: Vec<HostBridge>,
         mut specs: Vec<FunctionSpec>,
         mut gaps: Gaps,
     ) -> Result<Self, FabricError> {
-        let source = source.into();
+        let at = |bdf: Bdf| locate(bdf).unwrap_or_else(|| source.clone());
+        if specs.is_empty() {
+            return Err(FabricError::Empty {
+                source_name: source,
+                hint: String::new(),
+            });
+        }
         specs.sort_by_key(|s| s.function.bdf);
         // A bridge the firmware left unconfigured reads buses 00-00: it opens no bus.
         for s in &mut specs {
@@ -133,7 +158,7 @@ impl Topology {
         for (i, s) in specs.iter().enumerate() {
             if by_bdf.insert(s.function.bdf, FnId(i as u32)).is_some() {
                 return Err(FabricError::DuplicateFunction {
-                    source_name: source.clone(),
+                    source_name: at(s.function.bdf),
                     bdf: s.function.bdf,
                 });
             }
@@ -141,7 +166,7 @@ impl Topology {
         // Bus-number parents: the bridge whose secondary bus is the function's bus. A
         // bridge's range lies above its own bus, and no two bridges open one bus.
         let bus_error = |bdf: Bdf, why: String| FabricError::BusRanges {
-            source_name: source.clone(),
+            source_name: at(bdf),
             bdf,
             why,
         };
@@ -189,7 +214,7 @@ impl Topology {
                     Some(&id) => Upstream::Bridge(id),
                     None => {
                         return Err(FabricError::MissingParent {
-                            source_name: source.clone(),
+                            source_name: at(bdf),
                             bdf,
                             parent: format!("there is no {p}"),
                         })
@@ -208,7 +233,7 @@ impl Topology {
                         (_, Some(&h)) => Upstream::HostBridge(h),
                         _ => {
                             return Err(FabricError::MissingParent {
-                                source_name: source.clone(),
+                                source_name: at(bdf),
                                 bdf,
                                 parent: format!(
                                     "there is no bridge to bus {root} and no host bridge {root}"
@@ -241,7 +266,7 @@ impl Topology {
                 chain.push(cur);
                 if chain.len() > n {
                     return Err(FabricError::Cycle {
-                        source_name: source.clone(),
+                        source_name: at(functions[start].bdf),
                         bdf: functions[start].bdf,
                     });
                 }
@@ -275,7 +300,7 @@ impl Topology {
                 let pf = &functions[p.index()];
                 if !(pf.kind.is_bridge() || Function::class_is_pci_bridge(pf.class)) {
                     return Err(FabricError::ParentNotBridge {
-                        source_name: source.clone(),
+                        source_name: at(functions[i].bdf),
                         bdf: functions[i].bdf,
                         parent: pf.bdf,
                     });
@@ -344,10 +369,31 @@ impl Topology {
             .find(|f| f.buses.is_some() && !f.kind.is_bridge())
         {
             return Err(FabricError::BusesOnNonBridge {
-                source_name: source.clone(),
+                source_name: at(f.bdf),
                 bdf: f.bdf,
                 class: f.class,
                 kind: f.kind,
+            });
+        }
+        for f in &functions {
+            validate::check_function(f).map_err(|what| FabricError::Invalid {
+                source_name: at(f.bdf),
+                bdf: f.bdf,
+                what,
+            })?;
+        }
+        // BARs of different functions share the address space: no two may overlap.
+        let all_bars = functions
+            .iter()
+            .flat_map(|f| f.bars.iter().map(move |b| (b, f.bdf)));
+        if let Some(((a, fa), (b, fb))) = validate::overlapping(all_bars) {
+            return Err(FabricError::Invalid {
+                source_name: at(fb),
+                bdf: fb,
+                what: format!(
+                    "BAR {} at {:#x} overlaps BAR {} of {fa} ({:#x} + {:#x})",
+                    b.index, b.cpu.0, a.index, a.cpu.0, a.size
+                ),
             });
         }
         gaps.acs_unknown = functions.iter().filter(|f| f.acs == Acs::Unknown).count();
@@ -363,6 +409,13 @@ impl Topology {
             source,
             description: None,
         })
+    }
+
+    /// The model named `source` in reports (a topology file's `name`, once its errors,
+    /// which name the file, are behind it).
+    pub(crate) fn with_source(mut self, source: String) -> Self {
+        self.source = source;
+        self
     }
 
     /// The model with `description` as the sentence about the machine.
