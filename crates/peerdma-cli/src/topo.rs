@@ -21,9 +21,11 @@ pub struct TopoArgs {
     /// Read a sysfs snapshot rooted at DIR (holding sys/ and proc/) instead of this machine.
     #[arg(long, value_name = "DIR", group = "source")]
     sysfs: Option<PathBuf>,
-    /// Read `lspci -tv` or `lspci -tvnn` output from FILE, or `-` for stdin.
-    #[arg(long, value_name = "FILE|-", group = "source")]
-    lspci: Option<String>,
+    /// Read lspci text from FILE, or `-` for stdin: `lspci -tv` (the tree), `sudo lspci
+    /// -vvv` (ACS, links, NUMA, BARs; the tree rebuilt from bus numbers), or both of one
+    /// machine, in one file or as two FILEs. Add `-nn` to either for the IDs.
+    #[arg(long, value_name = "FILE|-", num_args = 1..=2, action = clap::ArgAction::Set, group = "source")]
+    lspci: Option<Vec<String>>,
     /// Read a TOML topology file (docs/topology.md).
     #[arg(long, value_name = "TOPO.toml", group = "source")]
     file: Option<PathBuf>,
@@ -140,19 +142,53 @@ pub fn run(args: &TopoArgs) -> Result<()> {
 fn load(args: &TopoArgs) -> Result<Topology> {
     Ok(if let Some(dir) = &args.sysfs {
         sysfs::read(dir)?
-    } else if let Some(src) = &args.lspci {
-        let text = if src == "-" {
-            if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
-                // Waiting silently on a terminal looks like a hang: say what it waits for.
-                eprintln!(
-                    "peerdma: reading `lspci -tv` output from standard input (paste it, then Ctrl-D)"
-                );
+    } else if let Some(srcs) = &args.lspci {
+        if srcs.iter().filter(|s| *s == "-").count() > 1 {
+            return Err(peerdma_cli::Invalid(
+                "error: --lspci reads standard input (`-`) once at most".to_string(),
+            )
+            .into());
+        }
+        let mut text = String::new();
+        // Where each file's lines end in the joined text.
+        let mut starts: Vec<(usize, &str)> = Vec::new();
+        for src in srcs {
+            let part = if src == "-" {
+                if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                    // Waiting silently on a terminal looks like a hang: say what it waits for.
+                    eprintln!(
+                        "peerdma: reading lspci text (`lspci -tv`, `lspci -vvv`) from standard input (paste it, then Ctrl-D)"
+                    );
+                }
+                peerdma_cli::io::read_bounded(std::io::stdin().lock(), "lspci text from stdin")?
+            } else {
+                peerdma_cli::io::read_file(std::path::Path::new(src))?
+            };
+            text.push_str(&part);
+            if !part.ends_with('\n') {
+                text.push('\n');
             }
-            peerdma_cli::io::read_bounded(std::io::stdin().lock(), "lspci text from stdin")?
-        } else {
-            peerdma_cli::io::read_file(std::path::Path::new(src))?
-        };
-        lspci::parse(src, &text)?
+            starts.push((text.lines().count(), src.as_str()));
+        }
+        // An error's line is placed back in the file it came from.
+        lspci::parse(&srcs.join(" + "), &text).map_err(|e| match e {
+            peerdma::fabric::FabricError::Lspci {
+                line,
+                column,
+                reason,
+                ..
+            } if srcs.len() > 1 => {
+                let i = starts.iter().position(|(end, _)| line <= *end).unwrap_or(0);
+                let before = if i == 0 { 0 } else { starts[i - 1].0 };
+                peerdma::fabric::FabricError::Lspci {
+                    source_name: starts.get(i).map_or(srcs[0].clone(), |s| s.1.to_string()),
+                    line: line - before,
+                    column,
+                    reason,
+                }
+            }
+            e => e,
+        })?
     } else if let Some(path) = &args.file {
         let text = peerdma_cli::io::read_file(path)?;
         file::parse(&path.display().to_string(), &text)?

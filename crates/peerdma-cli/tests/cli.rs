@@ -1077,3 +1077,56 @@ fn run_without_arguments_tells_the_thread_as_the_built_in_scenario() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("JOB"));
 }
+
+/// `--lspci` takes the tree and the `-vvv` text of one machine as two files: the
+/// verdicts lose their `?`, and an error in the second file names that file and its own
+/// line. Three files, or stdin twice, are a usage error.
+#[test]
+fn lspci_tree_and_vvv_text_as_two_files() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../peerdma/tests/lspci");
+    let tree = dir.join("server.lspci-tvnn.txt");
+    let vvv = dir.join("server.lspci-vvvnn.txt");
+    let (tree, vvv) = (tree.to_str().unwrap(), vvv.to_str().unwrap());
+    let only_tree = stdout(&peerdma(&["topo", "--lspci", tree]));
+    assert!(
+        only_tree.contains("HB 4?") || only_tree.contains("BUS 4?"),
+        "{only_tree}"
+    );
+    let both = stdout(&peerdma(&["topo", "--lspci", tree, vvv]));
+    // The legend of `?` is printed only when some verdict is uncertain.
+    assert!(only_tree.contains("= uncertain"), "{only_tree}");
+    assert!(!both.contains("= uncertain"), "{both}");
+    assert!(both.contains("8.0 GT/s x8 (max 8.0 GT/s x16)"), "{both}");
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout(&peerdma(&["topo", "--lspci", tree, vvv, "--json"]))).unwrap();
+    let pair = json["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["provider"] == "0000:03:00.0" && p["client"] == "0000:04:00.0")
+        .unwrap();
+    assert_eq!(pair["map_type"], "thru-host-bridge");
+    assert_eq!(pair["uncertain"], false);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad-vvv.txt");
+    let text = std::fs::read_to_string(vvv).unwrap();
+    std::fs::write(&bad, text.replacen("NUMA node: 0", "NUMA node: zero", 1)).unwrap();
+    let o = peerdma(&["topo", "--lspci", tree, bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert!(
+        err.contains(&format!(
+            "{}, line 6, column 2: `NUMA node:` is not a number",
+            bad.display()
+        )),
+        "{err}"
+    );
+    let o = peerdma(&["topo", "--lspci", tree, vvv, tree]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = peerdma(&["topo", "--lspci", "-", "-"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8(o.stderr)
+        .unwrap()
+        .contains("standard input"));
+}

@@ -34,6 +34,13 @@ fn lspci_samples() -> &'static [String] {
             .iter()
             .flat_map(|n| ["tv", "tvnn"].map(|f| format!("{n}.lspci-{f}.txt")))
             .map(|f| fs::read_to_string(common::shared_sysfs().join(f)).unwrap())
+            // lspci -vvv text, alone, without root, and after its tree.
+            .chain(
+                ["server.lspci-vvvnn.txt", "server.lspci-vvv-user.txt"].map(|f| {
+                    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lspci");
+                    fs::read_to_string(dir.join(f)).unwrap()
+                }),
+            )
             .collect()
     })
 }

@@ -33,6 +33,23 @@ pub fn class_name(class: u32) -> String {
         .unwrap_or_else(|| format!("Class {:04x}", class >> 8))
 }
 
+/// The 16-bit class code (base and sub) whose pci.ids name is `name`, as lspci prints a
+/// class without `-nn`; a base class's own name gives sub-class 0x80 ("other").
+pub fn class_from_name(name: &str) -> Option<u16> {
+    let name = name.trim();
+    pci_ids::Classes::iter()
+        .find_map(|c| {
+            c.subclasses()
+                .find(|s| s.name() == name)
+                .map(|s| u16::from(c.id()) << 8 | u16::from(s.id()))
+        })
+        .or_else(|| {
+            pci_ids::Classes::iter()
+                .find(|c| c.name() == name)
+                .map(|c| u16::from(c.id()) << 8 | 0x80)
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -42,6 +59,14 @@ mod tests {
         assert_eq!(vendor_name(0x8086), Some("Intel Corporation"));
         assert!(device_name(0x10de, 0x2330, 0x030200).starts_with("NVIDIA Corporation"));
         assert_eq!(class_name(0x010802), "Non-Volatile memory controller");
+        assert_eq!(
+            class_from_name("Non-Volatile memory controller"),
+            Some(0x0108)
+        );
+        assert_eq!(class_from_name("PCI bridge"), Some(0x0604));
+        assert_eq!(class_from_name("3D controller"), Some(0x0302));
+        assert_eq!(class_from_name("Infiniband controller"), Some(0x0207));
+        assert_eq!(class_from_name("No such class"), None);
         let unassigned = (1..=0xfffe_u16)
             .find(|v| vendor_name(*v).is_none())
             .unwrap();

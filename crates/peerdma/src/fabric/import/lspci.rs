@@ -14,8 +14,10 @@
 
 use crate::addr::{Bdf, BusId};
 use crate::fabric::error::FabricError;
+use crate::fabric::import::lspci_verbose;
 use crate::fabric::model::{
-    Acs, BusRange, Function, FunctionSpec, Gaps, HostBridge, HostInfo, PortKind, Topology, Upstream,
+    validate, Acs, BusRange, Function, FunctionSpec, Gaps, HostBridge, HostInfo, PortKind,
+    Topology, Upstream,
 };
 
 /// What a column's connector continues on later lines.
@@ -37,8 +39,284 @@ struct Parser<'a> {
     open: Vec<(usize, Open, usize)>,
 }
 
-/// Reads `lspci -tv` / `-tvnn` text. `source` names it in errors (`-` for stdin).
+/// Reads `lspci -tv` / `-tvnn` text, `lspci -vvv` / `-vvvnn` text, or both of one
+/// machine one after the other. `source` names it in errors (`-` for stdin).
+///
+/// With the tree, functions sit where it draws them; with `-vvv` text alone, where the
+/// bridges' bus numbers put them (a function whose bus no bridge opens hangs below the
+/// narrowest bridge whose range holds it, as pciutils' ls-tree does, else on a root
+/// bus). `-vvv` text adds classes, port types, BARs, links, ACS, NUMA nodes and IOMMU
+/// groups to the functions it lists.
 pub fn parse(source: &str, text: &str) -> Result<Topology, FabricError> {
+    let (tree_lines, blocks) = sort_lines(text);
+    if tree_lines.is_empty() && blocks.is_empty() {
+        return Err(FabricError::Lspci {
+            source_name: source.to_string(),
+            line: 1,
+            column: 1,
+            reason: "no lspci text: expected the tree of `lspci -tv` (a line starting with \
+                     `-[0000:00]-` or `-+-[0000:00]-`) or the blocks of `lspci -vvv`"
+                .to_string(),
+        });
+    }
+    if tree_lines.is_empty() && blocks.iter().all(|(_, d)| d.is_empty()) {
+        return Err(FabricError::Lspci {
+            source_name: source.to_string(),
+            line: blocks[0].0 .0,
+            column: 1,
+            reason: "this is plain `lspci` output, a line per function without the tree or \
+                     bus numbers; give `lspci -tv` (or `lspci -tvnn`, which adds the IDs), \
+                     `sudo lspci -vvvnn`, or both"
+                .to_string(),
+        });
+    }
+    let tree = if tree_lines.is_empty() {
+        None
+    } else {
+        Some(parse_tree(source, &tree_lines)?)
+    };
+    let blocks = blocks
+        .iter()
+        .map(|(h, d)| lspci_verbose::parse_block(source, *h, d))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (specs, roots, mut gaps) = match tree {
+        Some((specs, roots)) if blocks.is_empty() => (specs, roots, tree_gaps()),
+        tree => merge(source, tree, blocks)?,
+    };
+    let mut roots: Vec<BusId> = roots;
+    roots.sort();
+    roots.dedup();
+    // A host bridge's node is that of the functions on its root bus.
+    let host_bridges = roots
+        .into_iter()
+        .map(|root| HostBridge {
+            root,
+            numa_node: specs
+                .iter()
+                .filter(|s| {
+                    s.parent.is_none()
+                        && s.function.bdf.domain() == root.domain
+                        && s.function.bdf.bus() == root.bus
+                })
+                .find_map(|s| s.function.numa_node),
+        })
+        .collect();
+    gaps.notes.dedup();
+    Topology::build(
+        format!("lspci {source}"),
+        HostInfo::default(),
+        host_bridges,
+        specs,
+        gaps,
+    )
+}
+
+/// What `lspci -tv` text alone cannot say.
+fn tree_gaps() -> Gaps {
+    Gaps {
+        acs_unknown: 0,
+        numa_unknown: true,
+        cpu_unknown: true,
+        notes: vec![
+            "lspci -tv text carries the tree and names only: ACS, NUMA nodes, links, BARs and \
+             the CPU are unknown, so bus-address verdicts are uncertain (`sudo lspci -vvvnn` \
+             text, given with it, adds them)"
+                .to_string(),
+        ],
+        acs_hint: "`lspci -tv` text carries no ACS state; add `sudo lspci -vvv` text of the \
+                   same machine, or take a sysfs snapshot as root",
+    }
+}
+
+/// Lines with their 1-based numbers.
+type Lines<'a> = Vec<(usize, &'a str)>;
+/// A `-vvv` block: its header line and its indented lines.
+type RawBlock<'a> = ((usize, &'a str), Lines<'a>);
+
+/// Sorts the lines of a text into the tree's and the `-vvv` blocks' (header, indented
+/// lines), each with its 1-based line number. pciutils' own warnings are dropped.
+fn sort_lines(text: &str) -> (Lines<'_>, Vec<RawBlock<'_>>) {
+    let mut tree = Vec::new();
+    let mut blocks: Vec<RawBlock<'_>> = Vec::new();
+    let mut in_block = false;
+    for (i, raw) in text.lines().enumerate() {
+        let n = i + 1;
+        let line = raw.trim_end();
+        if line.trim().is_empty() || line.starts_with("pcilib:") {
+            continue;
+        }
+        let indented = line.starts_with([' ', '\t']);
+        if !indented && lspci_verbose::is_header(line) {
+            blocks.push(((n, line), Vec::new()));
+            in_block = true;
+            continue;
+        }
+        let drawing = matches!(line.trim_start().chars().next(), Some('|' | '+' | '\\'));
+        if indented && in_block && !drawing {
+            if let Some((_, d)) = blocks.last_mut() {
+                d.push((n, line));
+            }
+            continue;
+        }
+        in_block = false;
+        tree.push((n, raw));
+    }
+    (tree, blocks)
+}
+
+/// Joins the `-vvv` blocks with the tree (or, without one, places them by bus numbers).
+fn merge(
+    source: &str,
+    tree: Option<(Vec<FunctionSpec>, Vec<BusId>)>,
+    blocks: Vec<lspci_verbose::Block>,
+) -> Result<(Vec<FunctionSpec>, Vec<BusId>, Gaps), FabricError> {
+    let mut notes = Vec::new();
+    let denied = blocks.iter().filter(|b| b.denied).count();
+    let any_numa = blocks.iter().any(|b| b.numa);
+    let no_ids = blocks.iter().filter(|b| !b.ids).count();
+    let mut seen = std::collections::HashMap::new();
+    for b in &blocks {
+        if let Some(first) = seen.insert(b.spec.function.bdf, b.line) {
+            return Err(FabricError::Lspci {
+                source_name: source.to_string(),
+                line: b.line,
+                column: 1,
+                reason: format!(
+                    "{} is listed again (first at line {first})",
+                    b.spec.function.bdf
+                ),
+            });
+        }
+    }
+    let (mut specs, roots) = match tree {
+        Some((tree_specs, roots)) => {
+            let mut by_bdf: std::collections::HashMap<Bdf, lspci_verbose::Block> = blocks
+                .into_iter()
+                .map(|b| (b.spec.function.bdf, b))
+                .collect();
+            let mut specs = Vec::with_capacity(tree_specs.len());
+            let mut bare = 0usize;
+            for t in tree_specs {
+                let Some(b) = by_bdf.remove(&t.function.bdf) else {
+                    bare += 1;
+                    specs.push(t);
+                    continue;
+                };
+                let (tb, vb) = (t.function.buses, b.spec.function.buses);
+                if tb.is_some() && tb != vb {
+                    return Err(FabricError::Lspci {
+                        source_name: source.to_string(),
+                        line: b.line,
+                        column: 1,
+                        reason: format!(
+                            "the tree gives {} buses {}, this block {}: are the two texts of \
+                             the same machine?",
+                            t.function.bdf,
+                            tb.map_or("none".to_string(), |r| r.to_string()),
+                            vb.map_or("none".to_string(), |r| r.to_string()),
+                        ),
+                    });
+                }
+                let mut f = b.spec.function;
+                if f.name.is_empty() {
+                    f.name = t.function.name;
+                }
+                notes.extend(validate::drop_impossible(&mut f));
+                specs.push(FunctionSpec {
+                    function: f,
+                    parent: t.parent,
+                    kind_known: b.spec.kind_known,
+                });
+            }
+            if let Some(b) = by_bdf.values().min_by_key(|b| b.line) {
+                return Err(FabricError::Lspci {
+                    source_name: source.to_string(),
+                    line: b.line,
+                    column: 1,
+                    reason: format!(
+                        "{} is not in the tree: are the two texts of the same machine?",
+                        b.spec.function.bdf
+                    ),
+                });
+            }
+            if bare > 0 {
+                notes.push(format!(
+                    "{bare} functions of the tree have no `lspci -vvv` block: their class, \
+                     ACS and links are unknown"
+                ));
+            }
+            (specs, roots)
+        }
+        None => {
+            let mut specs: Vec<FunctionSpec> = blocks.into_iter().map(|b| b.spec).collect();
+            for s in &mut specs {
+                notes.extend(validate::drop_impossible(&mut s.function));
+            }
+            let roots = place_by_bus_numbers(&mut specs);
+            (specs, roots)
+        }
+    };
+    specs.sort_by_key(|s| s.function.bdf);
+    if denied > 0 {
+        notes.push(format!(
+            "ACS could not be read for {denied} functions: lspci printed `Capabilities: \
+             <access denied>` (it was run without root)"
+        ));
+    }
+    if no_ids > 0 {
+        notes.push(format!(
+            "{no_ids} functions have no [vendor:device] IDs: give `lspci -vvvnn` so that the \
+             host bridge allowlist can be applied"
+        ));
+    }
+    notes.push("lspci text does not give the CPU: the AMD Zen rule cannot be applied".into());
+    let gaps = Gaps {
+        acs_unknown: 0,
+        numa_unknown: !any_numa,
+        cpu_unknown: true,
+        notes,
+        acs_hint: if denied > 0 {
+            "lspci was run without root: `sudo lspci -vvv` prints the ACS bits"
+        } else {
+            "this lspci text does not show the ACS bits: `sudo lspci -vvv` prints them"
+        },
+    };
+    Ok((specs, roots, gaps))
+}
+
+/// Places functions with no tree, as pciutils' ls-tree does from config space: below the
+/// bridge that opens their bus; else below the narrowest bridge whose range holds it (a
+/// bridge between them is missing); else on a root bus, which is returned.
+fn place_by_bus_numbers(specs: &mut [FunctionSpec]) -> Vec<BusId> {
+    let bridges: Vec<(Bdf, BusRange)> = specs
+        .iter()
+        .filter_map(|s| Some((s.function.bdf, s.function.buses?)))
+        .collect();
+    let mut roots = Vec::new();
+    for s in specs.iter_mut() {
+        let (domain, bus) = (s.function.bdf.domain(), s.function.bdf.bus());
+        let same = |b: &&(Bdf, BusRange)| b.0.domain() == domain && b.0 != s.function.bdf;
+        if bridges.iter().filter(same).any(|(_, r)| r.secondary == bus) {
+            continue;
+        }
+        match bridges
+            .iter()
+            .filter(same)
+            .filter(|(_, r)| r.contains(bus))
+            .min_by_key(|(_, r)| r.subordinate - r.secondary)
+        {
+            Some((p, _)) => s.parent = Some(*p),
+            None => roots.push(BusId { domain, bus }),
+        }
+    }
+    roots
+}
+
+/// Reads the tree part of the text.
+fn parse_tree(
+    source: &str,
+    lines: &[(usize, &str)],
+) -> Result<(Vec<FunctionSpec>, Vec<BusId>), FabricError> {
     let mut p = Parser {
         source,
         line_no: 0,
@@ -48,21 +326,14 @@ pub fn parse(source: &str, text: &str) -> Result<Topology, FabricError> {
         open: Vec::new(),
     };
     let mut started = false;
-    for (i, raw) in text.lines().enumerate() {
-        p.line_no = i + 1;
+    for &(n, raw) in lines {
+        p.line_no = n;
         p.line = raw.trim_end().as_bytes();
         if p.line.is_empty() {
             continue;
         }
         if !started {
             started = true;
-            if looks_like_plain_lspci(raw) {
-                return Err(p.err(
-                    0,
-                    "this is plain `lspci` output, a line per function without the tree; \
-                     give `lspci -tv` (or `lspci -tvnn`, which adds the IDs)",
-                ));
-            }
             p.expect(0, b'-')?;
             p.bridge_body(0, None, 0)?;
             continue;
@@ -130,35 +401,7 @@ pub fn parse(source: &str, text: &str) -> Result<Topology, FabricError> {
             ),
         });
     }
-    let mut roots = p.roots;
-    roots.sort();
-    roots.dedup();
-    let host_bridges = roots
-        .into_iter()
-        .map(|root| HostBridge {
-            root,
-            numa_node: None,
-        })
-        .collect();
-    let specs = p.specs;
-    let gaps = Gaps {
-        acs_unknown: 0,
-        numa_unknown: true,
-        cpu_unknown: true,
-        notes: vec![
-            "lspci -tv text carries the tree and names only: ACS, NUMA nodes, links, BARs and \
-             the CPU are unknown, so bus-address verdicts are uncertain"
-                .to_string(),
-        ],
-        acs_hint: "`lspci -tv` text carries no ACS state; a sysfs snapshot taken as root has it",
-    };
-    Topology::build(
-        format!("lspci {source}"),
-        HostInfo::default(),
-        host_bridges,
-        specs,
-        gaps,
-    )
+    Ok((p.specs, p.roots))
 }
 
 impl Parser<'_> {
@@ -352,19 +595,8 @@ impl Parser<'_> {
     }
 }
 
-/// Whether a line starts as plain `lspci` prints a function: `BB:DD.F ` or
-/// `DDDD:BB:DD.F `, then its class.
-fn looks_like_plain_lspci(line: &str) -> bool {
-    let Some((addr, rest)) = line.trim_start().split_once(' ') else {
-        return false;
-    };
-    !rest.trim().is_empty()
-        && (addr.parse::<Bdf>().is_ok()
-            || format!("0000:{addr}").parse::<Bdf>().is_ok() && addr.len() == 7)
-}
-
 /// Splits `Name [8086:1234]` (lspci -nn) into the name and the IDs.
-fn split_ids(text: &str) -> (&str, Option<(u16, u16)>) {
+pub(crate) fn split_ids(text: &str) -> (&str, Option<(u16, u16)>) {
     if let Some(open) = text.rfind(" [") {
         let tail = &text[open + 2..];
         if let Some(inner) = tail.strip_suffix(']') {
@@ -384,7 +616,7 @@ fn split_ids(text: &str) -> (&str, Option<(u16, u16)>) {
 /// A class code good enough for `--class` buckets, from what `lspci -tv` text carries:
 /// whole words and phrases of the name (never substrings: "Electronics" holds no "nic",
 /// "Unicast" none either), then vendors that make only one kind of device.
-fn guess_class(name: &str, vendor: u16) -> u32 {
+pub(crate) fn guess_class(name: &str, vendor: u16) -> u32 {
     // The name as lowercase words separated by single spaces, padded, so a phrase
     // matches only at word boundaries.
     let words: Vec<String> = name

@@ -4,5 +4,6 @@
 pub mod config;
 pub mod file;
 pub mod lspci;
+mod lspci_verbose;
 pub mod presets;
 pub mod sysfs;

@@ -91,7 +91,7 @@ pub fn read(root: &Path) -> Result<Topology, FabricError> {
         if spec.function.acs == crate::fabric::model::Acs::Unknown {
             short_config += 1;
         }
-        dropped.extend(drop_impossible(&mut spec.function));
+        dropped.extend(validate::drop_impossible(&mut spec.function));
         any_numa_file |= dir.join("numa_node").exists();
         if let Ok(target) = fs::read_link(dir.join("iommu_group")) {
             let group = target
@@ -144,7 +144,7 @@ pub fn read(root: &Path) -> Result<Topology, FabricError> {
             if spec.function.acs == crate::fabric::model::Acs::Unknown {
                 short_config += 1;
             }
-            dropped.extend(drop_impossible(&mut spec.function));
+            dropped.extend(validate::drop_impossible(&mut spec.function));
             spec.parent = parent;
             let numas = roots.entry(host).or_default();
             if parent.is_none() {
@@ -354,26 +354,6 @@ fn read_function(dir: &Path, bdf: Bdf) -> Result<FunctionSpec, FabricError> {
         parent: None,
         kind_known,
     })
-}
-
-/// Readings no PCIe function can give (a link of 3 lanes, ACS control bits the
-/// capability lacks, BARs that overlap) come from a broken device or a damaged snapshot:
-/// the fact is dropped to unknown, with a note, and the rest of the machine is read.
-fn drop_impossible(f: &mut Function) -> Vec<String> {
-    let mut notes = Vec::new();
-    if let Some(why) = f.link.as_ref().and_then(|l| validate::check_link(l).err()) {
-        notes.push(format!("{}: link ignored: {why}", f.bdf));
-        f.link = None;
-    }
-    if let Err(why) = validate::check_acs(&f.acs) {
-        notes.push(format!("{}: ACS taken as unknown: {why}", f.bdf));
-        f.acs = crate::fabric::model::Acs::Unknown;
-    }
-    if let Err(why) = validate::check_bars(&f.bars) {
-        notes.push(format!("{}: BARs ignored: {why}", f.bdf));
-        f.bars.clear();
-    }
-    notes
 }
 
 fn read_link(dir: &Path) -> Result<Option<Link>, FabricError> {

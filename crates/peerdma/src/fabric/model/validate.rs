@@ -27,6 +27,28 @@ pub(crate) fn check_function(f: &Function) -> Result<(), String> {
     check_acs(&f.acs)
 }
 
+/// Readings no PCIe function can give (a link of 3 lanes, ACS control bits the
+/// capability lacks, BARs that overlap) in a source that reads real hardware (a sysfs
+/// snapshot, lspci text) come from a broken device or a damaged copy: the fact is
+/// dropped to unknown, with a note naming the function, and the rest of the machine is
+/// read. Returns the notes.
+pub(crate) fn drop_impossible(f: &mut Function) -> Vec<String> {
+    let mut notes = Vec::new();
+    if let Some(why) = f.link.as_ref().and_then(|l| check_link(l).err()) {
+        notes.push(format!("{}: link ignored: {why}", f.bdf));
+        f.link = None;
+    }
+    if let Err(why) = check_acs(&f.acs) {
+        notes.push(format!("{}: ACS taken as unknown: {why}", f.bdf));
+        f.acs = Acs::Unknown;
+    }
+    if let Err(why) = check_bars(&f.bars) {
+        notes.push(format!("{}: BARs ignored: {why}", f.bdf));
+        f.bars.clear();
+    }
+    notes
+}
+
 /// A host bridge's function has the host-bridge class (06:00), and a port's has a
 /// bridge class (06:04 or 06:09): the kind and the class must tell the same story.
 fn check_kind(f: &Function) -> Result<(), String> {
