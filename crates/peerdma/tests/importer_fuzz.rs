@@ -36,7 +36,13 @@ fn lspci_samples() -> &'static [String] {
             .map(|f| fs::read_to_string(common::shared_sysfs().join(f)).unwrap())
             // lspci -vvv text, alone, without root, and after its tree.
             .chain(
-                ["server.lspci-vvvnn.txt", "server.lspci-vvv-user.txt"].map(|f| {
+                [
+                    "server.lspci-vvvnn.txt",
+                    "server.lspci-vvv-user.txt",
+                    "vm-virtio.lspci-vvvnn.txt",
+                    "vm-virtio.lspci-vvvnn-user.txt",
+                ]
+                .map(|f| {
                     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lspci");
                     fs::read_to_string(dir.join(f)).unwrap()
                 }),

@@ -264,3 +264,80 @@ fn impossible_and_malformed_vvv_lines() {
         "{e}"
     );
 }
+
+/// The real thing: where pciutils is installed (`.ci/run` installs it), `lspci -tvnn`
+/// and `lspci -vvvnn` of this machine, read alone and together, describe what its /sys
+/// does: the same tree, and per function the same IDs, class, kind, buses, BARs, link,
+/// ACS (both unknown without root), NUMA node and IOMMU group.
+#[test]
+fn live_lspci_text_agrees_with_live_sysfs() {
+    let run = |flags: &str| {
+        std::process::Command::new("lspci")
+            .arg(flags)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let (Some(tv), Some(vvv)) = (run("-tvnn"), run("-vvvnn")) else {
+        eprintln!("skipped: lspci is not installed (.ci/run installs pciutils)");
+        return;
+    };
+    if !std::path::Path::new("/sys/bus/pci/devices").is_dir() {
+        eprintln!("skipped: no /sys/bus/pci/devices");
+        return;
+    }
+    let sys = peerdma::fabric::import::sysfs::read(std::path::Path::new("/")).unwrap();
+    let tree = lspci::parse("lspci -tvnn", &tv).unwrap();
+    let alone = lspci::parse("lspci -vvvnn", &vvv).unwrap();
+    let both = lspci::parse("both", &format!("{tv}{vvv}")).unwrap();
+    assert_eq!(tree.shape(), sys.shape());
+    assert_eq!(alone.shape(), sys.shape());
+    assert_eq!(both.functions(), alone.functions());
+    for (l, s) in alone.functions().iter().zip(sys.functions()) {
+        let at = s.bdf;
+        assert_eq!((l.vendor, l.device), (s.vendor, s.device), "{at}");
+        assert_eq!(l.class, s.class, "{at}");
+        assert_eq!(l.kind, s.kind, "{at}");
+        assert_eq!(l.buses, s.buses, "{at}");
+        assert_eq!(l.bars, s.bars, "{at}");
+        assert_eq!(l.link, s.link, "{at}");
+        assert_eq!(l.acs, s.acs, "{at}");
+        assert_eq!(l.numa_node, s.numa_node, "{at}");
+        assert_eq!(l.iommu_group, s.iommu_group, "{at}");
+        if l.subsystem.is_some() {
+            assert_eq!(l.subsystem, s.subsystem, "{at}");
+        }
+    }
+}
+
+/// Text captured from a QEMU guest (pciutils 3.9.0): conventional PCI virtio functions
+/// on one root bus, as root and as a user. Root or not, the BARs and classes are read
+/// (they come from sysfs); the host bridge, whose status says it has no capability list,
+/// has no ACS either way; the virtio functions' ACS is absent as root (no Express
+/// capability) and unknown to a user (`<access denied>`).
+#[test]
+fn captured_vm_text_as_root_and_as_user() {
+    let root = lspci::parse("vm", &sample("vm-virtio.lspci-vvvnn.txt")).unwrap();
+    let user = lspci::parse("vm", &sample("vm-virtio.lspci-vvvnn-user.txt")).unwrap();
+    let tree = lspci::parse("vm", &sample("vm-virtio.lspci-tvnn.txt")).unwrap();
+    assert_eq!(root.shape(), tree.shape());
+    assert_eq!(user.shape(), tree.shape());
+    let blk = f(&root, "0000:00:02.0");
+    assert_eq!(
+        (blk.vendor, blk.device, blk.class),
+        (0x1af4, 0x1042, 0x018000)
+    );
+    assert_eq!(blk.bars.len(), 1);
+    assert_eq!(
+        (blk.bars[0].cpu.0, blk.bars[0].size, blk.bars[0].is_64bit),
+        (0x40_0008_0000, 512 << 10, true)
+    );
+    assert_eq!(f(&root, "0000:00:00.0").kind, PortKind::HostBridge);
+    for t in [&root, &user] {
+        assert_eq!(f(t, "0000:00:00.0").acs, Acs::Absent);
+    }
+    assert_eq!(blk.acs, Acs::Absent);
+    assert_eq!(f(&user, "0000:00:02.0").acs, Acs::Unknown);
+    assert_eq!(f(&user, "0000:00:02.0").bars, blk.bars);
+}

@@ -100,10 +100,14 @@ pub(crate) fn parse_block(
     let (mut lnk_cap, mut lnk_sta) = (None, None);
     let (mut acs_cap, mut acs_ctl) = (None, None);
     let (mut acs_named, mut extended, mut denied, mut numa) = (false, false, false, false);
+    let mut no_caps = false;
     for &(n, raw) in details {
         let l = raw.trim();
         let bad = |what: &str| err(n, raw.len() - raw.trim_start().len() + 1, what.to_string());
-        if let Some(v) = l.strip_prefix("Subsystem:") {
+        if let Some(v) = l.strip_prefix("Status:") {
+            // `Cap-`: the function has no capability list at all.
+            no_caps |= v.split_whitespace().any(|t| t == "Cap-");
+        } else if let Some(v) = l.strip_prefix("Subsystem:") {
             f.subsystem = super::lspci::split_ids(v.trim()).1;
         } else if let Some(v) = l.strip_prefix("NUMA node:") {
             let v: i64 = v
@@ -171,11 +175,13 @@ pub(crate) fn parse_block(
         (Some(cap), Some(ctrl)) => Acs::Present { cap, ctrl },
         _ if acs_named || denied => Acs::Unknown,
         _ if extended => Acs::Absent,
-        // A conventional PCI function has no extended space, so no ACS.
-        _ if pcie_kind.is_none()
-            && details
-                .iter()
-                .any(|(_, l)| l.trim().starts_with("Capabilities:")) =>
+        // A function without a capability list, or a conventional PCI one (no Express
+        // capability, so no extended space), has no ACS.
+        _ if no_caps
+            || (pcie_kind.is_none()
+                && details
+                    .iter()
+                    .any(|(_, l)| l.trim().starts_with("Capabilities:"))) =>
         {
             Acs::Absent
         }
