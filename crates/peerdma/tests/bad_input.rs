@@ -256,6 +256,18 @@ fn contradictory_bus_ranges_are_refused_naming_the_bridge() {
         assert!(e.contains(&format!("bridge {bdf}")), "{what}: {e}");
         assert!(e.contains(why), "{what}: {e}");
     }
+    // A bridge without bus numbers, with a function on the bus it would open: the
+    // error names the bridge too, not only its orphan.
+    let text = machine(
+        "[[function]]\nbdf = \"0000:00:01.0\"\nclass = \"0x060400\"\nkind = \"root-port\"\n\
+         [[function]]\nbdf = \"0000:01:00.0\"\nclass = \"0x010802\"\n",
+    );
+    let e = file::parse("t.toml", &text).unwrap_err().to_string();
+    assert!(
+        e.contains("function 0000:01:00.0 has no parent")
+            && e.contains("(bridge 0000:00:01.0 has no bus numbers: give the bridge `buses`"),
+        "{e}"
+    );
     // A bridge's range never holds its own bus (the lspci importer took `-[00]-`).
     let e = lspci::parse("t", "-[0000:00]-+-00.0  Intel Corporation Host bridge\n           \\-03.0-[02]----00.0  Intel Corporation Ethernet Controller\n")
         .map(|_| ())

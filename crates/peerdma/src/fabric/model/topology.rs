@@ -232,13 +232,41 @@ impl Topology {
                         (Some(&id), _) if id != by_bdf[&bdf] => Upstream::Bridge(id),
                         (_, Some(&h)) => Upstream::HostBridge(h),
                         _ => {
+                            // A bridge of the domain whose buses are not given is the
+                            // likely culprit: name it rather than only its orphan.
+                            let unnumbered: Vec<String> = specs
+                                .iter()
+                                .map(|s| &s.function)
+                                .filter(|f| {
+                                    f.bdf.domain() == bdf.domain()
+                                        && f.buses.is_none()
+                                        && f.bdf.bus() < bdf.bus()
+                                        && (f.kind.is_bridge()
+                                            || Function::class_is_pci_bridge(f.class))
+                                })
+                                .map(|f| f.bdf.to_string())
+                                .collect();
+                            let hint = if unnumbered.is_empty() {
+                                String::new()
+                            } else {
+                                let (who, has) = if unnumbered.len() == 1 {
+                                    ("bridge", "has")
+                                } else {
+                                    ("bridges", "have")
+                                };
+                                format!(
+                                    " ({who} {} {has} no bus numbers: give the bridge \
+                                     `buses`, or the function `parent`)",
+                                    unnumbered.join(", ")
+                                )
+                            };
                             return Err(FabricError::MissingParent {
                                 source_name: at(bdf),
                                 bdf,
                                 parent: format!(
-                                    "there is no bridge to bus {root} and no host bridge {root}"
+                                    "there is no bridge to bus {root} and no host bridge {root}{hint}"
                                 ),
-                            })
+                            });
                         }
                     }
                 }
