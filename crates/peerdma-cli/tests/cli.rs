@@ -649,8 +649,9 @@ fn ids_lspci_text_does_not_give_are_unknown_not_ffff() {
 
 #[test]
 fn an_unknown_acs_reason_fits_the_source() {
-    // lspci text carries no ACS; its TOML write-back does not state it either. Neither
-    // may tell the user to run as root, which would change nothing.
+    // lspci -tv text carries no ACS; its TOML write-back does not state it either.
+    // Neither may tell the user to run peerdma as root, which would change nothing; the
+    // lspci text's hint is the `lspci -vvv` text that carries it.
     let text = shared_lspci("32em64t-2n8c-dax-nvme-mic-dimms", "tv");
     let lspci = stdout(&peerdma(&[
         "topo",
@@ -665,9 +666,10 @@ fn an_unknown_acs_reason_fits_the_source() {
         "{lspci}"
     );
     assert!(
-        !lspci.contains("run as root") && !lspci.contains("sudo"),
+        !lspci.contains("run as root") && !lspci.contains("sudo peerdma"),
         "{lspci}"
     );
+    assert!(lspci.contains("`sudo lspci -vvv` text"), "{lspci}");
     assert!(!lspci.contains("Illegal Vendor ID"), "{lspci}");
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("t.toml");

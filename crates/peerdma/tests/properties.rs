@@ -94,6 +94,8 @@ fn build(nodes: &[Node], hb_id: u8, amd: bool) -> Topology {
                 iommu_group: None,
                 numa_node: None,
                 memory: None,
+                p2pmem: None,
+                nvme_cmb: None,
                 upstream: Upstream::HostBridge(0),
             },
             parent: n.parent.map(|p| bdf_of(p, &nodes[p])),
@@ -118,6 +120,8 @@ fn build(nodes: &[Node], hb_id: u8, amd: bool) -> Topology {
                 iommu_group: None,
                 numa_node: None,
                 memory: None,
+                p2pmem: None,
+                nvme_cmb: None,
                 upstream: Upstream::HostBridge(0),
             },
             parent: None,
@@ -137,6 +141,7 @@ fn build(nodes: &[Node], hb_id: u8, amd: bool) -> Topology {
         cpu_vendor: Some(if amd { "AuthenticAMD" } else { "GenuineIntel" }.into()),
         cpu_family: Some(if amd { 0x19 } else { 6 }),
         iommu: Some(true),
+        ..HostInfo::default()
     };
     Topology::build("random", host, host_bridges, specs, Gaps::default()).unwrap()
 }

@@ -27,7 +27,73 @@ pub struct CmbRegs {
     pub cmbloc: u32,
 }
 
+/// What `nvme_map_cmb()` would do with a controller's buffer, before registering it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CmbPlan {
+    /// CMBSZ is zero: no buffer.
+    Absent,
+    /// The driver leaves it alone, and why.
+    Skipped(String),
+    /// It becomes p2p memory: `size` bytes at `offset` into BAR `bar`; published for
+    /// other drivers when the controller supports both data directions (WDS and RDS).
+    Usable {
+        /// The BAR.
+        bar: u8,
+        /// Bytes into the BAR.
+        offset: u64,
+        /// Bytes registered.
+        size: u64,
+        /// Whether it is published.
+        published: bool,
+    },
+}
+
 impl CmbRegs {
+    /// The kernel's `nvme_map_cmb()` decisions for these registers and the function's
+    /// BARs: size and offset from CMBSZ/CMBLOC (in SZU units), the BAR CMBLOC names,
+    /// the offset inside it, the size clamped to the BAR, both 2 MiB aligned
+    /// (memremap_compat_align), and a size of zero refused (pci_p2pdma_add_resource
+    /// would take it as "the rest of the BAR").
+    pub fn plan(&self, bars: &[crate::fabric::Bar]) -> CmbPlan {
+        if self.cmbsz == 0 {
+            return CmbPlan::Absent;
+        }
+        let unit = 4096u64 << (4 * ((self.cmbsz >> 8) & 0xf));
+        let mut size = unit * u64::from(self.cmbsz >> 12);
+        let offset = unit * u64::from(self.cmbloc >> 12);
+        let bar = (self.cmbloc & 7) as u8;
+        let Some(b) = bars.iter().find(|b| b.index == bar && !b.io) else {
+            return CmbPlan::Skipped(format!(
+                "CMBLOC names BAR {bar}, which is not a memory BAR of the function"
+            ));
+        };
+        if offset > b.size {
+            return CmbPlan::Skipped(format!(
+                "offset {offset:#x} beyond BAR {bar} of {:#x} bytes",
+                b.size
+            ));
+        }
+        size = size.min(b.size - offset);
+        if size == 0 {
+            return CmbPlan::Skipped(format!(
+                "too small: nothing of it lies inside BAR {bar} (CMBSZ {:#x})",
+                self.cmbsz
+            ));
+        }
+        if !size.is_multiple_of(CMB_ALIGN) || !b.cpu.0.is_multiple_of(CMB_ALIGN) {
+            return CmbPlan::Skipped(format!(
+                "misaligned: a CMB of {size:#x} bytes in BAR {bar} at {} is not 2 MiB aligned",
+                b.cpu
+            ));
+        }
+        CmbPlan::Usable {
+            bar,
+            offset,
+            size,
+            published: self.cmbsz & (Self::WDS | Self::RDS) == Self::WDS | Self::RDS,
+        }
+    }
+
     /// Read data support.
     pub const RDS: u32 = 1 << 3;
     /// Write data support.
@@ -348,53 +414,33 @@ impl Nvme {
         }))
     }
 
-    /// `nvme_map_cmb()`: size and offset from CMBSZ/CMBLOC, clamped to the BAR; skipped
-    /// when not 2 MiB aligned; published only with both WDS and RDS.
+    /// `nvme_map_cmb()`: registers the buffer [`CmbRegs::plan`] finds usable as p2p
+    /// memory, and publishes it when the controller supports both data directions.
     fn map_cmb(
         p2p: &P2pRegistry,
         dev: Bdf,
         regs: Option<CmbRegs>,
     ) -> Result<(Option<Arc<Provider>>, CmbStatus), NvmeError> {
-        let Some(regs) = regs.filter(|r| r.cmbsz != 0) else {
+        let Some(regs) = regs else {
             return Ok((None, CmbStatus::Absent));
         };
-        let unit = 4096u64 << (4 * ((regs.cmbsz >> 8) & 0xf));
-        let mut size = unit * u64::from(regs.cmbsz >> 12);
-        let offset = unit * u64::from(regs.cmbloc >> 12);
-        let bar = (regs.cmbloc & 7) as u8;
         let topo = p2p.dma().topology();
         let f = topo.function(topo.lookup(dev).ok_or(NvmeError::Config {
             dev,
             why: "no such function".into(),
         })?);
-        let Some(b) = f.bars.iter().find(|b| b.index == bar) else {
-            return Ok((
-                None,
-                CmbStatus::Skipped(format!("CMBLOC names BAR {bar}, which does not exist")),
-            ));
+        let (bar, offset, size, published) = match regs.plan(&f.bars) {
+            CmbPlan::Absent => return Ok((None, CmbStatus::Absent)),
+            CmbPlan::Skipped(why) => return Ok((None, CmbStatus::Skipped(why))),
+            CmbPlan::Usable {
+                bar,
+                offset,
+                size,
+                published,
+            } => (bar, offset, size, published),
         };
-        if offset > b.size {
-            return Ok((
-                None,
-                CmbStatus::Skipped(format!(
-                    "offset {offset:#x} beyond BAR {bar} of {:#x} bytes",
-                    b.size
-                )),
-            ));
-        }
-        size = size.min(b.size - offset);
-        if !size.is_multiple_of(CMB_ALIGN) || !b.cpu.0.is_multiple_of(CMB_ALIGN) {
-            return Ok((
-                None,
-                CmbStatus::Skipped(format!(
-                    "CMB of {size:#x} bytes in BAR {bar} at {} is not 2 MiB aligned",
-                    b.cpu
-                )),
-            ));
-        }
         let provider = p2p.add_resource(dev, bar, size, offset)?;
         tracing::info!(dev = %dev, bar, size, offset, "nvme: CMB registered as p2p memory");
-        let published = regs.cmbsz & (CmbRegs::WDS | CmbRegs::RDS) == CmbRegs::WDS | CmbRegs::RDS;
         provider.publish(published);
         Ok((Some(provider), CmbStatus::Registered { size, published }))
     }

@@ -17,8 +17,9 @@ pub use error::FabricError;
 pub use import::presets::{preset, PRESETS};
 pub use matrix::{Cell, Matrix};
 pub use model::{
-    Acs, AcsFlags, Bar, BusRange, DeviceClass, FnId, Function, Gaps, HostBridge, HostInfo, Link,
-    LinkSpeed, PortKind, Topology, Upstream,
+    Acs, AcsFlags, Bar, BusRange, ConfigState, DeviceClass, FnId, Function, Gaps, HostBridge,
+    HostInfo, IommuMode, KernelFacts, Link, LinkSpeed, NvmeCmb, P2pmem, PortKind, Topology,
+    Upstream,
 };
 pub use p2p::{
     calc_map_type_and_dist, distance_many, find_closest_provider, MapType, Verdict,

@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 use crate::addr::Bdf;
 use crate::fabric::error::FabricError;
 use crate::fabric::model::{
-    Acs, Bar, BusRange, Function, FunctionSpec, Gaps, HostBridge, HostInfo, Link, PortKind,
-    Topology, Upstream,
+    Acs, Bar, BusRange, Function, FunctionSpec, Gaps, HostBridge, HostInfo, Link, NvmeCmb, P2pmem,
+    PortKind, Topology, Upstream,
 };
 use crate::fabric::names;
 
@@ -81,6 +81,12 @@ pub struct FunctionEntry {
     /// unit, `"16GiB"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<MemSize>,
+    /// The p2p memory the kernel registered for it: `{ size, available, published }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p2pmem: Option<P2pmem>,
+    /// An NVMe controller memory buffer: `{ cmbloc, cmbsz }`, the registers' values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nvme_cmb: Option<NvmeCmb>,
     /// BARs.
     #[serde(default, rename = "bar", skip_serializing_if = "Vec::is_empty")]
     pub bars: Vec<Bar>,
@@ -292,6 +298,8 @@ fn from_file_located(
                 iommu_group: e.iommu_group,
                 numa_node: e.numa_node,
                 memory,
+                p2pmem: e.p2pmem,
+                nvme_cmb: e.nvme_cmb,
                 upstream: Upstream::HostBridge(0),
             },
             parent: e.parent,
@@ -357,6 +365,8 @@ pub fn to_file(topo: &Topology) -> TopologyFile {
                 iommu_group: f.iommu_group,
                 numa_node: f.numa_node,
                 memory: f.memory.map(MemSize::Bytes),
+                p2pmem: f.p2pmem,
+                nvme_cmb: f.nvme_cmb,
                 bars: f.bars.clone(),
             })
             .collect(),

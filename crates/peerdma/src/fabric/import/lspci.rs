@@ -123,6 +123,7 @@ fn tree_gaps() -> Gaps {
              text, given with it, adds them)"
                 .to_string(),
         ],
+        kernel_unread: Vec::new(),
         acs_hint: "`lspci -tv` text carries no ACS state; add `sudo lspci -vvv` text of the \
                    same machine, or take a sysfs snapshot as root",
     }
@@ -271,6 +272,7 @@ fn merge(
     }
     notes.push("lspci text does not give the CPU: the AMD Zen rule cannot be applied".into());
     let gaps = Gaps {
+        kernel_unread: Vec::new(),
         acs_unknown: 0,
         numa_unknown: !any_numa,
         cpu_unknown: true,
@@ -536,6 +538,8 @@ impl Parser<'_> {
             iommu_group: None,
             numa_node: None,
             memory: None,
+            p2pmem: None,
+            nvme_cmb: None,
             upstream: Upstream::HostBridge(0),
         };
         if self.at(col) == Some(b'-') {

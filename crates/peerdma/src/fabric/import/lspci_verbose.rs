@@ -94,6 +94,8 @@ pub(crate) fn parse_block(
         iommu_group: None,
         numa_node: None,
         memory: None,
+        p2pmem: None,
+        nvme_cmb: None,
         upstream: Upstream::HostBridge(0),
     };
     let mut pcie_kind = None;

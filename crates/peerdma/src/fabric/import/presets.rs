@@ -101,6 +101,8 @@ pub fn synthetic(functions: usize) -> Topology {
                 iommu_group: Some(group),
                 numa_node: Some(numa),
                 memory: None,
+                p2pmem: None,
+                nvme_cmb: None,
                 upstream: Upstream::HostBridge(0),
             },
             parent: None,
@@ -198,6 +200,7 @@ pub fn synthetic(functions: usize) -> Topology {
         cpu_vendor: Some("GenuineIntel".to_string()),
         cpu_family: Some(6),
         iommu: Some(true),
+        ..HostInfo::default()
     };
     Topology::build(
         format!("synthetic {functions}"),

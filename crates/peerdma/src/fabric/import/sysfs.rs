@@ -16,8 +16,9 @@ use crate::addr::{Bdf, BusAddr, BusId, PhysAddr};
 use crate::fabric::error::FabricError;
 use crate::fabric::import::config;
 use crate::fabric::model::{
-    validate, Bar, Function, FunctionSpec, Gaps, HostBridge, HostInfo, Link, LinkSpeed, PortKind,
-    Topology, Upstream,
+    config_from_kallsyms, parse_config, validate, Bar, ConfigState, Function, FunctionSpec, Gaps,
+    HostBridge, HostInfo, KernelFacts, Link, LinkSpeed, NvmeCmb, P2pmem, PortKind, Topology,
+    Upstream,
 };
 
 /// The attribute files the reader uses; `--save` copies exactly these.
@@ -170,8 +171,11 @@ pub fn read(root: &Path) -> Result<Topology, FabricError> {
             numa_node: numas.into_iter().flatten().next(),
         })
         .collect();
-    let host = read_host(root, any_group)?;
+    let mut host = read_host(root, any_group)?;
+    let (kernel, kernel_unread) = read_kernel(root);
+    host.kernel = kernel;
     let mut gaps = Gaps {
+        kernel_unread,
         numa_unknown: !any_numa_file,
         cpu_unknown: host.cpu_vendor.is_none(),
         acs_hint: if root == Path::new("/") {
@@ -349,11 +353,66 @@ fn read_function(dir: &Path, bdf: Bdf) -> Result<FunctionSpec, FabricError> {
             iommu_group: None,
             numa_node,
             memory: memory.filter(|b| *b > 0),
+            p2pmem: read_p2pmem(dir)?,
+            nvme_cmb: read_nvme_cmb(dir)?,
             upstream: Upstream::HostBridge(0),
         },
         parent: None,
         kind_known,
     })
+}
+
+/// `p2pmem/size`, `available` and `published` of a function whose memory the kernel
+/// registered (pci_p2pdma_add_resource creates the group).
+fn read_p2pmem(dir: &Path) -> Result<Option<P2pmem>, FabricError> {
+    let p = dir.join("p2pmem");
+    if !p.is_dir() {
+        return Ok(None);
+    }
+    let num = |name: &str| -> Result<u64, FabricError> {
+        let t = attr(&p, name)?.ok_or_else(|| FabricError::sysfs(p.join(name), "missing"))?;
+        t.parse()
+            .map_err(|_| FabricError::sysfs(p.join(name), format!("`{t}` is not a number")))
+    };
+    Ok(Some(P2pmem {
+        size: num("size")?,
+        available: num("available")?,
+        published: num("published")? != 0,
+    }))
+}
+
+/// The nvme driver's `cmb` attribute of the controller below the function
+/// (`nvme/nvmeN/cmb`: `cmbloc : 0x...` and `cmbsz  : 0x...`), shown only when CMBSZ is
+/// not zero.
+fn read_nvme_cmb(dir: &Path) -> Result<Option<NvmeCmb>, FabricError> {
+    let Ok(rd) = fs::read_dir(dir.join("nvme")) else {
+        return Ok(None);
+    };
+    let mut ctrls: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+    ctrls.sort();
+    for c in ctrls {
+        let Some(text) = attr(&c, "cmb")? else {
+            continue;
+        };
+        let field = |key: &str| {
+            text.lines()
+                .filter_map(|l| l.split_once(':'))
+                .find(|(k, _)| k.trim() == key)
+                .and_then(|(_, v)| crate::addr::parse_hex_u64(v))
+                .and_then(|v| u32::try_from(v).ok())
+        };
+        return match (field("cmbloc"), field("cmbsz")) {
+            (Some(cmbloc), Some(cmbsz)) => Ok(Some(NvmeCmb { cmbloc, cmbsz })),
+            _ => Err(FabricError::sysfs(
+                c.join("cmb"),
+                format!(
+                    "`{}` is not `cmbloc : 0x..` and `cmbsz : 0x..`",
+                    text.trim()
+                ),
+            )),
+        };
+    }
+    Ok(None)
 }
 
 fn read_link(dir: &Path) -> Result<Option<Link>, FabricError> {
@@ -464,6 +523,134 @@ fn read_host(root: &Path, any_group: bool) -> Result<HostInfo, FabricError> {
     Ok(host)
 }
 
+/// The most of a kernel file read: a config is some 300 KiB, kallsyms tens of MiB.
+const KERNEL_FILE_MAX: u64 = 64 << 20;
+
+/// A small text file under `root`, or why it could not be read (`None` when absent).
+fn kernel_file(root: &Path, rel: &str) -> Result<Option<String>, String> {
+    use std::io::Read;
+    let path = root.join(rel);
+    let file = match fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("/{rel}: {e}")),
+    };
+    let mut bytes = Vec::new();
+    let reader: Box<dyn Read> = if rel.ends_with(".gz") {
+        Box::new(flate2::read::GzDecoder::new(file))
+    } else {
+        Box::new(file)
+    };
+    reader
+        .take(KERNEL_FILE_MAX)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("/{rel}: {e}"))?;
+    Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
+}
+
+/// The kernel's release, the config options peer DMA needs (from /boot/config-<release>,
+/// else /proc/config.gz, else the symbols of /proc/kallsyms), the command line and the
+/// IOMMU groups' domain types. Nothing here is fatal: what cannot be read is said in
+/// `unread`.
+fn read_kernel(root: &Path) -> (KernelFacts, Vec<String>) {
+    let mut k = KernelFacts::default();
+    let mut unread = Vec::new();
+    let mut note = |r: Result<Option<String>, String>| match r {
+        Ok(t) => t,
+        Err(why) => {
+            unread.push(why);
+            None
+        }
+    };
+    let r = kernel_file(root, "proc/sys/kernel/osrelease");
+    k.release = note(r)
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty());
+    let boot = k.release.as_ref().map(|r| format!("boot/config-{r}"));
+    let mut sources: Vec<String> = boot.into_iter().collect();
+    sources.push("proc/config.gz".into());
+    for rel in &sources {
+        let r = kernel_file(root, rel);
+        if let Some(text) = note(r) {
+            k.config = parse_config(&text);
+            k.config_source = Some(format!("/{rel}"));
+            break;
+        }
+    }
+    if k.config.is_empty() {
+        let r = kernel_file(root, "proc/kallsyms");
+        if let Some(text) = note(r) {
+            match config_from_kallsyms(&text) {
+                Some(c) => {
+                    k.config = c;
+                    k.config_source = Some("/proc/kallsyms".into());
+                }
+                None => {
+                    note(Err("/proc/kallsyms: not a full symbol table".to_string()));
+                }
+            }
+        }
+    }
+    if k.config.is_empty() {
+        note(Err(
+            "the kernel config: no /boot/config-<release>, /proc/config.gz or readable \
+             /proc/kallsyms (CONFIG_IKCONFIG_PROC or root would tell)"
+                .to_string(),
+        ));
+    }
+    let r = kernel_file(root, "proc/cmdline");
+    k.cmdline = note(r).map(|t| t.trim().to_string());
+    if let Ok(rd) = fs::read_dir(root.join("sys/kernel/iommu_groups")) {
+        for e in rd.flatten() {
+            let Some(g) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            if let Ok(t) = fs::read_to_string(e.path().join("type")) {
+                k.iommu_groups.insert(g, t.trim().to_string());
+            }
+        }
+    }
+    (k, unread)
+}
+
+/// Writes what [`read_kernel`] reads, so a snapshot keeps the kernel facts: the
+/// release, the config lines that matter, the command line and the groups' types.
+fn write_kernel(k: &KernelFacts, to: &Path) -> Result<(), FabricError> {
+    let write = |rel: &str, text: &str| -> Result<(), FabricError> {
+        let path = to.join(rel);
+        if let Some(dir) = path.parent() {
+            mkdir(dir)?;
+        }
+        fs::write(&path, text).map_err(|e| FabricError::io(&path, e))
+    };
+    if let Some(r) = &k.release {
+        write("proc/sys/kernel/osrelease", &format!("{r}\n"))?;
+        if !k.config.is_empty() {
+            let mut text = format!(
+                "# The options peer DMA needs, as read from {}.\n",
+                k.config_source.as_deref().unwrap_or("an unknown source")
+            );
+            for (name, state) in &k.config {
+                text.push_str(&match state {
+                    ConfigState::Off => format!("# {name} is not set\n"),
+                    s => format!("{name}={s}\n"),
+                });
+            }
+            write(&format!("boot/config-{r}"), &text)?;
+        }
+    }
+    if let Some(c) = &k.cmdline {
+        write("proc/cmdline", &format!("{c}\n"))?;
+    }
+    for (g, t) in &k.iommu_groups {
+        write(
+            &format!("sys/kernel/iommu_groups/{g}/type"),
+            &format!("{t}\n"),
+        )?;
+    }
+    Ok(())
+}
+
 /// Writes a snapshot into the directory `to` all or nothing: `write` fills a fresh
 /// directory beside it, which then takes `to`'s place by rename, so a failure leaves
 /// `to` as it was and no reader ever sees half a snapshot. A `to` that exists must be
@@ -570,6 +757,25 @@ pub fn save(from: &Path, to: &Path) -> Result<usize, FabricError> {
                 Err(err) => return Err(FabricError::io(src, err)),
             }
         }
+        let mut extra: Vec<String> = ["size", "available", "published"]
+            .iter()
+            .map(|a| format!("p2pmem/{a}"))
+            .collect();
+        if let Ok(rd) = fs::read_dir(dir.join("nvme")) {
+            extra.extend(
+                rd.flatten()
+                    .map(|e| format!("nvme/{}/cmb", e.file_name().to_string_lossy())),
+            );
+        }
+        for a in extra {
+            if let Ok(bytes) = fs::read(dir.join(&a)) {
+                let out = out_dir.join(&a);
+                if let Some(d) = out.parent() {
+                    mkdir(d)?;
+                }
+                fs::write(&out, bytes).map_err(|e| FabricError::io(&out, e))?;
+            }
+        }
         let group = fs::read_link(dir.join("iommu_group"))
             .ok()
             .and_then(|t| t.file_name().map(|g| g.to_string_lossy().into_owned()));
@@ -592,6 +798,7 @@ pub fn save(from: &Path, to: &Path) -> Result<usize, FabricError> {
         }
         mkdir(&to.join("sys/kernel/iommu_groups"))?;
     }
+    write_kernel(&read_kernel(from).0, to)?;
     let cpuinfo = from.join("proc/cpuinfo");
     if let Ok(text) = fs::read_to_string(&cpuinfo) {
         // The first processor's block is all the reader uses.
@@ -682,6 +889,22 @@ pub fn write_snapshot(topo: &Topology, to: &Path) -> Result<usize, FabricError> 
             )?;
             write("max_link_width", format!("{}\n", l.max_width).as_bytes())?;
         }
+        if let Some(p) = f.p2pmem {
+            mkdir(&dir.join("p2pmem"))?;
+            write("p2pmem/size", format!("{}\n", p.size).as_bytes())?;
+            write("p2pmem/available", format!("{}\n", p.available).as_bytes())?;
+            write(
+                "p2pmem/published",
+                format!("{}\n", u8::from(p.published)).as_bytes(),
+            )?;
+        }
+        if let Some(c) = f.nvme_cmb {
+            mkdir(&dir.join("nvme/nvme0"))?;
+            write(
+                "nvme/nvme0/cmb",
+                format!("cmbloc : {:#010x}\ncmbsz  : {:#010x}\n", c.cmbloc, c.cmbsz).as_bytes(),
+            )?;
+        }
         let group = f.iommu_group.map(|g| g.to_string());
         link_device(to, &rel, &f.bdf.to_string(), group.as_deref())?;
         groups.extend(group);
@@ -693,6 +916,7 @@ pub fn write_snapshot(topo: &Topology, to: &Path) -> Result<usize, FabricError> 
         }
     }
     let host = topo.host();
+    write_kernel(&host.kernel, to)?;
     if host.cpu_vendor.is_some() || host.cpu_family.is_some() {
         let mut cpuinfo = String::from("processor\t: 0\n");
         if let Some(v) = &host.cpu_vendor {

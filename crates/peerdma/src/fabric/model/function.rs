@@ -116,6 +116,30 @@ pub struct Bar {
     pub io: bool,
 }
 
+/// A p2p memory provider as the kernel publishes it under a function's `p2pmem/`
+/// (drivers/pci/p2pdma.c: `size`, `available`, `published`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct P2pmem {
+    /// Bytes registered.
+    pub size: u64,
+    /// Bytes not allocated.
+    pub available: u64,
+    /// Whether other drivers may find and use it (`pci_p2pmem_find`).
+    pub published: bool,
+}
+
+/// An NVMe controller's CMBLOC and CMBSZ registers (NVMe base spec, Controller Memory
+/// Buffer Location and Size), as `nvme/nvmeN/cmb` shows them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NvmeCmb {
+    /// CMBLOC: BIR bits 2:0, OFST bits 31:12 in size units.
+    pub cmbloc: u32,
+    /// CMBSZ: SQS 0, CQS 1, LISTS 2, RDS 3, WDS 4, SZU bits 11:8, SZ bits 31:12.
+    pub cmbsz: u32,
+}
+
 /// Index of a function inside one [`Topology`](crate::fabric::Topology).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FnId(pub(crate) u32);
@@ -173,6 +197,12 @@ pub struct Function {
     /// Bytes of on-board memory a device model binding to it should have (a GPU's
     /// VRAM), when the topology states it; the hardware does not tell.
     pub memory: Option<u64>,
+    /// The p2p memory the kernel registered for it (sysfs `p2pmem/`), when the source
+    /// shows one.
+    pub p2pmem: Option<P2pmem>,
+    /// Its NVMe controller memory buffer registers, as the nvme driver shows them
+    /// (`nvme/nvmeN/cmb`), when it has a buffer.
+    pub nvme_cmb: Option<NvmeCmb>,
     /// What is directly above it.
     pub upstream: Upstream,
 }

@@ -8,11 +8,17 @@
 
 mod acs;
 mod function;
+mod kernel;
 mod link;
 mod topology;
 pub mod validate;
 
 pub use acs::{Acs, AcsFlags};
-pub use function::{Bar, BusRange, DeviceClass, FnId, Function, PortKind, Upstream};
+pub use function::{
+    Bar, BusRange, DeviceClass, FnId, Function, NvmeCmb, P2pmem, PortKind, Upstream,
+};
+pub use kernel::{
+    config_from_kallsyms, parse_config, ConfigState, IommuMode, KernelFacts, CONFIG_OPTIONS,
+};
 pub use link::{Link, LinkSpeed};
 pub use topology::{FunctionSpec, Gaps, HostBridge, HostInfo, ShapeEntry, Topology};

@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::addr::{Bdf, BusId};
 use crate::fabric::error::FabricError;
-use crate::fabric::model::{validate, Acs, BusRange, FnId, Function, PortKind, Upstream};
+use crate::fabric::model::{
+    validate, Acs, BusRange, FnId, Function, KernelFacts, PortKind, Upstream,
+};
 use crate::fabric::names;
 
 /// What the host looks like to the P2P rules: the CPU (AMD Zen and newer forward peer
@@ -25,6 +27,9 @@ pub struct HostInfo {
     /// Whether DMA is translated by an IOMMU; `None` when unknown.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iommu: Option<bool>,
+    /// The kernel's release, config, command line and IOMMU group types, as far as known.
+    #[serde(default, skip_serializing_if = "KernelFacts::is_empty")]
+    pub kernel: KernelFacts,
 }
 
 impl HostInfo {
@@ -58,6 +63,10 @@ pub struct Gaps {
     pub cpu_unknown: bool,
     /// Free-text notes from the importer: what it skipped and why.
     pub notes: Vec<String>,
+    /// Kernel facts that could not be read, and why (a file missing or not readable
+    /// without root), one sentence each.
+    #[serde(skip)]
+    pub kernel_unread: Vec<String>,
     /// Why ACS may be unknown with this source, and what would tell (empty: the
     /// source simply does not give it).
     #[serde(skip)]
