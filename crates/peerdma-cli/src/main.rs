@@ -2,6 +2,7 @@
 //! the PCIe peer-to-peer picture of a machine, `bench` measures against the kernel;
 //! `completions` and `man` print a shell completion script and the manual page.
 
+mod check;
 mod fuzz;
 mod html;
 mod run;
@@ -38,6 +39,11 @@ enum Command {
     Fuzz(fuzz::FuzzArgs),
     /// Show which PCIe functions can DMA to each other, how, and why.
     Topo(topo::TopoArgs),
+    /// Is this machine ready for peer-to-peer DMA, and if not, why: the kernel's config
+    /// and IOMMU, p2p memory providers, each GPU/NVMe/NIC pair's verdict with the fix,
+    /// and each GPU's closest NIC and drive. Exit status 0 when every GPU-NVMe/NIC pair
+    /// (or every --pair) can do P2P, 1 when some cannot or it cannot be told.
+    Check(check::CheckArgs),
     /// Run a benchmark and print it beside its baseline, measured in the same run.
     Bench(bench::BenchArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -64,6 +70,14 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(&args),
         Command::Fuzz(args) => fuzz::run(&args),
         Command::Topo(args) => topo::run(&args),
+        Command::Check(args) => match check::run(&args) {
+            // Some pair cannot do P2P: status 1, after the report is out.
+            Ok(false) => match peerdma_cli::io::finish() {
+                Ok(()) => return ExitCode::FAILURE,
+                Err(e) => Err(e),
+            },
+            other => other.map(|_| ()),
+        },
         Command::Bench(args) => bench::run(&args),
         Command::Completions { shell } => {
             let mut out = Vec::new();

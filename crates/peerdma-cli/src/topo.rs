@@ -15,23 +15,37 @@ mod report;
 use explain::{explain, print_explain};
 use report::{print_report, Report};
 
-/// Where the topology comes from and what to show of it.
+/// Where a machine's topology comes from: this machine when none is given.
 #[derive(Args)]
-pub struct TopoArgs {
+pub struct SourceArgs {
     /// Read a sysfs snapshot rooted at DIR (holding sys/ and proc/) instead of this machine.
     #[arg(long, value_name = "DIR", group = "source")]
-    sysfs: Option<PathBuf>,
+    pub sysfs: Option<PathBuf>,
     /// Read lspci text from FILE, or `-` for stdin: `lspci -tv` (the tree), `sudo lspci
     /// -vvv` (ACS, links, NUMA, BARs; the tree rebuilt from bus numbers), or both of one
     /// machine, in one file or as two FILEs. Add `-nn` to either for the IDs.
     #[arg(long, value_name = "FILE|-", num_args = 1..=2, action = clap::ArgAction::Set, group = "source")]
-    lspci: Option<Vec<String>>,
+    pub lspci: Option<Vec<String>>,
     /// Read a TOML topology file (docs/topology.md).
     #[arg(long, value_name = "TOPO.toml", group = "source")]
-    file: Option<PathBuf>,
+    pub file: Option<PathBuf>,
     /// Use a built-in machine: workstation, dgx, dgx-acs, q35.
     #[arg(long, value_name = "NAME", group = "source")]
-    preset: Option<String>,
+    pub preset: Option<String>,
+}
+
+impl SourceArgs {
+    /// Whether no source is given: the machine this runs on.
+    pub fn is_live(&self) -> bool {
+        self.sysfs.is_none() && self.lspci.is_none() && self.file.is_none() && self.preset.is_none()
+    }
+}
+
+/// Where the topology comes from and what to show of it.
+#[derive(Args)]
+pub struct TopoArgs {
+    #[command(flatten)]
+    source: SourceArgs,
     /// Print JSON (docs/json.md) instead of text.
     #[arg(long)]
     json: bool,
@@ -65,10 +79,7 @@ pub struct TopoArgs {
 }
 
 pub fn run(args: &TopoArgs) -> Result<()> {
-    let live = args.sysfs.is_none()
-        && args.lspci.is_none()
-        && args.file.is_none()
-        && args.preset.is_none();
+    let live = args.source.is_live();
     if let (Some(dir), true) = (&args.save, live) {
         let n = sysfs::save_into(dir, args.force, |tmp| {
             sysfs::save(std::path::Path::new("/"), tmp)
@@ -80,7 +91,7 @@ pub fn run(args: &TopoArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let topo = load(args)?;
+    let topo = load(&args.source)?;
     if let Some(dir) = &args.save {
         let n = sysfs::save_into(dir, args.force, |tmp| sysfs::write_snapshot(&topo, tmp))
             .context("writing a sysfs snapshot")?;
@@ -139,7 +150,8 @@ pub fn run(args: &TopoArgs) -> Result<()> {
     Ok(())
 }
 
-fn load(args: &TopoArgs) -> Result<Topology> {
+/// Reads the machine a source names.
+pub fn load(args: &SourceArgs) -> Result<Topology> {
     Ok(if let Some(dir) = &args.sysfs {
         sysfs::read(dir)?
     } else if let Some(srcs) = &args.lspci {

@@ -13,6 +13,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod addr;
+pub mod check;
 pub mod dma;
 pub mod dmabuf;
 pub mod drivers;

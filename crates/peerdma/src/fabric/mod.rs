@@ -19,11 +19,11 @@ pub use matrix::{Cell, Matrix};
 pub use model::{
     Acs, AcsFlags, Bar, BusRange, ConfigState, DeviceClass, FnId, Function, Gaps, HostBridge,
     HostInfo, IommuMode, KernelFacts, Link, LinkSpeed, NvmeCmb, P2pmem, PortKind, Topology,
-    Upstream,
+    Upstream, CONFIG_OPTIONS,
 };
 pub use p2p::{
-    calc_map_type_and_dist, distance_many, find_closest_provider, MapType, Verdict,
-    HOST_BRIDGE_ALLOWLIST,
+    calc_map_type_and_dist, distance_many, find_closest_provider, HostBridgeCheck, MapType,
+    Verdict, HOST_BRIDGE_ALLOWLIST,
 };
 pub use path::{path_bandwidth, topo_level, topo_level_uncertain, PathBandwidth, TopoLevel};
 

@@ -24,7 +24,7 @@ use crate::addr::Bdf;
 use crate::fabric::model::{FnId, Topology};
 
 /// How a client reaches a provider's memory (the kernel's `enum pci_p2pdma_map_type`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum MapType {
     /// Through a common switch, by PCI bus address; the IOMMU is not involved.

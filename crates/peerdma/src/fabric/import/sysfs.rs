@@ -523,6 +523,9 @@ fn read_host(root: &Path, any_group: bool) -> Result<HostInfo, FabricError> {
     Ok(host)
 }
 
+/// The first line of the config a snapshot keeps, before where it was read.
+const SAVED_CONFIG_HEADER: &str = "# The options peer DMA needs, as read from ";
+
 /// The most of a kernel file read: a config is some 300 KiB, kallsyms tens of MiB.
 const KERNEL_FILE_MAX: u64 = 64 << 20;
 
@@ -573,7 +576,13 @@ fn read_kernel(root: &Path) -> (KernelFacts, Vec<String>) {
         let r = kernel_file(root, rel);
         if let Some(text) = note(r) {
             k.config = parse_config(&text);
-            k.config_source = Some(format!("/{rel}"));
+            // A snapshot's config names where it was read on its machine.
+            k.config_source = Some(
+                text.lines()
+                    .next()
+                    .and_then(|l| l.strip_prefix(SAVED_CONFIG_HEADER))
+                    .map_or(format!("/{rel}"), |s| s.trim_end_matches('.').to_string()),
+            );
             break;
         }
     }
@@ -627,7 +636,7 @@ fn write_kernel(k: &KernelFacts, to: &Path) -> Result<(), FabricError> {
         write("proc/sys/kernel/osrelease", &format!("{r}\n"))?;
         if !k.config.is_empty() {
             let mut text = format!(
-                "# The options peer DMA needs, as read from {}.\n",
+                "{SAVED_CONFIG_HEADER}{}.\n",
                 k.config_source.as_deref().unwrap_or("an unknown source")
             );
             for (name, state) in &k.config {

@@ -133,7 +133,11 @@ pub struct KernelFacts {
     pub cmdline: Option<String>,
     /// Each IOMMU group's default domain type (`identity`, `DMA`, `DMA-FQ`, ...), by
     /// group number.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        with = "group_keys"
+    )]
     pub iommu_groups: BTreeMap<u32, String>,
 }
 
@@ -194,6 +198,30 @@ impl KernelFacts {
                         && t.split([',', '=']).any(|o| {
                             matches!(o, "disable_acs_redir" | "noats" | "realloc" | "nocrs")
                         }))
+            })
+            .collect()
+    }
+}
+
+/// Group numbers as TOML keys, which are strings: `0 = "identity"`.
+mod group_keys {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(m: &BTreeMap<u32, String>, s: S) -> Result<S::Ok, S::Error> {
+        let as_text: BTreeMap<String, &String> =
+            m.iter().map(|(k, v)| (k.to_string(), v)).collect();
+        as_text.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<u32, String>, D::Error> {
+        BTreeMap::<String, String>::deserialize(d)?
+            .into_iter()
+            .map(|(k, v)| {
+                k.parse::<u32>().map(|g| (g, v)).map_err(|_| {
+                    serde::de::Error::custom(format!("`{k}` is not an IOMMU group number"))
+                })
             })
             .collect()
     }
