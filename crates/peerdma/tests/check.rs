@@ -370,3 +370,42 @@ fn broken_kernel_files_are_said_not_fatal() {
     assert_eq!(r.kernel.p2pdma, Some(true));
     assert!(r.ok);
 }
+
+/// Every shared real snapshot: the check's verdicts and levels are the topology
+/// report's (one source of truth). With no kernel facts in these snapshots a pair is
+/// unknown, unless the host bridge already refuses it (whatever the kernel has), and the
+/// missing config is named.
+#[test]
+fn shared_snapshots_check_with_the_report_verdicts_and_say_the_kernel_is_unknown() {
+    for name in common::snapshot_names() {
+        let (_tmp, root) = common::unpack(&name);
+        let t = sysfs::read(&root).unwrap();
+        let r = check(&t, None);
+        assert_eq!(r.kernel.p2pdma, None, "{name}");
+        assert!(
+            r.not_read
+                .iter()
+                .any(|n| n.starts_with("the kernel config")),
+            "{name}: {:?}",
+            r.not_read
+        );
+        for p in &r.pairs {
+            let (a, b) = (t.find(&p.a).unwrap(), t.find(&p.b).unwrap());
+            let v = peerdma::fabric::calc_map_type_and_dist(&t, a, b);
+            assert_eq!((p.map_type, p.distance), (v.map_type, v.distance), "{name}");
+            assert_eq!(p.level, peerdma::fabric::topo_level(&t, a, b), "{name}");
+            let want = if v.map_type == MapType::NotSupported && !v.cpu_unknown {
+                "chipset-not-supported"
+            } else {
+                "unknown"
+            };
+            assert_eq!(p.status, want, "{name}: {p:?}");
+        }
+        assert!(
+            !r.ok
+                || r.pairs
+                    .iter()
+                    .all(|p| p.kind != "gpu-nvme" && p.kind != "gpu-nic")
+        );
+    }
+}
