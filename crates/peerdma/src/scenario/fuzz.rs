@@ -111,6 +111,9 @@ struct Region {
     maybe_device: bool,
     /// Index into the stores for a shared mapping.
     store: Option<usize>,
+    /// An mmap of the drive's p2pmem (its controller memory buffer): shared like a
+    /// shared mapping, its pages from the p2p pool (p2pmem_alloc_mmap).
+    p2p: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -173,9 +176,10 @@ enum Kind {
     RaceRemove,
     NvmeWrite,
     NvmeRead,
+    P2pMmap,
 }
 
-const KINDS: [Kind; 27] = [
+const KINDS: [Kind; 28] = [
     Kind::Mmap,
     Kind::Write,
     Kind::Read,
@@ -203,7 +207,28 @@ const KINDS: [Kind; 27] = [
     Kind::RaceRemove,
     Kind::NvmeWrite,
     Kind::NvmeRead,
+    Kind::P2pMmap,
 ];
+
+/// The kinds that may touch a p2pmem mapping: CPU access, munmap, a pin (whose flags
+/// decide: FOLL_PCI_P2PDMA is needed, FOLL_LONGTERM refused), and the drive's own DMA
+/// into its buffer. Device mirrors and migration cannot take p2p pages on the fuzz
+/// machine, and zapping or reprotecting them is not modelled.
+const P2P_KINDS: [Kind; 6] = [
+    Kind::Write,
+    Kind::Read,
+    Kind::Munmap,
+    Kind::Pin,
+    Kind::NvmeWrite,
+    Kind::NvmeRead,
+];
+
+/// The fuzz drive's controller memory buffer, and how much of it the model lets live
+/// mappings hold: at most a quarter, in at most 8 mappings, so an allocation of up to
+/// 8 pages always finds a free run (the pool is first-fit over 512 pages).
+const P2P_POOL_PAGES: u64 = 512;
+const P2P_LIVE_PAGES: u64 = P2P_POOL_PAGES / 4;
+const P2P_LIVE_MAPPINGS: usize = 8;
 
 /// Blocks of the fuzz machine's NVMe namespace (1 MiB of 4 KiB blocks).
 const DISK_BLOCKS: u64 = 256;
@@ -251,6 +276,8 @@ struct Gen {
     out: String,
     weights: Vec<(Kind, u32)>,
     m: Model,
+    /// The kind being drawn: which regions [`Gen::view_of`] may pick.
+    kind: Kind,
 }
 
 impl Gen {
@@ -274,6 +301,7 @@ impl Gen {
             rng,
             out: String::new(),
             weights,
+            kind: Kind::Read,
             m: Model {
                 ops: 0,
                 regions: Vec::new(),
@@ -320,10 +348,64 @@ impl Gen {
         live[self.rng.gen_range(0..live.len())]
     }
 
-    /// A mapped region of process `p`, if it has any.
+    /// A mapped region of process `p` the current kind may touch, if it has any.
     fn view_of(&mut self, p: usize) -> Option<usize> {
-        let keys: Vec<usize> = self.m.procs[p].views.keys().copied().collect();
+        let p2p_ok = P2P_KINDS.contains(&self.kind);
+        let keys: Vec<usize> = self.m.procs[p]
+            .views
+            .keys()
+            .copied()
+            .filter(|&r| p2p_ok || !self.m.regions[r].p2p)
+            .collect();
         (!keys.is_empty()).then(|| keys[self.rng.gen_range(0..keys.len())])
+    }
+
+    /// Pages of the p2p pool in use: a p2pmem mapping's pages go back when its last
+    /// mapping and its last pin are gone (p2pdma_page_free).
+    fn p2p_pages(&self) -> (u64, usize) {
+        let mut pages = 0;
+        let mut live = 0;
+        for (r, region) in self.m.regions.iter().enumerate() {
+            let Some(store) = region.store.filter(|_| region.p2p) else {
+                continue;
+            };
+            let mapped = self
+                .m
+                .procs
+                .iter()
+                .any(|p| p.alive && p.views.contains_key(&r));
+            // Each page is freed on its own last reference: unmapped, a region keeps
+            // only its pinned pages.
+            let mut held = vec![mapped; region.pages as usize];
+            for h in &self.m.handles {
+                if let Target::Store { store: s, first } = h.target {
+                    if s == store {
+                        for i in first..first + h.pages {
+                            held[i as usize] = true;
+                        }
+                    }
+                }
+            }
+            let n = held.iter().filter(|&&b| b).count() as u64;
+            if n > 0 {
+                pages += n;
+                live += 1;
+            }
+        }
+        (pages, live)
+    }
+
+    /// `expect p2p_bytes=...`, after an operation that may have freed p2p pages.
+    fn check_p2p(&mut self) {
+        if self.m.regions.iter().any(|r| r.p2p) {
+            let (pages, _) = self.p2p_pages();
+            let text = if pages == 0 {
+                "0".to_string()
+            } else {
+                format!("{}K", pages * 4)
+            };
+            self.line(format!("expect p2p_bytes={text}"));
+        }
     }
 
     fn content(&self, p: usize, r: usize, i: u64) -> Content {
@@ -438,6 +520,7 @@ impl Gen {
 
     fn step(&mut self) {
         let kind = self.pick_kind();
+        self.kind = kind;
         let p = self.live_proc();
         let pn = self.m.procs[p].name.clone();
         match kind {
@@ -456,6 +539,7 @@ impl Gen {
                     pages,
                     store,
                     maybe_device: false,
+                    p2p: false,
                 });
                 let r = self.m.regions.len() - 1;
                 self.m.procs[p].views.insert(
@@ -466,6 +550,34 @@ impl Gen {
                         populated: vec![false; pages as usize],
                     },
                 );
+            }
+            Kind::P2pMmap => {
+                // A fresh allocation from the drive's CMB, zeroed, shared with children.
+                let pages = self.rng.gen_range(1..=8);
+                let (live_pages, live) = self.p2p_pages();
+                if live >= P2P_LIVE_MAPPINGS || live_pages + pages > P2P_LIVE_PAGES {
+                    return;
+                }
+                let name = self.fresh("q");
+                self.line(format!("{pn}: {name} = mmap p2pmem {}K dev=n0", pages * 4));
+                self.m.stores.push(vec![ZERO; pages as usize]);
+                self.m.regions.push(Region {
+                    name,
+                    pages,
+                    store: Some(self.m.stores.len() - 1),
+                    maybe_device: false,
+                    p2p: true,
+                });
+                let r = self.m.regions.len() - 1;
+                self.m.procs[p].views.insert(
+                    r,
+                    View {
+                        prot: Prot::Rw,
+                        content: None,
+                        populated: vec![true; pages as usize],
+                    },
+                );
+                self.check_p2p();
             }
             Kind::Write
             | Kind::Read
@@ -548,6 +660,7 @@ impl Gen {
                 self.m.procs[p].alive = false;
                 self.m.procs[p].views.clear();
                 self.maybe_check_quiet();
+                self.check_p2p();
             }
             Kind::Munmap | Kind::Dontneed => {
                 let Some(r) = self.view_of(p) else { return };
@@ -558,6 +671,9 @@ impl Gen {
                     self.detach(p, Some(r));
                     self.m.procs[p].views.remove(&r);
                     self.line(format!("{pn}: read {rn} 4K expect EFAULT"));
+                    if self.m.regions[r].p2p {
+                        self.check_p2p();
+                    }
                 } else {
                     self.line(format!("{pn}: madvise {rn} {len}K dontneed"));
                     self.zap(p, r);
@@ -589,6 +705,50 @@ impl Gen {
                 }
                 let h = self.fresh("h");
                 let rn = self.m.regions[r].name.clone();
+                if self.m.regions[r].p2p {
+                    // p2p pages only to a caller that asks (FOLL_PCI_P2PDMA, else
+                    // EREMOTEIO), and never long-term (EINVAL): check_and_migrate
+                    // cannot move them out of the device.
+                    let asks = self.rng.gen_bool(0.6);
+                    let mut flags = vec![];
+                    if asks {
+                        flags.push("p2pdma");
+                    }
+                    if write {
+                        flags.push("write");
+                    }
+                    if longterm {
+                        flags.push("longterm");
+                    }
+                    let flags = if flags.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" flags={}", flags.join(","))
+                    };
+                    let at = format!("{rn}+{}K {}K{flags}", first * 4, n * 4);
+                    // The walk refuses a p2p page to a caller that did not ask
+                    // first (try_grab_folio); a long-term pin of one that did fails
+                    // after it.
+                    if !asks {
+                        self.line(format!("{pn}: {h} = pin {at} expect EREMOTEIO"));
+                        return;
+                    }
+                    if longterm {
+                        self.line(format!("{pn}: {h} = pin {at} expect EINVAL"));
+                        return;
+                    }
+                    self.line(format!("{pn}: {h} = pin {at} expect pages={n}"));
+                    let store = self.m.regions[r].store.unwrap_or(0);
+                    self.m.handles.push(Handle {
+                        name: h,
+                        dev_reads: false,
+                        dev_writes: false,
+                        dma: false,
+                        pages: n,
+                        target: Target::Store { store, first },
+                    });
+                    return;
+                }
                 let mut flags = Vec::new();
                 if write {
                     flags.push("write");
@@ -713,6 +873,7 @@ impl Gen {
                 let h = self.m.handles.remove(k);
                 self.line(format!("release {}", h.name));
                 self.maybe_check_quiet();
+                self.check_p2p();
             }
             Kind::Migrate => {
                 if !self.m.mirror_alive {
@@ -947,8 +1108,9 @@ impl Gen {
     }
 }
 
-/// The scenario seed `seed` draws: `steps` operations on a q35 with an NVMe drive and
-/// a dmirror whose memory pool holds two 64 KiB chunks.
+/// The scenario seed `seed` draws: `steps` operations on a q35 with an NVMe drive (a
+/// 2 MiB controller memory buffer, mapped as p2pmem) and a dmirror whose memory pool
+/// holds two 64 KiB chunks.
 pub fn generate(seed: u64, steps: usize) -> String {
     generate_skipping(seed, steps, &BTreeSet::new())
 }
@@ -998,7 +1160,7 @@ pub fn generate_mix_skipping(seed: u64, steps: usize, mix: Mix, skip: &BTreeSet<
     }
     let iommu = if g.rng.gen_bool(0.5) { "on" } else { "off" };
     let _ = writeln!(g.out, "machine preset=q35 ram=16M iommu={iommu}");
-    g.out.push_str("device n0 nvme capacity=1M cmb=0\n");
+    g.out.push_str("device n0 nvme capacity=1M cmb=2M\n");
     g.out
         .push_str("device dm dmirror memory=private chunk=64K max_chunks=2\n");
     g.out.push_str("device g gpu vram=256K\n");
