@@ -705,51 +705,16 @@ impl Gen {
                 }
                 let h = self.fresh("h");
                 let rn = self.m.regions[r].name.clone();
-                if self.m.regions[r].p2p {
-                    // p2p pages only to a caller that asks (FOLL_PCI_P2PDMA, else
-                    // EREMOTEIO), and never long-term (EINVAL): check_and_migrate
-                    // cannot move them out of the device.
-                    let asks = self.rng.gen_bool(0.6);
-                    let mut flags = vec![];
-                    if asks {
-                        flags.push("p2pdma");
-                    }
-                    if write {
-                        flags.push("write");
-                    }
-                    if longterm {
-                        flags.push("longterm");
-                    }
-                    let flags = if flags.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" flags={}", flags.join(","))
-                    };
-                    let at = format!("{rn}+{}K {}K{flags}", first * 4, n * 4);
-                    // The walk refuses a p2p page to a caller that did not ask
-                    // first (try_grab_folio); a long-term pin of one that did fails
-                    // after it.
-                    if !asks {
-                        self.line(format!("{pn}: {h} = pin {at} expect EREMOTEIO"));
-                        return;
-                    }
-                    if longterm {
-                        self.line(format!("{pn}: {h} = pin {at} expect EINVAL"));
-                        return;
-                    }
-                    self.line(format!("{pn}: {h} = pin {at} expect pages={n}"));
-                    let store = self.m.regions[r].store.unwrap_or(0);
-                    self.m.handles.push(Handle {
-                        name: h,
-                        dev_reads: false,
-                        dev_writes: false,
-                        dma: false,
-                        pages: n,
-                        target: Target::Store { store, first },
-                    });
-                    return;
-                }
+                // p2p pages go only to a caller that asks (FOLL_PCI_P2PDMA): the walk
+                // refuses them to others first (try_grab_folio, EREMOTEIO), and a
+                // long-term pin of them fails after it (EINVAL): they cannot be
+                // migrated out of the device.
+                let p2p = self.m.regions[r].p2p;
+                let asks = p2p && self.rng.gen_bool(0.6);
                 let mut flags = Vec::new();
+                if asks {
+                    flags.push("p2pdma");
+                }
                 if write {
                     flags.push("write");
                 }
@@ -761,6 +726,15 @@ impl Gen {
                 } else {
                     format!(" flags={}", flags.join(","))
                 };
+                if p2p && (!asks || longterm) {
+                    let errno = if asks { "EINVAL" } else { "EREMOTEIO" };
+                    self.line(format!(
+                        "{pn}: {h} = pin {rn}+{}K {}K{flags} expect {errno}",
+                        first * 4,
+                        n * 4
+                    ));
+                    return;
+                }
                 let dma = kind == Kind::DmaSg;
                 let (dev_reads, dev_writes, text) = if dma {
                     // get_user_dma_sg pins with FOLL_WRITE when the device writes.

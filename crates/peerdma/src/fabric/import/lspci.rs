@@ -16,8 +16,7 @@ use crate::addr::{Bdf, BusId};
 use crate::fabric::error::FabricError;
 use crate::fabric::import::lspci_verbose;
 use crate::fabric::model::{
-    validate, Acs, BusRange, Function, FunctionSpec, Gaps, HostBridge, HostInfo, PortKind,
-    Topology, Upstream,
+    validate, BusRange, Function, FunctionSpec, Gaps, HostBridge, HostInfo, Topology,
 };
 
 /// What a column's connector continues on later lines.
@@ -523,25 +522,7 @@ impl Parser<'_> {
         let func = u8::from_str_radix(f, 16).map_err(|_| bad())?;
         let bdf = Bdf::new(domain, bus, dev, func).ok_or_else(bad)?;
         let mut col = col + 4;
-        let mut function = Function {
-            bdf,
-            vendor: Function::UNKNOWN_ID,
-            device: Function::UNKNOWN_ID,
-            subsystem: None,
-            class: 0,
-            name: String::new(),
-            kind: PortKind::Endpoint,
-            buses: None,
-            bars: Vec::new(),
-            link: None,
-            acs: Acs::Unknown,
-            iommu_group: None,
-            numa_node: None,
-            memory: None,
-            p2pmem: None,
-            nvme_cmb: None,
-            upstream: Upstream::HostBridge(0),
-        };
+        let mut function = Function::bare(bdf);
         if self.at(col) == Some(b'-') {
             // A bridge: `-[SS-UU]-` or a bare `-` when it has no secondary bus.
             col += 1;

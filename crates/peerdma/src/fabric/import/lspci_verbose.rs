@@ -18,7 +18,7 @@
 use crate::addr::{Bdf, BusAddr, PhysAddr};
 use crate::fabric::error::FabricError;
 use crate::fabric::model::{
-    Acs, AcsFlags, Bar, BusRange, Function, FunctionSpec, Link, LinkSpeed, PortKind, Upstream,
+    Acs, AcsFlags, Bar, BusRange, Function, FunctionSpec, Link, LinkSpeed, PortKind,
 };
 
 /// One function's block, read.
@@ -80,23 +80,11 @@ pub(crate) fn parse_block(
         (super::lspci::guess_class(name, ids.map_or(Function::UNKNOWN_ID, |i| i.0)) >> 8) as u16
     });
     let mut f = Function {
-        bdf,
         vendor: ids.map_or(Function::UNKNOWN_ID, |i| i.0),
         device: ids.map_or(Function::UNKNOWN_ID, |i| i.1),
-        subsystem: None,
         class: u32::from(class16) << 8 | u32::from(prog_if),
         name: name.to_string(),
-        kind: PortKind::Endpoint,
-        buses: None,
-        bars: Vec::new(),
-        link: None,
-        acs: Acs::Unknown,
-        iommu_group: None,
-        numa_node: None,
-        memory: None,
-        p2pmem: None,
-        nvme_cmb: None,
-        upstream: Upstream::HostBridge(0),
+        ..Function::bare(bdf)
     };
     let mut pcie_kind = None;
     let (mut lnk_cap, mut lnk_sta) = (None, None);

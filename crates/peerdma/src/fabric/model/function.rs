@@ -271,6 +271,30 @@ impl Function {
     /// vendor has it: it is what a read of an absent function returns).
     pub const UNKNOWN_ID: u16 = 0xffff;
 
+    /// A function of which only the address is known, as an importer starts one: ids
+    /// unknown, class 0, an endpoint, nothing read, not yet linked.
+    pub fn bare(bdf: Bdf) -> Function {
+        Function {
+            bdf,
+            vendor: Self::UNKNOWN_ID,
+            device: Self::UNKNOWN_ID,
+            subsystem: None,
+            class: 0,
+            name: String::new(),
+            kind: PortKind::Endpoint,
+            buses: None,
+            bars: Vec::new(),
+            link: None,
+            acs: Acs::Unknown,
+            iommu_group: None,
+            numa_node: None,
+            memory: None,
+            p2pmem: None,
+            nvme_cmb: None,
+            upstream: Upstream::HostBridge(0),
+        }
+    }
+
     /// `vendor:device` in hex, or `None` when the source did not say.
     pub fn id(&self) -> Option<String> {
         (self.vendor != Self::UNKNOWN_ID)
