@@ -144,6 +144,8 @@ struct Handle {
     dma: bool,
     pages: u64,
     target: Target,
+    /// For a pinned RDMA memory region, the process that registered it (its PD).
+    mr: Option<usize>,
 }
 
 /// The operation kinds, each with a swarm weight.
@@ -177,9 +179,12 @@ enum Kind {
     NvmeWrite,
     NvmeRead,
     P2pMmap,
+    RegMr,
+    RdmaWrite,
+    RdmaRead,
 }
 
-const KINDS: [Kind; 28] = [
+const KINDS: [Kind; 31] = [
     Kind::Mmap,
     Kind::Write,
     Kind::Read,
@@ -208,6 +213,9 @@ const KINDS: [Kind; 28] = [
     Kind::NvmeWrite,
     Kind::NvmeRead,
     Kind::P2pMmap,
+    Kind::RegMr,
+    Kind::RdmaWrite,
+    Kind::RdmaRead,
 ];
 
 /// The kinds that may touch a p2pmem mapping: CPU access, munmap, a pin (whose flags
@@ -652,7 +660,11 @@ impl Gen {
                 });
             }
             Kind::Exit => {
-                if self.m.procs.iter().filter(|p| p.alive).count() < 2 {
+                // A process that registered MRs keeps running until they are released
+                // (what its exit does to them is the RDMA tests' subject).
+                if self.m.procs.iter().filter(|p| p.alive).count() < 2
+                    || self.m.handles.iter().any(|h| h.mr == Some(p))
+                {
                     return;
                 }
                 self.line(format!("{pn}: exit"));
@@ -786,6 +798,7 @@ impl Gen {
                     dma,
                     pages: n,
                     target,
+                    mr: None,
                 });
             }
             Kind::DmaRead | Kind::DmaWrite | Kind::IommuFault => {
@@ -837,6 +850,115 @@ impl Gen {
                         ));
                         self.dma_wrote(k, i, Content::Fill(b));
                     }
+                }
+            }
+            Kind::RegMr => {
+                // ibv_reg_mr with local and remote write: a long-term write pin of the
+                // range (copy-on-write broken first), mapped for the NIC.
+                let Some(r) = self.view_of(p) else { return };
+                if self.m.procs[p].views[&r].prot != Prot::Rw {
+                    return;
+                }
+                let (first, n) = self.range(self.m.regions[r].pages);
+                let h = self.fresh("mr");
+                let rn = self.m.regions[r].name.clone();
+                self.line(format!(
+                    "{pn}: {h} = rnic.reg_mr nic {rn}+{}K {}K",
+                    first * 4,
+                    n * 4
+                ));
+                for i in first..first + n {
+                    let c = self.content(p, r, i);
+                    self.set(p, r, i, c);
+                }
+                let target = match self.m.regions[r].store {
+                    Some(store) => Target::Store { store, first },
+                    None => Target::View {
+                        proc: p,
+                        region: r,
+                        first,
+                    },
+                };
+                self.m.handles.push(Handle {
+                    name: h,
+                    dev_reads: false,
+                    dev_writes: false,
+                    dma: false,
+                    pages: n,
+                    target,
+                    mr: Some(p),
+                });
+            }
+            Kind::RdmaWrite | Kind::RdmaRead => {
+                // One RC QP between this process and another: a WRITE moves this
+                // process's MR into the peer's, a READ the other way, from offset 0
+                // over the shorter of the two.
+                let mine: Vec<usize> = (0..self.m.handles.len())
+                    .filter(|&k| self.m.handles[k].mr == Some(p))
+                    .collect();
+                let theirs: Vec<usize> = (0..self.m.handles.len())
+                    .filter(|&k| {
+                        self.m.handles[k]
+                            .mr
+                            .is_some_and(|q| q != p && self.m.procs[q].alive)
+                    })
+                    .collect();
+                if mine.is_empty() || theirs.is_empty() {
+                    return;
+                }
+                let l = mine[self.rng.gen_range(0..mine.len())];
+                let r = theirs[self.rng.gen_range(0..theirs.len())];
+                let n = self.m.handles[l].pages.min(self.m.handles[r].pages);
+                let peer = self.m.handles[r].mr.unwrap_or(p);
+                let verb = if kind == Kind::RdmaWrite {
+                    "write"
+                } else {
+                    "read"
+                };
+                self.line(format!(
+                    "{pn}: rnic.{verb} nic {} {} {} {}K expect bytes={}K",
+                    self.m.handles[l].name,
+                    self.m.procs[peer].name,
+                    self.m.handles[r].name,
+                    n * 4,
+                    n * 4
+                ));
+                let (src, dst) = if kind == Kind::RdmaWrite {
+                    (l, r)
+                } else {
+                    (r, l)
+                };
+                let offset = |h: &Handle| match h.target {
+                    Target::View { first, .. } | Target::Store { first, .. } => first,
+                };
+                let (from, to) = (offset(&self.m.handles[src]), offset(&self.m.handles[dst]));
+                // Two MRs over one memory that overlap: the order the NIC copies in is
+                // its own, so the model names nothing it wrote.
+                let same_memory = match (&self.m.handles[src].target, &self.m.handles[dst].target) {
+                    (Target::Store { store: a, .. }, Target::Store { store: b, .. }) => a == b,
+                    (
+                        Target::View {
+                            proc: a, region: x, ..
+                        },
+                        Target::View {
+                            proc: b, region: y, ..
+                        },
+                    ) => a == b && x == y,
+                    _ => false,
+                };
+                let overlap = same_memory && from < to + n && to < from + n;
+                let data: Vec<Content> = (0..n)
+                    .map(|i| self.handle_content(&self.m.handles[src], i))
+                    .collect();
+                for (i, c) in (0..n).zip(data) {
+                    // A pattern is keyed by region offset: moved elsewhere it is data
+                    // the model no longer names.
+                    let c = match c {
+                        _ if overlap => Content::Unknown,
+                        Content::Pattern(_) if from != to => Content::Unknown,
+                        c => c,
+                    };
+                    self.dma_wrote(dst, i, c);
                 }
             }
             Kind::Release => {
@@ -1138,6 +1260,7 @@ pub fn generate_mix_skipping(seed: u64, steps: usize, mix: Mix, skip: &BTreeSet<
     g.out
         .push_str("device dm dmirror memory=private chunk=64K max_chunks=2\n");
     g.out.push_str("device g gpu vram=256K\n");
+    g.out.push_str("device nic rnic\n");
     g.spawn();
     for i in 0..steps {
         if skip.contains(&i) {
