@@ -144,8 +144,14 @@ struct Handle {
     dma: bool,
     pages: u64,
     target: Target,
-    /// For a pinned RDMA memory region, the process that registered it (its PD).
+    /// For an RDMA memory region, the process that registered it (its PD).
     mr: Option<usize>,
+    /// For an on-demand MR: the process and region it follows. It pins nothing, so its
+    /// target is whatever that process maps there now.
+    odp: Option<(usize, usize)>,
+    /// An on-demand MR whose range its process unmapped: a later mapping may take the
+    /// same addresses, which the MR would then reach, so the model uses it no more.
+    dead: bool,
 }
 
 /// The operation kinds, each with a swarm weight.
@@ -277,6 +283,9 @@ struct Model {
     /// offset it came from (a pattern is keyed by region offset, so a block read back
     /// checks as that pattern only at the same offset).
     disk: BTreeMap<u64, (Content, u64)>,
+    /// QPs (actor, peer) whose request failed: an RC QP in the error state flushes
+    /// every later request (IBV_WC_WR_FLUSH_ERR).
+    broken_qps: BTreeSet<(usize, usize)>,
 }
 
 struct Gen {
@@ -320,6 +329,7 @@ impl Gen {
                 next: 0,
                 violations: 0,
                 disk: BTreeMap::new(),
+                broken_qps: BTreeSet::new(),
             },
         }
     }
@@ -473,8 +483,9 @@ impl Gen {
         for region in regions {
             let on: Vec<usize> = (0..self.m.handles.len())
                 .filter(|&k| {
-                    matches!(self.m.handles[k].target,
-                        Target::View { proc, region: hr, .. } if proc == p && hr == region)
+                    self.m.handles[k].odp.is_none()
+                        && matches!(self.m.handles[k].target,
+                            Target::View { proc, region: hr, .. } if proc == p && hr == region)
                 })
                 .collect();
             if on.is_empty() {
@@ -488,6 +499,18 @@ impl Gen {
             for k in on {
                 if let Target::View { first, .. } = self.m.handles[k].target {
                     self.m.handles[k].target = Target::Store { store, first };
+                }
+            }
+        }
+    }
+
+    /// On-demand MRs over `p`'s mapping of `r` (all of `p`'s when `None`) lose their
+    /// range: the process exited or unmapped it.
+    fn kill_odp(&mut self, p: usize, r: Option<usize>) {
+        for h in &mut self.m.handles {
+            if let Some((q, region)) = h.odp {
+                if q == p && r.is_none_or(|r| r == region) {
+                    h.dead = true;
                 }
             }
         }
@@ -669,6 +692,7 @@ impl Gen {
                 }
                 self.line(format!("{pn}: exit"));
                 self.detach(p, None);
+                self.kill_odp(p, None);
                 self.m.procs[p].alive = false;
                 self.m.procs[p].views.clear();
                 self.maybe_check_quiet();
@@ -681,6 +705,7 @@ impl Gen {
                 if kind == Kind::Munmap {
                     self.line(format!("{pn}: munmap {rn} {len}K"));
                     self.detach(p, Some(r));
+                    self.kill_odp(p, Some(r));
                     self.m.procs[p].views.remove(&r);
                     self.line(format!("{pn}: read {rn} 4K expect EFAULT"));
                     if self.m.regions[r].p2p {
@@ -799,6 +824,8 @@ impl Gen {
                     pages: n,
                     target,
                     mr: None,
+                    odp: None,
+                    dead: false,
                 });
             }
             Kind::DmaRead | Kind::DmaWrite | Kind::IommuFault => {
@@ -862,14 +889,23 @@ impl Gen {
                 let (first, n) = self.range(self.m.regions[r].pages);
                 let h = self.fresh("mr");
                 let rn = self.m.regions[r].name.clone();
+                // On demand (ODP): nothing pinned, the NIC faults what the process maps.
+                let odp = self.rng.gen_bool(0.4);
+                let access = if odp {
+                    " access=local_write,remote_write,remote_read,on_demand"
+                } else {
+                    ""
+                };
                 self.line(format!(
-                    "{pn}: {h} = rnic.reg_mr nic {rn}+{}K {}K",
+                    "{pn}: {h} = rnic.reg_mr nic {rn}+{}K {}K{access}",
                     first * 4,
                     n * 4
                 ));
-                for i in first..first + n {
-                    let c = self.content(p, r, i);
-                    self.set(p, r, i, c);
+                if !odp {
+                    for i in first..first + n {
+                        let c = self.content(p, r, i);
+                        self.set(p, r, i, c);
+                    }
                 }
                 let target = match self.m.regions[r].store {
                     Some(store) => Target::Store { store, first },
@@ -887,6 +923,8 @@ impl Gen {
                     pages: n,
                     target,
                     mr: Some(p),
+                    odp: odp.then_some((p, r)),
+                    dead: false,
                 });
             }
             Kind::RdmaWrite | Kind::RdmaRead => {
@@ -894,13 +932,12 @@ impl Gen {
                 // process's MR into the peer's, a READ the other way, from offset 0
                 // over the shorter of the two.
                 let mine: Vec<usize> = (0..self.m.handles.len())
-                    .filter(|&k| self.m.handles[k].mr == Some(p))
+                    .filter(|&k| self.m.handles[k].mr == Some(p) && !self.m.handles[k].dead)
                     .collect();
                 let theirs: Vec<usize> = (0..self.m.handles.len())
                     .filter(|&k| {
-                        self.m.handles[k]
-                            .mr
-                            .is_some_and(|q| q != p && self.m.procs[q].alive)
+                        let h = &self.m.handles[k];
+                        !h.dead && h.mr.is_some_and(|q| q != p && self.m.procs[q].alive)
                     })
                     .collect();
                 if mine.is_empty() || theirs.is_empty() {
@@ -915,19 +952,48 @@ impl Gen {
                 } else {
                     "read"
                 };
-                self.line(format!(
-                    "{pn}: rnic.{verb} nic {} {} {} {}K expect bytes={}K",
-                    self.m.handles[l].name,
-                    self.m.procs[peer].name,
-                    self.m.handles[r].name,
-                    n * 4,
-                    n * 4
-                ));
                 let (src, dst) = if kind == Kind::RdmaWrite {
                     (l, r)
                 } else {
                     (r, l)
                 };
+                // An on-demand MR works only while its process maps the range with the
+                // access the NIC needs: reading the source, writing the destination.
+                let usable = |g: &Gen, k: usize, write: bool| {
+                    let h = &g.m.handles[k];
+                    match h.odp {
+                        None => true,
+                        Some((q, region)) => g.m.procs[q].views.get(&region).is_some_and(|v| {
+                            if write {
+                                v.prot == Prot::Rw
+                            } else {
+                                v.prot != Prot::None
+                            }
+                        }),
+                    }
+                };
+                let qp = (p, peer);
+                let ok = !self.m.broken_qps.contains(&qp)
+                    && usable(self, src, false)
+                    && usable(self, dst, true);
+                self.line(format!(
+                    "{pn}: rnic.{verb} nic {} {} {} {}K expect {}",
+                    self.m.handles[l].name,
+                    self.m.procs[peer].name,
+                    self.m.handles[r].name,
+                    n * 4,
+                    if ok {
+                        format!("bytes={}K", n * 4)
+                    } else {
+                        "error".to_string()
+                    }
+                ));
+                if !ok {
+                    // The failed request, or the flush of one after it, leaves the QP in
+                    // the error state.
+                    self.m.broken_qps.insert(qp);
+                    return;
+                }
                 let offset = |h: &Handle| match h.target {
                     Target::View { first, .. } | Target::Store { first, .. } => first,
                 };
@@ -1160,6 +1226,7 @@ impl Gen {
                 // handle keeps once the process is gone.
                 self.dma_wrote(k, 0, Content::Fill(b));
                 self.detach(proc, None);
+                self.kill_odp(proc, None);
                 self.m.procs[proc].alive = false;
                 self.m.procs[proc].views.clear();
             }
