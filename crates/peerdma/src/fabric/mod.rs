@@ -14,7 +14,7 @@ pub mod p2p;
 pub mod path;
 
 pub use error::FabricError;
-pub use import::presets::{preset, PRESETS};
+pub use import::presets::{preset, preset_shared, PRESETS};
 pub use matrix::{Cell, Matrix};
 pub use model::{
     Acs, AcsFlags, Bar, BusRange, ConfigState, DeviceClass, FnId, Function, Gaps, HostBridge,

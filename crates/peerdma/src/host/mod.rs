@@ -128,7 +128,15 @@ impl Host {
         cfg: &HostConfig,
         devices: &[DeviceSpec],
     ) -> Result<Self, HostError> {
-        let topo = Arc::new(topo);
+        Self::build_shared(Arc::new(topo), cfg, devices)
+    }
+
+    /// [`Host::build`] on a topology already shared (a scenario plan's, a preset's).
+    pub fn build_shared(
+        topo: Arc<Topology>,
+        cfg: &HostConfig,
+        devices: &[DeviceSpec],
+    ) -> Result<Self, HostError> {
         let phys = PhysMem::new(cfg.ram_bytes)?;
         let iommu = cfg.iommu.unwrap_or(topo.host().iommu.unwrap_or(false));
         let dma = Dma::new(topo.clone(), phys.clone(), iommu);

@@ -362,7 +362,13 @@ impl Runtime {
             "subscriptions" => self.host.quiescent().notifier_subscriptions as u64,
             "processes" => self.host.quiescent().processes.len() as u64,
             "violations" => self.host.dma().sanitizer().violations().len() as u64,
-            "p2p_bytes" => self.host.quiescent().p2p.iter().map(|p| p.bytes).sum(),
+            "p2p_bytes" => self
+                .host
+                .p2p()
+                .providers()
+                .iter()
+                .map(|p| p.size() - p.available())
+                .sum(),
             "bytes.switch" => s.via_switch,
             "bytes.host_bridge" => s.via_host_bridge,
             "bytes.ram" => s.host_ram,
@@ -426,8 +432,8 @@ impl Node {
 /// The machine a scenario runs on.
 #[derive(Clone, Debug)]
 pub struct MachineSpec {
-    /// The fabric.
-    pub topology: Topology,
+    /// The fabric, shared: a plan, its clones and the host built from it read one copy.
+    pub topology: Arc<Topology>,
     /// What names it (preset name or file).
     pub source: String,
     /// RAM bytes.
@@ -593,7 +599,7 @@ fn line_text(lines: &[Vec<String>], span: Span) -> String {
 impl Compiler<'_> {
     fn machine_or_default(&mut self) -> Result<MachineSpec, Diag> {
         if self.machine.is_none() {
-            let topology = crate::fabric::preset("workstation").map_err(|e| {
+            let topology = crate::fabric::preset_shared("workstation").map_err(|e| {
                 self.sources
                     .diag(Span::default(), format!("default machine: {e}"), None)
             })?;
@@ -688,7 +694,7 @@ impl Compiler<'_> {
                 ))
             }
             (Some(p), None) => {
-                let t = crate::fabric::preset(&p).map_err(|e| {
+                let t = crate::fabric::preset_shared(&p).map_err(|e| {
                     self.sources.diag(
                         a.span("preset").unwrap_or(span),
                         e.to_string(),
@@ -713,7 +719,7 @@ impl Compiler<'_> {
                 })?;
                 let t = crate::fabric::import::file::parse(&path.display().to_string(), &text)
                     .map_err(|e| self.sources.diag(at, e.to_string(), None))?;
-                (t, f)
+                (Arc::new(t), f)
             }
         };
         let ram = a.num("ram", 256 << 20);
@@ -1192,7 +1198,7 @@ impl Plan {
             .iter()
             .filter_map(|d| Some((d.model.spec?)(&m.topology, &d.args, d.bdf?)))
             .collect();
-        let host = Host::build(
+        let host = Host::build_shared(
             m.topology.clone(),
             &HostConfig {
                 ram_bytes: m.ram,

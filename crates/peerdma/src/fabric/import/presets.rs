@@ -31,9 +31,13 @@ pub const PRESETS: [(&str, &str, &str); 4] = [
 
 /// The preset called `name`.
 pub fn preset(name: &str) -> Result<Topology, FabricError> {
-    // Each preset is parsed once per process and cloned after: the fuzzer builds a
-    // machine from one for every seed.
-    static PARSED: [std::sync::OnceLock<Option<Topology>>; PRESETS.len()] =
+    preset_shared(name).map(|t| (*t).clone())
+}
+
+/// [`preset`] without the copy: the one parsed model, shared (what a scenario compiled
+/// once per fuzz seed uses).
+pub fn preset_shared(name: &str) -> Result<std::sync::Arc<Topology>, FabricError> {
+    static PARSED: [std::sync::OnceLock<Option<std::sync::Arc<Topology>>>; PRESETS.len()] =
         [const { std::sync::OnceLock::new() }; PRESETS.len()];
     let i = PRESETS
         .iter()
@@ -44,10 +48,9 @@ pub fn preset(name: &str) -> Result<Topology, FabricError> {
         })?;
     let (n, _, text) = PRESETS[i];
     let parse = || file::parse(&format!("preset {n}"), text);
-    match PARSED[i].get_or_init(|| parse().ok()) {
+    match PARSED[i].get_or_init(|| parse().ok().map(std::sync::Arc::new)) {
         Some(t) => Ok(t.clone()),
-        // A preset that does not parse is a bug a test catches; say what it is.
-        None => parse(),
+        None => parse().map(std::sync::Arc::new),
     }
 }
 
