@@ -504,6 +504,26 @@ impl Gen {
         }
     }
 
+    /// Pages `[first, first + n)` of `p`'s `r` as a pin (or MR) holds them: a write pin
+    /// breaks copy-on-write first, which the model sees as the process's own, populated
+    /// pages; a shared mapping's pages are its object's.
+    fn pinned(&mut self, p: usize, r: usize, first: u64, n: u64, write: bool) -> Target {
+        if write {
+            for i in first..first + n {
+                let c = self.content(p, r, i);
+                self.set(p, r, i, c);
+            }
+        }
+        match self.m.regions[r].store {
+            Some(store) => Target::Store { store, first },
+            None => Target::View {
+                proc: p,
+                region: r,
+                first,
+            },
+        }
+    }
+
     /// On-demand MRs over `p`'s mapping of `r` (all of `p`'s when `None`) lose their
     /// range: the process exited or unmapped it.
     fn kill_odp(&mut self, p: usize, r: Option<usize>) {
@@ -802,20 +822,7 @@ impl Gen {
                     )
                 };
                 self.line(text);
-                if write {
-                    for i in first..first + n {
-                        let c = self.content(p, r, i);
-                        self.set(p, r, i, c);
-                    }
-                }
-                let target = match self.m.regions[r].store {
-                    Some(store) => Target::Store { store, first },
-                    None => Target::View {
-                        proc: p,
-                        region: r,
-                        first,
-                    },
-                };
+                let target = self.pinned(p, r, first, n, write);
                 self.m.handles.push(Handle {
                     name: h,
                     dev_reads,
@@ -901,20 +908,8 @@ impl Gen {
                     first * 4,
                     n * 4
                 ));
-                if !odp {
-                    for i in first..first + n {
-                        let c = self.content(p, r, i);
-                        self.set(p, r, i, c);
-                    }
-                }
-                let target = match self.m.regions[r].store {
-                    Some(store) => Target::Store { store, first },
-                    None => Target::View {
-                        proc: p,
-                        region: r,
-                        first,
-                    },
-                };
+                // An ODP MR's target is only where it starts: it follows the process.
+                let target = self.pinned(p, r, first, n, !odp);
                 self.m.handles.push(Handle {
                     name: h,
                     dev_reads: false,
