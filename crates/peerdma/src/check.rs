@@ -274,7 +274,7 @@ fn readiness(topo: &Topology) -> KernelReadiness {
         k.config("CONFIG_ZONE_DEVICE"),
     ) {
         (Some(p), Some(z)) => Some(p.enabled() && z.enabled()),
-        (Some(p), None) if !p.enabled() => Some(false),
+        // PCI_P2PDMA depends on ZONE_DEVICE: the one tells for both.
         (Some(p), None) => Some(p.enabled()),
         _ => None,
     };

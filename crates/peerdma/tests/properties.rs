@@ -6,7 +6,7 @@ use peerdma::addr::{Bdf, BusId};
 use peerdma::fabric::model::FunctionSpec;
 use peerdma::fabric::{
     calc_map_type_and_dist, Acs, AcsFlags, FnId, Function, Gaps, HostBridge, HostInfo, MapType,
-    Matrix, PortKind, Topology, Upstream,
+    Matrix, PortKind, Topology,
 };
 use proptest::prelude::*;
 
@@ -76,10 +76,8 @@ fn build(nodes: &[Node], hb_id: u8, amd: bool) -> Topology {
         };
         specs.push(FunctionSpec {
             function: Function {
-                bdf: bdf_of(i, n),
                 vendor: 0x1234,
                 device: 0x1,
-                subsystem: None,
                 class: if n.bridge { 0x060400 } else { 0x010802 },
                 name: "x".into(),
                 kind: if n.bridge {
@@ -87,16 +85,8 @@ fn build(nodes: &[Node], hb_id: u8, amd: bool) -> Topology {
                 } else {
                     PortKind::Endpoint
                 },
-                buses: None,
-                bars: Vec::new(),
-                link: None,
                 acs,
-                iommu_group: None,
-                numa_node: None,
-                memory: None,
-                p2pmem: None,
-                nvme_cmb: None,
-                upstream: Upstream::HostBridge(0),
+                ..Function::bare(bdf_of(i, n))
             },
             parent: n.parent.map(|p| bdf_of(p, &nodes[p])),
             kind_known: true,
@@ -106,23 +96,13 @@ fn build(nodes: &[Node], hb_id: u8, amd: bool) -> Topology {
         let id = ids[(usize::from(hb_id) + h) % ids.len()];
         specs.push(FunctionSpec {
             function: Function {
-                bdf: Bdf::new(0, (h * 0x40) as u8, 0, 0).unwrap(),
                 vendor: 0x8086,
                 device: id,
-                subsystem: None,
                 class: 0x060000,
                 name: "hb".into(),
                 kind: PortKind::HostBridge,
-                buses: None,
-                bars: Vec::new(),
-                link: None,
                 acs: Acs::Absent,
-                iommu_group: None,
-                numa_node: None,
-                memory: None,
-                p2pmem: None,
-                nvme_cmb: None,
-                upstream: Upstream::HostBridge(0),
+                ..Function::bare(Bdf::new(0, (h * 0x40) as u8, 0, 0).unwrap())
             },
             parent: None,
             kind_known: true,

@@ -63,7 +63,7 @@ pub fn synthetic(functions: usize) -> Topology {
     use crate::addr::{Bdf, BusId};
     use crate::fabric::model::{
         Acs, AcsFlags, BusRange, Function, FunctionSpec, Gaps, HostBridge, HostInfo, Link,
-        LinkSpeed, PortKind, Upstream,
+        LinkSpeed, PortKind,
     };
     const PER_PORT: usize = 1 + 1 + 8 + 16;
     const PORTS_PER_HOST: usize = 24;
@@ -82,7 +82,6 @@ pub fn synthetic(functions: usize) -> Topology {
     let push = |specs: &mut Vec<FunctionSpec>, bdf: Bdf, class, kind, buses, acs, numa, group| {
         specs.push(FunctionSpec {
             function: Function {
-                bdf,
                 vendor: if kind == PortKind::Endpoint {
                     0x10de
                 } else {
@@ -93,20 +92,14 @@ pub fn synthetic(functions: usize) -> Topology {
                 } else {
                     0x2030
                 },
-                subsystem: None,
                 class,
-                name: String::new(),
                 kind,
                 buses,
-                bars: Vec::new(),
                 link: (kind != PortKind::HostBridge).then_some(link),
                 acs,
                 iommu_group: Some(group),
                 numa_node: Some(numa),
-                memory: None,
-                p2pmem: None,
-                nvme_cmb: None,
-                upstream: Upstream::HostBridge(0),
+                ..Function::bare(bdf)
             },
             parent: None,
             kind_known: true,
