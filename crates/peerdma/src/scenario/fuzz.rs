@@ -244,8 +244,27 @@ const P2P_POOL_PAGES: u64 = 512;
 const P2P_LIVE_PAGES: u64 = P2P_POOL_PAGES / 4;
 const P2P_LIVE_MAPPINGS: usize = 8;
 
-/// Blocks of the fuzz machine's NVMe namespace (1 MiB of 4 KiB blocks).
+/// Blocks of each fuzz drive's NVMe namespace (1 MiB of 4 KiB blocks).
 const DISK_BLOCKS: u64 = 256;
+
+/// The fuzz machines: where the second drive `n1` sits against `n0`, whose controller
+/// memory buffer is the p2pmem the model maps, and so how `n1`'s DMA into that buffer
+/// goes (pci_p2pdma_distance between the two functions).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Peer {
+    /// A q35: both drives on the root complex of a host bridge that is not on the
+    /// P2PDMA allowlist, so `n1` cannot reach `n0`'s buffer (EREMOTEIO).
+    Refused,
+    /// The workstation: both drives below one PCIe switch; the data goes by bus
+    /// address through the switch.
+    Switch,
+    /// The workstation with `n1` on a root port of its own: the data goes through the
+    /// (allowlisted) host bridge.
+    HostBridge,
+}
+
+/// The kinds that need the RDMA NIC, which only the q35 has.
+const NIC_KINDS: [Kind; 3] = [Kind::RegMr, Kind::RdmaWrite, Kind::RdmaRead];
 
 /// The kinds that race in a `parallel` group.
 const RACES: [Kind; 4] = [
@@ -279,10 +298,16 @@ struct Model {
     next: u64,
     /// DMA sanitizer reports injected so far (each IOMMU fault makes one).
     violations: u64,
-    /// The namespace's blocks written so far: what each holds and the region page
-    /// offset it came from (a pattern is keyed by region offset, so a block read back
-    /// checks as that pattern only at the same offset).
-    disk: BTreeMap<u64, (Content, u64)>,
+    /// Per drive (`n0`, `n1`), the namespace's blocks written so far: what each holds
+    /// and the region page offset it came from (a pattern is keyed by region offset,
+    /// so a block read back checks as that pattern only at the same offset).
+    disk: [BTreeMap<u64, (Content, u64)>; 2],
+    /// Where `n1` sits against `n0`'s buffer.
+    peer: Peer,
+    /// Bytes the drives moved into and out of p2pmem so far, by path: within `n0`
+    /// (its own buffer), through the switch and through the host bridge. Nothing
+    /// else on the fuzz machines moves data between two devices.
+    p2p_moved: [u64; 3],
     /// QPs (actor, peer) whose request failed: an RC QP in the error state flushes
     /// every later request (IBV_WC_WR_FLUSH_ERR).
     broken_qps: BTreeSet<(usize, usize)>,
@@ -328,7 +353,9 @@ impl Gen {
                 mirror_alive: true,
                 next: 0,
                 violations: 0,
-                disk: BTreeMap::new(),
+                disk: [BTreeMap::new(), BTreeMap::new()],
+                peer: Peer::Refused,
+                p2p_moved: [0; 3],
                 broken_qps: BTreeSet::new(),
             },
         }
@@ -1086,35 +1113,39 @@ impl Gen {
                 self.m.mirror_alive = false;
             }
             Kind::NvmeWrite => {
-                // The drive reads the buffer by DMA (get_user_dma_sg, to the device)
-                // into blocks lba.. of the namespace.
+                // A drive reads the buffer by DMA (get_user_dma_sg, to the device)
+                // into blocks lba.. of its namespace.
                 let Some(r) = self.view_of(p) else { return };
                 let (first, n) = self.range(self.m.regions[r].pages);
                 let lba = self.rng.gen_range(0..DISK_BLOCKS - n);
+                let d = self.rng.gen_range(0..2);
                 let rn = self.m.regions[r].name.clone();
-                let at = format!("{rn}+{}K {}K lba={lba}", first * 4, n * 4);
+                let at = format!("n{d} {rn}+{}K {}K lba={lba}", first * 4, n * 4);
                 if self.m.procs[p].views[&r].prot == Prot::None {
-                    self.line(format!("{pn}: nvme.write n0 {at} expect error"));
+                    self.line(format!("{pn}: nvme.write {at} expect error"));
                     return;
                 }
-                self.line(format!("{pn}: nvme.write n0 {at}"));
+                if !self.drive_dma(&pn, "write", &at, r, d, n) {
+                    return;
+                }
                 for k in 0..n {
                     let c = self.content(p, r, first + k);
-                    self.m.disk.insert(lba + k, (c, first + k));
+                    self.m.disk[d].insert(lba + k, (c, first + k));
                 }
             }
             Kind::NvmeRead => {
-                // The drive writes one block into a page by DMA (FOLL_WRITE: copy-on-
+                // A drive writes one block into a page by DMA (FOLL_WRITE: copy-on-
                 // write broken first); a pattern lands at the offset it came from.
                 let Some(r) = self.view_of(p) else { return };
+                let d = self.rng.gen_range(0..2);
                 // Mostly a block written before, so there is data to check.
-                let written: Vec<u64> = self.m.disk.keys().copied().collect();
+                let written: Vec<u64> = self.m.disk[d].keys().copied().collect();
                 let lba = if !written.is_empty() && self.rng.gen_bool(0.75) {
                     written[self.rng.gen_range(0..written.len())]
                 } else {
                     self.rng.gen_range(0..DISK_BLOCKS)
                 };
-                let (c, from) = self.m.disk.get(&lba).copied().unwrap_or((ZERO, 0));
+                let (c, from) = self.m.disk[d].get(&lba).copied().unwrap_or((ZERO, 0));
                 let pages = self.m.regions[r].pages;
                 let i = match c {
                     Content::Pattern(_) if from < pages => from,
@@ -1122,12 +1153,14 @@ impl Gen {
                     _ => self.rng.gen_range(0..pages),
                 };
                 let rn = self.m.regions[r].name.clone();
-                let at = format!("{rn}+{}K 4K lba={lba}", i * 4);
+                let at = format!("n{d} {rn}+{}K 4K lba={lba}", i * 4);
                 if self.m.procs[p].views[&r].prot != Prot::Rw {
-                    self.line(format!("{pn}: nvme.read n0 {at} expect error"));
+                    self.line(format!("{pn}: nvme.read {at} expect error"));
                     return;
                 }
-                self.line(format!("{pn}: nvme.read n0 {at}"));
+                if !self.drive_dma(&pn, "read", &at, r, d, 1) {
+                    return;
+                }
                 self.set(p, r, i, c);
                 let check = c.check();
                 if !check.is_empty() {
@@ -1239,6 +1272,46 @@ impl Gen {
         }
     }
 
+    /// Writes drive `d`'s command `verb` (`at` names the drive, buffer and blocks) on
+    /// `n` pages of region `r`, with what the model expects of it, and says whether it
+    /// moves data. A buffer in system RAM is always reachable. A p2pmem buffer is
+    /// `n0`'s own memory: `n0` reaches it within the device, `n1` as the machine's
+    /// [`Peer`] says, and the bytes by path are checked after each such command.
+    fn drive_dma(&mut self, pn: &str, verb: &str, at: &str, r: usize, d: usize, n: u64) -> bool {
+        if !self.m.regions[r].p2p {
+            self.line(format!("{pn}: nvme.{verb} {at}"));
+            return true;
+        }
+        let path = match (d, self.m.peer) {
+            (0, _) => 0,
+            (_, Peer::Refused) => {
+                // pci_p2pdma_map_type() is NOT_SUPPORTED: the mapping fails before the
+                // command runs, and nothing moves.
+                self.line(format!("{pn}: nvme.{verb} {at} expect EREMOTEIO"));
+                return false;
+            }
+            (_, Peer::Switch) => 1,
+            (_, Peer::HostBridge) => 2,
+        };
+        self.line(format!("{pn}: nvme.{verb} {at}"));
+        self.m.p2p_moved[path] += n * 4096;
+        let k = |b: u64| {
+            if b == 0 {
+                "0".to_string()
+            } else {
+                format!("{}K", b / 1024)
+            }
+        };
+        let [same, switch, bridge] = self.m.p2p_moved;
+        self.line(format!(
+            "expect bytes.same_device={} bytes.switch={} bytes.host_bridge={}",
+            k(same),
+            k(switch),
+            k(bridge)
+        ));
+        true
+    }
+
     /// MADV_DONTNEED: private pages drop (zero, unpopulated; pins keep the old pages),
     /// shared ones stay in their object.
     fn zap(&mut self, p: usize, r: usize) {
@@ -1266,9 +1339,10 @@ impl Gen {
     }
 }
 
-/// The scenario seed `seed` draws: `steps` operations on a q35 with an NVMe drive (a
-/// 2 MiB controller memory buffer, mapped as p2pmem) and a dmirror whose memory pool
-/// holds two 64 KiB chunks.
+/// The scenario seed `seed` draws: `steps` operations on a q35 or the workstation
+/// (drawn per seed) with two NVMe drives (the first with a 2 MiB controller memory
+/// buffer, mapped as p2pmem), a dmirror whose memory pool holds two 64 KiB chunks, a
+/// GPU with 256 KiB of VRAM and, on the q35, an RDMA NIC.
 pub fn generate(seed: u64, steps: usize) -> String {
     generate_skipping(seed, steps, &BTreeSet::new())
 }
@@ -1303,6 +1377,32 @@ pub fn generate_mix_skipping(seed: u64, steps: usize, mix: Mix, skip: &BTreeSet<
             );
         }
     }
+    let iommu = if g.rng.gen_bool(0.5) { "on" } else { "off" };
+    // Half the seeds on the q35 (the NIC, and peer DMA refused), the rest on the
+    // workstation with the second drive below the switch or beside it.
+    g.m.peer = match g.rng.gen_range(0..4) {
+        0 | 1 => Peer::Refused,
+        2 => Peer::Switch,
+        _ => Peer::HostBridge,
+    };
+    if g.m.peer != Peer::Refused {
+        g.weights.retain(|(k, _)| !NIC_KINDS.contains(k));
+    }
+    let (machine, n0, n1, gpu) = match g.m.peer {
+        Peer::Refused => ("q35", "", "", ""),
+        Peer::Switch => (
+            "workstation",
+            " at=0000:05:00.0",
+            " at=0000:06:00.0",
+            " at=0000:03:00.0",
+        ),
+        Peer::HostBridge => (
+            "workstation",
+            " at=0000:05:00.0",
+            " at=0000:07:00.0",
+            " at=0000:03:00.0",
+        ),
+    };
     let kinds: Vec<String> = g
         .weights
         .iter()
@@ -1316,13 +1416,15 @@ pub fn generate_mix_skipping(seed: u64, steps: usize, mix: Mix, skip: &BTreeSet<
             skip.len()
         );
     }
-    let iommu = if g.rng.gen_bool(0.5) { "on" } else { "off" };
-    let _ = writeln!(g.out, "machine preset=q35 ram=16M iommu={iommu}");
-    g.out.push_str("device n0 nvme capacity=1M cmb=2M\n");
+    let _ = writeln!(g.out, "machine preset={machine} ram=16M iommu={iommu}");
+    let _ = writeln!(g.out, "device n0 nvme{n0} capacity=1M cmb=2M");
+    let _ = writeln!(g.out, "device n1 nvme{n1} capacity=1M");
     g.out
         .push_str("device dm dmirror memory=private chunk=64K max_chunks=2\n");
-    g.out.push_str("device g gpu vram=256K\n");
-    g.out.push_str("device nic rnic\n");
+    let _ = writeln!(g.out, "device g gpu{gpu} vram=256K");
+    if g.m.peer == Peer::Refused {
+        g.out.push_str("device nic rnic\n");
+    }
     g.spawn();
     for i in 0..steps {
         if skip.contains(&i) {
