@@ -147,13 +147,33 @@ fn rdma_into_vram_through_a_dma_buf_mr_follows_the_bo_when_it_is_evicted() {
             "{:?}",
             h.dma().sanitizer().violations()
         );
-        // The BO cannot be freed while exported; dereg and close release everything.
-        assert_eq!(gpu.bo_free(bo).unwrap_err().errno(), Errno::EBUSY);
+        // GEM_CLOSE while exported succeeds (drm_gem_handle_delete): the owner's
+        // handle is gone, but the dma-buf holds the GEM object, so the MR keeps
+        // working on the same memory.
+        let vram_before = gpu.vram_bytes().1;
+        gpu.bo_free(bo).unwrap();
+        assert_eq!(gpu.bo_info(bo).unwrap_err().errno(), Errno::ENOENT);
+        assert_eq!(gpu.bo_free(bo).unwrap_err().errno(), Errno::ENOENT);
+        let held = gpu.bos();
+        assert_eq!(held.len(), 1, "the dma-buf keeps the BO");
+        assert!(held[0].handle_closed);
+        assert_eq!(gpu.vram_bytes().1, vram_before);
+        assert_eq!(
+            rdma_write(&a, b"after close", 0x4000_0000, mr.rkey()),
+            WcStatus::Success
+        );
+        // The last reference frees it: dereg, then the descriptor and the buffer.
         b.ctx.dereg_mr(&mr).unwrap();
         assert_eq!(buf.stats().attachments, 0);
+        assert_eq!(gpu.bos().len(), 1, "the descriptor still holds it");
         b.p.files().close(fd).unwrap();
         drop(buf);
-        gpu.bo_free(bo).unwrap();
+        assert!(
+            gpu.bos().is_empty(),
+            "the last dma-buf reference freed the BO"
+        );
+        assert_eq!(gpu.vram_bytes().1, 0);
+        assert_eq!(gpu.bo_vram().free_frames(), gpu.bo_vram().frames());
     }
 }
 

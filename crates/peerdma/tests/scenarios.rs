@@ -3,7 +3,8 @@
 //! every check holding and nothing leaked; every file under `tests/scenarios/bad/` must
 //! be refused before it runs, at the line and column its first line names; every file
 //! under `tests/scenarios/fail/` must run and fail at the check its first line names.
-//! The minimised races under `tests/scenarios/races/` must pass too.
+//! The minimised races under `tests/scenarios/races/` and the other bugs the fuzzer
+//! found, under `tests/scenarios/found/`, must pass too.
 //! The parser is fuzzed with arbitrary text: it never panics, and every refusal points
 //! inside the text.
 
@@ -51,6 +52,8 @@ fn every_story_and_ported_selftest_passes() {
     all.extend(files("../../scenarios"));
     // The races the fuzzer found (also explored under shuttle by tests/shuttle_fuzz.rs).
     all.extend(files("tests/scenarios/races"));
+    // Other bugs the fuzzer found, minimised.
+    all.extend(files("tests/scenarios/found"));
     assert!(all.len() >= 9, "scenario files went missing: {all:?}");
     for p in all {
         let plan = load(&p, &vocab).unwrap_or_else(|d| panic!("{}", d.render()));

@@ -26,7 +26,7 @@ use crate::dma::{Direction, DmaDevice, DmaMapping, SgTable};
 use crate::dmabuf::{DmaBuf, Fence, Resv, ResvGuard, Usage};
 use crate::drivers::gpu::{bump, Gpu, GpuError};
 use crate::mem::{PageMapOps, PeerReach, Region};
-use crate::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use crate::sync::{order, Arc, InFlight, OrderedMutex, Weak};
 
 /// GPU virtual addresses of BOs start here: above every process address, so a GPU
@@ -74,6 +74,8 @@ pub struct BoInfo {
     pub bar_visible: bool,
     /// Times it moved between VRAM and system RAM.
     pub moves: u64,
+    /// Its GEM handle was closed: it lives on only for its holders.
+    pub handle_closed: bool,
 }
 
 /// An importer's hook, called when a BO it maps is about to move (the dma-buf
@@ -151,6 +153,19 @@ pub(crate) struct Bo {
     state: OrderedMutex<BoState>,
     /// GPU work and copies using the storage now (the BO's fence).
     busy: InFlight,
+    /// Its GEM handle was closed (`bo_free`): the owner reaches it no more, and it is
+    /// freed when its last holder — a dma-buf, a peer's mapping, a pin, a GPU address
+    /// mapping — lets go, as the GEM object's last reference does.
+    closed: AtomicBool,
+}
+
+/// Who looks a BO up by handle: its owner (through the GEM handle, which `bo_free`
+/// closes), or a holder of a reference the BO outlives its handle for (the dma-buf
+/// exporter and the CPU mappings of its buffer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum By {
+    Owner,
+    Holder,
 }
 
 /// A peer's DMA mapping of a BO (what a dma-buf importer's `map_attachment` gives):
@@ -160,8 +175,20 @@ pub(crate) struct Bo {
 pub struct BoDmaMap {
     bo: Arc<Bo>,
     gpu: Bdf,
+    /// The GPU, to free a closed BO when this mapping was its last holder.
+    owner: Weak<Gpu>,
     mapping: DmaMapping,
     notify: Option<Arc<dyn MoveNotify>>,
+}
+
+impl Drop for BoDmaMap {
+    fn drop(&mut self) {
+        if self.bo.closed.load(Ordering::Acquire) {
+            if let Some(gpu) = self.owner.upgrade() {
+                gpu.reap(&self.bo);
+            }
+        }
+    }
 }
 
 impl fmt::Debug for BoDmaMap {
@@ -254,10 +281,21 @@ impl Gpu {
     }
 
     fn bo(&self, h: BoHandle) -> Result<Arc<Bo>, GpuError> {
-        self.bos.lock().get(&h.0).cloned().ok_or(GpuError::NoBo {
-            dev: self.bdf,
-            handle: h,
-        })
+        self.find(h, By::Owner)
+    }
+
+    /// The BO behind `h`; for its owner, only while the handle is open (ENOENT after
+    /// `bo_free`).
+    pub(crate) fn find(&self, h: BoHandle, by: By) -> Result<Arc<Bo>, GpuError> {
+        self.bos
+            .lock()
+            .get(&h.0)
+            .filter(|b| by == By::Holder || !b.closed.load(Ordering::Acquire))
+            .cloned()
+            .ok_or(GpuError::NoBo {
+                dev: self.bdf,
+                handle: h,
+            })
     }
 
     fn tick(&self) -> u64 {
@@ -382,6 +420,12 @@ impl Gpu {
     /// VRAM is full (`amdgpu_gem_create`, `ttm_bo_validate`). ENOMEM naming the holders
     /// when nothing can make room; ENODEV once the GPU is being removed.
     pub fn bo_alloc(&self, bytes: u64) -> Result<BoHandle, GpuError> {
+        let r = self.bo_alloc_inner(bytes);
+        self.drop_orphans();
+        r
+    }
+
+    fn bo_alloc_inner(&self, bytes: u64) -> Result<BoHandle, GpuError> {
         if bytes == 0 {
             return Err(GpuError::Invalid {
                 dev: self.bdf,
@@ -414,6 +458,7 @@ impl Gpu {
             ),
             resv: Resv::new(),
             busy: InFlight::new(),
+            closed: AtomicBool::new(false),
         });
         self.bos.lock().insert(handle.0, bo.clone());
         if self.removed() {
@@ -426,45 +471,54 @@ impl Gpu {
         Ok(handle)
     }
 
-    /// Frees a BO (`GEM_CLOSE` of the last handle). EBUSY, and nothing changes, while
-    /// it is pinned, mapped into a GPU context, or mapped by a peer for DMA — each
-    /// named; ENOENT for an unknown handle.
+    /// Closes the BO's GEM handle (`GEM_CLOSE`); ENOENT for an unknown or closed
+    /// handle. The owner reaches the BO no more. Its memory goes at once when nothing
+    /// else holds it, or else when the last holder lets go: an exported dma-buf, a
+    /// peer's DMA mapping, a pin, a GPU address mapping (drm_gem_object_put of the
+    /// last reference), as [`Gpu::bo_info`]'s holders show until then.
     pub fn bo_free(&self, h: BoHandle) -> Result<(), GpuError> {
         let bo = self.bo(h)?;
-        let mut s = bo.state.lock();
-        s.importers.retain(|w| w.strong_count() > 0);
-        let mut holders = Vec::new();
-        if !s.pins.is_empty() {
-            holders.push(format!("pinned by {}", s.pins.join(", ")));
-        }
-        if s.gpu_mappings > 0 {
-            holders.push(format!("{} GPU address mappings", s.gpu_mappings));
-        }
-        let peers: Vec<String> = s
-            .importers
-            .iter()
-            .filter_map(Weak::upgrade)
-            .map(|m| m.mapping.dev().to_string())
-            .collect();
-        if !peers.is_empty() {
-            holders.push(format!("DMA-mapped by {}", peers.join(", ")));
-        }
-        s.exports.retain(|w| w.strong_count() > 0);
-        if !s.exports.is_empty() {
-            holders.push(format!("exported as {} dma-buf(s)", s.exports.len()));
-        }
-        if !holders.is_empty() {
-            return Err(GpuError::Busy {
+        if bo.closed.swap(true, Ordering::AcqRel) {
+            // A racing close won.
+            return Err(GpuError::NoBo {
                 dev: self.bdf,
-                what: h.to_string(),
-                holders: holders.join("; "),
+                handle: h,
             });
         }
-        bo.busy.wait_idle();
-        self.release_storage(&bo, &mut s);
-        drop(s);
-        self.bos.lock().remove(&h.0);
+        self.reap(&bo);
         Ok(())
+    }
+
+    /// Frees a closed BO that nothing holds any more. Every holder calls it as it
+    /// lets go; whichever is last frees the memory (the state lock orders them).
+    pub(crate) fn reap(&self, bo: &Arc<Bo>) {
+        if !bo.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let mut s = bo.state.lock();
+        s.importers.retain(|w| w.strong_count() > 0);
+        s.exports.retain(|w| w.strong_count() > 0);
+        let held = !s.pins.is_empty()
+            || s.gpu_mappings > 0
+            || !s.importers.is_empty()
+            || !s.exports.is_empty();
+        if held || matches!(s.storage, Storage::Gone) {
+            return;
+        }
+        bo.busy.wait_idle();
+        self.release_storage(bo, &mut s);
+        drop(s);
+        let mut table = self.bos.lock();
+        if table.get(&bo.handle.0).is_some_and(|b| Arc::ptr_eq(b, bo)) {
+            table.remove(&bo.handle.0);
+        }
+    }
+
+    /// [`Gpu::reap`] by handle, for a holder that keeps only the handle.
+    pub(crate) fn reap_handle(&self, h: BoHandle) {
+        if let Ok(bo) = self.find(h, By::Holder) {
+            self.reap(&bo);
+        }
     }
 
     /// Frees whatever storage the BO has; it is gone afterwards.
@@ -485,7 +539,12 @@ impl Gpu {
 
     /// What a BO is and who holds it.
     pub fn bo_info(&self, h: BoHandle) -> Result<BoInfo, GpuError> {
-        let bo = self.bo(h)?;
+        self.bo_info_by(h, By::Owner)
+    }
+
+    /// [`Gpu::bo_info`] for the owner or a holder.
+    pub(crate) fn bo_info_by(&self, h: BoHandle, by: By) -> Result<BoInfo, GpuError> {
+        let bo = self.find(h, by)?;
         let s = bo.state.lock();
         let (domain, visible) = match &s.storage {
             Storage::Vram(first) => (BoDomain::Vram, self.bo_vram.bus_hidden(*first).is_none()),
@@ -500,15 +559,16 @@ impl Gpu {
             peer_mappings: s.importers.iter().filter(|w| w.strong_count() > 0).count(),
             bar_visible: visible,
             moves: s.moves,
+            handle_closed: bo.closed.load(Ordering::Acquire),
         })
     }
 
-    /// Every live BO, by handle.
+    /// Every live BO, by handle: closed ones too while something holds them.
     pub fn bos(&self) -> Vec<BoInfo> {
         let handles: Vec<u32> = self.bos.lock().keys().copied().collect();
         handles
             .into_iter()
-            .filter_map(|h| self.bo_info(BoHandle(h)).ok())
+            .filter_map(|h| self.bo_info_by(BoHandle(h), By::Holder).ok())
             .collect()
     }
 
@@ -516,7 +576,17 @@ impl Gpu {
     /// importer, an RDMA registration, scan-out): it cannot move until every pin is
     /// dropped.
     pub fn bo_pin(&self, h: BoHandle, holder: &str) -> Result<BoDomain, GpuError> {
-        let bo = self.bo(h)?;
+        self.bo_pin_by(h, holder, By::Owner)
+    }
+
+    /// [`Gpu::bo_pin`] for the owner or a holder.
+    pub(crate) fn bo_pin_by(
+        &self,
+        h: BoHandle,
+        holder: &str,
+        by: By,
+    ) -> Result<BoDomain, GpuError> {
+        let bo = self.find(h, by)?;
         let mut s = bo.state.lock();
         s.pins.push(holder.to_string());
         Ok(match s.storage {
@@ -526,8 +596,17 @@ impl Gpu {
     }
 
     /// Drops one pin `holder` took; EINVAL when it holds none.
+    ///
+    /// A pin is a reference of its own: its holder drops it even after the GEM handle
+    /// closed, and the last one frees a closed BO.
     pub fn bo_unpin(&self, h: BoHandle, holder: &str) -> Result<(), GpuError> {
-        let bo = self.bo(h)?;
+        self.bo_unpin_by(h, holder, By::Holder)
+    }
+
+    /// [`Gpu::bo_unpin`] for the owner or a holder; the last holder of a closed BO
+    /// frees it.
+    pub(crate) fn bo_unpin_by(&self, h: BoHandle, holder: &str, by: By) -> Result<(), GpuError> {
+        let bo = self.find(h, by)?;
         let mut s = bo.state.lock();
         let Some(i) = s.pins.iter().position(|p| p == holder) else {
             return Err(GpuError::Invalid {
@@ -539,6 +618,8 @@ impl Gpu {
             });
         };
         s.pins.remove(i);
+        drop(s);
+        self.reap(&bo);
         Ok(())
     }
 
@@ -564,15 +645,37 @@ impl Gpu {
     /// for the DMA in flight through it. The reservation lock is held.
     fn revoke_importers(&self, h: BoHandle, s: &mut BoState, resv: &ResvGuard<'_>) {
         s.exports.retain(|w| w.strong_count() > 0);
-        for buf in s.exports.iter().filter_map(Weak::upgrade) {
+        let bufs: Vec<Arc<DmaBuf>> = s.exports.iter().filter_map(Weak::upgrade).collect();
+        for buf in bufs {
             buf.move_notify(resv);
+            // Its last reference may have gone meanwhile: it must not go here, with
+            // the BO locked, since the buffer's going may free the BO.
+            self.park(buf);
         }
-        for m in s.importers.drain(..).filter_map(|w| w.upgrade()) {
+        let maps: Vec<Arc<BoDmaMap>> = s.importers.drain(..).filter_map(|w| w.upgrade()).collect();
+        for m in maps {
             if let Some(n) = &m.notify {
                 n.move_notify(self.bdf, h);
             }
             m.mapping.revoke();
+            self.park(m);
         }
+    }
+
+    /// Keeps `a` for [`Gpu::drop_orphans`] when it is its last reference: a move
+    /// holds the BO's lock, and the last reference to a dma-buf or a peer's mapping
+    /// of a closed BO frees the BO, which takes that lock.
+    fn park<T: Send + 'static>(&self, a: Arc<T>) {
+        if let Some(last) = Arc::into_inner(a) {
+            self.orphans.lock().push(Box::new(last));
+        }
+    }
+
+    /// Drops what moves parked, with no BO locked: every public entry that can move a
+    /// BO calls it on its way out.
+    pub(crate) fn drop_orphans(&self) {
+        let parked = std::mem::take(&mut *self.orphans.lock());
+        drop(parked);
     }
 
     /// Moves a BO from VRAM to system RAM with the copy engine; Ok(false) when it is
@@ -637,6 +740,12 @@ impl Gpu {
     /// moved, Ok(false) when it was there already; EBUSY naming the pin holders when
     /// it is pinned.
     pub fn bo_evict(&self, h: BoHandle) -> Result<bool, GpuError> {
+        let r = self.bo_evict_inner(h);
+        self.drop_orphans();
+        r
+    }
+
+    fn bo_evict_inner(&self, h: BoHandle) -> Result<bool, GpuError> {
         let bo = self.bo(h)?;
         let mut resv = bo.resv.lock();
         let mut s = bo.state.lock();
@@ -651,6 +760,12 @@ impl Gpu {
     /// Moves every BO that may move to system RAM (suspend, or a driver freeing all of
     /// VRAM); pinned ones stay and are listed with who pinned them.
     pub fn evict_bos(&self) -> BoEviction {
+        let r = self.evict_bos_inner();
+        self.drop_orphans();
+        r
+    }
+
+    fn evict_bos_inner(&self) -> BoEviction {
         let all: Vec<Arc<Bo>> = self.bos.lock().values().cloned().collect();
         let mut out = BoEviction::default();
         for bo in all {
@@ -672,6 +787,12 @@ impl Gpu {
     /// allocation does (`ttm_bo_validate` into VRAM). Returns where it is afterwards:
     /// a pinned BO stays in RAM; ENOMEM naming the holders when VRAM cannot take it.
     pub fn bo_validate(&self, h: BoHandle) -> Result<BoDomain, GpuError> {
+        let r = self.bo_validate_inner(h);
+        self.drop_orphans();
+        r
+    }
+
+    fn bo_validate_inner(&self, h: BoHandle) -> Result<BoDomain, GpuError> {
         let bo = self.bo(h)?;
         self.validate(&bo)
     }
@@ -744,6 +865,12 @@ impl Gpu {
     /// EINVAL when the BO is in system RAM or larger than the window; ENXIO-like
     /// `NoBar` when the GPU has no BAR onto VRAM.
     pub fn bar_point(&self, h: BoHandle) -> Result<BusAddr, GpuError> {
+        let r = self.bar_point_inner(h);
+        self.drop_orphans();
+        r
+    }
+
+    fn bar_point_inner(&self, h: BoHandle) -> Result<BusAddr, GpuError> {
         let bar = self.bo_ops.bar.ok_or(GpuError::NoBar { dev: self.bdf })?;
         let bo = self.bo(h)?;
         let invalid = |why| GpuError::Invalid {
@@ -805,13 +932,25 @@ impl Gpu {
     /// VRAM the BAR does not show is not addressable); where it is in system RAM, as
     /// RAM. `notify` is told before the BO next moves.
     pub fn bo_map_peer(
-        &self,
+        self: &Arc<Self>,
         h: BoHandle,
         dev: &DmaDevice,
         dir: Direction,
         notify: Option<Arc<dyn MoveNotify>>,
     ) -> Result<Arc<BoDmaMap>, GpuError> {
-        let bo = self.bo(h)?;
+        self.bo_map_peer_by(h, dev, dir, notify, By::Owner)
+    }
+
+    /// [`Gpu::bo_map_peer`] for the owner or a holder.
+    pub(crate) fn bo_map_peer_by(
+        self: &Arc<Self>,
+        h: BoHandle,
+        dev: &DmaDevice,
+        dir: Direction,
+        notify: Option<Arc<dyn MoveNotify>>,
+        by: By,
+    ) -> Result<Arc<BoDmaMap>, GpuError> {
+        let bo = self.find(h, by)?;
         if self.removed() {
             return Err(GpuError::Removed { dev: self.bdf });
         }
@@ -839,6 +978,7 @@ impl Gpu {
         let m = Arc::new(BoDmaMap {
             bo: bo.clone(),
             gpu: self.bdf,
+            owner: Arc::downgrade(self),
             mapping,
             notify,
         });
@@ -957,13 +1097,20 @@ impl Gpu {
         Ok(bo)
     }
 
-    pub(crate) fn bo_unmap_va(&self, bo: &Bo) {
+    pub(crate) fn bo_unmap_va(&self, bo: &Arc<Bo>) {
         let mut s = bo.state.lock();
         s.gpu_mappings = s.gpu_mappings.saturating_sub(1);
+        drop(s);
+        self.reap(bo);
     }
 
     /// Hot removal of the BOs: every importer is told and revoked, every BO freed.
     pub(crate) fn remove_bos(&self) {
+        self.remove_bos_inner();
+        self.drop_orphans();
+    }
+
+    fn remove_bos_inner(&self) {
         let all: Vec<Arc<Bo>> = std::mem::take(&mut *self.bos.lock())
             .into_values()
             .collect();
@@ -992,7 +1139,7 @@ impl Gpu {
 
     /// The BO's reservation object.
     pub(crate) fn bo_resv(&self, h: BoHandle) -> Result<Arc<Resv>, GpuError> {
-        Ok(self.bo(h)?.resv.clone())
+        Ok(self.find(h, By::Holder)?.resv.clone())
     }
 
     /// Moves the BO to system RAM with its reservation lock held (`resv`), for an
@@ -1002,7 +1149,7 @@ impl Gpu {
         h: BoHandle,
         resv: &mut ResvGuard<'_>,
     ) -> Result<(), GpuError> {
-        let bo = self.bo(h)?;
+        let bo = self.find(h, By::Holder)?;
         debug_assert!(resv.holds(&bo.resv));
         let mut s = bo.state.lock();
         self.move_to_ram(&bo, &mut s, resv)
@@ -1016,7 +1163,7 @@ impl Gpu {
 
     /// The frames holding the BO now, in order (for a CPU mapping of a pinned BO).
     pub(crate) fn bo_frames(&self, h: BoHandle) -> Result<Vec<Pfn>, GpuError> {
-        let bo = self.bo(h)?;
+        let bo = self.find(h, By::Holder)?;
         let s = bo.state.lock();
         match &s.storage {
             Storage::Vram(first) => Ok((0..bo.pages).map(|i| Pfn(first.0 + i)).collect()),

@@ -13,6 +13,7 @@ use std::fmt;
 use crate::addr::{Bdf, VirtAddr, PAGE_SIZE};
 use crate::dma::Direction;
 use crate::dmabuf::{AttachInfo, DmaBuf, DmaBufError, Exporter, Mapped, ResvGuard};
+use crate::drivers::gpu::bo::By;
 use crate::drivers::gpu::{BoDmaMap, BoDomain, BoHandle, Gpu, GpuError};
 use crate::errno::Errno;
 use crate::fabric::MapType;
@@ -38,12 +39,22 @@ impl Mapped for BoDmaMap {
 /// One exported BO.
 ///
 /// # Invariants
-/// While the buffer lives the BO cannot be freed (`bo_free` refuses it).
+/// While the buffer lives the BO's memory does: its GEM handle may close, and the
+/// exporter then frees it when the buffer goes (the dma-buf's reference on the GEM
+/// object, drm_gem_dmabuf_release).
 struct BoExporter {
     gpu: Weak<Gpu>,
     bdf: Bdf,
     handle: BoHandle,
     policy: P2pPolicy,
+}
+
+impl Drop for BoExporter {
+    fn drop(&mut self) {
+        if let Some(gpu) = self.gpu.upgrade() {
+            gpu.reap_handle(self.handle);
+        }
+    }
 }
 
 impl fmt::Debug for BoExporter {
@@ -133,19 +144,21 @@ impl Exporter for BoExporter {
     fn pin(&self, resv: &mut ResvGuard<'_>, att: &AttachInfo) -> Result<(), DmaBufError> {
         let op = "pin";
         let gpu = self.gpu(op)?;
-        let info = gpu.bo_info(self.handle).map_err(|e| err(op, e))?;
+        let info = gpu
+            .bo_info_by(self.handle, By::Holder)
+            .map_err(|e| err(op, e))?;
         if !att.peer2peer && info.domain == BoDomain::Vram {
             gpu.bo_to_ram_locked(self.handle, resv)
                 .map_err(|e| err(op, e))?;
         }
-        gpu.bo_pin(self.handle, &Self::holder(att))
+        gpu.bo_pin_by(self.handle, &Self::holder(att), By::Holder)
             .map(|_| ())
             .map_err(|e| err(op, e))
     }
 
     fn unpin(&self, _resv: &ResvGuard<'_>, att: &AttachInfo) {
         if let Some(gpu) = self.gpu.upgrade() {
-            let _ = gpu.bo_unpin(self.handle, &Self::holder(att));
+            let _ = gpu.bo_unpin_by(self.handle, &Self::holder(att), By::Holder);
         }
     }
 
@@ -157,13 +170,15 @@ impl Exporter for BoExporter {
     ) -> Result<Arc<dyn Mapped>, DmaBufError> {
         let op = "map_attachment";
         let gpu = self.gpu(op)?;
-        let info = gpu.bo_info(self.handle).map_err(|e| err(op, e))?;
+        let info = gpu
+            .bo_info_by(self.handle, By::Holder)
+            .map_err(|e| err(op, e))?;
         if !att.peer2peer && info.domain == BoDomain::Vram {
             gpu.bo_to_ram_locked(self.handle, resv)
                 .map_err(|e| err(op, e))?;
         }
         let m = gpu
-            .bo_map_peer(self.handle, &att.dev, dir, None)
+            .bo_map_peer_by(self.handle, &att.dev, dir, None, By::Holder)
             .map_err(|e| err(op, e))?;
         Ok(m)
     }
@@ -183,12 +198,12 @@ impl Exporter for BoExporter {
             handle: self.handle,
             pages: AtomicU64::new(0),
         });
-        gpu.bo_pin(self.handle, CpuMaps::HOLDER)
+        gpu.bo_pin_by(self.handle, CpuMaps::HOLDER, By::Holder)
             .map_err(|e| err(op, e))?;
         let frames = match gpu.bo_frames(self.handle) {
             Ok(f) => f,
             Err(e) => {
-                let _ = gpu.bo_unpin(self.handle, CpuMaps::HOLDER);
+                let _ = gpu.bo_unpin_by(self.handle, CpuMaps::HOLDER, By::Holder);
                 return Err(err(op, e));
             }
         };
@@ -198,7 +213,7 @@ impl Exporter for BoExporter {
         match mm.mmap_pages(&frames[first..first + n], prot, Some(PagesOwnerRef(owner))) {
             Ok(va) => Ok(va),
             Err(e) => {
-                let _ = gpu.bo_unpin(self.handle, CpuMaps::HOLDER);
+                let _ = gpu.bo_unpin_by(self.handle, CpuMaps::HOLDER, By::Holder);
                 Err(DmaBufError::new(op, e.errno(), e.to_string()))
             }
         }
@@ -225,7 +240,7 @@ impl PagesOwner for CpuMaps {
         let pages = len / PAGE_SIZE;
         if self.pages.fetch_sub(pages, Ordering::SeqCst) == pages {
             if let Some(gpu) = self.gpu.upgrade() {
-                let _ = gpu.bo_unpin(self.handle, Self::HOLDER);
+                let _ = gpu.bo_unpin_by(self.handle, Self::HOLDER, By::Holder);
             }
         }
     }
@@ -233,7 +248,8 @@ impl PagesOwner for CpuMaps {
 
 impl Gpu {
     /// Exports a BO as a dma-buf (`drm_gem_prime_export`); importers that cannot
-    /// reach VRAM get `policy`. The BO cannot be freed while the buffer lives.
+    /// reach VRAM get `policy`. The buffer holds the BO: closing its GEM handle
+    /// leaves it to the buffer's importers and CPU mappings until the buffer goes.
     pub fn bo_export(
         self: &Arc<Self>,
         h: BoHandle,

@@ -297,6 +297,9 @@ pub struct Gpu {
     window_target: OrderedMutex<Option<BoHandle>>,
     /// A use counter for least-recently-used eviction.
     clock: AtomicU64,
+    /// Last references a move let go of with a BO locked (`Gpu::drop_orphans`).
+    /// Lock order: a leaf.
+    orphans: OrderedMutex<Vec<Box<dyn std::any::Any + Send>>>,
     mirrors: MirrorSet,
     stats: Counters,
     /// Set when hot removal begins: no new work, no new VRAM.
@@ -500,6 +503,7 @@ impl Gpu {
             next_handle: AtomicU32::new(1),
             window_target: OrderedMutex::new(&order::LEAF, None),
             clock: AtomicU64::new(1),
+            orphans: OrderedMutex::new(&order::LEAF, Vec::new()),
             mirrors: MirrorSet::new(),
             stats: Counters::default(),
             removed: AtomicBool::new(false),
