@@ -152,6 +152,20 @@ struct Handle {
     /// An on-demand MR whose range its process unmapped: a later mapping may take the
     /// same addresses, which the MR would then reach, so the model uses it no more.
     dead: bool,
+    /// For an MR over a dma-buf: the buffer object behind it.
+    bo: Option<usize>,
+}
+
+/// A GPU buffer object, as the model sees it: its pages' data (a store, wherever TTM
+/// has placed it) and whether its owner still holds the GEM handle.
+#[derive(Clone, Debug)]
+struct BoModel {
+    name: String,
+    store: usize,
+    alive: bool,
+    /// Processes whose descriptor tables hold a dma-buf of it (an export, or a fork
+    /// of one): each keeps the BO, and the GPU's mapping of it in RAM, alive.
+    fds: BTreeSet<usize>,
 }
 
 /// The operation kinds, each with a swarm weight.
@@ -188,9 +202,14 @@ enum Kind {
     RegMr,
     RdmaWrite,
     RdmaRead,
+    BoAlloc,
+    BoRead,
+    BoMove,
+    BoFree,
+    DmabufMr,
 }
 
-const KINDS: [Kind; 31] = [
+const KINDS: [Kind; 36] = [
     Kind::Mmap,
     Kind::Write,
     Kind::Read,
@@ -222,6 +241,11 @@ const KINDS: [Kind; 31] = [
     Kind::RegMr,
     Kind::RdmaWrite,
     Kind::RdmaRead,
+    Kind::BoAlloc,
+    Kind::BoRead,
+    Kind::BoMove,
+    Kind::BoFree,
+    Kind::DmabufMr,
 ];
 
 /// The kinds that may touch a p2pmem mapping: CPU access, munmap, a pin (whose flags
@@ -264,7 +288,13 @@ enum Peer {
 }
 
 /// The kinds that need the RDMA NIC, which only the q35 has.
-const NIC_KINDS: [Kind; 3] = [Kind::RegMr, Kind::RdmaWrite, Kind::RdmaRead];
+const NIC_KINDS: [Kind; 4] = [Kind::RegMr, Kind::RdmaWrite, Kind::RdmaRead, Kind::DmabufMr];
+
+/// Buffer objects a seed allocates at most, each of [`BO_PAGES`] pages: with two of
+/// them pinned the GPU's 64 pages of VRAM still hold every other, so an allocation
+/// never fails.
+const BO_MAX: usize = 4;
+const BO_PAGES: u64 = 4;
 
 /// The kinds that race in a `parallel` group.
 const RACES: [Kind; 4] = [
@@ -311,6 +341,8 @@ struct Model {
     /// QPs (actor, peer) whose request failed: an RC QP in the error state flushes
     /// every later request (IBV_WC_WR_FLUSH_ERR).
     broken_qps: BTreeSet<(usize, usize)>,
+    /// Buffer objects allocated so far.
+    bos: Vec<BoModel>,
 }
 
 struct Gen {
@@ -357,6 +389,7 @@ impl Gen {
                 peer: Peer::Refused,
                 p2p_moved: [0; 3],
                 broken_qps: BTreeSet::new(),
+                bos: Vec::new(),
             },
         }
     }
@@ -451,6 +484,14 @@ impl Gen {
             };
             self.line(format!("expect p2p_bytes={text}"));
         }
+    }
+
+    /// A buffer object whose GEM handle is still held, if there is one.
+    fn live_bo(&mut self) -> Option<usize> {
+        let live: Vec<usize> = (0..self.m.bos.len())
+            .filter(|&b| self.m.bos[b].alive)
+            .collect();
+        (!live.is_empty()).then(|| live[self.rng.gen_range(0..live.len())])
     }
 
     fn content(&self, p: usize, r: usize, i: u64) -> Content {
@@ -591,7 +632,14 @@ impl Gen {
     }
 
     fn maybe_check_quiet(&mut self) {
-        if self.m.handles.is_empty() {
+        // A BO in system RAM is mapped for its GPU: while any lives (its handle, a
+        // descriptor or an MR holds it), the model cannot say how many mappings.
+        let bos = self
+            .m
+            .bos
+            .iter()
+            .any(|b| b.alive || b.fds.iter().any(|&q| self.m.procs[q].alive));
+        if self.m.handles.is_empty() && !bos {
             self.line("expect pinned=0 mappings=0");
         }
     }
@@ -728,6 +776,12 @@ impl Gen {
                     alive: true,
                     views,
                 });
+                let c = self.m.procs.len() - 1;
+                for bo in &mut self.m.bos {
+                    if bo.fds.contains(&p) {
+                        bo.fds.insert(c);
+                    }
+                }
             }
             Kind::Exit => {
                 // A process that registered MRs keeps running until they are released
@@ -738,6 +792,9 @@ impl Gen {
                     return;
                 }
                 self.line(format!("{pn}: exit"));
+                for bo in &mut self.m.bos {
+                    bo.fds.remove(&p);
+                }
                 self.detach(p, None);
                 self.kill_odp(p, None);
                 self.m.procs[p].alive = false;
@@ -860,6 +917,7 @@ impl Gen {
                     mr: None,
                     odp: None,
                     dead: false,
+                    bo: None,
                 });
             }
             Kind::DmaRead | Kind::DmaWrite | Kind::IommuFault => {
@@ -947,6 +1005,7 @@ impl Gen {
                     mr: Some(p),
                     odp: odp.then_some((p, r)),
                     dead: false,
+                    bo: None,
                 });
             }
             Kind::RdmaWrite | Kind::RdmaRead => {
@@ -998,7 +1057,7 @@ impl Gen {
                 let ok = !self.m.broken_qps.contains(&qp)
                     && usable(self, src, false)
                     && usable(self, dst, true);
-                self.line(format!(
+                let request = format!(
                     "{pn}: rnic.{verb} nic {} {} {} {}K expect {}",
                     self.m.handles[l].name,
                     self.m.procs[peer].name,
@@ -1009,7 +1068,27 @@ impl Gen {
                     } else {
                         "error".to_string()
                     }
-                ));
+                );
+                // A request through a dma-buf MR may race TTM moving the buffer: the
+                // move waits for the NIC's DMA (the reservation's fences), and a request
+                // after move_notify maps the buffer again where it now is. Either way the
+                // request completes and its data is in the buffer.
+                let bo = self.m.handles[l].bo.or(self.m.handles[r].bo);
+                match bo {
+                    Some(b) if self.m.bos[b].alive && self.rng.gen_bool(0.5) => {
+                        let mover = if self.rng.gen_bool(0.5) {
+                            "bo_evict"
+                        } else {
+                            "bo_validate"
+                        };
+                        let g = self.fresh("race");
+                        self.line(format!("parallel {g} {{"));
+                        self.line(format!("  {request}"));
+                        self.line(format!("  gpu.{mover} {} expect any", self.m.bos[b].name));
+                        self.line("}");
+                    }
+                    _ => self.line(request),
+                }
                 if !ok {
                     // The failed request, or the flush of one after it, leaves the QP in
                     // the error state.
@@ -1048,6 +1127,106 @@ impl Gen {
                     };
                     self.dma_wrote(dst, i, c);
                 }
+            }
+            Kind::BoAlloc => {
+                // A GEM create in VRAM (evicting other buffers or unified memory to
+                // make room), then the GPU fills it.
+                if self.m.bos.len() >= BO_MAX {
+                    return;
+                }
+                let name = self.fresh("b");
+                let d = self.data();
+                let len = BO_PAGES * 4;
+                self.line(format!("{name} = gpu.bo_alloc g {len}K"));
+                self.line(format!("gpu.bo_write {name} {len}K {}", d.data()));
+                self.m.stores.push(vec![d; BO_PAGES as usize]);
+                let store = self.m.stores.len() - 1;
+                self.m.bos.push(BoModel {
+                    name,
+                    store,
+                    alive: true,
+                    fds: BTreeSet::new(),
+                });
+            }
+            Kind::BoRead => {
+                // The GPU reads the buffer wherever TTM placed it: the data follows.
+                let Some(b) = self.live_bo() else { return };
+                let (first, n) = self.range(BO_PAGES);
+                let store = self.m.bos[b].store;
+                let c = self.m.stores[store][first as usize];
+                if (first..first + n).any(|i| self.m.stores[store][i as usize] != c) {
+                    return;
+                }
+                self.line(format!(
+                    "gpu.bo_read {} {}K offset={}K{}",
+                    self.m.bos[b].name,
+                    n * 4,
+                    first * 4,
+                    c.check()
+                ));
+            }
+            Kind::BoMove => {
+                // TTM moves the buffer (to RAM, or back to VRAM): dynamic importers hear
+                // move_notify first, pinned ones refuse it (EBUSY).
+                let Some(b) = self.live_bo() else { return };
+                let verb = if self.rng.gen_bool(0.5) {
+                    "bo_evict"
+                } else {
+                    "bo_validate"
+                };
+                self.line(format!("gpu.{verb} {} expect any", self.m.bos[b].name));
+            }
+            Kind::BoFree => {
+                // The owner drops its GEM handle; a dma-buf exported from it keeps the
+                // buffer alive for its importers.
+                let Some(b) = self.live_bo() else { return };
+                self.line(format!("release {}", self.m.bos[b].name));
+                self.m.bos[b].alive = false;
+            }
+            Kind::DmabufMr => {
+                // The process exports the buffer as a dma-buf and registers part of it
+                // (ibv_reg_dmabuf_mr): a dynamic attachment, or a pinned one. The NIC
+                // cannot reach the q35 GPU's VRAM, so an exporter that may move the
+                // buffer to RAM (amdgpu) does, one that may not (xe) refuses.
+                let Some(b) = self.live_bo() else { return };
+                let (first, n) = self.range(BO_PAGES);
+                let d = self.fresh("d");
+                let h = self.fresh("mr");
+                let bn = self.m.bos[b].name.clone();
+                self.m.bos[b].fds.insert(p);
+                if self.rng.gen_bool(0.15) {
+                    self.line(format!("{pn}: {d} = gpu.bo_export {bn} p2p=refuse"));
+                    self.line(format!(
+                        "{pn}: {h} = rnic.reg_dmabuf_mr nic {d} {}K offset={}K expect EOPNOTSUPP",
+                        n * 4,
+                        first * 4
+                    ));
+                    return;
+                }
+                self.line(format!("{pn}: {d} = gpu.bo_export {bn}"));
+                let pinned = if self.rng.gen_bool(0.3) {
+                    " pinned=yes"
+                } else {
+                    ""
+                };
+                self.line(format!(
+                    "{pn}: {h} = rnic.reg_dmabuf_mr nic {d} {}K offset={}K{pinned}",
+                    n * 4,
+                    first * 4
+                ));
+                let store = self.m.bos[b].store;
+                self.m.handles.push(Handle {
+                    name: h,
+                    dev_reads: false,
+                    dev_writes: false,
+                    dma: false,
+                    pages: n,
+                    target: Target::Store { store, first },
+                    mr: Some(p),
+                    odp: None,
+                    dead: false,
+                    bo: Some(b),
+                });
             }
             Kind::Release => {
                 if self.m.handles.is_empty() {
