@@ -768,6 +768,59 @@ fn gpu_work_on_a_bo_racing_its_eviction_is_never_lost() {
 }
 
 #[test]
+fn a_closed_bo_is_freed_once_by_whichever_holder_lets_go_last_even_mid_move() {
+    // GEM close, the last dma-buf reference and the last peer mapping race an eviction
+    // of every BO. The eviction upgrades the buffer and the mapping with the BO locked
+    // (to tell them it moves), so it may end up holding their last references: those
+    // are parked and dropped once the BO is unlocked, never freed under its own lock.
+    // Whatever the order, the BO is freed exactly once and nothing is left behind.
+    // PCT finds the self-deadlock of dropping them under the lock within a few runs.
+    shuttle::check_pct(
+        || {
+            let (h, gpu, ctx, bo, va) = bo_host();
+            ctx.unmap_bo(va).unwrap();
+            let buf = gpu
+                .bo_export(bo, peerdma::drivers::gpu::P2pPolicy::MoveToRam)
+                .unwrap();
+            let peer = common::attach(&h, "0000:05:00.0");
+            let m = gpu
+                .bo_map_peer(bo, &peer, peerdma::dma::Direction::Bidirectional, None)
+                .unwrap();
+            gpu.bo_write(bo, 0, b"held").unwrap();
+            // Closed first in half the runs, racing the rest in the others.
+            let early = shuttle::rand::Rng::gen_bool(&mut shuttle::rand::thread_rng(), 0.5);
+            if early {
+                gpu.bo_free(bo).unwrap();
+            }
+            let closer = {
+                let gpu = gpu.clone();
+                thread::spawn(move || {
+                    if !early {
+                        gpu.bo_free(bo).unwrap();
+                    }
+                })
+            };
+            let exporter = thread::spawn(move || drop(buf));
+            let importer = thread::spawn(move || drop(m));
+            let evictor = {
+                let gpu = gpu.clone();
+                thread::spawn(move || gpu.evict_bos())
+            };
+            closer.join().unwrap();
+            exporter.join().unwrap();
+            importer.join().unwrap();
+            evictor.join().unwrap();
+            assert!(gpu.bos().is_empty(), "{:?}", gpu.bos());
+            assert_eq!(gpu.bo_vram().free_frames(), gpu.bo_vram().frames());
+            assert_eq!(h.dma().live_mappings(), 0, "no GART or peer mapping left");
+            assert!(h.dma().sanitizer().is_clean());
+        },
+        iterations(),
+        3,
+    );
+}
+
+#[test]
 fn a_peer_write_racing_a_bo_eviction_lands_before_the_move_or_is_refused() {
     // The move revokes the peer's mapping, which waits for the DMA in flight: a write
     // that got in is copied with the BO; one that came later fails with EAGAIN and

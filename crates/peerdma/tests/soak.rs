@@ -140,6 +140,7 @@ enum Op {
     BoCopy,
     BoEvict,
     BoPin,
+    BoClose,
     RdmaOdpWrite,
     RdmaOdpRead,
     RdmaBoWrite,
@@ -184,6 +185,7 @@ const MIX: &[(Op, u32)] = &[
     (Op::BoCopy, 2),
     (Op::BoEvict, 1),
     (Op::BoPin, 1),
+    (Op::BoClose, 1),
     (Op::RdmaOdpWrite, 4),
     (Op::RdmaOdpRead, 3),
     (Op::RdmaBoWrite, 2),
@@ -937,7 +939,13 @@ impl<'w> Worker<'w> {
             Op::RdmaOdpWrite | Op::RdmaOdpRead | Op::RdmaBoWrite => {
                 return self.rdma_step(seed, op, proc, page);
             }
-            Op::BoWrite | Op::BoRead | Op::BoPeerDma | Op::BoCopy | Op::BoEvict | Op::BoPin => {
+            Op::BoWrite
+            | Op::BoRead
+            | Op::BoPeerDma
+            | Op::BoCopy
+            | Op::BoEvict
+            | Op::BoPin
+            | Op::BoClose => {
                 return self.bo_step(seed, op, page % BO_PAGES);
             }
             Op::HmmRead | Op::HmmMigrate | Op::HmmExclusive => {
@@ -1122,6 +1130,52 @@ impl<'w> Worker<'w> {
                     w.gpu.bo_pin(bo, &me).unwrap_or_else(|e| die(e.to_string()));
                 }
                 self.bo_pinned = !self.bo_pinned;
+            }
+            Op::BoClose => {
+                // A scratch BO whose GEM handle closes while its dma-buf and a peer's
+                // mapping hold it, racing the other threads' evictions: the mapping
+                // still reads its bytes (or was revoked by a move: EAGAIN), and
+                // whichever holder goes last frees it (the end's audit: nothing left).
+                let tag = self.tag();
+                let h = match w.gpu.bo_alloc(PAGE_SIZE) {
+                    Ok(h) => h,
+                    Err(e) if e.errno() == Errno::ENOMEM => {
+                        w.refused.fetch_add(1, Ordering::Relaxed);
+                        return true;
+                    }
+                    Err(e) => die(e.to_string()),
+                };
+                w.gpu
+                    .bo_write(h, 0, &tag.to_le_bytes())
+                    .unwrap_or_else(|e| die(e.to_string()));
+                let buf = w
+                    .gpu
+                    .bo_export(h, P2pPolicy::MoveToRam)
+                    .unwrap_or_else(|e| die(e.to_string()));
+                let dev = w.host.dma().attach(w.devices[2]).unwrap();
+                let m = w
+                    .gpu
+                    .bo_map_peer(h, &dev, Direction::Bidirectional, None)
+                    .unwrap_or_else(|e| die(e.to_string()));
+                w.gpu.bo_free(h).unwrap_or_else(|e| die(e.to_string()));
+                if w.gpu.bo_info(h).is_ok() {
+                    die(format!("{h} still reachable by its closed handle"));
+                }
+                let mut b = [0u8; 8];
+                match m.mapping().dma_read(0, &mut b) {
+                    Ok(()) => self.check(seed, op, u64::from_le_bytes(b), tag, "closed BO"),
+                    Err(e) if e.errno() == Errno::EAGAIN => {
+                        w.refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => die(e.to_string()),
+                }
+                if self.rng.gen_bool(0.5) {
+                    drop(buf);
+                    drop(m);
+                } else {
+                    drop(m);
+                    drop(buf);
+                }
             }
             _ => unreachable!("not a BO operation"),
         }
