@@ -151,7 +151,8 @@ pub struct NvmeConfig {
     pub lba_size: u32,
     /// Namespace size in bytes.
     pub capacity: u64,
-    /// The backing file; a sparse temporary file when `None`.
+    /// The backing file; when `None`, an anonymous memory file (memfd) for a
+    /// namespace of up to 256 MiB, a sparse temporary file for a larger one.
     pub backing: Option<PathBuf>,
     /// The CMB registers, when the controller has one.
     pub cmb: Option<CmbRegs>,
@@ -366,6 +367,9 @@ impl Probe for NvmeSpec {
 /// `memremap_compat_align()` on x86-64: a CMB (size and BAR start) must be a multiple.
 const CMB_ALIGN: u64 = 2 << 20;
 
+/// The largest namespace without a backing file that lives in memory (a memfd).
+const MEMFD_CAPACITY: u64 = 256 << 20;
+
 impl Nvme {
     /// Brings up a controller at `dev`: creates its namespace and maps its CMB.
     pub fn new(p2p: &Arc<P2pRegistry>, dev: Bdf, cfg: NvmeConfig) -> Result<Arc<Self>, NvmeError> {
@@ -395,6 +399,13 @@ impl Nvme {
                 .truncate(false)
                 .open(p)
                 .map_err(io)?,
+            // A small namespace lives in memory (a memfd: no filesystem journal on
+            // every write), a large one in a temporary file on disk.
+            None if cfg.capacity <= MEMFD_CAPACITY => {
+                rustix::fs::memfd_create("peerdma-nvme", rustix::fs::MemfdFlags::CLOEXEC)
+                    .map(std::fs::File::from)
+                    .map_err(|e| io(e.into()))?
+            }
             None => tempfile::tempfile().map_err(io)?,
         };
         file.set_len(cfg.capacity).map_err(io)?;
