@@ -1250,113 +1250,82 @@ impl Plan {
             passed: false,
         };
         let mut seen_violations = 0;
-        for node in &self.nodes {
-            let r = match node {
-                Node::Step(p) => {
-                    let (rec, res) = self.run_step(&rt, p, None);
-                    report.steps.push(rec);
-                    res
-                }
-                Node::Expect(span, text, checks) => {
-                    self.check_all(&rt, *span, text, checks, &Ok(Outcome::default()), None)
-                }
-                Node::Parallel(name, steps) => {
-                    let barrier = crate::sync::Barrier::new(steps.len());
-                    // Every step but the last on a thread of its own, the last on
-                    // this one (one thread fewer to start); all start together.
-                    let panicked = |p: &Planned| {
-                        (
-                            StepRecord::panicked(p, name),
-                            Err(self.mismatch(p.span, &p.text, "no panic", "the step panicked")),
-                        )
-                    };
-                    let results: Vec<(StepRecord, Result<usize, Mismatch>)> =
-                        crate::sync::thread::scope(|s| {
-                            let (last, others) = steps.split_last()?;
-                            let hs: Vec<_> = others
-                                .iter()
-                                .map(|p| {
-                                    let (rt, barrier) = (&rt, &barrier);
-                                    s.spawn(move || {
-                                        barrier.wait();
-                                        self.run_step(rt, p, Some(name))
-                                    })
-                                })
-                                .collect();
-                            barrier.wait();
-                            let mine =
-                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                    self.run_step(&rt, last, Some(name))
-                                }))
-                                .unwrap_or_else(|_| panicked(last));
-                            let mut all: Vec<_> = hs
-                                .into_iter()
-                                .zip(others)
-                                .map(|(h, p)| h.join().unwrap_or_else(|_| panicked(p)))
-                                .collect();
-                            all.push(mine);
-                            Some(all)
-                        })
-                        .unwrap_or_default();
-                    let mut first = Ok(0);
-                    for (rec, res) in results {
+        with_group_runner(self, &rt, |groups: &mut dyn RunGroup<'_>| {
+            for node in &self.nodes {
+                let r = match node {
+                    Node::Step(p) => {
+                        let (rec, res) = self.run_step(&rt, p, None);
                         report.steps.push(rec);
-                        match (res, &first) {
-                            (Ok(n), Ok(k)) => first = Ok(k + n),
-                            (Err(e), Ok(_)) => first = Err(e),
-                            _ => {}
+                        res
+                    }
+                    Node::Expect(span, text, checks) => {
+                        self.check_all(&rt, *span, text, checks, &Ok(Outcome::default()), None)
+                    }
+                    Node::Parallel(name, steps) => {
+                        let results = groups.run(name, steps);
+                        let mut first = Ok(0);
+                        for (rec, res) in results {
+                            report.steps.push(rec);
+                            match (res, &first) {
+                                (Ok(n), Ok(k)) => first = Ok(k + n),
+                                (Err(e), Ok(_)) => first = Err(e),
+                                _ => {}
+                            }
+                        }
+                        first
+                    }
+                };
+                let r = match (r, node) {
+                    (Ok(n), Node::Step(p)) if self.sanitizer_each_step => {
+                        // A new report fails the step unless the step expects it (checks
+                        // the `violations` counter itself).
+                        let v = rt.host.dma().sanitizer().violations();
+                        let expected = p.checks.iter().any(
+                            |c| matches!(&c.what, Expect::Counter(k, ..) if k == "violations"),
+                        );
+                        match v.get(seen_violations) {
+                            Some(new) if !expected => Err(self.mismatch(
+                                p.span,
+                                &p.text,
+                                "no DMA sanitizer report",
+                                &new.to_string(),
+                            )),
+                            _ => {
+                                seen_violations = v.len();
+                                Ok(n)
+                            }
                         }
                     }
-                    first
-                }
-            };
-            let r = match (r, node) {
-                (Ok(n), Node::Step(p)) if self.sanitizer_each_step => {
-                    // A new report fails the step unless the step expects it (checks
-                    // the `violations` counter itself).
-                    let v = rt.host.dma().sanitizer().violations();
-                    let expected = p
-                        .checks
-                        .iter()
-                        .any(|c| matches!(&c.what, Expect::Counter(k, ..) if k == "violations"));
-                    match v.get(seen_violations) {
-                        Some(new) if !expected => Err(self.mismatch(
-                            p.span,
-                            &p.text,
-                            "no DMA sanitizer report",
-                            &new.to_string(),
-                        )),
-                        _ => {
-                            seen_violations = v.len();
-                            Ok(n)
+                    (r, _) => r,
+                };
+                let r = match r {
+                    // An `expect` line changes nothing: the audit after the step before
+                    // it stands.
+                    Ok(n) if self.audit_each_step && !matches!(node, Node::Expect(..)) => {
+                        match rt.host.frame_audit() {
+                            Ok(_) => Ok(n),
+                            Err(f) => {
+                                let (span, text) = node.site();
+                                Err(self.mismatch(
+                                    span,
+                                    text,
+                                    "every frame's references held by its mappings, pins and owner",
+                                    &f.to_string(),
+                                ))
+                            }
                         }
                     }
-                }
-                (r, _) => r,
-            };
-            let r = match r {
-                Ok(n) if self.audit_each_step => match rt.host.frame_audit() {
-                    Ok(_) => Ok(n),
-                    Err(f) => {
-                        let (span, text) = node.site();
-                        Err(self.mismatch(
-                            span,
-                            text,
-                            "every frame's references held by its mappings, pins and owner",
-                            &f.to_string(),
-                        ))
+                    r => r,
+                };
+                match r {
+                    Ok(n) => report.checks_passed += n,
+                    Err(m) => {
+                        report.mismatch = Some(m);
+                        break;
                     }
-                },
-                r => r,
-            };
-            match r {
-                Ok(n) => report.checks_passed += n,
-                Err(m) => {
-                    report.mismatch = Some(m);
-                    break;
                 }
             }
-        }
+        });
         // Teardown: every process exits, every handle drops, then nothing may be held.
         let procs: Vec<Arc<ProcSlot>> = rt
             .procs
@@ -1664,6 +1633,196 @@ impl ScenarioReport {
 
 /// How long a removal waits for users before it gives up.
 pub const REMOVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One step's record and result, as a `parallel` group returns them.
+type GroupResult = (StepRecord, Result<usize, Mismatch>);
+
+/// Runs the steps of `parallel` groups at once: every step but the last on a helper
+/// thread, the last on the caller's, all released together by a barrier.
+trait RunGroup<'env> {
+    /// Runs `steps` of group `name`; their results in order.
+    fn run(&mut self, name: &'env String, steps: &'env [Planned]) -> Vec<GroupResult>;
+}
+
+impl Plan {
+    /// A step that panicked: a mismatch at it, naming the group.
+    fn panicked_step(&self, p: &Planned, group: &String) -> GroupResult {
+        (
+            StepRecord::panicked(p, group),
+            Err(self.mismatch(p.span, &p.text, "no panic", "the step panicked")),
+        )
+    }
+
+    /// Runs one step of group `group`, a panic in it made a mismatch.
+    fn run_group_step(&self, rt: &Runtime, p: &Planned, group: &String) -> GroupResult {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.run_step(rt, p, Some(group))
+        }))
+        .unwrap_or_else(|_| self.panicked_step(p, group))
+    }
+}
+
+/// Calls `f` with the runner of `plan`'s groups. Outside shuttle the helper threads
+/// live as long as the run and take one group after another (a campaign runs
+/// thousands of groups, and starting a thread for each cost more than the steps);
+/// under shuttle every group spawns its tasks, which shuttle schedules.
+#[cfg(not(feature = "shuttle"))]
+fn with_group_runner<'env, R>(
+    plan: &'env Plan,
+    rt: &'env Runtime,
+    f: impl FnOnce(&mut dyn RunGroup<'env>) -> R,
+) -> R {
+    std::thread::scope(|scope| {
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let mut pool = Helpers {
+            scope,
+            plan,
+            rt,
+            workers: Vec::new(),
+            done_tx,
+            done_rx,
+        };
+        f(&mut pool)
+        // The pool drops here: its channels close, its helpers return, the scope
+        // joins them.
+    })
+}
+
+/// A group step handed to a helper.
+#[cfg(not(feature = "shuttle"))]
+struct Job<'env> {
+    index: usize,
+    step: &'env Planned,
+    group: &'env String,
+    barrier: Arc<crate::sync::Barrier>,
+}
+
+/// The helper threads of one run.
+#[cfg(not(feature = "shuttle"))]
+struct Helpers<'scope, 'env> {
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    plan: &'env Plan,
+    rt: &'env Runtime,
+    workers: Vec<std::sync::mpsc::Sender<Job<'env>>>,
+    done_tx: std::sync::mpsc::Sender<(usize, GroupResult)>,
+    done_rx: std::sync::mpsc::Receiver<(usize, GroupResult)>,
+}
+
+#[cfg(not(feature = "shuttle"))]
+impl<'env> Helpers<'_, 'env> {
+    fn spawn(&mut self) {
+        let (tx, rx) = std::sync::mpsc::channel::<Job<'env>>();
+        let done = self.done_tx.clone();
+        let (plan, rt) = (self.plan, self.rt);
+        self.scope.spawn(move || {
+            for job in rx {
+                job.barrier.wait();
+                let r = plan.run_group_step(rt, job.step, job.group);
+                if done.send((job.index, r)).is_err() {
+                    break;
+                }
+            }
+        });
+        self.workers.push(tx);
+    }
+}
+
+#[cfg(not(feature = "shuttle"))]
+impl<'env> RunGroup<'env> for Helpers<'_, 'env> {
+    fn run(&mut self, name: &'env String, steps: &'env [Planned]) -> Vec<GroupResult> {
+        let Some((last, others)) = steps.split_last() else {
+            return Vec::new();
+        };
+        while self.workers.len() < others.len() {
+            self.spawn();
+        }
+        let barrier = Arc::new(crate::sync::Barrier::new(steps.len()));
+        let mut sent = 0;
+        for (index, step) in others.iter().enumerate() {
+            let job = Job {
+                index,
+                step,
+                group: name,
+                barrier: barrier.clone(),
+            };
+            if self.workers[index].send(job).is_ok() {
+                sent += 1;
+            }
+        }
+        if sent < others.len() {
+            // A helper is gone (it cannot be: each outlives the run); run the group
+            // one step after another rather than wait at the barrier forever.
+            return steps
+                .iter()
+                .map(|p| self.plan.panicked_step(p, name))
+                .collect();
+        }
+        barrier.wait();
+        let mine = self.plan.run_group_step(self.rt, last, name);
+        let mut got: Vec<Option<GroupResult>> = others.iter().map(|_| None).collect();
+        for _ in others {
+            match self.done_rx.recv() {
+                Ok((i, r)) => got[i] = Some(r),
+                Err(_) => break,
+            }
+        }
+        let mut all: Vec<GroupResult> = got
+            .into_iter()
+            .zip(others)
+            .map(|(r, p)| r.unwrap_or_else(|| self.plan.panicked_step(p, name)))
+            .collect();
+        all.push(mine);
+        all
+    }
+}
+
+#[cfg(feature = "shuttle")]
+fn with_group_runner<'env, R>(
+    plan: &'env Plan,
+    rt: &'env Runtime,
+    f: impl FnOnce(&mut dyn RunGroup<'env>) -> R,
+) -> R {
+    f(&mut Spawning { plan, rt })
+}
+
+/// Under shuttle: the tasks of each group spawned for it.
+#[cfg(feature = "shuttle")]
+struct Spawning<'env> {
+    plan: &'env Plan,
+    rt: &'env Runtime,
+}
+
+#[cfg(feature = "shuttle")]
+impl<'env> RunGroup<'env> for Spawning<'env> {
+    fn run(&mut self, name: &'env String, steps: &'env [Planned]) -> Vec<GroupResult> {
+        let Some((last, others)) = steps.split_last() else {
+            return Vec::new();
+        };
+        let (plan, rt) = (self.plan, self.rt);
+        let barrier = crate::sync::Barrier::new(steps.len());
+        crate::sync::thread::scope(|s| {
+            let hs: Vec<_> = others
+                .iter()
+                .map(|p| {
+                    let barrier = &barrier;
+                    s.spawn(move || {
+                        barrier.wait();
+                        plan.run_step(rt, p, Some(name))
+                    })
+                })
+                .collect();
+            barrier.wait();
+            let mine = plan.run_group_step(rt, last, name);
+            let mut all: Vec<GroupResult> = hs
+                .into_iter()
+                .zip(others)
+                .map(|(h, p)| h.join().unwrap_or_else(|_| plan.panicked_step(p, name)))
+                .collect();
+            all.push(mine);
+            all
+        })
+    }
+}
 
 #[cfg(test)]
 mod tests {
