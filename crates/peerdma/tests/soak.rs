@@ -96,6 +96,7 @@ const OPS: &[&str] = &[
     "bo copy",
     "bo evict",
     "bo pin",
+    "bo close",
     "rdma odp write",
     "rdma odp read",
     "rdma write into a bo",

@@ -156,6 +156,24 @@ struct Handle {
     bo: Option<usize>,
 }
 
+impl Handle {
+    /// A memory region process `owner` registered over `pages` pages at `target`.
+    fn mr(name: String, owner: usize, pages: u64, target: Target) -> Handle {
+        Handle {
+            name,
+            dev_reads: false,
+            dev_writes: false,
+            dma: false,
+            pages,
+            target,
+            mr: Some(owner),
+            odp: None,
+            dead: false,
+            bo: None,
+        }
+    }
+}
+
 /// A GPU buffer object, as the model sees it: its pages' data (a store, wherever TTM
 /// has placed it) and whether its owner still holds the GEM handle.
 #[derive(Clone, Debug)]
@@ -996,16 +1014,8 @@ impl Gen {
                 // An ODP MR's target is only where it starts: it follows the process.
                 let target = self.pinned(p, r, first, n, !odp);
                 self.m.handles.push(Handle {
-                    name: h,
-                    dev_reads: false,
-                    dev_writes: false,
-                    dma: false,
-                    pages: n,
-                    target,
-                    mr: Some(p),
                     odp: odp.then_some((p, r)),
-                    dead: false,
-                    bo: None,
+                    ..Handle::mr(h, p, n, target)
                 });
             }
             Kind::RdmaWrite | Kind::RdmaRead => {
@@ -1216,16 +1226,8 @@ impl Gen {
                 ));
                 let store = self.m.bos[b].store;
                 self.m.handles.push(Handle {
-                    name: h,
-                    dev_reads: false,
-                    dev_writes: false,
-                    dma: false,
-                    pages: n,
-                    target: Target::Store { store, first },
-                    mr: Some(p),
-                    odp: None,
-                    dead: false,
                     bo: Some(b),
+                    ..Handle::mr(h, p, n, Target::Store { store, first })
                 });
             }
             Kind::Release => {

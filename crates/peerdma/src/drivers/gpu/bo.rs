@@ -175,13 +175,20 @@ pub(crate) enum By {
 pub struct BoDmaMap {
     bo: Arc<Bo>,
     gpu: Bdf,
-    /// The GPU, to free a closed BO when this mapping was its last holder.
-    owner: Weak<Gpu>,
     mapping: DmaMapping,
     notify: Option<Arc<dyn MoveNotify>>,
+    /// Declared after `mapping`, so it drops after the mapping is gone: a closed BO
+    /// this was the last holder of is freed only once nothing maps its pages.
+    _last: ReapOnDrop,
 }
 
-impl Drop for BoDmaMap {
+/// Frees a closed BO, if nothing else holds it, when dropped.
+struct ReapOnDrop {
+    bo: Arc<Bo>,
+    owner: Weak<Gpu>,
+}
+
+impl Drop for ReapOnDrop {
     fn drop(&mut self) {
         if self.bo.closed.load(Ordering::Acquire) {
             if let Some(gpu) = self.owner.upgrade() {
@@ -978,9 +985,12 @@ impl Gpu {
         let m = Arc::new(BoDmaMap {
             bo: bo.clone(),
             gpu: self.bdf,
-            owner: Arc::downgrade(self),
             mapping,
             notify,
+            _last: ReapOnDrop {
+                bo: bo.clone(),
+                owner: Arc::downgrade(self),
+            },
         });
         s.importers.retain(|w| w.strong_count() > 0);
         s.importers.push(Arc::downgrade(&m));
