@@ -1406,7 +1406,7 @@ impl Plan {
         &self,
         rt: &Runtime,
         p: &Planned,
-        group: Option<&String>,
+        group: Option<&str>,
     ) -> (StepRecord, Result<usize, Mismatch>) {
         let t0 = Instant::now();
         let res = (p.run)(rt);
@@ -1416,7 +1416,7 @@ impl Plan {
             line: p.span.line,
             text: p.text.clone(),
             op: p.verb.to_string(),
-            group: group.cloned(),
+            group: group.map(str::to_string),
             result: match &res {
                 Ok(_) => "ok".into(),
                 Err(f) => f.errno.map_or("failed".into(), |e| e.name().to_string()),
@@ -1641,12 +1641,12 @@ type GroupResult = (StepRecord, Result<usize, Mismatch>);
 /// thread, the last on the caller's, all released together by a barrier.
 trait RunGroup<'env> {
     /// Runs `steps` of group `name`; their results in order.
-    fn run(&mut self, name: &'env String, steps: &'env [Planned]) -> Vec<GroupResult>;
+    fn run(&mut self, name: &'env str, steps: &'env [Planned]) -> Vec<GroupResult>;
 }
 
 impl Plan {
     /// A step that panicked: a mismatch at it, naming the group.
-    fn panicked_step(&self, p: &Planned, group: &String) -> GroupResult {
+    fn panicked_step(&self, p: &Planned, group: &str) -> GroupResult {
         (
             StepRecord::panicked(p, group),
             Err(self.mismatch(p.span, &p.text, "no panic", "the step panicked")),
@@ -1654,7 +1654,7 @@ impl Plan {
     }
 
     /// Runs one step of group `group`, a panic in it made a mismatch.
-    fn run_group_step(&self, rt: &Runtime, p: &Planned, group: &String) -> GroupResult {
+    fn run_group_step(&self, rt: &Runtime, p: &Planned, group: &str) -> GroupResult {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.run_step(rt, p, Some(group))
         }))
@@ -1693,7 +1693,7 @@ fn with_group_runner<'env, R>(
 struct Job<'env> {
     index: usize,
     step: &'env Planned,
-    group: &'env String,
+    group: &'env str,
     barrier: Arc<crate::sync::Barrier>,
 }
 
@@ -1729,7 +1729,7 @@ impl<'env> Helpers<'_, 'env> {
 
 #[cfg(not(feature = "shuttle"))]
 impl<'env> RunGroup<'env> for Helpers<'_, 'env> {
-    fn run(&mut self, name: &'env String, steps: &'env [Planned]) -> Vec<GroupResult> {
+    fn run(&mut self, name: &'env str, steps: &'env [Planned]) -> Vec<GroupResult> {
         let Some((last, others)) = steps.split_last() else {
             return Vec::new();
         };
@@ -1794,7 +1794,7 @@ struct Spawning<'env> {
 
 #[cfg(feature = "shuttle")]
 impl<'env> RunGroup<'env> for Spawning<'env> {
-    fn run(&mut self, name: &'env String, steps: &'env [Planned]) -> Vec<GroupResult> {
+    fn run(&mut self, name: &'env str, steps: &'env [Planned]) -> Vec<GroupResult> {
         let Some((last, others)) = steps.split_last() else {
             return Vec::new();
         };
