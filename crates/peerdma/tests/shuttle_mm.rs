@@ -605,6 +605,64 @@ fn a_gpu_store_racing_a_cpu_fault_on_its_vram_page_is_never_lost() {
 }
 
 #[test]
+fn the_gpu_never_maps_another_frame_than_the_process_while_eviction_and_faults_race() {
+    // The soak's failure: the GPU kept a VRAM frame mapped after the page went back
+    // to RAM. A GPU store, a CPU store, a GPU load that migrates the page back in, and
+    // an eviction of all VRAM race on one page; afterwards the GPU maps the process's
+    // own frame or nothing, and every store is there.
+    shuttle::check_pct(
+        || {
+            let (_h, gpu, mm, ctx) = gpu_host();
+            let a = mm.mmap_anon(PAGE_SIZE, Prot::RW).unwrap();
+            ctx.fill(a, PAGE_SIZE, 0).unwrap();
+            let storer = {
+                let ctx = ctx.clone();
+                thread::spawn(move || ctx.store(a, b"gpu-data").unwrap())
+            };
+            let writer = {
+                let mm = mm.clone();
+                thread::spawn(move || {
+                    mm.write(peerdma::addr::VirtAddr(a.0 + 8), b"cpu-data")
+                        .unwrap()
+                })
+            };
+            let loader = {
+                let ctx = ctx.clone();
+                thread::spawn(move || {
+                    let mut b = [0u8; 8];
+                    ctx.load(peerdma::addr::VirtAddr(a.0 + 16), &mut b).unwrap();
+                    b
+                })
+            };
+            let evictor = {
+                let gpu = gpu.clone();
+                thread::spawn(move || gpu.evict().unwrap())
+            };
+            storer.join().unwrap();
+            writer.join().unwrap();
+            assert_eq!(loader.join().unwrap(), [0; 8]);
+            evictor.join().unwrap();
+            if let Some(p) = ctx.mapped(a) {
+                assert_eq!(
+                    Some(p),
+                    mm.pte(a).pfn(),
+                    "the GPU maps a frame the process does not"
+                );
+            }
+            let mut got = [0u8; 8];
+            ctx.load(a, &mut got).unwrap();
+            assert_eq!(&got, b"gpu-data");
+            ctx.load(peerdma::addr::VirtAddr(a.0 + 8), &mut got)
+                .unwrap();
+            assert_eq!(&got, b"cpu-data");
+            assert_eq!(&read8(&mm, a), b"gpu-data");
+        },
+        iterations(),
+        3,
+    );
+}
+
+#[test]
 fn a_gpu_first_touch_racing_munmap_leaves_no_stale_gpu_entry() {
     // The GPU migrates the page into VRAM (or maps it remotely) while the process
     // unmaps it: afterwards the GPU maps nothing there, and VRAM holds nothing.
