@@ -504,6 +504,28 @@ impl Gen {
         }
     }
 
+    /// A new zeroed region `name` of `pages` pages mapped read-write by process `p`:
+    /// private unless it has a `store`, p2pmem when `p2p` (whose pages exist from the
+    /// start, each a fresh pool page).
+    fn map_region(&mut self, p: usize, name: String, pages: u64, store: Option<usize>, p2p: bool) {
+        self.m.regions.push(Region {
+            name,
+            pages,
+            store,
+            maybe_device: false,
+            p2p,
+        });
+        let r = self.m.regions.len() - 1;
+        self.m.procs[p].views.insert(
+            r,
+            View {
+                prot: Prot::Rw,
+                content: store.is_none().then(|| vec![ZERO; pages as usize]),
+                populated: vec![p2p; pages as usize],
+            },
+        );
+    }
+
     /// A buffer object whose GEM handle is still held, if there is one.
     fn live_bo(&mut self) -> Option<usize> {
         let live: Vec<usize> = (0..self.m.bos.len())
@@ -678,22 +700,7 @@ impl Gen {
                 });
                 let kind = if shared { "shared" } else { "anon" };
                 self.line(format!("{pn}: {name} = mmap {kind} {}K", pages * 4));
-                self.m.regions.push(Region {
-                    name,
-                    pages,
-                    store,
-                    maybe_device: false,
-                    p2p: false,
-                });
-                let r = self.m.regions.len() - 1;
-                self.m.procs[p].views.insert(
-                    r,
-                    View {
-                        prot: Prot::Rw,
-                        content: (!shared).then(|| vec![ZERO; pages as usize]),
-                        populated: vec![false; pages as usize],
-                    },
-                );
+                self.map_region(p, name, pages, store, false);
             }
             Kind::P2pMmap => {
                 // A fresh allocation from the drive's CMB, zeroed, shared with children.
@@ -705,22 +712,8 @@ impl Gen {
                 let name = self.fresh("q");
                 self.line(format!("{pn}: {name} = mmap p2pmem {}K dev=n0", pages * 4));
                 self.m.stores.push(vec![ZERO; pages as usize]);
-                self.m.regions.push(Region {
-                    name,
-                    pages,
-                    store: Some(self.m.stores.len() - 1),
-                    maybe_device: false,
-                    p2p: true,
-                });
-                let r = self.m.regions.len() - 1;
-                self.m.procs[p].views.insert(
-                    r,
-                    View {
-                        prot: Prot::Rw,
-                        content: None,
-                        populated: vec![true; pages as usize],
-                    },
-                );
+                let store = self.m.stores.len() - 1;
+                self.map_region(p, name, pages, Some(store), true);
                 self.check_p2p();
             }
             Kind::Write

@@ -1710,7 +1710,8 @@ struct Helpers<'scope, 'env> {
 
 #[cfg(not(feature = "shuttle"))]
 impl<'env> Helpers<'_, 'env> {
-    fn spawn(&mut self) {
+    /// A new helper thread, and the sender of its jobs.
+    fn spawn(&self) -> std::sync::mpsc::Sender<Job<'env>> {
         let (tx, rx) = std::sync::mpsc::channel::<Job<'env>>();
         let done = self.done_tx.clone();
         let (plan, rt) = (self.plan, self.rt);
@@ -1723,7 +1724,7 @@ impl<'env> Helpers<'_, 'env> {
                 }
             }
         });
-        self.workers.push(tx);
+        tx
     }
 }
 
@@ -1734,28 +1735,24 @@ impl<'env> RunGroup<'env> for Helpers<'_, 'env> {
             return Vec::new();
         };
         while self.workers.len() < others.len() {
-            self.spawn();
+            let tx = self.spawn();
+            self.workers.push(tx);
         }
         let barrier = Arc::new(crate::sync::Barrier::new(steps.len()));
-        let mut sent = 0;
         for (index, step) in others.iter().enumerate() {
-            let job = Job {
+            let mut job = Job {
                 index,
                 step,
                 group: name,
                 barrier: barrier.clone(),
             };
-            if self.workers[index].send(job).is_ok() {
-                sent += 1;
+            // A helper ends only when the run drops its results' receiver, so this
+            // cannot fail; were one gone, a fresh one takes the job, or the barrier
+            // would wait for it forever.
+            while let Err(std::sync::mpsc::SendError(back)) = self.workers[index].send(job) {
+                self.workers[index] = self.spawn();
+                job = back;
             }
-        }
-        if sent < others.len() {
-            // A helper is gone (it cannot be: each outlives the run); run the group
-            // one step after another rather than wait at the barrier forever.
-            return steps
-                .iter()
-                .map(|p| self.plan.panicked_step(p, name))
-                .collect();
         }
         barrier.wait();
         let mine = self.plan.run_group_step(self.rt, last, name);

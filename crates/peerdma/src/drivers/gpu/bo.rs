@@ -482,7 +482,7 @@ impl Gpu {
     /// handle. The owner reaches the BO no more. Its memory goes at once when nothing
     /// else holds it, or else when the last holder lets go: an exported dma-buf, a
     /// peer's DMA mapping, a pin, a GPU address mapping (drm_gem_object_put of the
-    /// last reference), as [`Gpu::bo_info`]'s holders show until then.
+    /// last reference); [`Gpu::bos`] lists it, closed, until then.
     pub fn bo_free(&self, h: BoHandle) -> Result<(), GpuError> {
         let bo = self.bo(h)?;
         if bo.closed.swap(true, Ordering::AcqRel) {
